@@ -1,0 +1,36 @@
+"""Every test gets its own VisRL home and workspace (llm-style autouse fixture): no test touches
+real data, nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def visrl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "visrl-home"
+    monkeypatch.setenv("VISRL_HOME", str(home))
+    monkeypatch.setenv("VISRL_WORKSPACE", str(tmp_path / "workspace"))
+    return home
+
+
+@pytest.fixture
+def workspace(tmp_path: Path):
+    from visrl.workspace import Workspace
+
+    return Workspace.open(tmp_path / "workspace")
+
+
+@pytest.fixture
+def store(workspace):
+    from visrl.store import Store
+
+    return Store(workspace)

@@ -1,0 +1,3 @@
+from visrl.cli import main
+
+main()

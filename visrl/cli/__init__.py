@@ -1,0 +1,53 @@
+"""The ``visrl`` command line. Each command parses, calls one library function, prints.
+
+Commands live in small modules by area (data, models, generate, train, jobs) and register on
+the one :data:`cli` group. Library errors (:class:`visrl.errors.VisRLError`) become a one-line
+``Error: ...`` with exit status 1 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from visrl.errors import VisRLError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="visrl")
+def cli() -> None:
+    """VisRL: teach a vision-language model to look (a box) before it answers."""
+
+
+workspace_option = click.option(
+    "--workspace", "-w", type=click.Path(file_okay=False), default=None, envvar="VISRL_WORKSPACE",
+    help="Workspace folder (default: $VISRL_WORKSPACE, else the built-in demo workspace).",
+)
+
+
+def _register() -> None:
+    # Imported for their side effect of adding commands to ``cli``; each module imports only
+    # click and lightweight visrl modules at top level, so `visrl --help` stays fast.
+    from visrl.cli import data, generate, jobs, models, train  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except VisRLError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

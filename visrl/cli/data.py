@@ -1,0 +1,1 @@
+"""CLI commands: data. (Filled in by its area.)"""

@@ -1,0 +1,1 @@
+"""CLI commands: generate. (Filled in by its area.)"""

@@ -1,0 +1,1 @@
+"""CLI commands: jobs. (Filled in by its area.)"""

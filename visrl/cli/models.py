@@ -1,0 +1,1 @@
+"""CLI commands: models. (Filled in by its area.)"""

@@ -1,0 +1,1 @@
+"""CLI commands: train. (Filled in by its area.)"""

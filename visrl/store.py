@@ -1,0 +1,298 @@
+"""The workspace store: one SQLite file (``visrl.db``) through sqlite-utils, in WAL mode.
+
+Every write that belongs together is one transaction (``with store.atomic():``). A process
+(the app's request threads, a training job, the CLI) opens its own :class:`Store`; connections
+are per thread, so gradio's worker threads never share one. Pair review actions live in
+:mod:`visrl.review`; this module holds the connection and the plain records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from visrl.boxes import Box
+from visrl.errors import DataError, NotFoundError, WorkspaceError
+from visrl.schema import migrations
+from visrl.workspace import Workspace
+
+_MIGRATED: set[str] = set()  # db paths migrated in this process (migrating is idempotent but not free)
+_MIGRATE_LOCK = threading.Lock()
+
+
+def now() -> str:
+    """UTC timestamp as stored everywhere: ISO 8601 with seconds."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def box_to_json(box: Box | None) -> str | None:
+    return None if box is None else json.dumps([round(v, 2) for v in box.as_list()])
+
+
+def box_from_json(text: str | None) -> Box | None:
+    return None if not text else Box.from_list(json.loads(text))
+
+
+def loads(text: str | None, default: Any = None) -> Any:
+    return default if text in (None, "") else json.loads(text)
+
+
+class Store:
+    """Typed access to one workspace database. Cheap to create; migrates on first open."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+        self.path = workspace.db_path
+        self._local = threading.local()
+        key = str(self.path)
+        with _MIGRATE_LOCK:
+            if key not in _MIGRATED:
+                db = self.db
+                db.enable_wal()
+                migrations.apply(db)
+                _MIGRATED.add(key)
+
+    @classmethod
+    def open(cls, workspace: str | Path | Workspace | None = None, create: bool = True) -> Store:
+        ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace, create=create)
+        return cls(ws)
+
+    @property
+    def db(self) -> Database:
+        """This thread's connection (sqlite3 connections must not cross threads)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                # 30 s busy timeout: a training job and the app write the same file.
+                conn = sqlite3.connect(str(self.path), timeout=30)
+            except sqlite3.Error as exc:
+                raise WorkspaceError(f"cannot open {self.path}: {exc}") from None
+            conn.execute("PRAGMA foreign_keys = ON")
+            db = Database(conn)
+            self._local.db = db
+        return db
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[Database]:
+        with self.db.atomic() as db:
+            yield db
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # ------------------------------------------------------------------ datasets and items
+
+    def add_dataset(self, name: str, format: str, source: str = "") -> int:
+        if self.db["datasets"].count_where("name = ?", [name]):
+            raise DataError(f"a dataset named {name!r} already exists; choose another --dataset name")
+        return self.db["datasets"].insert(
+            {"name": name, "format": format, "source": source, "created_at": now()}
+        ).last_pk
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        rows = list(self.db["datasets"].rows_where("name = ?", [name]))
+        if not rows:
+            known = ", ".join(r["name"] for r in self.db["datasets"].rows) or "none"
+            raise NotFoundError(f"no dataset named {name!r} (datasets: {known})")
+        return rows[0]
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return list(self.db["datasets"].rows_where(order_by="id"))
+
+    def add_items(self, dataset_id: int, items: list[dict[str, Any]]) -> list[int]:
+        """Insert items (keys as in the ``items`` table; ``gt_box`` may be a Box). Returns ids."""
+        ids = []
+        table = self.db["items"]
+        for item in items:
+            row = {**item, "dataset_id": dataset_id, "created_at": now()}
+            if isinstance(row.get("gt_box"), Box):
+                row["gt_box"] = box_to_json(row["gt_box"])
+            if isinstance(row.get("meta"), dict):
+                row["meta"] = json.dumps(row["meta"])
+            ids.append(table.insert(row).last_pk)
+        return ids
+
+    def item(self, item_id: int) -> dict[str, Any]:
+        try:
+            return self.db["items"].get(item_id)
+        except Exception:
+            raise NotFoundError(f"no item with id {item_id}") from None
+
+    def items(self, dataset: str | None = None, split: str | None = None,
+              limit: int | None = None, with_box: bool | None = None) -> list[dict[str, Any]]:
+        where, args = ["1 = 1"], []
+        if dataset:
+            where.append("dataset_id = ?")
+            args.append(self.dataset(dataset)["id"])
+        if split:
+            where.append("split = ?")
+            args.append(split)
+        if with_box is not None:
+            where.append("gt_box IS NOT NULL" if with_box else "gt_box IS NULL")
+        return list(self.db["items"].rows_where(" AND ".join(where), args, order_by="id", limit=limit))
+
+    def item_box(self, item: dict[str, Any]) -> Box | None:
+        return box_from_json(item.get("gt_box"))
+
+    # ------------------------------------------------------------------ rollouts and judgements
+
+    def add_rollout(self, rollout: dict[str, Any]) -> int:
+        """Insert a rollout; with a ``run_key`` an existing (run, item, attempt, kind) is kept.
+
+        Returns the id of the stored row either way, which makes generation resumable.
+        """
+        row = {**rollout, "created_at": now()}
+        for key in ("box",):
+            if isinstance(row.get(key), Box):
+                row[key] = box_to_json(row[key])
+        if isinstance(row.get("scores"), dict):
+            row["scores"] = json.dumps(row["scores"])
+        if row.get("run_key"):
+            existing = list(self.db["rollouts"].rows_where(
+                "run_key = ? AND item_id = ? AND attempt = ? AND kind = ?",
+                [row["run_key"], row["item_id"], row.get("attempt"), row.get("kind")], limit=1))
+            if existing:
+                return existing[0]["id"]
+        return self.db["rollouts"].insert(row).last_pk
+
+    def update_rollout(self, rollout_id: int, **fields: Any) -> None:
+        if isinstance(fields.get("scores"), dict):
+            fields["scores"] = json.dumps(fields["scores"])
+        self.db["rollouts"].update(rollout_id, fields)
+
+    def rollouts(self, item_id: int | None = None, run_key: str | None = None) -> list[dict[str, Any]]:
+        where, args = ["1 = 1"], []
+        if item_id is not None:
+            where.append("item_id = ?")
+            args.append(item_id)
+        if run_key is not None:
+            where.append("run_key = ?")
+            args.append(run_key)
+        return list(self.db["rollouts"].rows_where(" AND ".join(where), args, order_by="id"))
+
+    def done_attempts(self, run_key: str) -> set[tuple[int, int, str]]:
+        """(item_id, attempt, kind) already stored for a run: what a resumed run skips."""
+        rows = self.db.execute(
+            "SELECT item_id, attempt, kind FROM rollouts WHERE run_key = ?", [run_key]).fetchall()
+        return {(r[0], r[1], r[2]) for r in rows}
+
+    def cached_judgement(self, rollout_id: int, judge: str) -> float | None:
+        row = self.db.execute("SELECT score FROM judgements WHERE rollout_id = ? AND judge = ?",
+                              [rollout_id, judge]).fetchone()
+        return None if row is None else row[0]
+
+    def save_judgement(self, rollout_id: int, judge: str, score: float, detail: str = "") -> None:
+        self.db["judgements"].upsert(
+            {"rollout_id": rollout_id, "judge": judge, "score": score, "detail": detail,
+             "created_at": now()}, pk=("rollout_id", "judge"))
+
+    # ------------------------------------------------------------------ jobs and metrics
+
+    def create_job(self, kind: str, config: dict[str, Any], config_path: str = "",
+                   name: str = "", command: list[str] | None = None) -> int:
+        return self.db["jobs"].insert({
+            "kind": kind, "name": name or kind, "config": json.dumps(config, default=str),
+            "config_path": config_path, "command": json.dumps(command or []),
+            "status": "queued", "step": 0, "total": 0, "progress": 0.0, "created_at": now(),
+        }).last_pk
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        try:
+            return self.db["jobs"].get(job_id)
+        except Exception:
+            raise NotFoundError(f"no job with id {job_id}; `visrl jobs list` shows the jobs") from None
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        self.db["jobs"].update(job_id, fields)
+
+    def jobs(self, limit: int = 50, kind: str | None = None,
+             status: str | None = None) -> list[dict[str, Any]]:
+        where, args = ["1 = 1"], []
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        return list(self.db["jobs"].rows_where(" AND ".join(where), args, order_by="id DESC", limit=limit))
+
+    def add_metrics(self, job_id: int, step: int, values: dict[str, float]) -> None:
+        stamp = now()
+        self.db["metrics"].insert_all(
+            [{"job_id": job_id, "step": step, "name": k, "value": float(v), "created_at": stamp}
+             for k, v in values.items() if v is not None])
+
+    def metrics(self, job_id: int, names: list[str] | None = None) -> list[dict[str, Any]]:
+        where, args = "job_id = ?", [job_id]
+        if names:
+            where += f" AND name IN ({', '.join('?' for _ in names)})"
+            args += names
+        return list(self.db["metrics"].rows_where(where, args, order_by="step, id"))
+
+    # ------------------------------------------------------------------ checkpoints and evaluations
+
+    def add_checkpoint(self, path: str, base: str, stage: str, job_id: int | None = None,
+                       pairs: Any = None, config: dict[str, Any] | None = None) -> int:
+        row = {"path": path, "base": base, "stage": stage, "job_id": job_id,
+               "pairs": json.dumps(pairs), "config": json.dumps(config or {}, default=str),
+               "created_at": now()}
+        # A path trained again (same output_dir) replaces its record rather than duplicating it.
+        existing = list(self.db["checkpoints"].rows_where("path = ?", [row["path"]], limit=1))
+        if existing:
+            self.db["checkpoints"].update(existing[0]["id"], row)
+            return existing[0]["id"]
+        return self.db["checkpoints"].insert(row).last_pk
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return list(self.db["checkpoints"].rows_where(order_by="id"))
+
+    def add_evaluation(self, metrics: dict[str, Any], model: str, adapter: str | None,
+                       dataset: str, split: str, n: int, checkpoint_id: int | None = None,
+                       job_id: int | None = None) -> int:
+        return self.db["evaluations"].insert({
+            "checkpoint_id": checkpoint_id, "model": model, "adapter": adapter, "dataset": dataset,
+            "split": split, "n": n, "metrics": json.dumps(metrics), "job_id": job_id,
+            "created_at": now()}).last_pk
+
+    def evaluations(self) -> list[dict[str, Any]]:
+        rows = list(self.db["evaluations"].rows_where(order_by="id"))
+        for row in rows:
+            row["metrics"] = loads(row["metrics"], {})
+        return rows
+
+    # ------------------------------------------------------------------ overview
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per dataset and split, rollouts, and pairs per status (for `visrl stats`)."""
+        db = self.db
+        splits = db.execute(
+            "SELECT d.name, i.split, count(*) FROM items i JOIN datasets d ON d.id = i.dataset_id "
+            "GROUP BY d.name, i.split ORDER BY d.name, i.split").fetchall()
+        pairs = db.execute(
+            "SELECT d.name, p.status, count(*) FROM pairs p JOIN datasets d ON d.id = p.dataset_id "
+            "GROUP BY d.name, p.status").fetchall()
+        rollouts = db.execute(
+            "SELECT d.name, count(*) FROM rollouts r JOIN items i ON i.id = r.item_id "
+            "JOIN datasets d ON d.id = i.dataset_id GROUP BY d.name").fetchall()
+        out: dict[str, Any] = {"workspace": str(self.workspace.root), "datasets": {}}
+        for name, split, count in splits:
+            ds = out["datasets"].setdefault(name, {"items": {}, "rollouts": 0, "pairs": {}})
+            ds["items"][split] = count
+        for name, count in rollouts:
+            out["datasets"].setdefault(name, {"items": {}, "rollouts": 0, "pairs": {}})["rollouts"] = count
+        for name, status, count in pairs:
+            out["datasets"].setdefault(name, {"items": {}, "rollouts": 0, "pairs": {}})["pairs"][status] = count
+        out["jobs"] = dict(db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+        out["checkpoints"] = db["checkpoints"].count
+        return out
