@@ -1,0 +1,1 @@
+"""CLI commands: evaluate. (Filled in by its area.)"""
