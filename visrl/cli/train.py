@@ -1,1 +1,47 @@
-"""CLI commands: train. (Filled in by its area.)"""
+"""CLI commands: ``visrl train CONFIG`` and ``visrl merge CONFIG``."""
+
+from __future__ import annotations
+
+import click
+
+from visrl.cli import cli, workspace_option
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@workspace_option
+@click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (overrides the config).")
+@click.option("--job-id", type=int, default=None, hidden=True)
+def train(config: str, workspace: str | None, max_steps: int | None, job_id: int | None) -> None:
+    """Train a stage (sft, dpo = VisRL stage 1, visrl = stage 2) from a YAML CONFIG.
+
+    Resumes from the last checkpoint in output_dir (resume_from_checkpoint: auto). A stop
+    (Ctrl-C once, or `visrl jobs stop`) saves a checkpoint after the current step.
+    """
+    from visrl.jobs import run_stage
+    from visrl.train import load_train_config
+    from visrl.train.run import train as run_train
+
+    cfg = load_train_config(config, {"max_steps": max_steps} if max_steps else None)
+    result = run_stage(workspace, job_id, f"train {cfg.stage}",
+                       lambda progress: run_train(cfg, workspace, job_id=job_id, progress=progress))
+    state = "stopped" if result.stopped else "finished"
+    click.echo(f"{cfg.stage} {state} at step {result.global_step}: {result.path} "
+               f"(base {result.base}; checkpoint #{result.checkpoint_id})"
+               + ("; run the same command again to resume" if result.stopped else ""))
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@workspace_option
+@click.option("--job-id", type=int, default=None, hidden=True)
+def merge(config: str, workspace: str | None, job_id: int | None) -> None:
+    """Merge a LoRA adapter into its base model and export a standalone model folder."""
+    from visrl.config import load_config
+    from visrl.jobs import run_stage
+    from visrl.train.merge import MergeConfig, merge_lora
+
+    cfg = load_config(MergeConfig, config)
+    out = run_stage(workspace, job_id, "merge",
+                    lambda progress: merge_lora(cfg, workspace, job_id=job_id, progress=progress))
+    click.echo(f"merged {cfg.adapter_name_or_path} into {cfg.model_name_or_path}: {out}")

@@ -1,0 +1,339 @@
+"""The app's handlers, driven without a browser, on a temporary workspace seeded with pairs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from visrl import review
+from visrl.boxes import Box
+from visrl.store import Store
+from visrl.workspace import Workspace
+
+FILTERS = ("pending", "any", None, None, "", "oldest")  # status, dataset, min/max margin, search, sort
+
+
+def seed_pairs(root: Path, n: int = 4, size: tuple[int, int] = (320, 240)) -> Workspace:
+    """A workspace with one dataset, ``n`` items (a red square on grey) and one pair per item."""
+    ws = Workspace.open(root)
+    store = Store(ws)
+    ds = store.add_dataset("shapes", "test")
+    items = []
+    for i in range(n):
+        image = Image.new("RGB", size, (200, 200, 200))
+        x = 20 + 40 * i
+        image.paste((220, 30, 30), (x, 60, x + 60, 120))
+        rel = f"images/item{i}.png"
+        image.save(ws.root / rel)
+        items.append({"split": "train", "source_id": str(i), "image": rel, "width": size[0],
+                      "height": size[1], "question": f"What colour is square {i}?", "answer": "red",
+                      "gt_box": Box(x, 60, x + 60, 120)})
+    ids = store.add_items(ds, items)
+    for i, item_id in enumerate(ids):
+        x = 20 + 40 * i
+        chosen = {"item_id": item_id, "attempt": 0, "kind": "policy", "box": Box(x + 2, 58, x + 62, 122),
+                  "answer": "red", "answer_score": 1.0 - 0.1 * i, "crop_score": 0.9}
+        rejected = {"item_id": item_id, "attempt": 0, "kind": "negative", "box": Box(200, 150, 300, 230),
+                    "answer": "grey", "answer_score": 0.0, "crop_score": 0.0}
+        c_id, r_id = store.add_rollout(chosen), store.add_rollout(rejected)
+        review.add_pair(store, item_id, store.db["rollouts"].get(c_id), store.db["rollouts"].get(r_id), "seed")
+    return ws
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Any:
+    from visrl_app.context import AppContext
+
+    return AppContext.open(seed_pairs(tmp_path / "ws"))
+
+
+def view_dict(outputs: tuple[Any, ...]) -> dict[str, Any]:
+    names = ["annotated", "chosen_crop", "rejected_crop", "info", "chosen_answer", "rejected_answer",
+             "progress", "ticket", "state"]
+    return dict(zip(names, outputs, strict=True))
+
+
+def test_import_app_does_not_import_torch() -> None:
+    import subprocess
+
+    code = "import sys, visrl_app.app; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_first_pair_view_shows_boxes_crops_and_progress(ctx: Any) -> None:
+    from visrl_app import pairs_tab, render
+
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))
+    first = review.get_pair(ctx.store, view["state"]["pair_id"])
+    assert view["state"]["version"] == 1 and first["id"] == 1  # sort "oldest"
+    boxes = view["annotated"]["boxes"]
+    assert [(b["label"], b["color"]) for b in boxes] == [("chosen", render.GREEN), ("rejected", render.RED)]
+    assert [boxes[0][k] for k in ("xmin", "ymin", "xmax", "ymax")] == [22, 58, 82, 122]
+    assert view["annotated"]["image"].size == (320, 240)
+    # the dashed blue gt box is drawn on the displayed image (at its top-left corner: x=20, y=60)
+    assert view["annotated"]["image"].getpixel((21, 60)) == render.BLUE
+    assert view["chosen_crop"].size == (60, 64) and view["rejected_crop"].size == (100, 80)
+    assert view["chosen_answer"] == "red" and view["rejected_answer"] == "grey"
+    assert "Reviewed 0 / 4" in view["progress"] and "pending 4" in view["progress"]
+    assert "What colour is square 0?" in view["info"]
+
+
+def test_accept_advances_and_records_version(ctx: Any) -> None:
+    from visrl_app import pairs_tab
+
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))["state"]
+    view = view_dict(pairs_tab.act(ctx, "accept", state, *FILTERS))
+    assert review.get_pair(ctx.store, 1)["status"] == "accepted"
+    assert view["state"]["pair_id"] == 2  # moved on to the next pending pair
+    view = view_dict(pairs_tab.act(ctx, "reject", view["state"], *FILTERS))
+    assert review.get_pair(ctx.store, 2)["status"] == "rejected"
+    assert "Reviewed 2 / 4" in view["progress"]
+
+
+def test_swap_undo_and_navigation(ctx: Any) -> None:
+    from visrl_app import pairs_tab
+
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))["state"]
+    view = view_dict(pairs_tab.act(ctx, "swap", state, *FILTERS))
+    assert view["state"] == {**view["state"], "pair_id": 1, "version": 2}
+    assert view["chosen_answer"] == "grey"
+    view = view_dict(pairs_tab.act(ctx, "undo", view["state"], *FILTERS))
+    assert view["chosen_answer"] == "red" and view["state"]["version"] == 3
+    nxt = view_dict(pairs_tab.navigate(ctx, False, view["state"], *FILTERS))
+    assert nxt["state"]["pair_id"] == 2
+    back = view_dict(pairs_tab.navigate(ctx, True, nxt["state"], *FILTERS))
+    assert back["state"]["pair_id"] == 1
+    # at the start, "previous" stays on the first pair
+    assert view_dict(pairs_tab.navigate(ctx, True, back["state"], *FILTERS))["state"]["pair_id"] == 1
+
+
+def test_conflict_warns_and_reloads(ctx: Any) -> None:
+    from visrl_app import pairs_tab
+
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))["state"]
+    review.reject(ctx.store, 1, 1, reviewer="someone-else")
+    with pytest.warns(UserWarning, match="changed by someone else"):
+        view = view_dict(pairs_tab.act(ctx, "accept", state, *FILTERS))
+    assert review.get_pair(ctx.store, 1)["status"] == "rejected"
+    assert view["state"]["pair_id"] == 1 and view["state"]["version"] == 2  # reloaded
+
+
+def test_save_boxes_reads_labels_and_pixels(ctx: Any) -> None:
+    from visrl_app import pairs_tab
+
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))
+    boxes = [{**b} for b in view["annotated"]["boxes"]]
+    boxes[1].update(xmin=10, ymin=20, xmax=110, ymax=140)  # the rejected box, dragged
+    view = view_dict(pairs_tab.save_boxes(ctx, view["state"], {"image": None, "boxes": boxes}, *FILTERS))
+    pair = review.get_pair(ctx.store, 1)
+    assert review.pair_boxes(pair)["rejected"] == Box(10, 20, 110, 140)
+    assert review.pair_boxes(pair)["chosen"] == Box(22, 58, 82, 122)  # unchanged: not re-saved
+    assert pair["version"] == 2 and pair["edited"] == 1 and "saved rejected box" in view["ticket"]
+    bad = [{**boxes[0], "label": "rejected"}, boxes[1]]
+    with pytest.warns(UserWarning, match="two boxes are labelled 'rejected'"):
+        pairs_tab.save_boxes(ctx, view["state"], {"boxes": bad}, *FILTERS)
+    assert review.get_pair(ctx.store, 1)["version"] == 2
+
+
+def test_save_answers_and_filters(ctx: Any) -> None:
+    from visrl_app import pairs_tab
+
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))
+    view = view_dict(pairs_tab.save_answers(ctx, view["state"], "red", "blue", *FILTERS))
+    assert review.get_pair(ctx.store, 1)["rejected_answer"] == "blue"
+    assert review.get_pair(ctx.store, 1)["chosen_answer"] == "red"
+    searched = view_dict(pairs_tab.show_first(ctx, view["state"], "any", "shapes", None, None, "square 3", "priority"))
+    assert searched["state"]["pair_id"] == 4
+    narrow = view_dict(pairs_tab.show_first(ctx, view["state"], "any", "any", 0.85, None, "", "priority"))
+    assert narrow["state"]["pair_id"] == 2  # margins 1.0, 0.9, 0.8, 0.7: >= 0.85 -> pairs 1, 2; priority: smaller margin first
+    empty = view_dict(pairs_tab.show_first(ctx, view["state"], "accepted", "any", None, None, "", "priority"))
+    assert empty["state"]["pair_id"] is None and "No pairs" in empty["info"]
+
+
+@pytest.mark.parametrize(("host", "auth", "ok"), [
+    ("127.0.0.1", None, True), ("localhost", None, True), ("::1", None, True),
+    ("0.0.0.0", None, False), ("192.168.1.5", None, False), ("0.0.0.0", ("u", "p"), True),
+])
+def test_check_bind(host: str, auth: tuple[str, str] | None, ok: bool) -> None:
+    from visrl.errors import ConfigError
+    from visrl_app.app import check_bind
+
+    if ok:
+        check_bind(host, auth)
+    else:
+        with pytest.raises(ConfigError, match="--auth"):
+            check_bind(host, auth)
+
+
+def test_cli_refuses_public_host_without_auth(tmp_path: Path) -> None:
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "visrl_app.main", "--workspace", str(tmp_path / "w"),
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a password" in out.stderr
+
+
+def test_build_app_has_every_tab(ctx: Any) -> None:
+    import gradio as gr
+
+    from visrl_app.app import build_app
+
+    blocks = build_app(ctx.workspace)
+    tabs = [b.label for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
+    assert tabs == ["Pairs", "Generate", "Train", "Evaluate", "Chat"]
+    ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    assert {"pairs-accept", "pairs-reject", "pairs-swap", "pairs-undo", "pairs-next", "pairs-prev",
+            "pairs-save-boxes", "pairs-save-answers", "train-start", "train-stop", "chat-ask"} <= ids
+
+
+def test_train_recipe_validation(ctx: Any) -> None:
+    from visrl_app import train_tab
+
+    stage = "sft"
+    files = train_tab.recipe_files(ctx, stage)
+    assert files and files[0].endswith("train_sft.yaml")
+    text = train_tab.read_recipe(files[0])
+    assert train_tab.validate(ctx, stage, text) == "✅ valid train recipe"
+    with pytest.warns(UserWarning, match="unknown key.*lerning_rate"):
+        verdict = train_tab.validate(ctx, stage, text + "\nlerning_rate: 0.1\n")
+    assert "lerning_rate" in verdict
+    assert not list((ctx.root / "runs" / "app-configs").glob("check-*"))  # checks leave no files
+
+
+def test_model_choices_and_generate_config(ctx: Any) -> None:
+    import json
+
+    from visrl import jobs
+    from visrl_app import generate_tab
+    from visrl_app.context import model_choices, resolve_model
+
+    (ctx.root / "models" / "base").mkdir()
+    (ctx.root / "models" / "base" / "config.json").write_text("{}")
+    (ctx.root / "models" / "lora").mkdir()
+    (ctx.root / "models" / "lora" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "models/base"}))
+    (ctx.root / "models" / "empty").mkdir()
+    assert model_choices(ctx) == [("models/base (model)", "models/base"), ("models/lora (adapter)", "models/lora")]
+    assert resolve_model(ctx, "models/lora") == ("models/base", "models/lora")
+    config = generate_tab.compose_config(ctx, "models/lora", "shapes", "train", 5, 2, 0.7, "exact",
+                                         "iou", "", "")
+    assert (config["model_name_or_path"], config["adapter_name_or_path"]) == ("models/base", "models/lora")
+    assert (config["limit"], config["attempts"], config["temperature"]) == (5, 2, 0.7)
+    path = ctx.root / "gen.yaml"
+    path.write_text(__import__("yaml").safe_dump(config))
+    assert jobs.validate_config("generate", path)["answer_judge"] == "exact"  # GenerateConfig accepts it
+
+
+def test_job_view_progress_metrics_and_history(ctx: Any) -> None:
+    from visrl_app import job_panel
+
+    job_id = ctx.store.create_job("train", {"stage": "sft"}, name="sft")
+    ctx.store.update_job(job_id, status="succeeded", step=30, total=60, progress=0.5, eta_s=75.0)
+    ctx.store.add_metrics(job_id, 5, {"loss": 2.0, "learning_rate": 1e-3})
+    ctx.store.add_metrics(job_id, 10, {"loss": 1.5})
+    status, bar, log, history, frame = job_panel.job_view(ctx, ("train",), job_id)
+    assert "**succeeded**" in status and "value='1.0000'" in bar  # a finished job shows a full bar
+    ctx.store.update_job(job_id, status="queued")
+    _, bar, _, _, _ = job_panel.job_view(ctx, ("train",), job_id)
+    assert "step 30/60 · 50% · ETA 1m15s" in bar
+    assert frame.to_dict("records") == [{"step": 5, "value": 2.0, "name": "loss"},
+                                        {"step": 10, "value": 1.5, "name": "loss"}]
+    assert [row[0] for row in history] == [job_id] and log == ""
+    assert job_panel.latest_job(ctx, ("train",)) == job_id
+    assert job_panel.latest_job(ctx, ("eval",)) is None
+
+
+def test_evaluation_table_and_comparison(ctx: Any) -> None:
+    from visrl_app import evaluate_tab
+
+    ctx.store.add_evaluation({"accuracy": 0.5, "iou": 0.25, "note": "x"}, "models/a", None, "shapes", "test", 10)
+    ctx.store.add_evaluation({"accuracy": 0.75}, "models/a", "models/a-sft", "shapes", "test", 10)
+    table = evaluate_tab.evaluation_table(ctx)
+    assert list(table.columns)[-2:] == ["accuracy", "iou"]
+    assert table["accuracy"].tolist() == [0.5, 0.75]
+    frame = evaluate_tab.comparison_frame(ctx, "accuracy")
+    assert frame.to_dict("records") == [{"checkpoint": "#1 models/a", "value": 0.5},
+                                        {"checkpoint": "#2 models/a-sft", "value": 0.75}]
+
+
+def test_chat_streams_box_crop_and_answer(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl_app import chat_tab
+
+    image = Image.new("RGB", (100, 80), (10, 10, 10))
+    crop = image.crop((10, 10, 50, 40))
+    monkeypatch.setattr(chat_tab, "reasoner_for", lambda ctx, choice: FakeReasoner(crop))
+    monkeypatch.setattr(chat_tab, "make_sampling", lambda temperature, max_new_tokens: None)
+    outs = list(chat_tab.ask(ctx, "models/x", image, "where?", 0.0, 32))
+    focus, shown_crop, box_text, answer, status = outs[-1]
+    assert (box_text, answer, status) == ("[0.1, 0.2, 0.5, 0.6]", "a dot", "done")
+    assert shown_crop is crop and focus.getpixel((10, 25)) == chat_tab.render.ORANGE
+    assert [o[3] for o in outs] == ["", "", "a d", "a dot", "a dot"]
+
+
+class FakeReasoner:
+    """Streams what ``Reasoner.stream_two_step`` streams: the box step, then the answer growing."""
+
+    def __init__(self, crop: Image.Image) -> None:
+        self.crop = crop
+
+    def stream_two_step(self, img: Image.Image, question: str, sampling: Any) -> Any:
+        yield {"kind": "box", "box_text": "[0.1, 0.2, 0.5, 0.6]", "box": Box(10, 10, 50, 40), "crop": self.crop}
+        yield {"kind": "answer", "answer": "a d"}
+        yield {"kind": "answer", "answer": "a dot"}
+
+
+def test_chat_needs_image_and_question(ctx: Any) -> None:
+    from visrl_app import chat_tab
+
+    with pytest.warns(UserWarning, match="upload or pick an image"):
+        outs = list(chat_tab.ask(ctx, "models/x", None, "q", 0.0, 32))
+    assert outs[-1][-1] == "need an image and a question"
+    image, question = chat_tab.pick_item(ctx, 2)
+    assert image.size == (320, 240) and question == "What colour is square 1?"
+
+
+def test_export_curated_pairs(ctx: Any) -> None:
+    pytest.importorskip("visrl.formats.trl")
+    from visrl_app import pairs_export
+
+    label = "TRL DPO, stage 1 (box step)"
+    with pytest.warns(UserWarning, match="nothing to export"):
+        pairs_export.export_pairs(ctx, label, ["accepted"], "any")
+    review.accept(ctx.store, 1, 1)
+    review.accept(ctx.store, 3, 1)
+    message = pairs_export.export_pairs(ctx, label, ["accepted"], "shapes")
+    assert message.startswith("Exported **2** rows to `exports/trl-dpo-stage1-")
+    assert len(list(ctx.workspace.exports_dir.iterdir())) == 1
+
+
+def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
+    import time
+
+    from visrl_app import job_panel, train_tab
+
+    text = "stage: sft\nmodel_name_or_path: models/missing\noutput_dir: models/out\ndataset: shapes\nmax_steps: 2\n"
+    job_id = train_tab.start_training(ctx, None, "sft", text)
+    assert isinstance(job_id, int)
+    job = ctx.store.job(job_id)
+    assert Path(job["config_path"]).read_text() == text
+    assert Path(job["config_path"]).parent == ctx.root / "runs" / "app-configs"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and ctx.store.job(job_id)["status"] in ("queued", "running"):
+        time.sleep(0.3)
+        job_panel.job_view(ctx, ("train",), job_id)  # polls refresh_jobs like the timer does
+    status, bar, log, history, _ = job_panel.job_view(ctx, ("train",), job_id)
+    assert "**failed**" in status and "data-status='failed'" in bar  # no such model
+    assert "-m visrl train" in log.splitlines()[0]  # the log starts with the command it ran
+    assert history[0][:4] == [job_id, "train", "sft", "failed"]
+    with pytest.warns(UserWarning, match="unknown key"):
+        assert train_tab.start_training(ctx, job_id, "sft", text + "bogus: 1\n") == job_id
+    from visrl import jobs
+
+    while jobs.process_state(job["pid"], job["started_at"])[0] and time.monotonic() < deadline:
+        time.sleep(0.1)  # let the child exit (reaped), not leak into the next test

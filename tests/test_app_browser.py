@@ -1,0 +1,263 @@
+"""The app in headless Chromium: keyboard review, box dragging, file serving, jobs, chat.
+
+Starts the real app (in this process, on a free port) on a temporary workspace seeded with pairs.
+Screenshots of every tab go to ``$VISRL_SCREENSHOTS`` (default: a temporary folder) and are also
+copied to /tmp/visrl-screens/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+SHARED_SCREENS = Path("/tmp/visrl-screens")
+
+if not Path(CHROMIUM).is_file():
+    pytest.skip("needs Debian's chromium at /usr/bin/chromium", allow_module_level=True)
+sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from test_app import seed_pairs
+
+    from visrl_app.app import launch
+
+    root = tmp_path_factory.mktemp("browser") / "ws"
+    ws = seed_pairs(root, n=8, size=(800, 600))  # larger than the canvas: display scale != 1
+    port = free_port()
+    blocks = launch(ws, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}/", "workspace": ws, "root": root}
+    finally:
+        blocks.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(app: dict[str, Any], browser: Any) -> Iterator[Any]:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(app["url"])
+    page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=30_000)
+    yield page
+    page.close()
+
+
+def screenshot(page: Any, name: str, tmp_root: Path) -> Path:
+    folder = Path(os.environ.get("VISRL_SCREENSHOTS") or tmp_root / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    SHARED_SCREENS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, SHARED_SCREENS / path.name)
+    return path
+
+
+def store_of(app: dict[str, Any]) -> Any:
+    from visrl.store import Store
+
+    return Store(app["workspace"])
+
+
+def shown_pair_id(page: Any) -> int:
+    text = page.locator("#pairs-ticket").inner_text()
+    return int(text.split("pair ", 1)[1].split(" ", 1)[0])
+
+
+def test_keyboard_review_drops_no_press(app: dict[str, Any], page: Any) -> None:
+    from visrl import review
+
+    store = store_of(app)
+    screenshot(page, "pairs", app["root"])
+    first = shown_pair_id(page)
+    page.locator("body").click(position={"x": 5, "y": 5})  # focus the page, not an input
+    page.keyboard.press("a")
+    wait_for(lambda: review.get_pair(store, first)["status"] == "accepted", what=f"pair {first} accepted")
+    wait_for(lambda: shown_pair_id(page) != first, what="the desk to move on")
+    for _ in range(3):  # fast: no waiting between presses
+        page.keyboard.press("a")
+    wait_for(lambda: review.status_counts(store)["accepted"] == 4, what="4 accepted pairs")
+    last = store.db.execute("SELECT pair_id FROM reviews ORDER BY id DESC LIMIT 1").fetchone()[0]
+    page.keyboard.press("u")  # undo this session's latest action: that pair comes back, pending
+    wait_for(lambda: review.status_counts(store)["accepted"] == 3, what="undo of an accept")
+    wait_for(lambda: shown_pair_id(page) == last, what="the undone pair on screen")
+    # typing in a text box is not a shortcut
+    before = review.status_counts(store)
+    page.locator("#pairs-chosen-answer textarea").click()
+    page.keyboard.type("a r s")
+    time.sleep(0.5)
+    assert review.status_counts(store) == before
+
+
+def test_dragged_box_is_saved_in_original_pixels(app: dict[str, Any], page: Any) -> None:
+    from visrl import review
+
+    store = store_of(app)
+    pair_id = shown_pair_id(page)
+    before = review.pair_boxes(review.get_pair(store, pair_id))["rejected"]
+    canvas = page.locator("#pairs-annotator canvas").first
+    canvas.scroll_into_view_if_needed()
+    time.sleep(0.3)
+    area = canvas.bounding_box()  # re-read after scrolling
+    size = canvas.evaluate("c => [c.width, c.height]")  # drawing buffer (CSS px at DPR 1)
+    scale = min(size[0] / 800, size[1] / 600)
+    off_x, off_y = (size[0] - 800 * scale) / 2, (size[1] - 600 * scale) / 2
+    cx, cy = before.center
+    start = (area["x"] + off_x + cx * scale, area["y"] + off_y + cy * scale)
+    page.mouse.move(*start)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(start[0] - 8 * i, start[1] - 5 * i)
+    page.mouse.up()
+    time.sleep(0.3)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("b")
+    after = wait_for(lambda: review.pair_boxes(review.get_pair(store, pair_id))["rejected"] != before
+                     and review.pair_boxes(review.get_pair(store, pair_id))["rejected"],
+                     what="the dragged box saved")
+    # A move keeps the box's size in ORIGINAL image pixels (canvas pixels would be scaled).
+    assert abs(after.width - before.width) <= 1.5 and abs(after.height - before.height) <= 1.5
+    assert after.x1 == pytest.approx(before.x1 - 80 / scale, abs=3)
+    assert after.y1 == pytest.approx(before.y1 - 50 / scale, abs=3)
+    assert review.get_pair(store, pair_id)["edited"] == 1
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_serves_workspace_files_only(app: dict[str, Any], tmp_path: Path) -> None:
+    outside = tmp_path / "secret.png"
+    shutil.copy(app["root"] / "images" / "item0.png", outside)
+    base = app["url"] + "gradio_api/file="
+    assert http_status(base + str(app["root"] / "images" / "item0.png")) == 200
+    assert http_status(base + "/etc/passwd") in (403, 404)
+    assert http_status(base + str(Path(__file__).resolve())) in (403, 404)  # not even the cwd
+    assert http_status(base + str(outside)) in (403, 404)
+    assert http_status(base + str(app["root"] / "images" / ".." / ".." / outside.name)) in (403, 404)
+
+
+def test_every_tab_renders(app: dict[str, Any], page: Any) -> None:
+    for tab, marker in (("Generate", "#generate-start"), ("Train", "#train-config"),
+                        ("Evaluate", "#eval-start"), ("Chat", "#chat-ask")):
+        page.get_by_role("tab", name=tab).click()
+        page.wait_for_selector(marker, state="visible", timeout=10_000)
+        time.sleep(0.5)
+        screenshot(page, tab.lower(), app["root"])
+    assert "demo" in page.locator("#train-config").inner_text() or page.locator("#train-config").count() == 1
+
+
+def set_code(page: Any, selector: str, text: str) -> None:
+    """Replace the text of a gr.Code (CodeMirror 6) editor as a user would."""
+    editor = page.locator(f"{selector} .cm-content")
+    editor.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.press("Delete")
+    page.keyboard.insert_text(text)
+
+
+def test_bad_recipe_shows_a_warning(app: dict[str, Any], page: Any) -> None:
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-config .cm-content", timeout=10_000)
+    set_code(page, "#train-config", "stage: sft\nmodel_name_or_path: models/x\nlerning_rate: 1\n")
+    page.locator("#train-validate").click()
+    wait_for(lambda: "unknown key" in page.locator("#train-verdict").inner_text(), what="the verdict")
+    assert page.get_by_text("lerning_rate").count() >= 1  # also in the warning toast
+
+
+@pytest.mark.slow
+def test_training_job_shows_progress_and_stops(app: dict[str, Any], page: Any) -> None:
+    pytest.importorskip("visrl.models")
+    tiny = pytest.importorskip("visrl.tiny")
+    from visrl.store import Store
+
+    tiny.build_tiny_model(app["root"] / "models" / "tiny", preset="test")
+    recipe = "\n".join([
+        "stage: sft", "model_name_or_path: models/tiny", "output_dir: models/tiny-sft", "dataset: shapes",
+        "split: train", "finetuning_type: lora", "lora_rank: 4", "lora_alpha: 8",
+        "per_device_train_batch_size: 2", "learning_rate: 1.0e-3", "max_steps: 500", "logging_steps: 1",
+        "save_steps: 1000", "image_max_pixels: 50000", "seed: 0", ""])
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-config .cm-content", timeout=10_000)
+    set_code(page, "#train-config", recipe)
+    page.locator("#train-start").click()
+    store = Store(app["workspace"])
+    job = wait_for(lambda: next(iter(store.jobs(kind="train")), None), what="a train job row")
+    wait_for(lambda: (store.job(job["id"])["step"] or 0) >= 2, timeout=120, what="two training steps")
+    wait_for(lambda: "step " in page.locator("#train-progress").inner_text()
+             and "step 0" not in page.locator("#train-progress").inner_text(), what="progress on the page")
+    screenshot(page, "train-running", app["root"])
+    page.locator("#train-stop").click()
+    final = wait_for(lambda: store.job(job["id"])["status"] in ("stopped", "succeeded", "failed")
+                     and store.job(job["id"])["status"], timeout=60, what="the job to stop")
+    assert final == "stopped"
+    wait_for(lambda: "stopped" in page.locator("#train-status").inner_text(), what="stopped on the page")
+
+
+def test_chat_shows_focus_box_crop_and_answer(app: dict[str, Any], page: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The app runs in this process: a fake reasoner (see test_app) stands in for a model, so the
+    # page's streaming path is checked without weights; test_app checks the real one's plumbing.
+    from test_app import FakeReasoner
+
+    from visrl_app import chat_tab
+
+    crop = __import__("PIL.Image", fromlist=["Image"]).new("RGB", (60, 40), (255, 0, 0))
+    monkeypatch.setattr(chat_tab, "reasoner_for", lambda ctx, choice: FakeReasoner(crop))
+    monkeypatch.setattr(chat_tab, "make_sampling", lambda temperature, max_new_tokens: None)
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#chat-model input").fill("models/fake")
+    page.locator("#chat-model input").press("Enter")
+    page.locator("#chat-item input").click()
+    page.get_by_role("option").first.click()
+    wait_for(lambda: page.locator("#chat-question textarea, #chat-question input").first.input_value(),
+             what="the picked item's question")
+    page.locator("#chat-ask").click()
+    wait_for(lambda: page.locator("#chat-answer textarea").input_value() == "a dot", what="the answer")
+    page.wait_for_selector("#chat-crop img", timeout=10_000)
+    page.wait_for_selector("#chat-focus img", timeout=10_000)
+    assert page.locator("#chat-box textarea, #chat-box input").first.input_value() == "[0.1, 0.2, 0.5, 0.6]"
+    screenshot(page, "chat", app["root"])

@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from visrl.boxes import Box
+from visrl.cli import _register, cli
+from visrl.config import load_config
+from visrl.errors import ConfigError, DataError
+from visrl.evaluate import EvalConfig, Prediction, compare_table, metrics_table, run_eval, summarize
+from visrl.progress import Progress
+from visrl.store import Store
+
+_register()
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class FakeResult:
+    """Same fields as visrl.reasoning.TwoStepResult."""
+
+    question: str
+    box_text: str | None
+    box: Box | None
+    crop: Image.Image | None
+    answer: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ScriptedReasoner:
+    """Answers from a script keyed by question: (box or None, answer, direct answer)."""
+
+    def __init__(self, script: dict[str, tuple[list[float] | None, str, str]],
+                 progress: Progress | None = None, stop_after_calls: int | None = None) -> None:
+        self.script, self.progress, self.stop_after_calls = script, progress, stop_after_calls
+        self.calls = 0
+        self.sampling: list[Any] = []
+
+    def two_step(self, images: list[Image.Image], questions: list[str], sampling: Any,
+                 progress: bool = False) -> list[list[FakeResult]]:
+        self.calls += 1
+        self.sampling.append(sampling)
+        if self.stop_after_calls is not None and self.calls >= self.stop_after_calls:
+            self.progress.stop_requested = True
+        out = []
+        for question in questions:
+            box, answer, _ = self.script[question]
+            parsed = Box.from_list(box) if box else None
+            out.append([FakeResult(question, "[box]" if box else "garbage", parsed, None,
+                                   answer if parsed else None)])
+        return out
+
+    def direct(self, images: list[Image.Image], questions: list[str], sampling: Any) -> list[str]:
+        return [self.script[q][2] for q in questions]
+
+
+# (gt box, predicted box, reference, two-step answer, direct answer)
+CASES = [
+    ([10, 10, 50, 50], [10, 10, 50, 50], "7", "7", "3"),          # IoU 1: hit; right; direct wrong
+    ([0, 0, 40, 40], [20, 20, 60, 60], "4", "5", "4"),            # IoU 1/7: miss; wrong; direct right
+    ([0, 0, 100, 50], [0, 0, 100, 100], "7", "The seven.", "7"),  # IoU exactly 0.5: a miss (> 0.5)
+    ([0, 0, 20, 20], None, "2", "2", "9"),                        # no box parsed: IoU 0, answer 0
+    (None, [0, 0, 10, 10], "1", "one", "0"),                      # no gt box: answer metrics only
+]
+
+
+def add_cases(store: Store, name: str = "bench", split: str = "test") -> dict[str, tuple]:
+    ws = store.workspace
+    Image.new("RGB", (100, 100), "white").save(ws.images_dir / "white.png")
+    dataset_id = store.add_dataset(name, "test")
+    script, items = {}, []
+    for i, (gt, pred, ref, answer, direct) in enumerate(CASES):
+        question = f"q{i}?"
+        items.append({"split": split, "source_id": str(i), "image": "images/white.png", "width": 100,
+                      "height": 100, "question": question, "answer": ref,
+                      "gt_box": Box.from_list(gt) if gt else None})
+        script[question] = (pred, answer, direct)
+    store.add_items(dataset_id, items)
+    return script
+
+
+def config(**kw: Any) -> EvalConfig:
+    return EvalConfig(**{"model_name_or_path": "models/m", "dataset": "bench", "batch_size": 2, **kw})
+
+
+def test_metrics_are_exact(store: Store) -> None:
+    script = add_cases(store)
+    reasoner = ScriptedReasoner(script)
+    report = run_eval(store.workspace, config(), reasoner=reasoner, sampling="greedy")
+    m = report.metrics
+    assert (m["n"], m["n_box"]) == (5, 4)
+    assert m["acc50"] == 0.25
+    assert m["mean_iou"] == pytest.approx((1 + 1 / 7 + 0.5 + 0) / 4, abs=1e-4)
+    assert m["parse_rate"] == 0.8
+    assert m["answer_acc"] == 0.6
+    assert m["direct_answer_acc"] == 0.4
+    assert reasoner.calls == 3 and reasoner.sampling == ["greedy"] * 3  # batches of 2
+
+
+def test_outputs_and_stored_evaluation(store: Store) -> None:
+    add_cases(store)
+    ckpt = store.add_checkpoint("runs/7/adapter", base="models/m", stage="dpo1")
+    cfg = config(adapter_name_or_path=str(store.workspace.root / "runs/7/adapter"))
+    report = run_eval(store.workspace, cfg, reasoner=ScriptedReasoner(_script()), sampling="greedy")
+    out = Path(report.output_dir)
+    assert out.parent == store.workspace.exports_dir and out.name.startswith("eval-")
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["iou"] for r in rows] == [1.0, pytest.approx(0.1429), 0.5, 0.0, None]
+    assert [r["answer_score"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == report.metrics
+    assert "| Detection Acc@0.5 (%) | 25.0 | – |" in (out / "report.md").read_text()
+    [ev] = store.evaluations()
+    assert (ev["id"], ev["checkpoint_id"], ev["n"]) == (report.evaluation_id, ckpt, 5)
+    assert report.checkpoint_id == ckpt and ev["metrics"]["acc50"] == 0.25
+    table = compare_table(store)
+    assert f"| #{ckpt} dpo1 | bench/test | 5 | 25.0 | 0.411 | 60.0 | 40.0 | 80.0 |" in table
+
+
+def _script() -> dict[str, tuple]:
+    return {f"q{i}?": (pred, answer, direct) for i, (_, pred, _, answer, direct) in enumerate(CASES)}
+
+
+def test_stop_request_ends_early_and_stores_nothing(store: Store) -> None:
+    add_cases(store)
+    progress = Progress(bar=False)
+    reasoner = ScriptedReasoner(_script(), progress=progress, stop_after_calls=1)
+    out = store.workspace.root / "my-eval"
+    report = run_eval(store.workspace, config(output_dir="my-eval"), progress, reasoner=reasoner,
+                      sampling="greedy")
+    assert report.stopped and report.n == 2 and report.evaluation_id is None
+    assert store.evaluations() == []
+    assert json.loads((out / "metrics.json").read_text())["stopped"] is True
+
+
+def test_no_direct_baseline_and_job_output_dir(store: Store) -> None:
+    add_cases(store)
+    job = store.create_job("eval", {})
+    report = run_eval(store.workspace, config(direct_baseline=False), job_id=job,
+                      reasoner=ScriptedReasoner(_script()), sampling="greedy")
+    assert report.metrics["direct_answer_acc"] is None
+    assert Path(report.output_dir) == store.workspace.run_dir(job)
+    assert store.evaluations()[0]["job_id"] == job
+
+
+def test_empty_split_is_a_data_error(store: Store) -> None:
+    add_cases(store)
+    with pytest.raises(DataError, match="no items in split 'val'"):
+        run_eval(store.workspace, config(split="val"), reasoner=ScriptedReasoner({}), sampling="greedy")
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"dataset": ""}, "dataset is required"),
+    ({"box_format": "xyxy"}, "box_format must be one of"),
+    ({"answer_judge": "vibes"}, "answer_judge must be one of"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"backend": "remote"}, "needs base_url and remote_model"),
+])
+def test_config_errors(kw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(**kw)
+
+
+@pytest.mark.parametrize("path", ["eval.yaml", "demo/eval.yaml"])
+def test_shipped_configs_load(path: str) -> None:
+    cfg = load_config(EvalConfig, CONFIGS / path)
+    assert cfg.split == "test" and cfg.box_format == "viscot"
+
+
+def test_summarize_and_table_without_boxes() -> None:
+    preds = [Prediction(1, "q", "a", None, None, None, None, "a", 1.0)]
+    m = summarize(preds, seconds=2.0)
+    assert (m["acc50"], m["mean_iou"], m["answer_acc"], m["items_per_s"]) == (None, None, 1.0, 0.5)
+    assert "| Mean IoU | – | – |" in metrics_table(m)
+
+
+def test_evals_command_prints_the_comparison(store: Store) -> None:
+    add_cases(store)
+    run_eval(store.workspace, config(), reasoner=ScriptedReasoner(_script()), sampling="greedy")
+    result = CliRunner().invoke(cli, ["evals", "-w", str(store.workspace.root)])
+    assert result.exit_code == 0, result.output
+    assert "| 1 | models/m | – | bench/test | 5 | 25.0 |" in result.output
+
+
+HAVE_TINY = importlib.util.find_spec("visrl.tiny") is not None and \
+    importlib.util.find_spec("visrl.reasoning") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_TINY, reason="visrl.tiny / visrl.reasoning not available yet")
+def test_eval_cli_with_the_tiny_model(store: Store) -> None:
+    from visrl.tiny import build_tiny_model
+
+    add_cases(store)
+    build_tiny_model(store.workspace.models_dir / "tiny", preset="test")
+    cfg = store.workspace.root / "eval.yaml"
+    cfg.write_text("model_name_or_path: models/tiny\ndataset: bench\nbatch_size: 4\nmax_new_tokens: 8\n")
+    result = CliRunner().invoke(cli, ["eval", str(cfg), "-w", str(store.workspace.root), "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    [ev] = store.evaluations()
+    assert ev["n"] == 3 and ev["metrics"]["n_box"] == 3
+    assert 0.0 <= ev["metrics"]["parse_rate"] <= 1.0
+    assert "| Answer accuracy (%) |" in result.output

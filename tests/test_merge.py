@@ -1,0 +1,93 @@
+"""Merging a LoRA adapter: the export loads with transformers and load_model, matches the
+adapter's outputs, and generates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from visrl.config import load_config
+from visrl.errors import ConfigError, ModelError
+from visrl.train.merge import MergeConfig, merge_lora
+
+
+def test_merge_config_rejects_unknown_keys_and_bad_dtype(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("model_name_or_path: a\nadapter_name_or_path: b\nexport_dir: c\nexport_dtyp: bf16\n")
+    with pytest.raises(ConfigError, match="export_dtyp"):
+        load_config(MergeConfig, path)
+    with pytest.raises(ConfigError, match="'int8'"):
+        MergeConfig("a", "b", "c", export_dtype="int8")
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny base and a LoRA adapter on it with non-zero weights (so merging changes the model)."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from peft import LoraConfig, get_peft_model
+
+    from visrl.train.config import LANGUAGE_MODEL_TARGET
+
+    build_tiny_model = pytest.importorskip("visrl.tiny").build_tiny_model
+    load_model = pytest.importorskip("visrl.models").load_model
+
+    root = tmp_path_factory.mktemp("merge")
+    base = Path(build_tiny_model(root / "tiny", preset="test", seed=0))
+    loaded = load_model(str(base), dtype="float32", device="cpu")
+    model = get_peft_model(loaded.model, LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_TARGET))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    model.save_pretrained(root / "adapter")
+    return base, root / "adapter"
+
+
+def _inputs(processor: Any) -> dict[str, Any]:
+    from PIL import Image
+
+    from visrl.prompts import box_prompt
+
+    text = processor.apply_chat_template(box_prompt("What is red?"), add_generation_prompt=True,
+                                         tokenize=False)
+    return processor(images=[Image.new("RGB", (56, 56), "red")], text=[text], return_tensors="pt")
+
+
+@pytest.mark.slow
+def test_merged_model_matches_the_adapter_and_generates(adapter: tuple[Path, Path], store: Any) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from visrl.models import load_model
+
+    base, adapter_dir = adapter
+    cfg = MergeConfig(str(base), str(adapter_dir), "models/merged", export_dtype="float32")
+    out = merge_lora(cfg, store.workspace)
+    assert out == store.workspace.models_dir / "merged"
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+
+    with_adapter = load_model(str(base), adapter=str(adapter_dir), dtype="float32", device="cpu")
+    plain = AutoModelForImageTextToText.from_pretrained(out)  # loads with no VisRL code at all
+    merged = load_model(str(out), dtype="float32", device="cpu")
+    inputs = _inputs(merged.processor)
+    with torch.no_grad():
+        expected = with_adapter.model(**inputs).logits
+        base_logits = load_model(str(base), dtype="float32", device="cpu").model(**inputs).logits
+        assert torch.allclose(plain(**inputs).logits, expected, atol=1e-4)
+        assert torch.allclose(merged.model(**inputs).logits, expected, atol=1e-4)
+        assert not torch.allclose(base_logits, expected, atol=1e-3)  # the adapter mattered
+        generated = merged.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 4
+    [record] = store.checkpoints()
+    assert record["path"] == "models/merged" and record["stage"] == "merged"
+
+
+def test_merge_refuses_a_folder_without_an_adapter(store: Any, tmp_path: Path) -> None:
+    (tmp_path / "base").mkdir()
+    (tmp_path / "notadapter").mkdir()
+    cfg = MergeConfig(str(tmp_path / "base"), str(tmp_path / "notadapter"), "models/x")
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        merge_lora(cfg, store.workspace)

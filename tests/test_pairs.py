@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from visrl.errors import ConfigError
+from visrl.pairs import PairsConfig, build_pairs, select_pair
+from visrl.review import PairFilter, get_pair, page_pairs
+from visrl.store import Store
+
+BOX = "[1, 1, 5, 5]"
+
+
+def rollout(rid: int, answer: float | None, crop: float | None = None, box: str | None = BOX,
+            kind: str = "policy") -> dict[str, Any]:
+    return {"id": rid, "answer_score": answer, "crop_score": crop, "box": box, "kind": kind,
+            "answer": f"a{rid}"}
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([rollout(1, 1.0), rollout(2, 0.0)], (1, 2)),
+    ([rollout(1, 0.9, 0.9), rollout(2, 1.0, 0.5), rollout(3, 0.1, 0.1)], (1, 3)),  # crop gate on chosen
+    ([rollout(1, 1.0, 1.0), rollout(2, 0.0, 0.9), rollout(3, 0.2, 0.0)], (1, 3)),  # crop gate on rejected
+    ([rollout(1, 1.0, 0.8, kind="random"), rollout(2, 1.0, 0.8), rollout(3, 0.0)], (2, 3)),  # policy first
+    ([rollout(1, 1.0), rollout(2, 0.0, box=None), rollout(3, 0.5)], "no answer scored low enough"),
+    ([rollout(1, 0.7), rollout(2, 0.0)], "no answer scored high enough"),
+    ([rollout(1, 1.0, 0.1), rollout(2, 0.0, 0.0)], "chosen crop scored too low"),
+    ([rollout(1, 1.0, 1.0), rollout(2, 0.0, 0.5)], "rejected crop scored too high"),
+    ([rollout(1, None), rollout(2, None)], "no judged rollout with a box"),
+])
+def test_select_pair(rows: list[dict[str, Any]], expected: Any) -> None:
+    picked = select_pair(rows, PairsConfig())
+    if isinstance(expected, str):
+        assert picked == expected
+    else:
+        assert (picked[0]["id"], picked[1]["id"]) == expected
+
+
+def test_equal_scores_never_pair() -> None:
+    cfg = PairsConfig(min_chosen_score=0.5, max_rejected_score=0.5)
+    assert select_pair([rollout(1, 0.5), rollout(2, 0.5)], cfg) == "best and worst scores are equal"
+
+
+def test_config_validates() -> None:
+    with pytest.raises(ConfigError, match=r"min_chosen_score must lie in \[0, 1\], got 1.5"):
+        PairsConfig(min_chosen_score=1.5)
+    with pytest.raises(ConfigError, match="run_key or a dataset"):
+        build_pairs(None, PairsConfig())  # type: ignore[arg-type]
+
+
+def _random_run(store: Store, n_items: int, seed: int) -> None:
+    """Items with 6 rollouts each, random scores (some missing crops, some failed boxes)."""
+    rng = random.Random(seed)
+    dataset_id = store.add_dataset("prop", "test")
+    ids = store.add_items(dataset_id, [
+        {"split": "train", "source_id": str(i), "image": f"images/{i}.png", "width": 10, "height": 10,
+         "question": "q?", "answer": "a"} for i in range(n_items)])
+    for item_id in ids:
+        with_crop = rng.random() < 0.7
+        for attempt in range(3):
+            for kind in ("policy", "random"):
+                failed = rng.random() < 0.1
+                store.add_rollout({
+                    "run_key": "run", "item_id": item_id, "attempt": attempt, "kind": kind,
+                    "box": None if failed else BOX, "answer": f"{attempt}{kind}",
+                    "answer_score": 0.0 if failed else rng.choice([0.0, 0.1, 0.2, 0.5, 0.8, 0.9, 1.0]),
+                    "crop_score": rng.random() if with_crop else None})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_stored_pair_satisfies_thresholds(store: Store, seed: int) -> None:
+    _random_run(store, 40, seed)
+    cfg = PairsConfig()
+    report = build_pairs(store, cfg, run_key="run")
+    pairs = page_pairs(store, PairFilter(status=None), limit=1000)
+    assert report.items == 40 and report.pairs_added == len(pairs) == report.pairs_total > 0
+    assert report.pairs_added + sum(report.skipped.values()) == 40
+    assert len({p["item_id"] for p in pairs}) == len(pairs)  # one pair per item
+    for pair in pairs:
+        assert pair["status"] == "pending" and pair["source"] == "run"
+        assert pair["chosen_score"] >= 0.8 and pair["rejected_score"] <= 0.2
+        assert pair["chosen_score"] > pair["rejected_score"]
+        assert pair["chosen_box"] == BOX and pair["rejected_box"] == BOX
+        if pair["chosen_crop_score"] is not None:
+            assert pair["chosen_crop_score"] >= 0.8
+        if pair["rejected_crop_score"] is not None:
+            assert pair["rejected_crop_score"] <= 0.2
+    again = build_pairs(store, cfg, run_key="run")
+    assert again.pairs_added == 0 and again.pairs_total == len(pairs)
+    assert again.skipped["already paired"] == len(pairs)
+
+
+def test_pairs_by_dataset_and_thresholds(store: Store) -> None:
+    _random_run(store, 30, 5)
+    strict = build_pairs(store, PairsConfig(),
+                         dataset="prop", source="strict")
+    loose = build_pairs(store, PairsConfig(min_chosen_score=0.5, max_rejected_score=0.5,
+                                           min_chosen_crop_score=0.0, max_rejected_crop_score=1.0),
+                        dataset="prop", source="loose")
+    assert 0 < strict.pairs_added < loose.pairs_added
+    pair = get_pair(store, page_pairs(store, PairFilter(status=None), limit=1)[0]["id"])
+    assert pair["margin"] == pytest.approx(pair["chosen_score"] - pair["rejected_score"])

@@ -1,0 +1,334 @@
+"""Evaluation: greedy two-step inference on a split, against a direct-answer baseline.
+
+Metrics (``metrics.json``; keys are stable, the app and :func:`compare_table` read them):
+
+``n``                  items evaluated; ``n_box`` of them with an annotated box.
+``acc50``              detection accuracy, Visual-CoT's definition: share of boxed items whose
+                       predicted box has IoU > 0.5 with the annotated one (no box parsed = miss).
+``mean_iou``           mean IoU over boxed items (no box parsed = 0).
+``parse_rate``         share of all items whose box text parsed.
+``answer_acc``         mean answer-judge score of the two-step answers, over all items.
+``direct_answer_acc``  the same for the direct baseline (question on the full image, no box step).
+``seconds``, ``items_per_s``.
+
+Items without an annotated box count for the answer metrics only. A box text that does not
+parse is a failed two-step answer (score 0), as in generation. Each run writes
+``metrics.json``, ``report.md`` and ``predictions.jsonl`` (one row per item) to its output folder
+and one row of the ``evaluations`` table, linked to the ``checkpoints`` row whose path is the
+evaluated adapter (or model), so the app can compare checkpoints.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visrl.boxes import BOX_FORMATS, iou
+from visrl.errors import ConfigError, DataError
+from visrl.judges import ANSWER_JUDGES, Judge, JudgeInput, JudgeOptions, make_judges
+from visrl.progress import Progress
+from visrl.store import Store, box_from_json, loads
+from visrl.workspace import Workspace
+
+ACC_IOU = 0.5  # Visual-CoT's detection accuracy: IoU strictly above 0.5
+
+
+@dataclass
+class EvalConfig:
+    """``visrl eval CONFIG``: one YAML key per field. Paths may be workspace-relative."""
+
+    model_name_or_path: str = field(default="", metadata={
+        "help": "Model folder to evaluate (local backend); relative paths are looked up in the workspace."})
+    adapter_name_or_path: str | None = field(default=None, metadata={
+        "help": "LoRA adapter folder applied on the model (a trained checkpoint), or null."})
+    backend: str = field(default="local", metadata={
+        "help": "'local' (the model in this process) or 'remote' (an OpenAI-compatible server such as vLLM)."})
+    base_url: str | None = field(default=None, metadata={
+        "help": "Remote backend: the server's base URL, e.g. http://127.0.0.1:8000/v1."})
+    remote_model: str | None = field(default=None, metadata={"help": "Remote backend: the served model name."})
+    dataset: str = field(default="", metadata={"help": "Dataset name in the workspace store."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate on."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N items (by id); null = all."})
+    batch_size: int = field(default=8, metadata={"help": "Items per generate call."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each step's reply (greedy)."})
+    box_format: str = field(default="viscot", metadata={
+        "help": f"Box text format the model was trained with: {', '.join(BOX_FORMATS)}."})
+    answer_judge: str = field(default="auto", metadata={
+        "help": "auto | exact | f1 | anls | number | model (see visrl.judges)."})
+    judge_base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible endpoint of the judge model (answer_judge: model)."})
+    judge_model: str | None = field(default=None, metadata={"help": "Judge model name on that endpoint."})
+    anls_threshold: float = field(default=0.5, metadata={"help": "ANLS cut-off (DocVQA uses 0.5)."})
+    number_rel_tol: float = field(default=0.05, metadata={"help": "Relative tolerance of numeric answers."})
+    direct_baseline: bool = field(default=True, metadata={
+        "help": "Also answer each question directly on the full image (the no-box baseline)."})
+    output_dir: str | None = field(default=None, metadata={
+        "help": "Where metrics.json, report.md, predictions.jsonl go; null = runs/<job>/ in a job, "
+                "else exports/eval-<time>/ (workspace-relative paths allowed)."})
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("local", "remote"):
+            raise ConfigError(f"backend must be 'local' or 'remote', got {self.backend!r}")
+        if self.backend == "local" and not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required for the local backend")
+        if self.backend == "remote" and not (self.base_url and self.remote_model):
+            raise ConfigError("the remote backend needs base_url and remote_model")
+        if not self.dataset:
+            raise ConfigError("dataset is required: the name of a dataset in the workspace")
+        if self.box_format not in BOX_FORMATS:
+            raise ConfigError(f"box_format must be one of {', '.join(BOX_FORMATS)}, got {self.box_format!r}")
+        if self.answer_judge not in ANSWER_JUDGES:
+            raise ConfigError(f"answer_judge must be one of {', '.join(ANSWER_JUDGES)}, got {self.answer_judge!r}")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1 or null, got {self.limit}")
+
+    def judge_options(self) -> JudgeOptions:
+        return JudgeOptions(anls_threshold=self.anls_threshold, number_rel_tol=self.number_rel_tol,
+                            base_url=self.judge_base_url, model=self.judge_model)
+
+    def model_label(self) -> str:
+        return (self.remote_model or "remote") if self.backend == "remote" else self.model_name_or_path
+
+
+@dataclass
+class EvalReport:
+    metrics: dict[str, float]
+    n: int
+    output_dir: str  # absolute path
+    evaluation_id: int | None  # None when stopped early (partial results are not stored)
+    checkpoint_id: int | None
+    stopped: bool
+    table: str  # markdown
+
+
+# ---------------------------------------------------------------------- scoring (pure)
+
+@dataclass
+class Prediction:
+    """One item's outcome; boxes are pixel lists of the original image."""
+
+    item_id: int
+    question: str
+    reference: str
+    box_text: str | None
+    box: list[float] | None
+    gt_box: list[float] | None
+    iou: float | None  # None when the item has no annotated box
+    answer: str | None
+    answer_score: float
+    direct_answer: str | None = None
+    direct_score: float | None = None
+
+
+def summarize(predictions: list[Prediction], seconds: float = 0.0) -> dict[str, float]:
+    """The metrics of the module doc from per-item predictions."""
+    n = len(predictions)
+    boxed = [p for p in predictions if p.iou is not None]
+    direct = [p.direct_score for p in predictions if p.direct_score is not None]
+    metrics: dict[str, float] = {
+        "n": n, "n_box": len(boxed),
+        "acc50": _mean([float(p.iou > ACC_IOU) for p in boxed]),
+        "mean_iou": _mean([p.iou for p in boxed]),
+        "parse_rate": _mean([float(p.box is not None) for p in predictions]),
+        "answer_acc": _mean([p.answer_score for p in predictions]),
+        "direct_answer_acc": _mean(direct) if direct else None,
+        "seconds": round(seconds, 3), "items_per_s": round(n / seconds, 3) if seconds > 0 else None,
+    }
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: Any, percent: bool = True) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}" if percent else f"{value:.3f}"
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    """One evaluation as a markdown table: metric | two-step | direct."""
+    rows = [
+        ("Detection Acc@0.5 (%)", _fmt(metrics.get("acc50")), "–"),
+        ("Mean IoU", _fmt(metrics.get("mean_iou"), percent=False), "–"),
+        ("Box parse rate (%)", _fmt(metrics.get("parse_rate")), "–"),
+        ("Answer accuracy (%)", _fmt(metrics.get("answer_acc")), _fmt(metrics.get("direct_answer_acc"))),
+    ]
+    lines = ["| metric | two-step | direct |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines.append(f"\nn = {metrics.get('n', 0)} items ({metrics.get('n_box', 0)} with a box), "
+                 f"{metrics.get('seconds', 0)} s")
+    return "\n".join(lines) + "\n"
+
+
+def compare_table(store: Store) -> str:
+    """Every stored evaluation as one markdown table, oldest first."""
+    stages = {c["id"]: c["stage"] for c in store.checkpoints()}
+    lines = ["| id | model | checkpoint | data | n | Acc@0.5 | mIoU | answer | direct | parse | when |",
+             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for ev in store.evaluations():
+        m = ev["metrics"]
+        model = ev["model"] + (f" + {ev['adapter']}" if ev["adapter"] else "")
+        ckpt = f"#{ev['checkpoint_id']} {stages.get(ev['checkpoint_id'], '')}".strip() if ev["checkpoint_id"] else "–"
+        lines.append(
+            f"| {ev['id']} | {model} | {ckpt} | {ev['dataset']}/{ev['split']} | {ev['n']} "
+            f"| {_fmt(m.get('acc50'))} | {_fmt(m.get('mean_iou'), False)} | {_fmt(m.get('answer_acc'))} "
+            f"| {_fmt(m.get('direct_answer_acc'))} | {_fmt(m.get('parse_rate'))} | {ev['created_at']} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- the run
+
+def load_reasoner(ws: Workspace, cfg: EvalConfig) -> Any:
+    """The evaluated policy: an in-process Reasoner or a remote one."""
+    if cfg.backend == "remote":
+        from visrl.reasoning import RemoteReasoner
+
+        return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format)
+    from visrl.generate import resolve_model_path
+    from visrl.models import load_model
+    from visrl.reasoning import Reasoner
+
+    loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
+                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path))
+    return Reasoner(loaded, box_format=cfg.box_format)
+
+
+def greedy(max_new_tokens: int) -> Any:
+    from visrl.reasoning import Sampling
+
+    return Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, n=1)
+
+
+def run_eval(workspace: str | Path | Workspace | None, cfg: EvalConfig,
+             progress: Progress | None = None, job_id: int | None = None,
+             reasoner: Any = None, sampling: Any = None) -> EvalReport:
+    """Evaluate ``cfg`` (see module doc). ``reasoner``/``sampling`` replace the configured model
+    (tests, benchmarks); a stop request ends it after the current batch, unstored."""
+    store = Store.open(workspace)
+    ws = store.workspace
+    answer_judge, _ = make_judges(cfg.answer_judge, "none", cfg.judge_options())
+    items = store.items(cfg.dataset, cfg.split, limit=cfg.limit)
+    if not items:
+        raise DataError(f"dataset {cfg.dataset!r} has no items in split {cfg.split!r}; "
+                        "`visrl stats` lists the splits")
+    if progress is not None:
+        progress.set_total(len(items))
+        progress.update(step=0, force=True, message=f"evaluating {len(items)} items")
+    reasoner = reasoner if reasoner is not None else load_reasoner(ws, cfg)
+    sampling = sampling if sampling is not None else greedy(cfg.max_new_tokens)
+    start = time.monotonic()
+    predictions: list[Prediction] = []
+    for i in range(0, len(items), cfg.batch_size):
+        if progress is not None and progress.stop_requested:
+            break
+        batch = items[i:i + cfg.batch_size]
+        predictions += _eval_batch(ws, reasoner, sampling, answer_judge, cfg, batch)
+        if progress is not None:
+            running = summarize(predictions, time.monotonic() - start)
+            progress.update(advance=len(batch), metrics={
+                k: running[k] for k in ("acc50", "mean_iou", "answer_acc", "direct_answer_acc",
+                                        "parse_rate") if running[k] is not None})
+    metrics = summarize(predictions, time.monotonic() - start)
+    stopped = len(predictions) < len(items)
+    out = _output_dir(ws, cfg, job_id)
+    table = metrics_table(metrics)
+    _write_outputs(out, cfg, metrics, table, predictions, stopped)
+    checkpoint_id = find_checkpoint(store, cfg)
+    evaluation_id = None
+    if not stopped:
+        evaluation_id = store.add_evaluation(
+            metrics, model=cfg.model_label(), adapter=cfg.adapter_name_or_path, dataset=cfg.dataset,
+            split=cfg.split, n=len(predictions), checkpoint_id=checkpoint_id, job_id=job_id)
+    return EvalReport(metrics=metrics, n=len(predictions), output_dir=str(out),
+                      evaluation_id=evaluation_id, checkpoint_id=checkpoint_id, stopped=stopped,
+                      table=table)
+
+
+def _eval_batch(ws: Workspace, reasoner: Any, sampling: Any, judge: Judge, cfg: EvalConfig,
+                batch: list[dict[str, Any]]) -> list[Prediction]:
+    from visrl.generate import load_image, references
+
+    images = [load_image(ws, item) for item in batch]
+    questions = [item["question"] for item in batch]
+    results = reasoner.two_step(images, questions, sampling)
+    directs = reasoner.direct(images, questions, sampling) if cfg.direct_baseline else [None] * len(batch)
+    out = []
+    for item, image, result, direct in zip(batch, images, results, directs, strict=True):
+        first = result[0] if isinstance(result, list) else result  # n = 1: one result per item
+        gt = box_from_json(item.get("gt_box"))
+        refs = references(item)
+        score = _score(judge, item, refs, first.answer if first.box is not None else None)
+        direct_text = direct[0] if isinstance(direct, list) else direct
+        out.append(Prediction(
+            item_id=item["id"], question=item["question"], reference=item.get("answer") or "",
+            box_text=first.box_text, box=first.box.as_list() if first.box is not None else None,
+            gt_box=gt.as_list() if gt is not None else None,
+            iou=None if gt is None else round(iou(first.box, gt), 4),
+            answer=first.answer, answer_score=score, direct_answer=direct_text,
+            direct_score=None if not cfg.direct_baseline else _score(judge, item, refs, direct_text)))
+        image.close()
+    return out
+
+
+def _score(judge: Judge, item: dict[str, Any], refs: list[str], answer: str | None) -> float:
+    judgement = judge(JudgeInput(question=item["question"], references=refs, answer=answer))
+    return 0.0 if judgement is None else judgement.score
+
+
+def _output_dir(ws: Workspace, cfg: EvalConfig, job_id: int | None) -> Path:
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+        out = out if out.is_absolute() else ws.root / out
+    elif job_id is not None:
+        out = ws.run_dir(job_id)
+    else:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = ws.exports_dir / f"eval-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_outputs(out: Path, cfg: EvalConfig, metrics: dict[str, Any], table: str,
+                   predictions: list[Prediction], stopped: bool) -> None:
+    payload = {"metrics": metrics, "config": asdict(cfg), "stopped": stopped}
+    (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    head = f"# Evaluation: {cfg.model_label()}" + (f" + {cfg.adapter_name_or_path}" if cfg.adapter_name_or_path else "")
+    note = "\n\nStopped early: partial results, not stored.\n" if stopped else "\n"
+    (out / "report.md").write_text(
+        f"{head}\n\n{cfg.dataset}/{cfg.split}, box format {cfg.box_format}, "
+        f"judge {cfg.answer_judge}{note}\n{table}", encoding="utf-8")
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(asdict(p)) + "\n")
+
+
+def find_checkpoint(store: Store, cfg: EvalConfig) -> int | None:
+    """The ``checkpoints`` row whose path is the evaluated adapter, else the model, else None."""
+    root = store.workspace.root
+    by_path: dict[Path, int] = {}
+    for ckpt in store.checkpoints():
+        path = Path(ckpt["path"])
+        by_path[(path if path.is_absolute() else root / path).resolve()] = ckpt["id"]
+    for candidate in (cfg.adapter_name_or_path, cfg.model_name_or_path):
+        if not candidate or cfg.backend == "remote":
+            continue
+        path = Path(candidate)
+        resolved = (path if path.is_absolute() else root / path).resolve()
+        if resolved in by_path:
+            return by_path[resolved]
+    return None
+
+
+def load_metrics(path: str | Path) -> dict[str, Any]:
+    """``metrics`` of a written ``metrics.json`` (for notebooks and the app)."""
+    return loads(Path(path).read_text(encoding="utf-8"), {}).get("metrics", {})
+

@@ -1,0 +1,386 @@
+"""Self-evolution data generation (DESIGN.md step 2): rollouts -> judges -> preference pairs.
+
+For each item of a dataset split and each of ``attempts`` attempts, the policy samples two box
+texts (one prompt, n=2). The first is the *policy* rollout. The second is the *negative* one,
+unless it overlaps the first (IoU > :data:`NEGATIVE_MAX_IOU`) or cannot be parsed: then a
+*random* box of similar size (each side ±30%) that does not overlap the first takes its place
+(:func:`visrl.boxes.random_negative_box`, seeded by (seed, item, attempt)). Every box is
+cropped and answered (one batched ``Reasoner.answer`` call per batch); a box text that cannot
+be parsed is a failed rollout (no box, no answer, scores 0).
+
+Every rollout lands in the ``rollouts`` table under a ``run_key`` derived from the config (model,
+data, sampling, seed), so a run that is stopped or killed resumes where it stood: the
+(item, attempt, kind) already stored are skipped, and the two rollouts of one attempt are
+written in one transaction. Judges then score every rollout that lacks a score from the
+configured judges (cached per (rollout, judge) in ``judgements``), and :mod:`visrl.pairs`
+turns the run's rollouts into pending pairs. Crops are not saved: they are a pure function of
+the item image and the stored box.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from visrl.boxes import BOX_FORMATS, crop_box, format_box, iou, parse_box, random_negative_box
+from visrl.errors import ConfigError
+from visrl.judges import Judge, JudgeInput, JudgeOptions, ModelJudge, make_judges
+from visrl.pairs import PairsConfig, build_pairs
+from visrl.progress import Progress
+from visrl.store import Store, box_from_json, loads
+from visrl.workspace import Workspace
+
+NEGATIVE_MAX_IOU = 0.05  # the method: a second sample overlapping the first more is replaced
+
+
+@dataclass
+class GenerateConfig:
+    """``visrl generate CONFIG``: one YAML key per field. Paths may be workspace-relative."""
+
+    model_name_or_path: str = field(default="", metadata={
+        "help": "Policy model folder (local backend); relative paths are looked up in the workspace."})
+    adapter_name_or_path: str | None = field(default=None, metadata={
+        "help": "LoRA adapter folder applied on the model (e.g. the SFT warm-up), or null."})
+    backend: str = field(default="local", metadata={
+        "help": "'local' (the model in this process) or 'remote' (an OpenAI-compatible server such as vLLM)."})
+    base_url: str | None = field(default=None, metadata={
+        "help": "Remote backend: the server's base URL, e.g. http://127.0.0.1:8000/v1."})
+    remote_model: str | None = field(default=None, metadata={"help": "Remote backend: the served model name."})
+    dataset: str = field(default="", metadata={"help": "Dataset name in the workspace store."})
+    split: str = field(default="train", metadata={"help": "Split of the dataset to generate on."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N items (by id); null = all."})
+    attempts: int = field(default=3, metadata={
+        "help": "Attempts per item; each gives a policy rollout and a negative/random one."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Box sampling temperature (the paper samples at 2.0 for diverse boxes)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling for boxes (1.0 = off)."})
+    answer_temperature: float = field(default=0.0, metadata={
+        "help": "Answer-step temperature; 0 = greedy, so an answer's score reflects its crop, not sampling noise."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each step's reply."})
+    batch_size: int = field(default=8, metadata={
+        "help": "Items per batch; one batch asks attempts x 2 boxes per item in one generate call."})
+    box_format: str = field(default="viscot", metadata={"help": f"Box text format: {', '.join(BOX_FORMATS)}."})
+    answer_judge: str = field(default="auto", metadata={
+        "help": "auto | exact | f1 | anls | number | model (see visrl.judges)."})
+    crop_judge: str = field(default="iou", metadata={
+        "help": "iou | iou_threshold | model | none; IoU judges apply only to items with an annotated box."})
+    judge_base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible endpoint of the judge model (for 'model' judges)."})
+    judge_model: str | None = field(default=None, metadata={"help": "Judge model name on that endpoint."})
+    judge_workers: int = field(default=8, metadata={"help": "Concurrent judge-model requests."})
+    anls_threshold: float = field(default=0.5, metadata={"help": "ANLS cut-off (DocVQA uses 0.5)."})
+    number_rel_tol: float = field(default=0.05, metadata={"help": "Relative tolerance of numeric answers."})
+    iou_threshold: float = field(default=0.5, metadata={"help": "IoU at which 'iou_threshold' scores 1."})
+    min_chosen_score: float = field(default=0.8, metadata={"help": "Pairs: chosen answer score at least this."})
+    max_rejected_score: float = field(default=0.2, metadata={"help": "Pairs: rejected answer score at most this."})
+    min_chosen_crop_score: float = field(default=0.8, metadata={
+        "help": "Pairs: chosen crop score at least this (when a crop judge scored it)."})
+    max_rejected_crop_score: float = field(default=0.2, metadata={
+        "help": "Pairs: rejected crop score at most this (when a crop judge scored it)."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling and random negative boxes."})
+    run_key: str | None = field(default=None, metadata={
+        "help": "Name of this run (resume key); null = derived from model, data, sampling and seed."})
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("local", "remote"):
+            raise ConfigError(f"backend must be 'local' or 'remote', not {self.backend!r}")
+        if self.backend == "local" and not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required for the local backend")
+        if self.backend == "remote" and not (self.base_url and self.remote_model):
+            raise ConfigError("the remote backend needs base_url and remote_model")
+        if not self.dataset:
+            raise ConfigError("dataset is required: the name of a dataset in the workspace (`visrl stats`)")
+        if self.box_format not in BOX_FORMATS:
+            raise ConfigError(f"box_format {self.box_format!r} unknown; use one of {', '.join(BOX_FORMATS)}")
+        for name in ("attempts", "batch_size", "max_new_tokens", "judge_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be at least 1 or null, got {self.limit}")
+
+    def model_label(self) -> str:
+        if self.backend == "remote":
+            return f"{self.remote_model}@{self.base_url}"
+        return self.model_name_or_path + (f"+{self.adapter_name_or_path}" if self.adapter_name_or_path else "")
+
+    def judge_options(self) -> JudgeOptions:
+        return JudgeOptions(anls_threshold=self.anls_threshold, number_rel_tol=self.number_rel_tol,
+                            iou_threshold=self.iou_threshold, base_url=self.judge_base_url,
+                            model=self.judge_model)
+
+    def pairs_config(self) -> PairsConfig:
+        return PairsConfig(min_chosen_score=self.min_chosen_score, max_rejected_score=self.max_rejected_score,
+                           min_chosen_crop_score=self.min_chosen_crop_score,
+                           max_rejected_crop_score=self.max_rejected_crop_score)
+
+
+@dataclass
+class GenerateReport:
+    run_key: str
+    items: int  # items in the selection
+    items_done_before: int  # fully generated by an earlier (resumed) run
+    items_generated: int  # items that got new rollouts now
+    rollouts: int  # new rollouts now
+    failed: int  # new rollouts whose box text did not parse
+    parse_rate: float  # parsed / sampled box texts, new policy and negative samples
+    pairs: int  # pairs added now
+    pairs_total: int  # pairs of this run, now
+    seconds: float
+    items_per_s: float
+    rollouts_per_s: float
+    stopped: bool
+
+
+def run_key_for(cfg: GenerateConfig) -> str:
+    """A short stable name of what makes rollouts differ: model, data, sampling, seed."""
+    parts = {"model": cfg.model_label(), "dataset": cfg.dataset, "split": cfg.split,
+             "attempts": cfg.attempts, "temperature": cfg.temperature, "top_p": cfg.top_p,
+             "answer_temperature": cfg.answer_temperature, "max_new_tokens": cfg.max_new_tokens,
+             "box_format": cfg.box_format, "seed": cfg.seed}
+    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.dataset}-{cfg.split}-{digest}"
+
+
+def resolve_model_path(ws: Workspace, path: str | None) -> str | None:
+    """A relative model path names a folder of the workspace when one is there (``models/x``)."""
+    if not path or Path(path).is_absolute():
+        return path
+    in_ws = ws.root / path
+    return str(in_ws) if in_ws.exists() or not Path(path).exists() else str(Path(path).resolve())
+
+
+def load_reasoner(ws: Workspace, cfg: GenerateConfig) -> Any:
+    """The policy: an in-process :class:`visrl.reasoning.Reasoner` or a remote one."""
+    if cfg.backend == "remote":
+        from visrl.reasoning import RemoteReasoner
+
+        return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format)
+    from visrl.models import load_model
+    from visrl.reasoning import Reasoner
+
+    loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
+                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path))
+    return Reasoner(loaded, box_format=cfg.box_format)
+
+
+def _sampling(temperature: float, top_p: float, max_new_tokens: int, n: int) -> Any:
+    from visrl.reasoning import Sampling
+
+    return Sampling(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=n)
+
+
+# ---------------------------------------------------------------------- the run
+
+def run_generate(workspace: str | Path | Workspace | None, cfg: GenerateConfig,
+                 progress: Progress | None = None, job_id: int | None = None,
+                 reasoner: Any = None) -> GenerateReport:
+    """Generate, judge and pair one dataset split; resumable (see module doc).
+
+    ``reasoner`` replaces the configured policy (tests, benchmarks); ``progress`` counts items
+    and is checked for a stop request between batches.
+    """
+    store = Store.open(workspace)
+    ws = store.workspace
+    answer_judge, crop_judge = make_judges(cfg.answer_judge, cfg.crop_judge, cfg.judge_options())
+    run_key = cfg.run_key or run_key_for(cfg)
+    items = store.items(cfg.dataset, cfg.split, limit=cfg.limit)
+    done = store.done_attempts(run_key)
+    todo = {item["id"]: [a for a in range(cfg.attempts) if not _attempt_done(done, item["id"], a)]
+            for item in items}
+    pending = [item for item in items if todo[item["id"]]]
+    if progress is not None:
+        progress.set_total(len(items))
+        progress.update(step=len(items) - len(pending), force=True,
+                        message=f"run {run_key}: {len(pending)} of {len(items)} items to generate")
+    if pending and reasoner is None:
+        reasoner = load_reasoner(ws, cfg)
+    start = time.monotonic()
+    counts = {"rollouts": 0, "failed": 0, "samples": 0, "parsed": 0, "items": 0}
+    for i in range(0, len(pending), cfg.batch_size):
+        if progress is not None and progress.stop_requested:
+            break
+        batch = pending[i:i + cfg.batch_size]
+        _generate_batch(store, ws, reasoner, cfg, run_key, batch, todo, job_id, counts)
+        judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers,
+                       item_ids=[item["id"] for item in batch])
+        counts["items"] += len(batch)
+        if progress is not None:
+            elapsed = max(time.monotonic() - start, 1e-9)
+            progress.update(advance=len(batch), metrics={
+                "items_per_s": counts["items"] / elapsed,
+                "parse_rate": counts["parsed"] / max(counts["samples"], 1)})
+    # Rollouts of earlier runs judged by other judges (or killed before judging) get scored too.
+    judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers)
+    pairs = build_pairs(store, cfg.pairs_config(), run_key=run_key, source=run_key)
+    seconds = time.monotonic() - start
+    return GenerateReport(
+        run_key=run_key, items=len(items), items_done_before=len(items) - len(pending),
+        items_generated=counts["items"], rollouts=counts["rollouts"], failed=counts["failed"],
+        parse_rate=round(counts["parsed"] / max(counts["samples"], 1), 4),
+        pairs=pairs.pairs_added, pairs_total=pairs.pairs_total, seconds=round(seconds, 3),
+        items_per_s=round(counts["items"] / max(seconds, 1e-9), 3),
+        rollouts_per_s=round(counts["rollouts"] / max(seconds, 1e-9), 3),
+        stopped=counts["items"] < len(pending))
+
+
+def _attempt_done(done: set[tuple[int, int, str]], item_id: int, attempt: int) -> bool:
+    return (item_id, attempt, "policy") in done and (
+        (item_id, attempt, "negative") in done or (item_id, attempt, "random") in done)
+
+
+@dataclass
+class _Unit:
+    """One (item, attempt) of a batch and its two rollouts as they are built."""
+
+    item: dict[str, Any]
+    attempt: int
+    image: Image.Image
+    rollouts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _generate_batch(store: Store, ws: Workspace, reasoner: Any, cfg: GenerateConfig, run_key: str,
+                    batch: list[dict[str, Any]], todo: dict[int, list[int]], job_id: int | None,
+                    counts: dict[str, int]) -> None:
+    """Sample boxes for every pending attempt of ``batch``, answer every crop, store all."""
+    units = []
+    for item in batch:
+        image = load_image(ws, item)
+        units += [_Unit(item, attempt, image) for attempt in todo[item["id"]]]
+    texts = reasoner.propose_boxes([u.image for u in units], [u.item["question"] for u in units],
+                                   _sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, 2))
+    crops: list[tuple[dict[str, Any], _Unit, Image.Image]] = []
+    for unit, samples in zip(units, texts, strict=True):
+        samples = (list(samples) + ["", ""])[:2]  # a backend that returned fewer: failed samples
+        unit.rollouts = _attempt_rollouts(unit, samples, cfg, run_key, job_id, counts)
+        crops += [(r, unit, crop_box(unit.image, r["box"])) for r in unit.rollouts if r["box"] is not None]
+    if crops:
+        answers = reasoner.answer(
+            [u.image for _, u, _ in crops], [u.item["question"] for _, u, _ in crops],
+            [r["box_text"] for r, _, _ in crops], [c for _, _, c in crops],
+            _sampling(cfg.answer_temperature, 1.0, cfg.max_new_tokens, 1))
+        for (rollout, _, _), answer in zip(crops, answers, strict=True):
+            rollout["answer"] = answer[0] if isinstance(answer, list) else answer
+    with store.atomic():  # both rollouts of an attempt land together, or neither
+        for unit in units:
+            for rollout in unit.rollouts:
+                store.add_rollout(rollout)
+                counts["rollouts"] += 1
+
+
+def _attempt_rollouts(unit: _Unit, samples: list[str], cfg: GenerateConfig, run_key: str,
+                      job_id: int | None, counts: dict[str, int]) -> list[dict[str, Any]]:
+    """The policy rollout and the negative (or random) rollout of one attempt; not yet answered."""
+    size = (unit.item["width"], unit.item["height"])
+    first = parse_box(samples[0], cfg.box_format, size)
+    second = parse_box(samples[1], cfg.box_format, size)
+    counts["samples"] += 2
+    counts["parsed"] += (first is not None) + (second is not None)
+    base = {"run_key": run_key, "item_id": unit.item["id"], "attempt": unit.attempt,
+            "model": cfg.model_label(), "job_id": job_id, "answer": None}
+    policy = {**base, "kind": "policy", "box_text": samples[0], "box": first}
+    if first is not None and (second is None or iou(first, second) > NEGATIVE_MAX_IOU):
+        # An unparseable second sample is replaced as well: a rejected side without a box gives
+        # the curator nothing to look at and stage 2 no crop to answer on.
+        rng = random.Random(f"{cfg.seed}/{unit.item['id']}/{unit.attempt}")
+        box = random_negative_box(first, size, rng)
+        negative = {**base, "kind": "random", "box_text": format_box(box, cfg.box_format, size), "box": box}
+    else:
+        negative = {**base, "kind": "negative", "box_text": samples[1], "box": second}
+    for rollout in (policy, negative):
+        if rollout["box"] is None:
+            counts["failed"] += 1
+            rollout.update(answer_score=0.0, crop_score=0.0, scores=json.dumps({"failed": 0.0}))
+    return [policy, negative]
+
+
+def load_image(ws: Workspace, item: dict[str, Any]) -> Image.Image:
+    with Image.open(ws.absolute(item["image"])) as image:
+        return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------- judging
+
+def judge_rollouts(store: Store, run_key: str, answer_judge: Judge, crop_judge: Judge | None,
+                   workers: int = 8, item_ids: list[int] | None = None) -> int:
+    """Score the run's rollouts that lack a score from these judges; returns how many changed.
+
+    Cached judgements (``judgements`` table) are reused; the rest run concurrently (judge models
+    are network calls) and are written from this thread in one transaction.
+    """
+    judges = [j for j in (answer_judge, crop_judge) if j is not None]
+    rows = store.rollouts(run_key=run_key) if item_ids is None else list(store.db["rollouts"].rows_where(
+        f"run_key = ? AND item_id IN ({', '.join('?' for _ in item_ids)})", [run_key, *item_ids]))
+    rollouts = [r for r in rows if r["box"] and not all(j.key in loads(r["scores"], {}) for j in judges)]
+    if not rollouts:
+        return 0
+    items = {i: store.item(i) for i in {r["item_id"] for r in rollouts}}
+    ws = store.workspace
+    tasks, results = [], {}
+    for rollout in rollouts:
+        for judge in judges:
+            cached = store.cached_judgement(rollout["id"], judge.key)
+            if cached is None:
+                tasks.append((rollout, judge))
+            else:
+                results[(rollout["id"], judge.key)] = (cached, None)
+    images: dict[int, Image.Image] = {}
+    needs_image = any(isinstance(j, ModelJudge) for _, j in tasks)  # only judge models look
+    inputs = {r["id"]: _judge_input(ws, items[r["item_id"]], r, images if needs_image else None)
+              for r in rollouts}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        outcomes = pool.map(lambda task: task[1](inputs[task[0]["id"]]), tasks)
+        for (rollout, judge), judgement in zip(tasks, outcomes, strict=True):
+            results[(rollout["id"], judge.key)] = (
+                None if judgement is None else judgement.score, judgement)
+    with store.atomic():
+        for rollout in rollouts:
+            _save_scores(store, items[rollout["item_id"]], rollout, answer_judge, crop_judge, results)
+    return len(rollouts)
+
+
+def _judge_input(ws: Workspace, item: dict[str, Any], rollout: dict[str, Any],
+                 images: dict[int, Image.Image] | None) -> JudgeInput:
+    box = box_from_json(rollout["box"])
+    image = crop = None
+    if images is not None and box is not None:
+        if item["id"] not in images:
+            images[item["id"]] = load_image(ws, item)
+        image = images[item["id"]]
+        crop = crop_box(image, box)
+    return JudgeInput(question=item["question"], references=references(item), answer=rollout["answer"],
+                      box=box, gt_box=box_from_json(item.get("gt_box")), image=image, crop=crop)
+
+
+def references(item: dict[str, Any]) -> list[str]:
+    """The reference answer plus alternatives listed in the item's meta ``answers`` (VQAv2-style)."""
+    meta = loads(item.get("meta"), {}) if isinstance(item.get("meta"), str) else item.get("meta") or {}
+    extra = meta.get("answers") if isinstance(meta, dict) else None
+    refs = [item.get("answer") or ""] + [str(a) for a in extra or [] if a]
+    return list(dict.fromkeys(refs))
+
+
+def _save_scores(store: Store, item: dict[str, Any], rollout: dict[str, Any], answer_judge: Judge, crop_judge: Judge | None,
+                 results: dict[tuple[int, str], tuple[float | None, Any]]) -> None:
+    scores = loads(rollout["scores"], {})
+    for judge in (answer_judge, crop_judge):
+        if judge is None:
+            continue
+        score, judgement = results[(rollout["id"], judge.key)]
+        if judgement is not None:  # freshly computed: cache it
+            store.save_judgement(rollout["id"], judge.key, judgement.score, judgement.detail)
+        scores[judge.key] = score
+    gt = box_from_json(item.get("gt_box"))
+    box = box_from_json(rollout["box"])
+    store.update_rollout(
+        rollout["id"], scores=scores, answer_score=scores[answer_judge.key] or 0.0,
+        crop_score=None if crop_judge is None else scores[crop_judge.key],
+        iou=None if gt is None or box is None else round(iou(box, gt), 4))
+

@@ -1,0 +1,415 @@
+"""Background jobs: long stages (generate, train, merge, eval) run as their own process.
+
+A job is the same command a user would type, ``python -m visrl KIND CONFIG --workspace WS
+--job-id N`` (an argument list, never a shell string), started in its own process group
+(``start_new_session``) with stdout and stderr in ``runs/<id>/log.txt``. Multi-GPU training is
+that command under ``python -m accelerate.commands.launch ... -m visrl ...``.
+
+Who writes what (the ``jobs`` table is the single source of truth, so the app can restart and find
+its jobs again):
+
+* :func:`start_job` (parent) creates the row and records pid, command, log path, ``running``.
+* :func:`run_stage` (child) marks the job running, turns SIGTERM into ``progress.stop_requested``
+  and, when the stage function returns or raises, writes ``succeeded`` / ``stopped`` / ``failed``.
+* :func:`stop_job` marks ``stopping`` and sends SIGTERM to the process group; the child finishes
+  its current step, saves, and exits as ``stopped``.
+* :func:`refresh_jobs` (any process) marks a running job whose process is gone (killed,
+  out of memory, crashed before its stage began) ``failed`` with the log tail as its message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visrl.errors import ConfigError, JobError
+from visrl.progress import Progress
+from visrl.store import Store, now
+from visrl.workspace import Workspace
+
+KINDS: tuple[str, ...] = ("generate", "train", "merge", "eval")
+ACTIVE: tuple[str, ...] = ("queued", "running", "stopping")
+LOG_NAME = "log.txt"
+# A process created more than this many seconds after the job started is another process that
+# got the recycled pid (start_job stamps started_at right after the spawn; clocks are 1 s coarse).
+PID_REUSE_SLACK_S = 5.0
+
+# Children this process started: Popen keeps their exit codes and reaps them (no zombies in a
+# long-lived parent such as the app). Jobs started by another process are looked up by pid.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+_EXIT_CODES: dict[int, int] = {}  # pid -> exit code of children reaped before their job was read
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """How to launch the stage: directly (``None``) or under ``accelerate launch``."""
+
+    name: str = "accelerate"
+    config_file: str | None = None  # accelerate's YAML (DeepSpeed/FSDP/multi-GPU settings)
+    num_processes: int | None = None  # overrides the config file's process count
+
+    def __post_init__(self) -> None:
+        if self.name != "accelerate":
+            raise ConfigError(f"unknown launcher {self.name!r}; the only launcher is 'accelerate'")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ConfigError(f"num_processes must be >= 1, got {self.num_processes}")
+
+
+# ---------------------------------------------------------------------- starting
+
+def build_command(kind: str, config_path: str | Path, root: str | Path, job_id: int,
+                  launcher: Launcher | None = None, extra_args: Sequence[str] = (),
+                  python: str = sys.executable) -> list[str]:
+    """The child's argument list (pure; no shell ever parses it)."""
+    stage = ["-m", "visrl", kind, str(config_path), "--workspace", str(root),
+             "--job-id", str(job_id), *extra_args]
+    if launcher is None:
+        return [python, *stage]
+    command = [python, "-m", "accelerate.commands.launch"]
+    if launcher.config_file:
+        command += ["--config_file", str(launcher.config_file)]
+    if launcher.num_processes is not None:
+        command += ["--num_processes", str(launcher.num_processes)]
+    # accelerate's own `-m` flag: the "script" that follows is a module, run like `python -m`.
+    return command + stage
+
+
+def validate_config(kind: str, config_path: str | Path) -> dict[str, Any]:
+    """Parse ``config_path`` with the stage's config class (errors before anything starts)."""
+    from visrl.config import read_yaml, to_dict
+
+    if kind not in KINDS:
+        raise JobError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
+    data = read_yaml(config_path)
+    loader = _config_loader(kind)
+    if loader is None:  # the stage's module is not importable here: the child will report it
+        return data
+    return to_dict(loader(config_path))
+
+
+# Where each stage's config loader lives: (module, name) candidates, first found wins. A name is
+# a dataclass (loaded with visrl.config.load_config) or a function ``path -> config``.
+_CONFIG_LOADERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "generate": (("visrl.generate", "GenerateConfig"),),
+    "eval": (("visrl.evaluate", "EvalConfig"),),
+    "train": (("visrl.train.config", "load_train_config"), ("visrl.train", "load_train_config"),
+              ("visrl.train.config", "TrainConfig"), ("visrl.train", "TrainConfig")),
+    "merge": (("visrl.train.merge", "MergeConfig"), ("visrl.train.config", "MergeConfig"),
+              ("visrl.train", "MergeConfig"), ("visrl.train.config", "load_merge_config")),
+}
+
+
+def _config_loader(kind: str) -> Callable[[str | Path], Any] | None:
+    import dataclasses
+    import importlib
+
+    from visrl.config import load_config
+
+    for module_name, name in _CONFIG_LOADERS.get(kind, ()):
+        try:
+            target = getattr(importlib.import_module(module_name), name, None)
+        except ImportError:
+            continue
+        if target is None:
+            continue
+        if dataclasses.is_dataclass(target):
+            return lambda p, cls=target: load_config(cls, p)
+        return target
+    return None
+
+
+def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: str | Path,
+              launcher: Launcher | str | None = None, extra_args: Sequence[str] = (),
+              name: str = "") -> int:
+    """Validate the config, create the job row and spawn the stage; returns the job id."""
+    if isinstance(launcher, str):
+        launcher = Launcher(launcher)
+    config_path = Path(config_path).expanduser().resolve()
+    config = validate_config(kind, config_path)
+    store = Store.open(workspace)
+    ws = store.workspace
+    job_id = store.create_job(kind, config, config_path=str(config_path), name=name or kind)
+    log_path = ws.run_dir(job_id) / LOG_NAME
+    command = build_command(kind, config_path, ws.root, job_id, launcher, extra_args)
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(command)}\n".encode())
+        log.flush()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows lines as they happen
+        try:
+            child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        except OSError as exc:
+            store.update_job(job_id, status="failed", message=f"could not start: {exc}",
+                             exit_code=-1, ended_at=now(), command=json.dumps(command))
+            raise JobError(f"could not start job {job_id}: {exc}") from None
+    _CHILDREN[child.pid] = child
+    _EXIT_CODES.pop(child.pid, None)  # a recycled pid: the old code belongs to another job
+    store.update_job(job_id, status="running", pid=child.pid, command=json.dumps(command),
+                     log_path=ws.relative(log_path), started_at=now(), heartbeat_at=now())
+    return job_id
+
+
+# ---------------------------------------------------------------------- inside the child
+
+def _is_main_rank() -> bool:
+    # Under accelerate every rank runs the stage; only rank 0 writes the job's status.
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def run_stage(workspace: str | Path | Workspace | None, job_id: int | None, desc: str,
+              fn: Callable[[Progress], Any], total: int = 0) -> Any:
+    """Run ``fn(progress)`` as the body of job ``job_id`` (or as plain terminal work when None).
+
+    In a job: status ``running`` on entry; on return ``stopped`` (a stop was requested) or
+    ``succeeded``; on an exception ``failed`` with its message, and the exception propagates
+    (the CLI prints ``Error: ...`` and exits 1). SIGTERM/SIGINT become a stop request.
+    """
+    if job_id is None or not _is_main_rank():
+        progress = Progress(None, None, total=total, desc=desc, bar=job_id is None)
+        with _stop_handler(progress):
+            try:
+                return fn(progress)
+            finally:
+                progress.close()
+    store = Store.open(workspace)
+    job = store.job(job_id)
+    fields: dict[str, Any] = {"status": "running", "heartbeat_at": now(), "total": total}
+    if job["pid"] is None:  # run by hand with --job-id; start_job's pid (maybe a launcher) stays
+        fields.update(pid=os.getpid(), started_at=now())
+    store.update_job(job_id, **fields)
+    progress = Progress(store, job_id, total=total, desc=desc)
+    with _stop_handler(progress):
+        try:
+            result = fn(progress)
+        except BaseException as exc:
+            stopped = isinstance(exc, KeyboardInterrupt)  # a second stop signal
+            progress.close()
+            store.update_job(job_id, status="stopped" if stopped else "failed",
+                             exit_code=130 if stopped else 1, ended_at=now(),
+                             message="interrupted" if stopped else _one_line(exc))
+            raise
+    progress.close()
+    if progress.stop_requested:
+        store.update_job(job_id, status="stopped", exit_code=0, ended_at=now(),
+                         message="stopped on request")
+    else:
+        store.update_job(job_id, status="succeeded", exit_code=0, ended_at=now(), progress=1.0)
+    return result
+
+
+@contextlib.contextmanager
+def _stop_handler(progress: Progress) -> Iterator[None]:
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    progress.install_stop_handler()
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if type(exc).__module__.startswith("visrl") else f"{type(exc).__name__}: {text}"
+
+
+# ---------------------------------------------------------------------- watching and stopping
+
+def _epoch(stamp: str | None) -> float | None:
+    return dt.datetime.fromisoformat(stamp).timestamp() if stamp else None
+
+
+def process_state(pid: int | None, started_at: str | None = None) -> tuple[bool, int | None]:
+    """(alive, exit code if known) of a job's process; reaps it when it is our child.
+
+    Dead means: no such process, a zombie, or a process created after the job started (the
+    pid was recycled). The exit code is known only for children of this process.
+    """
+    import psutil
+
+    if pid is None:
+        return False, None
+    _reap_children()
+    if pid in _EXIT_CODES:
+        return False, _EXIT_CODES[pid]
+    if pid in _CHILDREN:
+        return True, None
+    with contextlib.suppress(ChildProcessError):  # our child, but started before a "restart"
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return False, os.waitstatus_to_exitcode(status)
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False, None
+        started = _epoch(started_at)
+        if started is not None and proc.create_time() > started + PID_REUSE_SLACK_S:
+            return False, None
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False, None
+    return True, None
+
+
+def _reap_children() -> None:
+    """Collect the exit codes of our finished children (finished jobs must not stay zombies)."""
+    for pid, child in list(_CHILDREN.items()):
+        code = child.poll()
+        if code is not None:
+            _EXIT_CODES[pid] = code
+            del _CHILDREN[pid]
+
+
+def refresh_jobs(store: Store) -> list[int]:
+    """Mark jobs whose process is gone as failed (stopped, if a stop was asked); returns ids."""
+    _reap_children()
+    failed = []
+    for job in store.db["jobs"].rows_where("status IN ('running', 'stopping')", order_by="id"):
+        alive, code = process_state(job["pid"], job["started_at"])
+        if alive:
+            continue
+        tail = log_tail(store.workspace, job["id"], lines=20, job=job).strip()
+        message = f"process {job['pid']} exited" + (f" with code {code}" if code is not None else "")
+        message += (":\n" + tail) if tail else " without a log"
+        # A job asked to stop that died before it could say so (e.g. SIGTERM during its imports,
+        # before the stop handler existed) did what was asked: stopped, not failed.
+        status = "stopped" if job["status"] == "stopping" else "failed"
+        # Conditional: the child may have written its final status just before exiting.
+        with store.atomic() as db:
+            cursor = db.execute(
+                "UPDATE jobs SET status = ?, exit_code = ?, message = ?, ended_at = ? "
+                "WHERE id = ? AND status IN ('running', 'stopping')",
+                [status, code if code is not None else -1, message, now(), job["id"]])
+        if cursor.rowcount:
+            failed.append(job["id"])
+    return failed
+
+
+def stop_job(workspace: str | Path | Workspace | None, job_id: int, force: bool = False,
+             timeout: float = 0.0, grace: float = 10.0) -> dict[str, Any]:
+    """Ask job ``job_id`` to stop (SIGTERM to its process group); returns its row.
+
+    ``timeout`` > 0 waits that long for it to exit. ``force`` waits ``grace`` seconds, then
+    kills the group (SIGKILL) and marks the job ``stopped``.
+    """
+    store = Store.open(workspace)
+    refresh_jobs(store)
+    job = store.job(job_id)
+    if job["status"] not in ACTIVE:
+        raise JobError(f"job {job_id} is not running (status {job['status']})")
+    pid = job["pid"]
+    with store.atomic() as db:  # conditional: the job may have ended since it was read
+        db.execute("UPDATE jobs SET status = 'stopping', message = 'stop requested' "
+                   "WHERE id = ? AND status IN ('queued', 'running')", [job_id])
+    _signal_group(pid, signal.SIGTERM)
+    wait = grace if force else timeout
+    if wait > 0 and not _wait_exit(pid, job["started_at"], wait) and force:
+        _signal_group(pid, signal.SIGKILL)
+        _wait_exit(pid, job["started_at"], 5.0)
+        with store.atomic() as db:
+            db.execute(
+                "UPDATE jobs SET status = 'stopped', exit_code = ?, message = ?, ended_at = ? "
+                "WHERE id = ? AND status IN ('running', 'stopping')",
+                [-signal.SIGKILL, f"killed after {grace:g} s without stopping", now(), job_id])
+    refresh_jobs(store)
+    return store.job(job_id)
+
+
+def _signal_group(pid: int | None, sig: int) -> None:
+    if pid is None:
+        return
+    try:
+        # Only a job started by start_job leads its own group; signalling the group of a job run
+        # by hand would hit the user's shell, so then only the process itself gets the signal.
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_exit(pid: int | None, started_at: str | None, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not process_state(pid, started_at)[0]:
+            return True
+        time.sleep(0.1)
+    return not process_state(pid, started_at)[0]
+
+
+# ---------------------------------------------------------------------- reading
+
+def list_jobs(workspace: str | Path | Workspace | None, limit: int = 50) -> list[dict[str, Any]]:
+    store = Store.open(workspace)
+    refresh_jobs(store)
+    return store.jobs(limit=limit)
+
+
+def job_status(workspace: str | Path | Workspace | None, job_id: int) -> dict[str, Any]:
+    """The job row with ``command``/``config`` decoded and ``metrics``: name -> latest (step, value)."""
+    store = Store.open(workspace)
+    refresh_jobs(store)
+    job = dict(store.job(job_id))
+    for key in ("command", "config"):
+        with contextlib.suppress(TypeError, ValueError):
+            job[key] = json.loads(job[key]) if job[key] else None
+    latest: dict[str, dict[str, float]] = {}
+    for row in store.metrics(job_id):
+        latest[row["name"]] = {"step": row["step"], "value": row["value"]}
+    job["metrics"] = latest
+    return job
+
+
+def log_path(workspace: str | Path | Workspace | None, job_id: int,
+             job: dict[str, Any] | None = None) -> Path:
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+    job = job or Store(ws).job(job_id)
+    return ws.absolute(job["log_path"]) if job.get("log_path") else ws.runs_dir / str(job_id) / LOG_NAME
+
+
+def log_tail(workspace: str | Path | Workspace | None, job_id: int, lines: int = 200,
+             job: dict[str, Any] | None = None, max_bytes: int = 256_000) -> str:
+    """The last ``lines`` lines of the job's log (progress-bar redraws collapsed to their last)."""
+    path = log_path(workspace, job_id, job)
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - max_bytes))
+        text = f.read().decode("utf-8", errors="replace")
+    # tqdm redraws a line with carriage returns when writing to a file; keep the last state.
+    rows = [row.rstrip("\r").rsplit("\r", 1)[-1] for row in text.split("\n")]
+    if rows and rows[-1] == "":
+        rows.pop()
+    return "\n".join(rows[-lines:]) + ("\n" if rows else "")
+
+
+def follow_log(workspace: str | Path | Workspace | None, job_id: int, poll_s: float = 0.5,
+               from_start: bool = True) -> Iterator[str]:
+    """Yield chunks of the log as they are written, until the job has ended."""
+    store = Store.open(workspace)
+    path = log_path(store.workspace, job_id)
+    position = 0 if from_start else (path.stat().st_size if path.is_file() else 0)
+    while True:
+        refresh_jobs(store)
+        active = store.job(job_id)["status"] in ACTIVE
+        if path.is_file():
+            with open(path, "rb") as f:
+                f.seek(position)
+                chunk = f.read()
+            position += len(chunk)
+            if chunk:
+                yield chunk.decode("utf-8", errors="replace")
+        if not active:
+            return
+        time.sleep(poll_s)

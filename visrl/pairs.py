@@ -1,0 +1,120 @@
+"""Preference pairs from judged rollouts (the method's filter, DESIGN.md step 2).
+
+An item yields one pair when its rollouts separate clearly: the *chosen* rollout has an answer
+score >= ``min_chosen_score`` (0.8) and, when a crop judge scored it, a crop score >=
+``min_chosen_crop_score`` (0.8); the *rejected* one has an answer score <= ``max_rejected_score``
+(0.2) and, when scored, a crop score <= ``max_rejected_crop_score`` (0.2); and the chosen score is
+strictly higher. Among several candidates the best (answer, then crop score, policy samples
+first) is chosen and the worst rejected. Rollouts without a box (failed parses) are never used:
+the curator could not see them and stage 2 has no crop to answer on. Pairs are stored pending
+(:func:`visrl.review.add_pair`, idempotent), so running this again adds only new ones.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from visrl.errors import ConfigError
+from visrl.review import add_pair
+from visrl.store import Store
+
+
+@dataclass
+class PairsConfig:
+    """Thresholds of the pair filter; answer and crop scores are in [0, 1]."""
+
+    min_chosen_score: float = field(default=0.8, metadata={"help": "Chosen answer score at least this."})
+    max_rejected_score: float = field(default=0.2, metadata={"help": "Rejected answer score at most this."})
+    min_chosen_crop_score: float = field(default=0.8, metadata={
+        "help": "Chosen crop score at least this, when a crop judge scored the rollout."})
+    max_rejected_crop_score: float = field(default=0.2, metadata={
+        "help": "Rejected crop score at most this, when a crop judge scored the rollout."})
+
+    def __post_init__(self) -> None:
+        for name in ("min_chosen_score", "max_rejected_score", "min_chosen_crop_score",
+                     "max_rejected_crop_score"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1], got {value}")
+
+
+@dataclass
+class PairsReport:
+    items: int  # items with rollouts considered
+    pairs_added: int  # new pairs stored now
+    pairs_total: int  # pairs of this source after the call
+    skipped: dict[str, int]  # why the other items gave no pair
+
+
+def select_pair(rollouts: list[dict[str, Any]], cfg: PairsConfig) -> tuple[dict, dict] | str:
+    """(chosen, rejected) rollout rows of one item, or the reason there is no pair."""
+    usable = [r for r in rollouts if r.get("box") and r.get("answer_score") is not None]
+    if not usable:
+        return "no judged rollout with a box"
+    scores = [r["answer_score"] for r in usable]
+    if max(scores) < cfg.min_chosen_score:
+        return "no answer scored high enough"
+    if min(scores) > cfg.max_rejected_score:
+        return "no answer scored low enough"
+    chosen = [r for r in usable if r["answer_score"] >= cfg.min_chosen_score
+              and _crop_ok(r, lambda c: c >= cfg.min_chosen_crop_score)]
+    if not chosen:
+        return "chosen crop scored too low"
+    rejected = [r for r in usable if r["answer_score"] <= cfg.max_rejected_score
+                and _crop_ok(r, lambda c: c <= cfg.max_rejected_crop_score)]
+    if not rejected:
+        return "rejected crop scored too high"
+    best = max(chosen, key=lambda r: (r["answer_score"], r.get("crop_score") or 0.0,
+                                      r.get("kind") == "policy", -r["id"]))
+    worst = min(rejected, key=lambda r: (r["answer_score"], r.get("crop_score") or 0.0, r["id"]))
+    if best["answer_score"] <= worst["answer_score"]:
+        return "best and worst scores are equal"
+    return best, worst
+
+
+def _crop_ok(rollout: dict[str, Any], test: Any) -> bool:
+    crop = rollout.get("crop_score")
+    return crop is None or bool(test(crop))
+
+
+def build_pairs(store: Store, cfg: PairsConfig, run_key: str | None = None,
+                dataset: str | None = None, split: str | None = None,
+                source: str | None = None) -> PairsReport:
+    """Store a pending pair for every item of a run (or of a dataset's rollouts) that passes.
+
+    ``source`` is the pairs' provenance (default: the run key, else ``dataset:<name>``).
+    """
+    if run_key is None and dataset is None:
+        raise ConfigError("build_pairs needs a run_key or a dataset")
+    source = source or run_key or f"dataset:{dataset}"
+    rollouts = store.rollouts(run_key=run_key)
+    if dataset is not None:
+        item_ids = {item["id"] for item in store.items(dataset, split)}
+        rollouts = [r for r in rollouts if r["item_id"] in item_ids]
+    by_item: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for rollout in rollouts:
+        by_item[rollout["item_id"]].append(rollout)
+    before = _count(store, source)
+    # One pair per item and source: re-judging may change the pick, but must not add a second.
+    paired = {row[0] for row in store.db.execute(
+        "SELECT item_id FROM pairs WHERE source = ?", [source]).fetchall()}
+    skipped: Counter[str] = Counter()
+    with store.atomic():
+        for item_id, rows in sorted(by_item.items()):
+            if item_id in paired:
+                skipped["already paired"] += 1
+                continue
+            picked = select_pair(rows, cfg)
+            if isinstance(picked, str):
+                skipped[picked] += 1
+                continue
+            add_pair(store, item_id, picked[0], picked[1], source=source)
+    total = _count(store, source)
+    return PairsReport(items=len(by_item), pairs_added=total - before, pairs_total=total,
+                       skipped=dict(skipped))
+
+
+def _count(store: Store, source: str) -> int:
+    return store.db.execute("SELECT count(*) FROM pairs WHERE source = ?", [source]).fetchone()[0]

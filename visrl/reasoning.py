@@ -1,0 +1,287 @@
+"""Two-step reasoning: ask for the box, crop it, answer looking at the full image and the crop.
+
+The prompts are :mod:`visrl.prompts`' (the ones training uses). Everything is batched: many
+conversations go through ``model.generate`` at once with left padding, which is what makes
+generation runs and evaluation fast (bench/bench_inference.py measures it).
+
+The full image and the crop get their own pixel budgets: the full image may be shrunk to
+``full_max_pixels`` and the crop enlarged to ``crop_min_pixels`` before the processor sees them, so
+the crop shows the region in more detail than the full image does.
+
+:class:`RemoteReasoner` (in :mod:`visrl.remote`) offers the same methods against an
+OpenAI-compatible server such as vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from visrl.boxes import Box, crop_box, parse_box
+from visrl.prompts import answer_prompt, box_prompt, direct_prompt
+
+Conversation = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def single(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.max_new_tokens, 1)
+
+
+@dataclass
+class TwoStepResult:
+    """One sample of the two steps for one item. ``box`` is None when no box could be parsed;
+    the answer is then given on the full image (``crop`` is the whole image)."""
+
+    question: str
+    box_text: str | None
+    box: Box | None
+    crop: Image.Image | None
+    answer: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def fit_pixels(image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """``image`` scaled (aspect kept) so its area lies in [min_pixels, max_pixels]."""
+    area = image.width * image.height
+    scale = 1.0
+    if max_pixels and area > max_pixels:
+        scale = math.sqrt(max_pixels / area)
+    elif min_pixels and area < min_pixels:
+        scale = math.sqrt(min_pixels / area)
+    if scale == 1.0:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _with_images(conversation: Conversation, images: list[Image.Image]) -> Conversation:
+    """Attach ``images`` in order to the ``{"type": "image"}`` parts (the form ``generate`` takes)."""
+    pending = iter(images)
+    out = []
+    for message in conversation:
+        parts = [{"type": "image", "image": next(pending)} if part.get("type") == "image" else part
+                 for part in message["content"]]
+        out.append({**message, "content": parts})
+    return out
+
+
+def split_images(conversation: Conversation) -> tuple[Conversation, list[Image.Image]]:
+    """(conversation with bare image placeholders, its images in order)."""
+    images: list[Image.Image] = []
+    out = []
+    for message in conversation:
+        content = message["content"]
+        if isinstance(content, str):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            if part.get("type") == "image":
+                if part.get("image") is not None:
+                    images.append(part["image"])
+                parts.append({"type": "image"})
+            else:
+                parts.append(part)
+        out.append({**message, "content": parts})
+    return out, images
+
+
+class Reasoner:
+    """Two-step inference with a loaded local model (:func:`visrl.models.load_model`)."""
+
+    def __init__(self, loaded: Any, box_format: str | None = None, batch_size: int = 16,
+                 crop_margin: float = 0.0, full_max_pixels: int | None = None,
+                 crop_min_pixels: int | None = None) -> None:
+        self.loaded = loaded
+        self.model, self.processor = loaded.model, loaded.processor
+        self.box_format = box_format or loaded.box_format
+        self.batch_size = max(1, int(batch_size))
+        self.crop_margin = crop_margin
+        self.full_max_pixels, self.crop_min_pixels = full_max_pixels, crop_min_pixels
+        self._lock = threading.Lock()  # one model, many callers (the app, the server)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, conversations: list[Conversation], sampling: Sampling,
+                 progress: bool = False) -> list[list[str]]:
+        """``sampling.n`` completions of each conversation (image parts carry PIL images)."""
+        out: list[list[str]] = []
+        starts = range(0, len(conversations), self.batch_size)
+        if progress and len(conversations) > self.batch_size:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="generating", unit="batch")
+        for start in starts:
+            out += self._generate_batch(conversations[start:start + self.batch_size], sampling)
+        return out
+
+    def _inputs(self, conversations: list[Conversation]) -> Any:
+        texts, images = [], []
+        for conversation in conversations:
+            bare, found = split_images(conversation)
+            texts.append(self.processor.apply_chat_template(bare, tokenize=False, add_generation_prompt=True))
+            images += found
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"  # generation continues every row from its last token
+        enc = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        enc = enc.to(self.loaded.device)
+        if "pixel_values" in enc:
+            enc["pixel_values"] = enc["pixel_values"].to(self.model.dtype)
+        return enc
+
+    def _generate_kwargs(self, sampling: Sampling, n: int) -> dict[str, Any]:
+        tokenizer = self.processor.tokenizer
+        kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "num_return_sequences": n,
+                                  "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        return kwargs
+
+    def _generate_batch(self, conversations: list[Conversation], sampling: Sampling) -> list[list[str]]:
+        import torch
+
+        # Greedy decoding gives one text however often it is asked: decode once and repeat it.
+        n = 1 if sampling.greedy else sampling.n
+        with self._lock, torch.inference_mode():
+            enc = self._inputs(conversations)
+            output = self.model.generate(**enc, **self._generate_kwargs(sampling, n))
+        texts = self.processor.batch_decode(output[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        grouped = [texts[i * n:(i + 1) * n] for i in range(len(conversations))]
+        return [g * sampling.n if n == 1 else g for g in grouped]
+
+    # ------------------------------------------------------------------ the two steps
+
+    def prepare_full(self, image: Image.Image) -> Image.Image:
+        return fit_pixels(image.convert("RGB"), max_pixels=self.full_max_pixels)
+
+    def prepare_crop(self, crop: Image.Image) -> Image.Image:
+        return fit_pixels(crop.convert("RGB"), min_pixels=self.crop_min_pixels)
+
+    def input_size(self, image: Image.Image) -> tuple[int, int]:
+        """The (width, height) the processor resizes ``image`` to (Qwen2.5-VL boxes are in it)."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        from visrl.models import _pixels
+
+        ip = self.processor.image_processor
+        prepared = self.prepare_full(image)
+        height, width = smart_resize(prepared.height, prepared.width, factor=ip.patch_size * ip.merge_size,
+                                     min_pixels=_pixels(ip, "min"), max_pixels=_pixels(ip, "max"))
+        return width, height
+
+    def parse(self, text: str | None, image: Image.Image) -> Box | None:
+        resized = self.input_size(image) if self.box_format == "qwen2_5" else None
+        return parse_box(text, self.box_format, image.size, resized=resized)
+
+    def crop(self, image: Image.Image, box: Box | None) -> Image.Image:
+        return crop_box(image, box if box is not None else Box(0, 0, *image.size), margin=self.crop_margin)
+
+    def propose_boxes(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
+                      progress: bool = False) -> list[list[str]]:
+        """Step 1: ``sampling.n`` box texts per item."""
+        conversations = [_with_images(box_prompt(q), [self.prepare_full(im)])
+                         for im, q in zip(images, questions, strict=True)]
+        return self.generate(conversations, sampling, progress=progress)
+
+    def answer(self, images: list[Image.Image], questions: list[str], box_texts: list[str],
+               crops: list[Image.Image], sampling: Sampling, progress: bool = False) -> list[list[str]]:
+        """Step 2: answers given the full image, the step-1 box text and its crop."""
+        conversations = [_with_images(answer_prompt(q, t), [self.prepare_full(im), self.prepare_crop(c)])
+                         for im, q, t, c in zip(images, questions, box_texts, crops, strict=True)]
+        return self.generate(conversations, sampling, progress=progress)
+
+    def direct(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
+               progress: bool = False) -> list[list[str]]:
+        """The baseline: answer from the full image, without the box step."""
+        conversations = [_with_images(direct_prompt(q), [self.prepare_full(im)])
+                         for im, q in zip(images, questions, strict=True)]
+        return self.generate(conversations, sampling, progress=progress)
+
+    def two_step(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
+                 progress: bool = False) -> list[list[TwoStepResult]]:
+        """``sampling.n`` box samples per item, each cropped and answered (greedily when the
+        box step is greedy, else with the same temperature)."""
+        started = time.perf_counter()
+        texts = self.propose_boxes(images, questions, sampling, progress=progress)
+        box_seconds = (time.perf_counter() - started) / max(1, len(images))
+        flat = [(i, text) for i, samples in enumerate(texts) for text in samples]
+        boxes = [self.parse(text, images[i]) for i, text in flat]
+        crops = [self.crop(images[i], box) for (i, _), box in zip(flat, boxes, strict=True)]
+        started = time.perf_counter()
+        answers = self.answer([images[i] for i, _ in flat], [questions[i] for i, _ in flat],
+                              [t for _, t in flat], crops, sampling.single(), progress=progress)
+        answer_seconds = (time.perf_counter() - started) / max(1, len(flat))
+        results: list[list[TwoStepResult]] = [[] for _ in images]
+        for (i, text), box, crop, answer in zip(flat, boxes, crops, answers, strict=True):
+            results[i].append(TwoStepResult(questions[i], text, box, crop, answer[0],
+                                            {"box_s": round(box_seconds, 4), "answer_s": round(answer_seconds, 4)}))
+        return results
+
+    def stream_two_step(self, image: Image.Image, question: str, sampling: Sampling) -> Iterator[dict[str, Any]]:
+        """Chat: the box step, then the answer as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        image = image.convert("RGB")
+        box_text = self.propose_boxes([image], [question], sampling.single())[0][0]
+        box = self.parse(box_text, image)
+        crop = self.crop(image, box)
+        yield {"kind": "box", "box_text": box_text, "box": box, "crop": crop}
+        conversation = _with_images(answer_prompt(question, box_text),
+                                    [self.prepare_full(image), self.prepare_crop(crop)])
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=300)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            import torch
+
+            try:
+                with self._lock, torch.inference_mode():
+                    enc = self._inputs([conversation])
+                    self.model.generate(**enc, **self._generate_kwargs(sampling.single(), 1), streamer=streamer)
+            except BaseException as exc:  # surfaced below, in the caller's thread
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        answer = ""
+        for piece in streamer:
+            answer += piece
+            yield {"kind": "answer", "answer": answer.strip()}
+        worker.join()
+        if errors:
+            raise errors[0]
+        if not answer.strip():
+            yield {"kind": "answer", "answer": ""}
+
+
+def __getattr__(name: str) -> Any:
+    # RemoteReasoner lives with the HTTP client; importing it lazily keeps httpx out of local runs.
+    if name == "RemoteReasoner":
+        from visrl.remote import RemoteReasoner
+
+        return RemoteReasoner
+    raise AttributeError(name)

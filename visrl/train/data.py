@@ -1,0 +1,94 @@
+"""Training rows for each stage, from the store or from an exported folder.
+
+Rows are the dicts of :mod:`visrl.formats.trl` (PIL images inside): ``sft`` rows carry
+``images`` + ``messages``; ``dpo`` rows the box step (``images``, ``prompt``, ``chosen``,
+``rejected``, ``pair_id``); ``visrl`` rows add both answer steps, each with its own crop.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from visrl.errors import DataError
+from visrl.store import Store
+from visrl.train.config import TrainConfig, resolve_path
+from visrl.workspace import Workspace
+
+Row = dict[str, Any]
+STAGE2_KEYS = ("chosen_answer_images", "chosen_answer_prompt", "chosen_answer",
+               "rejected_answer_images", "rejected_answer_prompt", "rejected_answer")
+
+
+def stage_rows(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
+    """The rows ``cfg.stage`` trains on; an empty selection is a DataError that says why."""
+    from visrl.formats import trl as trl_format
+
+    folder = _exported_folder(ws, cfg.dataset)
+    if folder is not None:
+        rows = trl_format.load_rows(folder)
+        _check_exported(rows, cfg, folder)
+    elif cfg.stage == "sft":
+        rows = trl_format.sft_rows(store, ws, dataset=cfg.dataset or None, split=cfg.split,
+                                   box_format=cfg.box_format, crop_margin=cfg.crop_margin)
+    else:
+        rows = trl_format.dpo_rows(store, ws, statuses=tuple(cfg.pair_status),
+                                   stage=2 if cfg.stage == "visrl" else 1,
+                                   dataset=cfg.dataset or None, box_format=cfg.box_format,
+                                   crop_margin=cfg.crop_margin)
+    if not rows:
+        raise DataError(_empty_message(cfg))
+    return rows
+
+
+def _exported_folder(ws: Workspace, dataset: str) -> Path | None:
+    if not dataset or not any(sep in dataset for sep in ("/", "\\", ".")):
+        return None  # a plain name is a store dataset
+    path = Path(resolve_path(ws.root, dataset) or dataset)
+    return path if path.is_dir() else None
+
+
+def _check_exported(rows: list[Row], cfg: TrainConfig, folder: Path) -> None:
+    if not rows:
+        return
+    needed = {"sft": ("images", "messages"), "dpo": ("images", "prompt", "chosen", "rejected"),
+              "visrl": ("images", "prompt", "chosen", "rejected", *STAGE2_KEYS)}[cfg.stage]
+    missing = [key for key in needed if key not in rows[0]]
+    if missing:
+        raise DataError(f"{folder} has no column(s) {', '.join(missing)} needed by stage {cfg.stage}; "
+                        f"export it for that stage (visrl export --format trl)")
+
+
+def _empty_message(cfg: TrainConfig) -> str:
+    where = f"dataset {cfg.dataset!r}" if cfg.dataset else "the workspace"
+    if cfg.stage == "sft":
+        return (f"no items with a ground-truth box in split {cfg.split!r} of {where}: "
+                "sft needs boxed items (import Visual-CoT data or set split/dataset)")
+    return (f"no pairs with status {', '.join(cfg.pair_status)} in {where}: generate pairs "
+            "(visrl generate) and review them, or set pair_status: [pending, accepted]")
+
+
+def split_rows(rows: list[Row], val_size: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """(train, validation): ``val_size`` < 1 is a fraction, >= 1 a count; shuffled by ``seed``."""
+    if val_size <= 0:
+        return rows, []
+    n_val = int(round(val_size * len(rows))) if val_size < 1 else int(val_size)
+    n_val = min(max(n_val, 1), len(rows) - 1)
+    if n_val < 1:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_val])
+    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
+
+
+def pair_ids(rows: list[Row]) -> list[int]:
+    return [int(row["pair_id"]) for row in rows if row.get("pair_id") is not None]
+
+
+def to_dataset(rows: list[Row]) -> Any:
+    """A ``datasets.Dataset`` (what the trl trainers require)."""
+    from visrl.formats.trl import to_dataset as formats_to_dataset
+
+    return formats_to_dataset(rows)

@@ -1,0 +1,97 @@
+"""Merge a LoRA adapter into its base and export a plain model folder.
+
+The export is a standard ``transformers`` folder (``config.json``, safetensors, processor files
+and chat template), so it loads with ``AutoModelForImageTextToText.from_pretrained``, with
+:func:`visrl.models.load_model`, and in vLLM, and it is the base of the next stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from visrl.errors import ConfigError, ModelError
+from visrl.progress import Progress
+from visrl.store import Store
+from visrl.train.config import resolve_output, resolve_path
+from visrl.workspace import Workspace
+
+DTYPES = ("bfloat16", "float16", "float32", "auto")
+
+
+@dataclass
+class MergeConfig:
+    """``visrl merge CONFIG``: keys as in LLaMA-Factory's export config."""
+
+    model_name_or_path: str = field(metadata={"help": "Base model folder (relative: in the workspace)."})
+    adapter_name_or_path: str = field(metadata={"help": "LoRA adapter folder (a training output_dir)."})
+    export_dir: str = field(metadata={"help": "Where the merged model goes (relative: in the workspace)."})
+    export_dtype: str = field(default="bfloat16", metadata={
+        "help": "bfloat16 | float16 | float32 | auto (the base's dtype)."})
+    export_size: int = field(default=5, metadata={"help": "Largest safetensors shard, in GB."})
+    register: bool = field(default=True, metadata={
+        "help": "Record the merged model as a checkpoint (stage 'merged') in the store."})
+
+    def __post_init__(self) -> None:
+        if self.export_dtype not in DTYPES:
+            raise ConfigError(f"export_dtype must be one of {', '.join(DTYPES)}, got {self.export_dtype!r}")
+        if self.export_size < 1:
+            raise ConfigError(f"export_size must be >= 1 (GB), got {self.export_size}")
+
+
+def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None,
+               job_id: int | None = None, progress: Progress | None = None) -> Path:
+    """Merge ``cfg.adapter_name_or_path`` into ``cfg.model_name_or_path``; returns the export dir."""
+    store = Store.open(workspace)
+    ws = store.workspace
+    base = resolve_path(ws.root, cfg.model_name_or_path)
+    adapter = resolve_path(ws.root, cfg.adapter_name_or_path)
+    for name, path in (("model_name_or_path", base), ("adapter_name_or_path", adapter)):
+        if not path or not Path(path).is_dir():
+            raise ConfigError(f"{name} {path!r} is not a folder")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter} has no adapter_config.json: not a LoRA adapter "
+                         "(a full fine-tune needs no merge; use its folder directly)")
+    import torch
+    from peft import PeftModel
+
+    from visrl.models import load_model
+
+    out = resolve_output(ws.root, cfg.export_dir)
+    if progress:
+        progress.set_total(3)
+    # Merging in float32 then casting keeps the sum W + BA exact before rounding to the export dtype.
+    loaded = load_model(base, adapter=adapter, dtype="float32", device="cpu")
+    model = loaded.model
+    if not isinstance(model, PeftModel):
+        raise ModelError(f"loading {adapter} on {base} gave no LoRA model to merge")
+    _advance(progress, "merging")
+    model = model.merge_and_unload()
+    if cfg.export_dtype != "auto":
+        model = model.to(getattr(torch, cfg.export_dtype))
+    model.config.use_cache = True  # training turned it off; inference wants it
+    _advance(progress, "saving")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=f"{cfg.export_size}GB")
+    loaded.processor.save_pretrained(out)
+    _copy_generation_config(Path(base), out)
+    _advance(progress, "done")
+    if cfg.register:
+        stored = ws.relative(out) if ws.contains(out) else str(out)
+        store.add_checkpoint(stored, cfg.model_name_or_path, "merged", job_id,
+                             config={"adapter": cfg.adapter_name_or_path, "dtype": cfg.export_dtype})
+    return out
+
+
+def _advance(progress: Progress | None, message: str) -> None:
+    if progress:
+        progress.update(message=message)
+
+
+def _copy_generation_config(base: Path, out: Path) -> None:
+    """Keep the base's sampling defaults (eos ids, temperature) in the export."""
+    import shutil
+
+    source = base / "generation_config.json"
+    if source.is_file():
+        shutil.copyfile(source, out / "generation_config.json")

@@ -1,0 +1,110 @@
+"""One training run, top to bottom: rows -> model -> trainer -> train -> save -> register.
+
+:func:`train` is what ``visrl train CONFIG`` (and a background job) calls. It resumes from the
+last checkpoint of ``output_dir`` when ``resume_from_checkpoint: auto``; a stop request ends it
+after the current step with a checkpoint (registered in the store, marked ``stopped``); a finished
+run saves the adapter (or full model) and the processor in ``output_dir`` and registers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visrl.config import to_dict
+from visrl.errors import ConfigError
+from visrl.progress import Progress
+from visrl.store import Store
+from visrl.train.callbacks import ProgressCallback
+from visrl.train.config import TrainConfig, resolve_output, resolve_path
+from visrl.train.data import pair_ids, split_rows, stage_rows, to_dataset
+from visrl.train.lora import limit_image_pixels, load_train_model, save_merged_base
+from visrl.workspace import Workspace
+
+
+@dataclass
+class TrainResult:
+    """Where the run left its weights, and how far it got."""
+
+    path: Path  # output_dir when finished; the last checkpoint-N when stopped
+    base: str  # what the adapter applies to (load_model(base, adapter=path))
+    stage: str
+    global_step: int
+    stopped: bool
+    checkpoint_id: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_trainer(cfg: TrainConfig, tm: Any, train_ds: Any, eval_ds: Any | None, output_dir: Path,
+                  callbacks: list[Any]) -> Any:
+    """The stage's trainer (no registry: three stages, three builders)."""
+    if cfg.stage == "sft":
+        from visrl.train.sft import build_sft_trainer as build
+    elif cfg.stage == "dpo":
+        from visrl.train.dpo import build_dpo_trainer as build
+    elif cfg.stage == "visrl":
+        from visrl.train.joint import build_visrl_trainer as build
+    else:  # TrainConfig rejects other stages already
+        raise ConfigError(f"stage {cfg.stage!r} is not implemented")
+    return build(cfg, tm, train_ds, eval_ds, output_dir, callbacks)
+
+
+def resume_checkpoint(cfg: TrainConfig, output_dir: Path, root: Path) -> str | None:
+    """The checkpoint to resume from: ``auto`` = the last one in output_dir (or none)."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    path = Path(resolve_path(root, cfg.resume_from_checkpoint) or "")
+    if not path.is_dir():
+        raise ConfigError(f"resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder; "
+                          "use auto, false, or a checkpoint-N folder of a previous run")
+    return str(path)
+
+
+def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
+          job_id: int | None = None, progress: Progress | None = None) -> TrainResult:
+    """Run ``cfg`` in ``workspace``; returns where the result is (see :class:`TrainResult`)."""
+    store = Store.open(workspace)
+    ws = store.workspace
+    output_dir = resolve_output(ws.root, cfg.output_dir)
+    rows = stage_rows(cfg, store, ws)
+    train_rows, val_rows = split_rows(rows, cfg.val_size, cfg.seed)
+    model_path = resolve_path(ws.root, cfg.model_name_or_path)
+    if not model_path or not Path(model_path).is_dir():
+        raise ConfigError(f"model_name_or_path {cfg.model_name_or_path!r} is not a model folder "
+                          f"(relative paths are looked up in {ws.root})")
+    tm = load_train_model(cfg, model_path, resolve_path(ws.root, cfg.adapter_name_or_path))
+    limit_image_pixels(tm.processor, cfg.image_max_pixels)
+    if tm.merged_adapter:
+        save_merged_base(tm, output_dir / "base")
+    progress = progress or Progress(None, None, desc=f"train {cfg.stage}")
+    callback = ProgressCallback(progress)
+    trainer = build_trainer(cfg, tm, to_dataset(train_rows), to_dataset(val_rows) if val_rows else None,
+                            output_dir, [callback])
+    output = trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, output_dir, ws.root))
+    step = trainer.state.global_step
+    if callback.stopped:
+        path = output_dir / f"checkpoint-{step}"
+    else:
+        trainer.save_model(str(output_dir))
+        path = output_dir
+    if trainer.is_world_process_zero():
+        tm.processor.save_pretrained(str(path))  # chat template included: loads anywhere
+    result = TrainResult(path=path, base=tm.base_path, stage=cfg.stage, global_step=step,
+                         stopped=callback.stopped, metrics=dict(output.metrics))
+    if trainer.is_world_process_zero():
+        result.checkpoint_id = store.add_checkpoint(
+            _stored(ws, path), _stored(ws, Path(tm.base_path)), cfg.stage, job_id,
+            pairs=pair_ids(train_rows) or None,
+            config={**to_dict(cfg), "global_step": step, "stopped": callback.stopped,
+                    "rows": len(train_rows), "merged_adapter": tm.merged_adapter})
+    return result
+
+
+def _stored(ws: Workspace, path: Path) -> str:
+    """Paths inside the workspace are stored relative to it (the workspace can move)."""
+    return ws.relative(path) if ws.contains(path) else str(Path(path).resolve())

@@ -1,0 +1,105 @@
+"""Assemble the tabs into one ``gr.Blocks`` and launch it safely.
+
+Safety defaults: binds 127.0.0.1; any other address needs ``auth`` (refused otherwise); serves
+files of the workspace only (``allowed_paths=[workspace]``); no run history in the browser and
+no API page link (pairs hold private data). Importing this module imports neither torch nor
+transformers (the Chat and Evaluate tabs load them on first use).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a private desk
+
+import gradio as gr  # noqa: E402
+
+from visrl.errors import ConfigError  # noqa: E402
+from visrl.workspace import Workspace  # noqa: E402
+from visrl_app.chat_tab import create_chat_tab  # noqa: E402
+from visrl_app.context import AppContext  # noqa: E402
+from visrl_app.evaluate_tab import create_evaluate_tab  # noqa: E402
+from visrl_app.generate_tab import create_generate_tab  # noqa: E402
+from visrl_app.pairs_tab import create_pairs_tab  # noqa: E402
+from visrl_app.train_tab import create_train_tab  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def build_app(workspace: str | Path | Workspace) -> gr.Blocks:
+    """The app for ``workspace`` (a folder or an opened Workspace); launch with :func:`launch`."""
+    ctx = AppContext.open(workspace)
+    with gr.Blocks(title="VisRL", analytics_enabled=False) as blocks:
+        gr.Markdown(f"## VisRL · workspace `{ctx.root}`", elem_id="visrl-header")
+        with gr.Tabs():
+            with gr.Tab("Pairs", id="pairs", elem_id="tab-pairs"):
+                pairs = create_pairs_tab(ctx)
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                generate = create_generate_tab(ctx)
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = create_train_tab(ctx)
+            with gr.Tab("Evaluate", id="evaluate", elem_id="tab-evaluate"):
+                evaluate = create_evaluate_tab(ctx)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                chat = create_chat_tab(ctx)
+        blocks.load(pairs["load"], [pairs["state"], *pairs["filters"]], pairs["outputs"],
+                    api_visibility="undocumented")
+        for tab in (generate, train, evaluate, chat):
+            blocks.load(tab["load"], tab["load_inputs"], tab["load_outputs"], api_visibility="undocumented")
+    return blocks
+
+
+def is_local(host: str) -> bool:
+    """True for loopback addresses (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, auth: tuple[str, str] | None) -> None:
+    """Refuse to serve a non-loopback address without a password (pairs are private data)."""
+    if not is_local(host) and auth is None:
+        raise ConfigError(
+            f"refusing to listen on {host} without a password: anyone who can reach it could read "
+            "and change your data. Pass --auth USER:PASSWORD, or use --host 127.0.0.1")
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--auth must be USER:PASSWORD with both parts non-empty")
+    return user, password
+
+
+def launch_kwargs(workspace: Workspace) -> dict[str, Any]:
+    """The privacy and asset settings every launch uses (tests launch with the same)."""
+    return {
+        "allowed_paths": [str(workspace.root)],
+        "run_history": False,  # nothing recorded in the browser; the runs page is off
+        "footer_links": ["gradio", "settings"],  # no link to the API page
+        "head": "<script>" + (ASSETS / "keyboard.js").read_text(encoding="utf-8") + "</script>",
+        "css": (ASSETS / "style.css").read_text(encoding="utf-8"),
+        "show_error": True,
+    }
+
+
+def launch(workspace: str | Path | Workspace, host: str = "127.0.0.1", port: int | None = None,
+           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False,
+           quiet: bool = False) -> gr.Blocks:
+    """Build and serve the app. Raises ConfigError for a non-local host without ``auth``."""
+    check_bind(host, auth)
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+    blocks = build_app(ws)
+    blocks.queue(default_concurrency_limit=4)
+    blocks.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=prevent_thread_lock,
+                  quiet=quiet, inbrowser=False, share=False, **launch_kwargs(ws))
+    return blocks

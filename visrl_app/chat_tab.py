@@ -1,0 +1,143 @@
+"""The Chat tab: ask a checkpoint about an image; see its focus box, the crop, the streamed answer.
+
+torch/transformers are imported on the first question only (the app starts without them).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from visrl.errors import VisRLError
+from visrl_app import render
+from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
+
+# Loaded models, keyed by (model path, adapter path). This is the one process-global cache of the
+# app, on purpose: a model takes seconds and hundreds of MB to load, every browser asking the same
+# checkpoint should share it, and it holds no per-user state. Two entries bound the memory
+# (e.g. the base model and one fine-tuned checkpoint side by side).
+_MODEL_CACHE: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
+_MODEL_CACHE_SIZE = 2
+_MODEL_LOCK = threading.Lock()
+
+
+def cached_model(model_path: str, adapter: str | None) -> Any:
+    """``visrl.models.load_model`` through a small LRU keyed by path."""
+    key = (model_path, adapter)
+    with _MODEL_LOCK:
+        if key in _MODEL_CACHE:
+            _MODEL_CACHE.move_to_end(key)
+            return _MODEL_CACHE[key]
+        from visrl.models import load_model  # lazy: imports torch + transformers
+
+        loaded = load_model(model_path, adapter=adapter)
+        _MODEL_CACHE[key] = loaded
+        while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
+            _MODEL_CACHE.popitem(last=False)
+        return loaded
+
+
+def reasoner_for(ctx: AppContext, choice: str) -> Any:
+    from visrl.reasoning import Reasoner
+
+    model_path, adapter = resolve_model(ctx, choice)
+    absolute = str(ctx.workspace.absolute(model_path)) if not model_path.startswith("/") else model_path
+    adapter_abs = str(ctx.workspace.absolute(adapter)) if adapter else None
+    loaded = cached_model(absolute, adapter_abs)
+    return Reasoner(loaded, box_format=getattr(loaded, "box_format", None) or "viscot")
+
+
+def make_sampling(temperature: float, max_new_tokens: int) -> Any:
+    from visrl.reasoning import Sampling
+
+    return Sampling(temperature=temperature, top_p=1.0, max_new_tokens=max_new_tokens, n=1)
+
+
+def _get(event: Any, name: str) -> Any:
+    return event.get(name) if isinstance(event, dict) else getattr(event, name, None)
+
+
+def chat_outputs(image: Image.Image, box: Any, crop: Any, box_text: str, answer: str,
+                 status: str) -> tuple[Any, ...]:
+    shown = render.draw_box(image, box, render.ORANGE, "focus") if box is not None else image
+    return shown, crop, box_text, answer, status
+
+
+def ask(ctx: AppContext, choice: str, image: Image.Image | None, question: str,
+        temperature: float, max_new_tokens: float) -> Iterator[tuple[Any, ...]]:
+    """Stream (image with focus box, crop, box text, answer so far, status) as the model works."""
+    if image is None or not (question or "").strip():
+        warn("upload or pick an image and type a question")
+        yield None, None, "", "", "need an image and a question"
+        return
+    if not choice:
+        warn("pick a model or checkpoint")
+        yield image, None, "", "", "no model chosen"
+        return
+    image = image.convert("RGB")
+    yield chat_outputs(image, None, None, "", "", f"loading {choice} ...")
+    try:
+        reasoner = reasoner_for(ctx, choice)
+        sampling = make_sampling(float(temperature), int(max_new_tokens))
+        box = crop = None
+        box_text = answer = ""
+        for event in reasoner.stream_two_step(image, question.strip(), sampling):
+            box = _get(event, "box") or box
+            crop = _get(event, "crop") or crop
+            box_text = _get(event, "box_text") or box_text
+            answer = _get(event, "answer") if _get(event, "answer") is not None else answer
+            stage = _get(event, "kind") or _get(event, "type") or "working"
+            yield chat_outputs(image, box, crop, box_text, answer, str(stage))
+        yield chat_outputs(image, box, crop, box_text, answer,
+                           "done" if box is not None else "done (no box parsed: answered on the full image)")
+    except VisRLError as exc:
+        warn(str(exc))
+        yield image, None, "", "", f"error: {exc}"
+
+
+def item_choices(ctx: AppContext, limit: int = 300) -> list[tuple[str, int]]:
+    return [(f"#{i['id']} [{i['split']}] {i['question'][:70]}", i["id"]) for i in ctx.store.items(limit=limit)]
+
+
+def pick_item(ctx: AppContext, item_id: int | None) -> tuple[Any, str]:
+    if item_id is None:
+        return None, ""
+    item = ctx.store.item(int(item_id))
+    return Image.open(ctx.workspace.absolute(item["image"])).convert("RGB"), item["question"]
+
+
+def create_chat_tab(ctx: AppContext) -> dict[str, Any]:
+    models = model_choices(ctx)
+    with gr.Row():
+        model = gr.Dropdown(models, value=models[-1][1] if models else None, label="Model / checkpoint",
+                            scale=3, elem_id="chat-model", allow_custom_value=True)
+        item = gr.Dropdown(item_choices(ctx), value=None, label="…or pick an image from the data",
+                           scale=3, elem_id="chat-item")
+    with gr.Row():
+        image = gr.Image(type="pil", label="Image (upload)", elem_id="chat-image", height=360,
+                         sources=["upload", "clipboard"], scale=2)
+        focus = gr.Image(type="pil", label="Focus box", interactive=False, elem_id="chat-focus",
+                         height=360, scale=3)
+        with gr.Column(scale=2):
+            crop = gr.Image(type="pil", label="Focus crop (what the answer looked at)", interactive=False,
+                            elem_id="chat-crop", height=240)
+            box_text = gr.Textbox(label="Box (model's text)", elem_id="chat-box")
+            answer = gr.Textbox(label="Answer", lines=3, elem_id="chat-answer")
+            status = gr.Markdown(elem_id="chat-status")
+    with gr.Row():
+        question = gr.Textbox(label="Question", scale=4, elem_id="chat-question")
+        temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.1, label="Box temperature (0 = greedy)", scale=1)
+        max_tokens = gr.Slider(8, 256, value=64, step=8, label="Max new tokens", scale=1)
+    send = gr.Button("Ask", variant="primary", elem_id="chat-ask")
+    item.change(functools.partial(pick_item, ctx), [item], [image, question], api_visibility="undocumented")
+    inputs = [model, image, question, temperature, max_tokens]
+    outputs = [focus, crop, box_text, answer, status]
+    send.click(functools.partial(ask, ctx), inputs, outputs, api_visibility="undocumented")
+    question.submit(functools.partial(ask, ctx), inputs, outputs, api_visibility="undocumented")
+    return {"load": functools.partial(model_dropdown, ctx), "load_inputs": [model], "load_outputs": [model]}

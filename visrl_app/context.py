@@ -1,0 +1,101 @@
+"""What every tab shares: the workspace and its store (no per-browser state lives here).
+
+Per-browser state (the pair on screen, its version, the job being watched) is ``gr.State``;
+this object is read-only after start. The :class:`~visrl.store.Store` is safe to share between
+gradio's worker threads: it opens one SQLite connection per thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from visrl.store import Store
+from visrl.workspace import Workspace
+
+# configs/ of a source checkout (the demo recipes); absent in an installed wheel.
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class AppContext:
+    workspace: Workspace
+    store: Store
+
+    @classmethod
+    def open(cls, workspace: str | Path | Workspace) -> AppContext:
+        ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+        return cls(ws, Store(ws))
+
+    @property
+    def root(self) -> Path:
+        return self.workspace.root
+
+    def config_dirs(self) -> list[Path]:
+        """Where YAML recipes are looked for: the workspace's configs/, then the repo's."""
+        dirs = [self.root / "configs", self.root / "configs" / "demo", REPO_CONFIGS / "demo", REPO_CONFIGS]
+        return [d for d in dirs if d.is_dir()]
+
+
+def warn(message: str) -> str:
+    """Show ``message`` as a warning toast (a ``UserWarning`` outside a request) and return it."""
+    gr.Warning(message)
+    return message
+
+
+def model_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """(label, workspace-relative path) of every model and adapter the workspace knows.
+
+    Folders under ``models/`` holding ``config.json`` (full or merged models) or
+    ``adapter_config.json`` (LoRA adapters), plus checkpoints recorded in the store.
+    """
+    seen: dict[str, str] = {}
+    models = ctx.workspace.models_dir
+    for folder in sorted(p for p in models.glob("*") if p.is_dir()) if models.is_dir() else []:
+        kind = _model_kind(folder)
+        if kind:
+            seen[ctx.workspace.relative(folder)] = kind
+    for row in ctx.store.checkpoints():
+        path = Path(row["path"])
+        absolute = path if path.is_absolute() else ctx.root / path
+        if absolute.is_dir() and ctx.workspace.contains(absolute):
+            seen.setdefault(ctx.workspace.relative(absolute), f"{row['stage']} checkpoint")
+    return [(f"{path} ({kind})", path) for path, kind in seen.items()]
+
+
+def _model_kind(folder: Path) -> str | None:
+    if (folder / "adapter_config.json").is_file():
+        return "adapter"
+    if (folder / "config.json").is_file():
+        return "model"
+    return None
+
+
+def resolve_model(ctx: AppContext, choice: str) -> tuple[str, str | None]:
+    """(model path, adapter path or None) for a :func:`model_choices` value (workspace-relative).
+
+    An adapter's base comes from the store's checkpoint row, else its ``adapter_config.json``.
+    """
+    import json
+
+    from visrl.errors import ModelError
+
+    folder = ctx.workspace.absolute(choice)
+    if not (folder / "adapter_config.json").is_file():
+        return choice, None
+    for row in ctx.store.checkpoints():
+        if row["base"] and Path(ctx.root / row["path"]).resolve() == folder:
+            return row["base"], choice
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"adapter {choice} names no base model; pick the merged model instead")
+    return base, choice
+
+
+def model_dropdown(ctx: AppContext, current: str | None = None) -> gr.Dropdown:
+    """The model picker re-read from disk and store (a checkpoint trained since start shows up)."""
+    choices = model_choices(ctx)
+    values = [value for _, value in choices]
+    return gr.Dropdown(choices=choices, value=current if current in values else (values[-1] if values else None))

@@ -1,0 +1,49 @@
+// VisRL curation desk shortcuts. Presses queue up and are replayed one at a time: each click
+// waits until the desk's ticket line (#pairs-ticket) changes, i.e. the previous action's answer
+// (with the pair's new version) is on screen, so fast repeated presses are never dropped and
+// never act on a stale version.
+(() => {
+  const KEYS = {
+    a: "pairs-accept", r: "pairs-reject", s: "pairs-swap", u: "pairs-undo", p: "pairs-reset",
+    b: "pairs-save-boxes", w: "pairs-save-answers", j: "pairs-next", k: "pairs-prev",
+    ArrowRight: "pairs-next", ArrowLeft: "pairs-prev",
+  };
+  const queue = [];
+  let busy = false;
+  const ticket = () => {
+    const el = document.querySelector("#pairs-ticket");
+    return el ? el.textContent : "";
+  };
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  async function pump() {
+    if (busy) return;
+    busy = true;
+    try {
+      while (queue.length) {
+        const id = queue.shift();
+        const button = document.querySelector("#" + id);
+        if (!button) continue;
+        const before = ticket();
+        button.click();
+        const start = Date.now();
+        while (ticket() === before && Date.now() - start < 15000) await sleep(25);
+      }
+    } finally {
+      busy = false;
+    }
+  }
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.metaKey || event.altKey) return;
+    const target = event.target;
+    const tag = target && target.tagName;
+    if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || (target && target.isContentEditable)) return;
+    const desk = document.querySelector("#pairs-desk");
+    if (!desk || desk.offsetParent === null) return; // the Pairs tab is not on screen
+    const id = KEYS[event.key.length === 1 ? event.key.toLowerCase() : event.key];
+    if (!id) return;
+    event.preventDefault();
+    queue.push(id);
+    pump();
+  });
+  window.visrlShortcutQueue = () => queue.length + (busy ? 1 : 0);
+})();
