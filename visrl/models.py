@@ -159,6 +159,13 @@ def write_model_info(folder: str | Path, box_format: str) -> None:
     Path(folder, MODEL_FILE).write_text(json.dumps({"box_format": box_format}) + "\n", encoding="utf-8")
 
 
+def copy_model_info(source: str | Path, dest: str | Path) -> None:
+    """Carry a folder's pinned box format over to a folder derived from it (merge, new base)."""
+    if Path(source, MODEL_FILE).is_file():
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        Path(dest, MODEL_FILE).write_text(Path(source, MODEL_FILE).read_text(encoding="utf-8"), encoding="utf-8")
+
+
 def load_processor(path: str | Path, family: str | None = None) -> Any:
     """The family's processor; image-only when the full one cannot be built (no torchvision)."""
     from transformers import AutoProcessor, AutoTokenizer
@@ -220,6 +227,8 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
 
 
 def _pixels(image_processor: Any, which: str) -> int | None:
-    size = getattr(image_processor, "size", None) or {}
-    value = size.get("shortest_edge" if which == "min" else "longest_edge") if isinstance(size, dict) else None
+    """The processor's min/max pixel budget (``size`` is a dict or a SizeDict by version)."""
+    size = getattr(image_processor, "size", None)
+    key = "shortest_edge" if which == "min" else "longest_edge"
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
     return value if value is not None else getattr(image_processor, f"{which}_pixels", None)

@@ -181,7 +181,7 @@ class Reasoner:
 
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) the processor resizes ``image`` to (Qwen2.5-VL boxes are in it)."""
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         from visrl.models import _pixels
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visrl.models import copy_model_info
 from visrl.train.config import TrainConfig
 
 
@@ -94,4 +95,5 @@ def save_merged_base(train_model: TrainModel, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     train_model.model.save_pretrained(out_dir)
     train_model.processor.save_pretrained(out_dir)
+    copy_model_info(train_model.base_path, out_dir)
     train_model.base_path = str(out_dir)

@@ -55,7 +55,7 @@ def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None
     import torch
     from peft import PeftModel
 
-    from visrl.models import load_model
+    from visrl.models import load_model, write_model_info
 
     out = resolve_output(ws.root, cfg.export_dir)
     if progress:
@@ -75,6 +75,7 @@ def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None
     model.save_pretrained(out, max_shard_size=f"{cfg.export_size}GB")
     loaded.processor.save_pretrained(out)
     _copy_generation_config(Path(base), out)
+    write_model_info(out, loaded.box_format)
     _advance(progress, "done")
     if cfg.register:
         stored = ws.relative(out) if ws.contains(out) else str(out)

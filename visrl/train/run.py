@@ -14,6 +14,7 @@ from typing import Any
 
 from visrl.config import to_dict
 from visrl.errors import ConfigError
+from visrl.models import write_model_info
 from visrl.progress import Progress
 from visrl.store import Store
 from visrl.train.callbacks import ProgressCallback
@@ -94,6 +95,7 @@ def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
         path = output_dir
     if trainer.is_world_process_zero():
         tm.processor.save_pretrained(str(path))  # chat template included: loads anywhere
+        write_model_info(path, cfg.box_format)  # the box form this training taught
     result = TrainResult(path=path, base=tm.base_path, stage=cfg.stage, global_step=step,
                          stopped=callback.stopped, metrics=dict(output.metrics))
     if trainer.is_world_process_zero():
