@@ -101,8 +101,8 @@ def add_pair(store: Store, item_id: int, chosen: dict[str, Any], rejected: dict[
 
 _PAIR_SELECT = (
     "SELECT p.*, i.question, i.answer AS reference, i.image, i.width, i.height, i.gt_box, "
-    "i.split, d.name AS dataset FROM pairs p JOIN items i ON i.id = p.item_id "
-    "JOIN datasets d ON d.id = p.dataset_id"
+    "i.split, (SELECT d.name FROM datasets d WHERE d.id = p.dataset_id) AS dataset "
+    "FROM pairs p JOIN items i ON i.id = p.item_id"
 )
 
 
@@ -124,8 +124,8 @@ def page_pairs(store: Store, flt: PairFilter, sort: str = "priority", offset: in
 
 def count_pairs(store: Store, flt: PairFilter) -> int:
     where, args = flt.sql(store)
-    return store.db.execute(
-        f"SELECT count(*) FROM pairs p JOIN items i ON i.id = p.item_id WHERE {where}", args).fetchone()[0]
+    join = " JOIN items i ON i.id = p.item_id" if flt.search else ""  # only a search reads items
+    return store.db.execute(f"SELECT count(*) FROM pairs p{join} WHERE {where}", args).fetchone()[0]
 
 
 def status_counts(store: Store, dataset: str | None = None) -> dict[str, int]:
@@ -166,8 +166,10 @@ def _keyset(sort: str, current: tuple, backwards: bool) -> tuple[str, list[Any]]
     if sort == "priority":
         prio, pid = current
         if backwards:
-            return "(p.priority > ? OR (p.priority = ? AND p.id < ?))", [prio, prio, pid]
-        return "(p.priority < ? OR (p.priority = ? AND p.id > ?))", [prio, prio, pid]
+            return "p.priority >= ? AND (p.priority > ? OR p.id < ?)", [prio, prio, pid]
+        # Written with a leading range on priority so SQLite walks the (status, priority DESC, id)
+        # index from the current pair instead of merging two scans and sorting.
+        return "p.priority <= ? AND (p.priority < ? OR p.id > ?)", [prio, prio, pid]
     ascending = (sort == "oldest") != backwards
     return ("p.id > ?" if ascending else "p.id < ?"), [current[0]]
 

@@ -1,0 +1,129 @@
+"""Latency of the curation desk's queries on a store with 100,000 pairs.
+
+    .venv/bin/python bench/bench_store.py [--pairs 100000] [--items 20000] [--repeat 20]
+
+Fills a throw-away workspace (two datasets, 80/20; statuses 70% pending, 20% accepted, 10%
+rejected; random scores and questions) straight through sqlite-utils, then times what the
+Pairs tab runs per key press or page: ``next_pair`` with each kind of filter (also keyset
+continuation from a pair in the middle), ``count_pairs``, ``status_counts`` and ``page_pairs``
+(first and a deep page). Reports the median and the worst of ``--repeat`` runs in milliseconds,
+prints a table and writes bench/results/store.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from visrl.review import PairFilter, count_pairs, next_pair, page_pairs, status_counts  # noqa: E402
+from visrl.store import Store, now  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "store.json"
+WORDS = ("red", "green", "blue", "circle", "square", "triangle", "dot", "digit", "sign", "car",
+         "left", "right", "top", "bottom", "number", "colour", "text", "label", "person", "tree")
+
+
+def fill(store: Store, n_pairs: int, n_items: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    db = store.db
+    ids = {name: store.add_dataset(name, "bench") for name in ("main", "side")}
+    stamp = now()
+    items = []
+    for i in range(n_items):
+        dataset = "main" if i < n_items * 0.8 else "side"
+        items.append({"id": i + 1, "dataset_id": ids[dataset], "split": "train", "source_id": str(i),
+                      "image": f"images/{i}.png", "width": 640, "height": 480,
+                      "question": "What is the " + " ".join(rng.choices(WORDS, k=4)) + "?",
+                      "answer": rng.choice(WORDS), "created_at": stamp})
+    db["items"].insert_all(items, batch_size=5000)
+    pairs = []
+    for p in range(n_pairs):
+        item = items[p % n_items]
+        chosen, rejected = round(rng.uniform(0.8, 1.0), 3), round(rng.uniform(0.0, 0.2), 3)
+        status = rng.choices(("pending", "accepted", "rejected"), weights=(70, 20, 10))[0]
+        pairs.append({
+            "item_id": item["id"], "dataset_id": item["dataset_id"],
+            "chosen_rollout_id": 2 * p + 1, "rejected_rollout_id": 2 * p + 2,
+            "chosen_box": "[10, 10, 100, 100]", "chosen_answer": rng.choice(WORDS), "chosen_score": chosen,
+            "rejected_box": "[300, 200, 400, 300]", "rejected_answer": rng.choice(WORDS),
+            "rejected_score": rejected, "margin": round(chosen - rejected, 3),
+            "priority": round(rng.random() * 2, 4), "status": status, "version": 1, "edited": 0,
+            "source": "bench", "created_at": stamp, "updated_at": stamp})
+    db["pairs"].insert_all(pairs, batch_size=5000)
+    db.execute("ANALYZE")
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
+    fn()  # warm the page cache
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - start) * 1000)
+    return {"median_ms": round(statistics.median(runs), 3), "max_ms": round(max(runs), 3)}
+
+
+def cases(store: Store, n_pairs: int) -> dict[str, Callable[[], Any]]:
+    middle = n_pairs // 2
+    pending = PairFilter()
+    return {
+        "next_pair pending (priority)": lambda: next_pair(store, pending),
+        "next_pair pending after a middle pair": lambda: next_pair(store, pending, after=middle),
+        "next_pair pending, backwards": lambda: next_pair(store, pending, after=middle, backwards=True),
+        "next_pair dataset=side": lambda: next_pair(store, PairFilter(dataset="side")),
+        "next_pair margin 0.9-0.95": lambda: next_pair(store, PairFilter(min_margin=0.9, max_margin=0.95)),
+        "next_pair search 'triangle dot'": lambda: next_pair(store, PairFilter(search="triangle dot")),
+        "next_pair any status, oldest": lambda: next_pair(store, PairFilter(status=None), sort="oldest",
+                                                         after=middle),
+        "count_pairs pending": lambda: count_pairs(store, pending),
+        "count_pairs dataset=side accepted": lambda: count_pairs(store, PairFilter(status="accepted", dataset="side")),
+        "count_pairs search 'triangle dot'": lambda: count_pairs(store, PairFilter(search="triangle dot")),
+        "status_counts all": lambda: status_counts(store),
+        "status_counts dataset=main": lambda: status_counts(store, "main"),
+        "page_pairs first 50": lambda: page_pairs(store, pending, limit=50),
+        "page_pairs offset 50,000": lambda: page_pairs(store, PairFilter(status=None), offset=50_000, limit=50),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=100_000)
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="visrl-bench-store-") as tmp:
+        store = Store.open(Path(tmp) / "w")
+        start = time.perf_counter()
+        fill(store, args.pairs, args.items)
+        fill_s = time.perf_counter() - start
+        results = {name: timed(fn, args.repeat) for name, fn in cases(store, args.pairs).items()}
+        plan = store.db.execute(
+            "EXPLAIN QUERY PLAN SELECT p.id FROM pairs p JOIN items i ON i.id = p.item_id "
+            "WHERE p.status = 'pending' ORDER BY p.priority DESC, p.id ASC LIMIT 1").fetchall()
+        db_mb = store.path.stat().st_size / 1e6
+    width = max(len(name) for name in results)
+    print(f"{args.pairs:,} pairs, {args.items:,} items; filled in {fill_s:.1f} s; db {db_mb:.1f} MB")
+    print(f"{'query':<{width}}  {'median ms':>9}  {'max ms':>8}")
+    for name, r in results.items():
+        print(f"{name:<{width}}  {r['median_ms']:>9.2f}  {r['max_ms']:>8.2f}")
+    out = {"pairs": args.pairs, "items": args.items, "repeat": args.repeat, "fill_s": round(fill_s, 2),
+           "db_mb": round(db_mb, 1), "queries": results, "next_pair_plan": [row[-1] for row in plan],
+           "machine": {"python": platform.python_version(), "platform": platform.platform()}}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

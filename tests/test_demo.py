@@ -1,0 +1,142 @@
+"""The built-in demo workspace: contents, idempotence, crash recovery, and a real (slow) build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import visrl.demo as demo
+from visrl.errors import WorkspaceError
+from visrl.store import Store
+from visrl.workspace import Workspace
+
+SMALL = {"n_train": 4, "n_val": 1, "n_test": 2}
+
+
+@pytest.fixture
+def fake_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A 'shipped' model folder with (fake) weights, so the demo copies instead of building."""
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    monkeypatch.setattr(demo, "SHIPPED_MODEL", folder)
+    return folder
+
+
+@pytest.fixture
+def generate_calls(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """run_generate replaced by a recorder that reports 5 pairs."""
+    import visrl.generate
+
+    calls: list[Any] = []
+
+    def fake(workspace: Any, cfg: Any, progress: Any = None, **kwargs: Any) -> Any:
+        calls.append((workspace, cfg))
+        return SimpleNamespace(rollouts=cfg.limit * 6, pairs_total=5, seconds=0.1)
+
+    monkeypatch.setattr(visrl.generate, "run_generate", fake)
+    return calls
+
+
+def build(root: Path, **kwargs: Any) -> Path:
+    lines: list[str] = []
+    out = demo.create_demo_workspace(root, progress=lines.append, data=SMALL, **kwargs)
+    assert lines[-1].startswith(f"demo workspace ready in {root}")
+    return out
+
+
+def test_demo_workspace_contents(tmp_path: Path, fake_model: Path, generate_calls: list[Any]) -> None:
+    root = build(tmp_path / "demo", n_pairs_items=3)
+    store = Store(Workspace.open(root))
+    assert store.stats()["datasets"]["demo"]["items"] == {"test": 2, "train": 4, "val": 1}
+    assert store.dataset("demo")["source"] == "visrl.synthetic (demo)"
+    item = store.items("demo", "train")[0]
+    assert item["question"].startswith("What") and store.item_box(item) is not None
+    assert (root / item["image"]).is_file()
+    assert (root / "models" / "tiny-demo" / "model.safetensors").read_bytes() == b"weights"
+    [checkpoint] = store.checkpoints()
+    assert (checkpoint["path"], checkpoint["stage"], checkpoint["base"]) == ("models/tiny-demo", "sft", "data/demo-model")
+    [(workspace, cfg)] = generate_calls
+    assert Path(workspace.root) == root
+    assert (cfg.model_name_or_path, cfg.dataset, cfg.split, cfg.limit) == ("models/tiny-demo", "demo", "train", 3)
+    assert cfg.crop_judge == "iou_threshold" and cfg.box_format == "viscot"  # configs/demo/generate.yaml
+    assert cfg.adapter_name_or_path is None  # no SFT adapter exists yet: the demo model itself
+    marker = json.loads((root / demo.COMPLETE).read_text())
+    assert (marker["items"], marker["model"], marker["pairs"]) == (7, "models/tiny-demo", 5)
+    assert not (root / demo.BUILDING).exists()
+
+
+def test_complete_workspace_is_left_alone(tmp_path: Path, fake_model: Path, generate_calls: list[Any]) -> None:
+    root = build(tmp_path / "demo", n_pairs_items=1)
+    (root / "runs" / "note.txt").write_text("mine")
+    assert demo.create_demo_workspace(root, data=SMALL) == root
+    assert len(generate_calls) == 1 and (root / "runs" / "note.txt").read_text() == "mine"
+    build(root, force=True, n_pairs_items=1)  # force rebuilds from scratch
+    assert len(generate_calls) == 2 and not (root / "runs" / "note.txt").exists()
+    assert Store(Workspace.open(root)).stats()["datasets"]["demo"]["items"]["train"] == 4
+
+
+def test_half_built_workspace_is_rebuilt(tmp_path: Path, fake_model: Path, generate_calls: list[Any]) -> None:
+    root = tmp_path / "demo"
+    root.mkdir()
+    (root / demo.BUILDING).write_text("crashed")
+    (root / "visrl.db").write_text("half a database")
+    build(root, n_pairs_items=0)
+    assert generate_calls == []  # 0 items: no generation
+    assert (root / demo.COMPLETE).is_file() and not (root / demo.BUILDING).exists()
+    assert Store(Workspace.open(root)).stats()["datasets"]["demo"]["items"]["val"] == 1
+
+
+def test_refuses_a_folder_that_is_not_a_demo_workspace(tmp_path: Path) -> None:
+    root = tmp_path / "mine"
+    Store(Workspace.open(root))
+    with pytest.raises(WorkspaceError, match="holds a workspace that is not a demo workspace"):
+        demo.create_demo_workspace(root, data=SMALL)
+    assert (root / "visrl.db").is_file()
+
+
+def test_demo_task_is_the_shipped_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from visrl.synthetic import SyntheticConfig
+
+    data = demo.demo_data()
+    assert data["dataset_name"] == "visrl_demo" and SyntheticConfig(**data)
+    monkeypatch.setattr(demo, "MODEL_RECIPE", tmp_path / "missing.yaml")
+    assert demo.demo_data() == demo.DEMO_DATA
+
+
+@pytest.mark.slow
+def test_real_demo_workspace_with_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real generation on a small benchmark, with a small built model as the 'shipped' one."""
+    pytest.importorskip("visrl.reasoning")
+    import torch
+
+    from visrl.tiny import build_tiny_model
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(demo, "SHIPPED_MODEL", build_tiny_model(tmp_path / "shipped", preset="test"))
+    root = build(tmp_path / "demo", n_pairs_items=2)
+    store = Store(Workspace.open(root))
+    assert (root / "models" / "tiny-demo" / "model.safetensors").is_file()
+    assert [c["path"] for c in store.checkpoints()] == ["models/tiny-demo"]
+    # 2 items x 3 attempts x (policy + negative or random) rollouts
+    assert len(store.rollouts()) == 12
+    assert {r["item_id"] for r in store.rollouts()} == {i["id"] for i in store.items("demo", "train")[:2]}
+    marker = json.loads((root / demo.COMPLETE).read_text())
+    assert marker["pairs"] == store.db["pairs"].count
+
+
+def test_untrained_model_skips_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          generate_calls: list[Any]) -> None:
+    import visrl.tiny
+
+    built: list[Path] = []
+    monkeypatch.setattr(demo, "SHIPPED_MODEL", tmp_path / "empty")
+    monkeypatch.setattr(visrl.tiny, "build_tiny_model", lambda out, preset: built.append(Path(out)) or out)
+    root = build(tmp_path / "demo", n_pairs_items=5)
+    assert built == [root / "models" / "tiny-demo"] and generate_calls == []
+    assert Store(Workspace.open(root)).checkpoints()[0]["base"] == "tiny:demo"

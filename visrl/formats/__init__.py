@@ -1,0 +1,352 @@
+"""Import and export of data: Visual-CoT, plain VQA, LLaMA-Factory sharegpt, TRL datasets.
+
+Every importer follows one contract, implemented here:
+
+1. read and check every record first (:func:`read_records`, :class:`ImageSource`,
+   :func:`strict_box`); the first bad one stops the import with a :class:`DataError` that names
+   the file, the record (0-based index) and the field, and says what to fix;
+2. place the images inside the workspace (``images/<dataset>/<path in the source>``, hard-linked
+   when the file system allows, else copied), so the store only ever holds workspace-relative
+   paths and the app never serves a file from outside the workspace;
+3. write everything in ONE transaction (:func:`commit_import`). If it fails, the images placed in
+   step 2 are removed again: the store and the images folder are as before.
+
+Boxes are converted at this edge into the internal convention (pixels of the original image).
+Unlike model output, input data is parsed strictly: an inverted box, a NaN, or a box outside the
+image is an error, not "no box".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from visrl.boxes import Box, from_viscot
+from visrl.errors import DataError
+from visrl.prompts import BOX_PROMPT
+from visrl.store import Store
+
+FORMATS: tuple[str, ...] = ("viscot", "vqa", "sharegpt")
+# Box formats an input file may declare. "pixels" is absolute pixels of the original image;
+# qwen2_5 is missing on purpose: its pixels refer to a processor's resized image, unknown here.
+INPUT_BOX_FORMATS: tuple[str, ...] = ("pixels", "viscot", "normalized", "qwen2", "qwen3")
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_QWEN2 = re.compile(rf"^\s*<\|box_start\|>\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*"
+                    rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*<\|box_end\|>\s*$")
+_IMAGE_TAG = re.compile(r"<image>\s*")
+
+
+# ---------------------------------------------------------------------- reading records
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON file (a list of objects) or a JSONL file (one object per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if path.suffix.lower() != ".jsonl" and not text.lstrip().startswith("{"):
+            raise DataError(f"{path}: not JSON ({exc.msg} at line {exc.lineno}); a JSON file must hold "
+                            "a list of records, a .jsonl file one record per line") from None
+        records = _read_lines(path, text)
+    if isinstance(records, dict) and path.suffix.lower() == ".jsonl":
+        records = [records]  # a JSONL file of one line
+    if not isinstance(records, list):
+        raise DataError(f"{path}: the top level must be a list of records, not {type(records).__name__}")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {i} is a {type(record).__name__}, not an object")
+    return records
+
+
+def _read_lines(path: Path, text: str) -> list[Any]:
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {n} is not JSON ({exc.msg}); fix or remove that line") from None
+    return records
+
+
+def record_error(path: Path, index: int, field_name: str, problem: str) -> DataError:
+    return DataError(f"{path.name}: record {index}, field {field_name!r}: {problem}")
+
+
+def check_keys(path: Path, index: int, record: dict[str, Any], required: tuple[str, ...],
+               optional: tuple[str, ...]) -> None:
+    """Unknown or missing keys are errors: silently dropping a column loses data."""
+    missing = [k for k in required if k not in record]
+    if missing:
+        raise record_error(path, index, missing[0], "missing; every record needs "
+                           + ", ".join(required))
+    unknown = sorted(set(record) - set(required) - set(optional))
+    if unknown:
+        raise record_error(path, index, unknown[0], "unknown field; known fields are "
+                           + ", ".join(required + optional))
+
+
+def question_text(value: str) -> str:
+    """A prompt turn without its ``<image>`` tags and without Visual-CoT's box request."""
+    text = _IMAGE_TAG.sub("", value).strip()
+    if text.endswith(BOX_PROMPT):
+        text = text[: -len(BOX_PROMPT)].strip()
+    return text
+
+
+# ---------------------------------------------------------------------- boxes, strictly
+
+def strict_box(value: Any, fmt: str, size: tuple[int, int], where: str) -> Box:
+    """An input box in ``fmt`` as pixels of the original ``size`` image; bad boxes raise.
+
+    ``value`` is a list of 4 numbers or a string (JSON list, Qwen2 ``<|box_start|>`` text or
+    Qwen3 ``{"bbox_2d": [...]}``). ``where`` names the record and field in the error.
+    """
+    if fmt not in INPUT_BOX_FORMATS:
+        raise DataError(f"{where}: unknown box format {fmt!r}; use one of {', '.join(INPUT_BOX_FORMATS)}")
+    values = _box_values(value, fmt, where)
+    if not all(math.isfinite(v) for v in values):
+        raise DataError(f"{where}: box {value!r} holds a NaN or infinite number")
+    x1, y1, x2, y2 = values
+    if x1 >= x2 or y1 >= y2:
+        raise DataError(f"{where}: box {value!r} is empty or inverted; write it as [x1, y1, x2, y2] "
+                        "with x1 < x2 and y1 < y2")
+    w, h = size
+    limit = {"viscot": 1.0, "normalized": 1.0, "qwen2": 1000.0, "qwen3": 1000.0}.get(fmt)
+    if limit is not None and (min(values) < -0.002 * limit or max(values) > 1.002 * limit):
+        raise DataError(f"{where}: box {value!r} has values outside [0, {limit:g}] of format {fmt!r}")
+    if fmt == "pixels":
+        box = Box(x1, y1, x2, y2)
+    elif fmt == "viscot":
+        box = from_viscot(values, size)
+    elif fmt == "normalized":
+        box = Box(x1 * w, y1 * h, x2 * w, y2 * h)
+    else:
+        box = Box(x1 / 1000 * w, y1 / 1000 * h, x2 / 1000 * w, y2 / 1000 * h)
+    # Slack: 1 px, plus the rounding of 3-decimal normalized text (0.0005 of the padded side).
+    slack = 1.0 + (0.001 * max(w, h) if fmt != "pixels" else 0.0)
+    clamped = box.clamp(size)
+    if not box.inside(size, tolerance=slack) or clamped is None:
+        raise DataError(f"{where}: box {value!r} ({fmt}) lies outside the {w}x{h} image")
+    return clamped
+
+
+def _box_values(value: Any, fmt: str, where: str) -> list[float]:
+    if isinstance(value, str):
+        text = value.strip()
+        match = _QWEN2.match(text) if fmt == "qwen2" else None
+        if match:
+            return [float(g) for g in match.groups()]
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: cannot read a box from {value!r}; write [x1, y1, x2, y2]") from None
+        if isinstance(parsed, dict) and "bbox_2d" in parsed:
+            parsed = parsed["bbox_2d"]
+        value = parsed
+    if (not isinstance(value, list | tuple) or len(value) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+        raise DataError(f"{where}: a box must be 4 numbers [x1, y1, x2, y2], got {value!r}")
+    return [float(v) for v in value]
+
+
+# ---------------------------------------------------------------------- images
+
+@dataclass
+class PlacedImage:
+    source: Path
+    relative: str  # workspace-relative destination, POSIX
+    size: tuple[int, int]
+
+
+class ImageSource:
+    """Resolves image entries of a file to checked files under ``root`` and their destinations.
+
+    ``root`` is the images root (``--images-root``, default: the JSON file's folder); an entry
+    that leaves it (``../x.png``, an absolute path elsewhere) is refused. Destinations are
+    ``images/<dataset>/<entry>`` inside the workspace.
+    """
+
+    def __init__(self, store: Store, root: Path, dataset: str, json_path: Path) -> None:
+        self.root = root.resolve()
+        self.dataset = dataset
+        self.json_path = json_path
+        self.workspace = store.workspace
+        self._seen: dict[str, PlacedImage] = {}
+        if not self.root.is_dir():
+            raise DataError(f"images root {root} is not a folder; pass --images-root DIR")
+        if not re.fullmatch(r"[\w.\-]+", dataset):
+            raise DataError(f"dataset name {dataset!r} may only hold letters, digits, '_', '-' and '.'")
+
+    def get(self, entry: Any, index: int, field_name: str) -> PlacedImage:
+        if not isinstance(entry, str) or not entry.strip():
+            raise record_error(self.json_path, index, field_name, f"an image path must be a non-empty string, got {entry!r}")
+        if entry in self._seen:
+            return self._seen[entry]
+        source = (self.root / entry).resolve()
+        try:
+            inside = source.relative_to(self.root)
+        except ValueError:
+            raise record_error(self.json_path, index, field_name,
+                               f"{entry!r} leaves the images root {self.root}; keep images under it "
+                               "or pass another --images-root") from None
+        if not source.is_file():
+            raise record_error(self.json_path, index, field_name,
+                               f"image {entry!r} not found under {self.root}; fix the path or pass --images-root")
+        try:
+            with Image.open(source) as image:
+                size = image.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise record_error(self.json_path, index, field_name,
+                               f"{entry!r} is not a readable image ({exc.__class__.__name__})") from None
+        placed = PlacedImage(source, f"images/{self.dataset}/{inside.as_posix()}", size)
+        self._seen[entry] = placed
+        return placed
+
+    def place_all(self) -> list[Path]:
+        """Link or copy every image into the workspace; returns the files created (for undo)."""
+        created = []
+        try:
+            for placed in {p.relative: p for p in self._seen.values()}.values():
+                dest = self.workspace.root / placed.relative
+                if dest.exists():
+                    if dest.stat().st_size != placed.source.stat().st_size:
+                        raise DataError(f"{placed.relative} already exists in the workspace with other "
+                                        "content; import under another --dataset name")
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(placed.source, dest)  # no copy of big datasets when on one file system
+                except OSError:
+                    shutil.copy2(placed.source, dest)
+                created.append(dest)
+        except BaseException:
+            remove_files(created)
+            raise
+        return created
+
+
+def remove_files(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- committing
+
+@dataclass
+class ImportPlan:
+    """Everything an import writes, checked before anything is written."""
+
+    path: Path
+    dataset: str
+    format: str
+    images: ImageSource
+    items: list[dict[str, Any]] = field(default_factory=list)  # rows of ``items`` (gt_box a Box)
+    # Called inside the transaction with the new item ids (same order as ``items``): adds
+    # rollouts and pairs; returns extra counts for the summary.
+    after_items: Callable[[Store, list[int]], dict[str, int]] | None = None
+
+
+def commit_import(store: Store, plan: ImportPlan) -> dict[str, Any]:
+    """Place the images and write dataset, items (and rollouts, pairs) in one transaction."""
+    if not plan.items:
+        raise DataError(f"{plan.path.name}: no records to import")
+    _check_new_source_ids(store, plan)
+    created = plan.images.place_all()
+    try:
+        with store.atomic() as db:
+            rows = db.execute("SELECT id, format FROM datasets WHERE name = ?", [plan.dataset]).fetchall()
+            dataset_id = rows[0][0] if rows else store.add_dataset(plan.dataset, plan.format, str(plan.path))
+            ids = store.add_items(dataset_id, plan.items)
+            extra = plan.after_items(store, ids) if plan.after_items else {}
+    except BaseException:
+        remove_files(created)
+        raise
+    splits: dict[str, int] = {}
+    for item in plan.items:
+        splits[item["split"]] = splits.get(item["split"], 0) + 1
+    return {"dataset": plan.dataset, "format": plan.format, "path": str(plan.path),
+            "items": len(ids), "splits": splits, "images": len(created), **extra}
+
+
+def _check_new_source_ids(store: Store, plan: ImportPlan) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for index, item in enumerate(plan.items):
+        key = (item["split"], item["source_id"])
+        if key in seen:
+            raise DataError(f"{plan.path.name}: records {seen[key]} and {index} share the id "
+                            f"{key[1]!r} in split {key[0]!r}; ids must be unique")
+        seen[key] = index
+    rows = store.db.execute("SELECT id FROM datasets WHERE name = ?", [plan.dataset]).fetchall()
+    if not rows:
+        return
+    existing = {tuple(r) for r in store.db.execute(
+        "SELECT split, source_id FROM items WHERE dataset_id = ?", [rows[0][0]]).fetchall()}
+    for index, item in enumerate(plan.items):
+        if (item["split"], item["source_id"]) in existing:
+            raise DataError(f"{plan.path.name}: record {index} (id {item['source_id']!r}) is already in "
+                            f"dataset {plan.dataset!r}, split {item['split']!r}; it was imported before "
+                            "(use another --dataset or --split)")
+
+
+# ---------------------------------------------------------------------- dispatch
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format from the first record's fields."""
+    records = read_records(path)
+    if not records:
+        raise DataError(f"{path}: no records")
+    keys = set(records[0])
+    if "chosen_step" in keys or "rejected_step" in keys:
+        return "sharegpt"
+    if "conversations" in keys:
+        return "viscot"
+    if "question" in keys:
+        return "vqa"
+    raise DataError(f"{path}: cannot tell the format from fields {sorted(keys)}; pass --format "
+                    f"({', '.join(FORMATS)})")
+
+
+def import_file(store: Store, path: str | Path, fmt: str = "auto", dataset: str | None = None,
+                split: str | None = None, image_root: str | Path | None = None,
+                box_format: str | None = None) -> dict[str, Any]:
+    """Import one file into the store (all or nothing); returns a summary dict.
+
+    ``dataset`` defaults to the file name's stem; ``split`` overrides the records' own split;
+    ``image_root`` defaults to the file's folder; ``box_format`` is the format of boxes the file
+    does not declare (vqa: ``pixels``, sharegpt: ``viscot``).
+    """
+    path = Path(path)
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    name = dataset or re.sub(r"[^\w.\-]", "_", path.stem)
+    kwargs = {"dataset": name, "split": split, "image_root": image_root}
+    if fmt == "viscot":
+        from visrl.formats.viscot import import_viscot
+
+        return import_viscot(store, path, **kwargs)
+    if fmt == "vqa":
+        from visrl.formats.vqa import import_vqa
+
+        return import_vqa(store, path, box_format=box_format or "pixels", **kwargs)
+    if fmt == "sharegpt":
+        from visrl.formats.sharegpt import import_sharegpt
+
+        return import_sharegpt(store, path, box_format=box_format or "viscot", **kwargs)
+    raise DataError(f"unknown import format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+
+
+def image_source(store: Store, path: Path, dataset: str, image_root: str | Path | None) -> ImageSource:
+    return ImageSource(store, Path(image_root) if image_root else path.parent, dataset, path)

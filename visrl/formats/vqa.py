@@ -1,0 +1,95 @@
+"""Import of plain VQA data: JSON (a list) or JSONL (one record per line).
+
+    {"image": "imgs/1.jpg", "question": "What is written on the sign?", "answer": "stop",
+     "answers": ["stop", "stop sign"],          # optional alternatives (VQAv2-style)
+     "box": [12, 30, 88, 64], "box_format": "pixels",   # optional ground-truth region
+     "split": "train", "id": "q1"}              # optional
+
+``answer`` or ``answers`` (or both) must be present; with only ``answers`` the first is the
+reference, the rest are alternatives that the answer judge also accepts (stored in the item's
+meta). ``box_format`` is one of ``pixels`` (default; absolute pixels of the image), ``viscot``,
+``normalized``, ``qwen2``, ``qwen3`` (see :mod:`visrl.boxes`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from visrl.formats import (
+    INPUT_BOX_FORMATS,
+    ImageSource,
+    ImportPlan,
+    check_keys,
+    commit_import,
+    image_source,
+    read_records,
+    record_error,
+    strict_box,
+)
+from visrl.store import Store
+
+REQUIRED = ("image", "question")
+OPTIONAL = ("answer", "answers", "box", "box_format", "split", "id", "question_id", "width", "height")
+
+
+def import_vqa(store: Store, path: str | Path, dataset: str, split: str | None = None,
+               image_root: str | Path | None = None, box_format: str = "pixels") -> dict[str, Any]:
+    """Import a plain VQA JSON/JSONL file as items of ``dataset`` (all or nothing)."""
+    path = Path(path)
+    records = read_records(path)
+    images = image_source(store, path, dataset, image_root)
+    plan = ImportPlan(path, dataset, "vqa", images)
+    plan.items = [vqa_item(path, i, r, images, split, box_format) for i, r in enumerate(records)]
+    return commit_import(store, plan)
+
+
+def vqa_item(path: Path, index: int, record: dict[str, Any], images: ImageSource,
+             split: str | None, box_format: str) -> dict[str, Any]:
+    check_keys(path, index, record, REQUIRED, OPTIONAL)
+    placed = images.get(record["image"], index, "image")
+    size = placed.size
+    if "width" in record or "height" in record:
+        declared = (record.get("width"), record.get("height"))
+        if declared != size:
+            raise record_error(path, index, "width", f"the record says {declared[0]}x{declared[1]} "
+                               f"but the image is {size[0]}x{size[1]}")
+    question = record["question"]
+    if not isinstance(question, str) or not question.strip():
+        raise record_error(path, index, "question", "must be a non-empty string")
+    answer, alternatives = _answers(path, index, record)
+    gt_box = None
+    if record.get("box") is not None:
+        fmt = record.get("box_format", box_format)
+        if fmt not in INPUT_BOX_FORMATS:
+            raise record_error(path, index, "box_format",
+                               f"{fmt!r} is not one of {', '.join(INPUT_BOX_FORMATS)}")
+        gt_box = strict_box(record["box"], fmt, size, f"{path.name}: record {index}, field 'box'")
+    meta = {"answers": alternatives} if alternatives else {}
+    source_id = record.get("id", record.get("question_id", index))
+    return {"split": split or str(record.get("split") or "train"), "source_id": str(source_id),
+            "image": placed.relative, "width": size[0], "height": size[1],
+            "question": question.strip(), "answer": answer, "gt_box": gt_box, "meta": meta}
+
+
+def _answers(path: Path, index: int, record: dict[str, Any]) -> tuple[str, list[str]]:
+    """(reference answer, alternatives) from ``answer`` and/or ``answers``."""
+    answers = record.get("answers")
+    if answers is not None:
+        # VQAv2 writes [{"answer": "..."}, ...]; plain lists of strings are accepted too.
+        if not isinstance(answers, list) or not answers:
+            raise record_error(path, index, "answers", "must be a non-empty list of strings")
+        answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
+        if not all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in answers):
+            raise record_error(path, index, "answers", "must be a list of strings")
+        answers = [str(a).strip() for a in answers]
+    answer = record.get("answer")
+    if answer is None:
+        if not answers:
+            raise record_error(path, index, "answer", "missing: give 'answer' or 'answers'")
+        answer = answers[0]
+    if not isinstance(answer, str | int | float) or isinstance(answer, bool) or not str(answer).strip():
+        raise record_error(path, index, "answer", f"must be a non-empty string, got {answer!r}")
+    answer = str(answer).strip()
+    alternatives = list(dict.fromkeys(a for a in answers or [] if a and a != answer))
+    return answer, alternatives
