@@ -83,7 +83,9 @@ def add_pair(store: Store, item_id: int, chosen: dict[str, Any], rejected: dict[
     if existing:
         return existing[0]
     c_score, r_score = chosen.get("answer_score") or 0.0, rejected.get("answer_score") or 0.0
-    margin = c_score - r_score
+    # Rounded: 0.8 - 0.2 is 0.6000000000000001 in floats, which a desk filter "margin <= 0.6"
+    # would wrongly leave out.
+    margin = round(c_score - r_score, 6)
     row = {
         "item_id": item_id, "dataset_id": item["dataset_id"],
         "chosen_rollout_id": chosen["id"], "rejected_rollout_id": rejected["id"],

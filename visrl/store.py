@@ -54,7 +54,8 @@ class Store:
         self._local = threading.local()
         key = str(self.path)
         with _MIGRATE_LOCK:
-            if key not in _MIGRATED:
+            # A file deleted since it was migrated (a rebuilt workspace) is a new, empty database.
+            if key not in _MIGRATED or not self.path.exists():
                 db = self.db
                 db.enable_wal()
                 migrations.apply(db)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 from visrl.train.config import TrainConfig
 from visrl.train.lora import has_gpu
+
+# transformers 5 renamed gradient_checkpointing; trl 1.16's configs still set the old name, which
+# warns on every run. The warning is addressed to trl, not to the person training.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 def common_args(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> dict[str, Any]:
@@ -37,6 +42,7 @@ def common_args(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> dict[str,
         "seed": cfg.seed,
         "report_to": cfg.report_to,
         "dataloader_num_workers": cfg.dataloader_num_workers,
+        "dataloader_pin_memory": gpu,  # pinned memory only helps copies to a GPU
         "deepspeed": cfg.deepspeed,
         "max_length": cfg.max_length,
         # The vision collators need the raw columns (images, messages, prompts): keep them all.
