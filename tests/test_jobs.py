@@ -273,6 +273,7 @@ HAVE_TINY = importlib.util.find_spec("visrl.tiny") is not None and \
 @pytest.mark.skipif(not HAVE_TINY, reason="visrl.tiny / visrl.reasoning not available yet")
 def test_stop_a_running_eval_job_mid_run(tmp_path: Path, store: Store) -> None:
     from PIL import Image
+
     from visrl.tiny import build_tiny_model
 
     build_tiny_model(store.workspace.models_dir / "tiny", preset="test")

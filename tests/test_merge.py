@@ -61,6 +61,7 @@ def _inputs(processor: Any) -> dict[str, Any]:
 def test_merged_model_matches_the_adapter_and_generates(adapter: tuple[Path, Path], store: Any) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
+
     from visrl.models import load_model
 
     base, adapter_dir = adapter

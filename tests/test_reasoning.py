@@ -121,7 +121,7 @@ def test_qwen2_5_boxes_are_read_in_the_resized_frame(reasoner: Reasoner) -> None
     r = Reasoner(reasoner.loaded, box_format="qwen2_5")
     width, height = r.input_size(image)
     assert (width % 28, height % 28) == (0, 0) and width * height <= 112 * 112
-    box = r.parse('{"bbox_2d": [0, 0, %d, %d]}' % (width // 2, height // 2), image)
+    box = r.parse(f'{{"bbox_2d": [0, 0, {width // 2}, {height // 2}]}}', image)
     assert box is not None and abs(box.x2 - 224) < 1 and abs(box.y2 - 168) < 1
 
 

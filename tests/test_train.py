@@ -224,9 +224,8 @@ class StopAfter:
 @pytest.mark.slow
 def test_stop_leaves_a_loadable_checkpoint_and_resume_finishes(
         tiny_dir: Path, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from visrl.models import load_model
-
     import visrl.train.run as run
+    from visrl.models import load_model
 
     monkeypatch.setattr(run, "stage_rows", lambda cfg, store, ws: stage2_rows(4))
     monkeypatch.setattr(run, "to_dataset", to_dataset)

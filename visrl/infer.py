@@ -1,0 +1,62 @@
+"""``visrl infer``: the two steps on one image, with the settings of an :class:`InferConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from visrl.errors import DataError
+
+
+@dataclass
+class InferConfig:
+    """Settings of ``visrl infer`` (configs/infer.yaml); command-line options override them."""
+
+    model_name_or_path: str = field(metadata={"help": "Model folder (absolute, or relative to the workspace)."})
+    adapter_name_or_path: str | None = field(default=None, metadata={"help": "Optional LoRA adapter folder."})
+    box_format: str | None = field(default=None, metadata={"help": "Box text format; default: the model's."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (temperature > 0)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Per step; a Visual-CoT box is ~30 tokens."})
+    crop_margin: float = field(default=0.0, metadata={"help": "Widen the crop by this fraction of the box per side."})
+    full_max_pixels: int | None = field(default=None, metadata={
+        "help": "Shrink the full image to at most this many pixels before the processor (null: as is)."})
+    crop_min_pixels: int | None = field(default=None, metadata={
+        "help": "Enlarge the crop to at least this many pixels, so it shows more detail (null: as is)."})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+
+
+def run_infer(cfg: InferConfig, image_path: str | Path, question: str, crop_out: str | Path,
+              workspace: str | Path | None = None) -> dict[str, Any]:
+    """Box, crop (saved to ``crop_out``), answer for one image; the result as a JSON-ready dict.
+
+    ``box`` is pixels of the original image, or None when the model's box text did not parse (the
+    answer is then given on the whole image, which is what ``crop_out`` holds).
+    """
+    from visrl.generate import resolve_model_path
+    from visrl.models import load_model
+    from visrl.reasoning import Reasoner, Sampling
+    from visrl.workspace import Workspace, resolve_root
+
+    ws = Workspace(resolve_root(workspace))  # only to resolve models/...; nothing is created
+    loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
+                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path), dtype=cfg.dtype, device=cfg.device)
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except OSError as exc:
+        raise DataError(f"cannot read the image {image_path}: {exc}") from None
+    reasoner = Reasoner(loaded, box_format=cfg.box_format, crop_margin=cfg.crop_margin,
+                        full_max_pixels=cfg.full_max_pixels, crop_min_pixels=cfg.crop_min_pixels)
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+    result = reasoner.two_step([image], [question], sampling)[0][0]
+    result.crop.save(crop_out)
+    return {"model": loaded.path, "adapter": loaded.adapter, "box_format": reasoner.box_format,
+            "image": str(image_path), "image_size": list(image.size), "question": question,
+            "box_text": result.box_text,
+            "box": [round(v, 1) for v in result.box.as_list()] if result.box is not None else None,
+            "crop": str(crop_out), "crop_size": list(result.crop.size), "answer": result.answer,
+            "timings": result.timings}

@@ -1,0 +1,293 @@
+"""The remote backend: two-step reasoning against an OpenAI-compatible chat-completions server.
+
+Large generation runs belong on a serving engine (vLLM, or ``visrl serve`` for a local model), so
+:class:`RemoteReasoner` offers the methods of :class:`visrl.reasoning.Reasoner` over HTTP. It builds
+the very prompts the local reasoner builds (:mod:`visrl.prompts`), sends images as PNG data URLs,
+parses boxes and crops on this side (:mod:`visrl.boxes`), and runs requests concurrently.
+
+Differences from the local reasoner, by necessity:
+
+- ``qwen2_5`` boxes are pixels of the image *the model saw*, i.e. after the server's processor
+  resized it; that size is unknown here, so boxes are read against the ORIGINAL image size. This
+  is exact when the server does not resize (images within its pixel budget, sides multiples of
+  28) and off by the resize factor otherwise; prefer ``qwen3``/``viscot`` formats remotely.
+- ``stream_two_step`` does not stream tokens: it yields the box event, then one answer event with
+  the whole answer (``visrl serve`` does not stream, and a two-step answer is a few words).
+- The local reasoner's optional pixel budgets (``full_max_pixels``, ``crop_min_pixels``) are the
+  server's business: images are sent as they are.
+
+:func:`chat_completion` is the one HTTP call; judges use it too.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from visrl.boxes import BOX_FORMATS, Box, crop_box, parse_box
+from visrl.errors import ConfigError, RemoteError
+from visrl.prompts import answer_prompt, box_prompt, direct_prompt
+from visrl.reasoning import TwoStepResult
+
+Message = dict[str, Any]
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # transient: busy, restarting, overloaded
+BACKOFF_S = 0.5  # first wait between attempts; doubles each time, plus up to 25% jitter
+MAX_BACKOFF_S = 8.0
+SNIPPET_CHARS = 300  # how much of an error body goes into a RemoteError message
+
+
+# ---------------------------------------------------------------------- one HTTP call
+
+def chat_completion(base_url: str, model: str, messages: list[Message], *, temperature: float = 0.0,
+                    top_p: float = 1.0, max_tokens: int = 64, n: int = 1, api_key: str | None = None,
+                    timeout: float = 60, retries: int = 3, client: httpx.Client | None = None) -> list[str]:
+    """POST ``{base_url}/chat/completions`` and return the choices' texts in index order.
+
+    ``base_url`` ends in the API root, e.g. ``http://127.0.0.1:8000/v1``. PIL images in messages
+    (``{"type": "image", "image": PIL}``) are sent as PNG data URLs. ``retries`` is the number of
+    attempts: connection errors, timeouts, 408/429/5xx are retried with exponential backoff; other
+    4xx answers are the caller's mistake and raise at once. The server may return fewer than ``n``
+    choices (some ignore ``n``); callers that need exactly ``n`` ask again (see RemoteReasoner).
+    """
+    url = base_url.rstrip("/") + "/chat/completions"
+    payload = {"model": model, "messages": encode_messages(messages), "temperature": temperature,
+               "top_p": top_p, "max_tokens": max_tokens, "n": n}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    owned = client is None
+    client = client or httpx.Client(timeout=timeout)
+    try:
+        response = _post_with_retries(client, url, payload, headers, timeout, max(1, retries))
+    finally:
+        if owned:
+            client.close()
+    return _choice_texts(url, response)
+
+
+def _post_with_retries(client: httpx.Client, url: str, payload: dict[str, Any], headers: dict[str, str],
+                       timeout: float, attempts: int) -> httpx.Response:
+    problem = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1)) * (1 + random.random() / 4))
+        try:
+            response = client.post(url, json=payload, headers=headers, timeout=timeout)
+        except httpx.TransportError as exc:  # refused, reset, timed out: the server may come back
+            problem = f"{type(exc).__name__}: {exc or 'no detail'}"
+            continue
+        if response.status_code < 400:
+            return response
+        problem = f"HTTP {response.status_code}: {_snippet(response)}"
+        if response.status_code not in RETRY_STATUSES:
+            raise RemoteError(f"{url} refused the request ({problem}); check the model name, "
+                              "the API key and the request")
+    raise RemoteError(f"{url} failed {attempts} time(s), last: {problem}; check that the server is "
+                      "up and reachable")
+
+
+def _choice_texts(url: str, response: httpx.Response) -> list[str]:
+    try:
+        choices = response.json()["choices"]
+        ordered = sorted(choices, key=lambda c: c.get("index", 0))
+        return [c["message"].get("content") or "" for c in ordered]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise RemoteError(f"{url} answered HTTP {response.status_code} without OpenAI-style choices: "
+                          f"{_snippet(response)}") from None
+
+
+def _snippet(response: httpx.Response) -> str:
+    """The error's message when the body is OpenAI-shaped, else the start of the body."""
+    try:
+        error = response.json().get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:SNIPPET_CHARS]
+    except (ValueError, AttributeError):
+        pass
+    text = " ".join(response.text.split())
+    return text[:SNIPPET_CHARS] or "(empty body)"
+
+
+# ---------------------------------------------------------------------- messages
+
+def image_data_url(image: Image.Image) -> str:
+    """A lossless PNG data URL (the server must see the same pixels as a local model would)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def encode_messages(messages: list[Message]) -> list[Message]:
+    """HF-style messages as OpenAI JSON: PIL image parts become ``image_url`` data-URL parts."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [_encode_part(part) for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def _encode_part(part: Message) -> Message:
+    if part.get("type") != "image":
+        return part
+    image = part.get("image")
+    if not isinstance(image, Image.Image):
+        raise ValueError("an image part has no PIL image to send; fill placeholders with with_images()")
+    return {"type": "image_url", "image_url": {"url": image_data_url(image)}}
+
+
+def with_images(messages: list[Message], images: list[Image.Image]) -> list[Message]:
+    """Copies of ``messages`` whose ``{"type": "image"}`` placeholders carry ``images`` in order."""
+    queue = list(images)
+    out = []
+    for message in messages:
+        if isinstance(message["content"], str):
+            out.append(message)
+            continue
+        parts = []
+        for part in message["content"]:
+            if part.get("type") == "image":
+                if not queue:
+                    raise ValueError("more image placeholders than images")
+                part = {"type": "image", "image": queue.pop(0)}
+            parts.append(part)
+        out.append({**message, "content": parts})
+    if queue:
+        raise ValueError(f"{len(queue)} image(s) left over after filling the placeholders")
+    return out
+
+
+# ---------------------------------------------------------------------- the reasoner
+
+class RemoteReasoner:
+    """:class:`visrl.reasoning.Reasoner`'s methods against an OpenAI-compatible server.
+
+    ``base_url`` is the API root (``http://host:port/v1``), ``model`` the served model name.
+    ``concurrency`` requests are in flight at once (the server batches them); results keep the
+    input order. Box texts are parsed in ``box_format`` against the original image size.
+    """
+
+    def __init__(self, base_url: str, model: str, box_format: str = "viscot", api_key: str | None = None,
+                 concurrency: int = 8, timeout: float = 60, retries: int = 3, crop_margin: float = 0.0) -> None:
+        if not base_url or not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+        if box_format not in BOX_FORMATS:
+            raise ConfigError(f"unknown box_format {box_format!r}; use one of {', '.join(BOX_FORMATS)}")
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        self.base_url, self.model, self.box_format = base_url.rstrip("/"), model, box_format
+        self.api_key, self.concurrency, self.timeout, self.retries = api_key, concurrency, timeout, retries
+        self.crop_margin = crop_margin
+        # One pooled client shared by the worker threads (httpx.Client is thread-safe).
+        self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=concurrency))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RemoteReasoner:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -------------------------------------------------- the Reasoner interface
+
+    def generate(self, conversations: list[list[Message]], sampling: Any, progress: bool = False) -> list[list[str]]:
+        """``sampling.n`` completions per conversation (image parts hold PIL images), in order."""
+        if not conversations:
+            return []
+        workers = min(self.concurrency, len(conversations))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="visrl-remote") as pool:
+            results = pool.map(lambda conv: self._complete(conv, sampling), conversations)
+            if progress:
+                results = _with_bar(results, len(conversations))
+            return list(results)
+
+    def propose_boxes(self, images: list[Image.Image], questions: list[str], sampling: Any,
+                      progress: bool = False) -> list[list[str]]:
+        """Step 1: ``sampling.n`` box texts per item."""
+        convs = [with_images(box_prompt(q), [im]) for im, q in zip(images, questions, strict=True)]
+        return self.generate(convs, sampling, progress=progress)
+
+    def answer(self, images: list[Image.Image], questions: list[str], box_texts: list[str],
+               crops: list[Image.Image], sampling: Any, progress: bool = False) -> list[list[str]]:
+        """Step 2: answers given the full image, the step-1 box text and its crop."""
+        convs = [with_images(answer_prompt(q, t), [im, crop])
+                 for im, q, t, crop in zip(images, questions, box_texts, crops, strict=True)]
+        return self.generate(convs, sampling, progress=progress)
+
+    def direct(self, images: list[Image.Image], questions: list[str], sampling: Any,
+               progress: bool = False) -> list[list[str]]:
+        """The baseline: answers on the full image without a box step."""
+        convs = [with_images(direct_prompt(q), [im]) for im, q in zip(images, questions, strict=True)]
+        return self.generate(convs, sampling, progress=progress)
+
+    def two_step(self, images: list[Image.Image], questions: list[str], sampling: Any,
+                 progress: bool = False) -> list[list[TwoStepResult]]:
+        """``sampling.n`` box samples per item, each cropped and answered once, as the local
+        reasoner does: an unparseable box gives ``box=None`` and the whole image as the crop."""
+        started = time.perf_counter()
+        texts = self.propose_boxes(images, questions, sampling, progress=progress)
+        box_seconds = (time.perf_counter() - started) / max(1, len(images))
+        flat = [(i, text) for i, samples in enumerate(texts) for text in samples]
+        boxes = [self.parse(text, images[i]) for i, text in flat]
+        crops = [self.crop(images[i], box) for (i, _), box in zip(flat, boxes, strict=True)]
+        started = time.perf_counter()
+        answers = self.answer([images[i] for i, _ in flat], [questions[i] for i, _ in flat],
+                              [t for _, t in flat], crops, replace(sampling, n=1), progress=progress)
+        answer_seconds = (time.perf_counter() - started) / max(1, len(flat))
+        timings = {"box_s": round(box_seconds, 4), "answer_s": round(answer_seconds, 4)}
+        results: list[list[TwoStepResult]] = [[] for _ in images]
+        for (i, text), box, crop, answer in zip(flat, boxes, crops, answers, strict=True):
+            results[i].append(TwoStepResult(questions[i], text, box, crop, answer[0], dict(timings)))
+        return results
+
+    def stream_two_step(self, image: Image.Image, question: str, sampling: Any) -> Iterator[dict[str, Any]]:
+        """The box event, then one answer event with the whole answer (see the module doc)."""
+        one = replace(sampling, n=1)
+        image = image.convert("RGB")
+        box_text = self.propose_boxes([image], [question], one)[0][0]
+        box = self.parse(box_text, image)
+        crop = self.crop(image, box)
+        yield {"kind": "box", "box_text": box_text, "box": box, "crop": crop}
+        yield {"kind": "answer", "answer": self.answer([image], [question], [box_text], [crop], one)[0][0]}
+
+    def parse(self, text: str | None, image: Image.Image) -> Box | None:
+        """The box of a step-1 text in pixels of ``image`` (``qwen2_5``: see the module doc)."""
+        return parse_box(text, self.box_format, image.size)
+
+    def crop(self, image: Image.Image, box: Box | None) -> Image.Image:
+        """The crop step 2 sees: the box, or the whole image when there is none."""
+        return crop_box(image, box if box is not None else Box(0, 0, *image.size), margin=self.crop_margin)
+
+    # -------------------------------------------------- internals
+
+    def _complete(self, conversation: list[Message], sampling: Any) -> list[str]:
+        """Exactly ``n`` completions: ask again for the rest when the server returns fewer."""
+        n = int(getattr(sampling, "n", 1))
+        texts: list[str] = []
+        for _ in range(n):  # at most n round trips: each returns at least one choice or raises
+            got = chat_completion(
+                self.base_url, self.model, conversation, temperature=float(sampling.temperature),
+                top_p=float(sampling.top_p), max_tokens=int(sampling.max_new_tokens), n=n - len(texts),
+                api_key=self.api_key, timeout=self.timeout, retries=self.retries, client=self._client)
+            if not got:
+                raise RemoteError(f"{self.base_url}/chat/completions returned no choices for model {self.model!r}")
+            texts += got
+            if len(texts) >= n:
+                break
+        return texts[:n]
+
+
+def _with_bar(results: Iterator[Any], total: int) -> Iterator[Any]:
+    from tqdm import tqdm
+
+    yield from tqdm(results, total=total, desc="remote", unit="req")
