@@ -36,7 +36,7 @@ def test_yaml_spellings_are_coerced(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("override, fragment", [
     ({"stage": "ppo"}, "'ppo'"),
-    ({"stage": "grpo"}, "not implemented yet"),
+    ({"stage": "grpo", "num_generations": 3, "per_device_train_batch_size": 2}, "multiple of num_generations (3)"),
     ({"finetuning_type": "qlora"}, "'qlora'"),
     ({"lora_dropout": 1.5}, "1.5"),
     ({"warmup_ratio": 1.0}, "1.0"),

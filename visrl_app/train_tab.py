@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sft": ("train", "train_sft.yaml"),
     "dpo (VisRL stage 1: box step)": ("train", "train_rl_stage1.yaml"),
     "visrl (VisRL stage 2: box + answer)": ("train", "train_rl_stage2.yaml"),
+    "grpo (online RL: IoU reward)": ("train", "train_grpo.yaml"),
     "merge LoRA": ("merge", "merge_lora.yaml"),
 }
 

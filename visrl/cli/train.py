@@ -13,7 +13,7 @@ from visrl.cli import cli, workspace_option
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (overrides the config).")
 @click.option("--job-id", type=int, default=None, hidden=True)
 def train(config: str, workspace: str | None, max_steps: int | None, job_id: int | None) -> None:
-    """Train a stage (sft, dpo = VisRL stage 1, visrl = stage 2) from a YAML CONFIG.
+    """Train a stage (sft, dpo = VisRL stage 1, visrl = stage 2, grpo = online RL) from a YAML CONFIG.
 
     Resumes from the last checkpoint in output_dir (resume_from_checkpoint: auto). A stop
     (Ctrl-C once, or `visrl jobs stop`) saves a checkpoint after the current step.

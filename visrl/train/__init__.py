@@ -1,4 +1,4 @@
-"""Training stages (sft, dpo = VisRL stage 1, visrl = stage 2) and LoRA merging.
+"""Training stages (sft, dpo = VisRL stage 1, visrl = stage 2, grpo) and LoRA merging.
 
 Importing this package is cheap (no torch); the heavy modules load when a run starts.
 Library entry points: :func:`train` (``visrl train``) and :func:`merge` (``visrl merge``).

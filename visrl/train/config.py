@@ -2,8 +2,9 @@
 
 ``stage`` picks the method: ``sft`` (two-step conversations of items with a gt box), ``dpo``
 (VisRL stage 1: preference on the box step), ``visrl`` (VisRL stage 2: 0.5·DPO(box) +
-0.5·DPO(answer), each answer conditioned on its own crop). Paths that are relative name folders
-of the workspace (``models/tiny-demo``); see :func:`resolve_path`.
+0.5·DPO(answer), each answer conditioned on its own crop), ``grpo`` (online RL on the box step:
+sampled boxes rewarded by their IoU with the gt box, as Ground-R1 / VLM-R1 do). Paths that are
+relative name folders of the workspace (``models/tiny-demo``); see :func:`resolve_path`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def _help(text: str) -> dict[str, str]:
 class TrainConfig:
     """One training run. Unknown YAML keys are rejected by :func:`visrl.config.load_config`."""
 
-    stage: str = field(metadata=_help("sft | dpo (VisRL stage 1, box step) | visrl (stage 2, box + answer)"))
+    stage: str = field(metadata=_help(
+        "sft | dpo (VisRL stage 1, box step) | visrl (stage 2, box + answer) | "
+        "grpo (online RL on the box step, IoU reward)"))
     model_name_or_path: str = field(metadata=_help("Base model folder (relative: inside the workspace)."))
     output_dir: str = field(metadata=_help("Where checkpoints and the final adapter/model go."))
     dataset: str = field(default="", metadata=_help(
@@ -48,7 +51,7 @@ class TrainConfig:
     lora_target: str = field(default="language_model", metadata=_help(
         "language_model (every decoder projection, not the vision tower) | all (all-linear) | "
         "comma-separated module names | a regex"))
-    split: str = field(default="train", metadata=_help("Item split for sft rows."))
+    split: str = field(default="train", metadata=_help("Item split for sft and grpo rows."))
     pair_status: list[str] = field(default_factory=lambda: ["accepted"], metadata=_help(
         "Pair statuses trained on by dpo/visrl (pending, accepted, rejected)."))
     box_format: str = field(default="viscot", metadata=_help("How boxes are written in prompts."))
@@ -57,7 +60,8 @@ class TrainConfig:
         "Cap on pixels per image fed to the model (e.g. 262144 = 512x512); null = processor's."))
     val_size: float = field(default=0.0, metadata=_help(
         "Held-out rows for evaluation: a fraction (<1) or a count (>=1); 0 = none."))
-    per_device_train_batch_size: int = field(default=1, metadata=_help("Rows per device per step."))
+    per_device_train_batch_size: int = field(default=1, metadata=_help(
+        "Rows per device per step (grpo: completions, i.e. prompts x num_generations)."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Steps per optimizer update."))
     learning_rate: float = field(default=5e-6, metadata=_help("Peak learning rate."))
     num_train_epochs: float = field(default=1.0, metadata=_help("Epochs (ignored when max_steps > 0)."))
@@ -72,6 +76,19 @@ class TrainConfig:
     pref_loss: str = field(default="sigmoid", metadata=_help("DPO loss type (trl's loss_type)."))
     box_weight: float = field(default=0.5, metadata=_help("visrl: weight of DPO(box step)."))
     answer_weight: float = field(default=0.5, metadata=_help("visrl: weight of DPO(answer step)."))
+    num_generations: int = field(default=8, metadata=_help(
+        "grpo: boxes sampled per question (the group whose rewards are compared); "
+        "per_device_train_batch_size * gradient_accumulation_steps must be a multiple of it."))
+    max_completion_length: int = field(default=64, metadata=_help(
+        "grpo: token cap of a sampled box step (a box text is ~20-30 tokens), and of the answer "
+        "step when grpo_answer_reward is on."))
+    temperature: float = field(default=1.0, metadata=_help("grpo: sampling temperature of the box step."))
+    grpo_beta: float = field(default=0.04, metadata=_help(
+        "grpo: KL coefficient to the reference (the adapter-disabled policy with LoRA); "
+        "0 = no KL term and no reference forward pass."))
+    grpo_answer_reward: bool = field(default=False, metadata=_help(
+        "grpo: also reward the answer a greedy second step gives on the sampled box's crop "
+        "(rule judge, 0-1); costs one extra generation per completion."))
     assistant_only_loss: bool = field(default=True, metadata=_help(
         "sft: loss on the assistant turns (box and answer) only."))
     max_length: int | None = field(default=None, metadata=_help(
@@ -89,8 +106,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        if self.stage == "grpo":
-            raise ConfigError("stage grpo is not implemented yet; use sft, dpo or visrl")
         if self.finetuning_type not in ("lora", "full"):
             raise ConfigError(f"finetuning_type must be lora or full, got {self.finetuning_type!r}")
         if self.box_format not in BOX_FORMATS:
@@ -102,6 +117,7 @@ class TrainConfig:
             raise ConfigError(f"pair_status must be a non-empty list of {', '.join(PAIR_STATUSES)}, "
                               f"got {self.pair_status!r}")
         self._check_positive()
+        self._check_grpo()
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:
@@ -128,6 +144,24 @@ class TrainConfig:
         for name in ("learning_rate", "pref_beta", "num_train_epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    def _check_grpo(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 (GRPO compares rewards within a group), "
+                              f"got {self.num_generations}")
+        if self.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 (GRPO samples), got {self.temperature}")
+        if self.grpo_beta < 0:
+            raise ConfigError(f"grpo_beta must be >= 0, got {self.grpo_beta}")
+        rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if self.stage == "grpo" and rows % self.num_generations:
+            # trl generates whole groups per optimizer step; a partial group has no advantage.
+            raise ConfigError(
+                f"per_device_train_batch_size * gradient_accumulation_steps ({rows}) must be a multiple "
+                f"of num_generations ({self.num_generations}) for stage grpo; e.g. set "
+                f"per_device_train_batch_size: {self.num_generations}")
 
     @property
     def is_preference(self) -> bool:

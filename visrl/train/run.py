@@ -20,6 +20,7 @@ from visrl.store import Store
 from visrl.train.callbacks import ProgressCallback
 from visrl.train.config import TrainConfig, resolve_output, resolve_path
 from visrl.train.data import pair_ids, split_rows, stage_rows, to_dataset
+from visrl.train.grpo import grpo_rows
 from visrl.train.lora import limit_image_pixels, load_train_model, save_merged_base
 from visrl.workspace import Workspace
 
@@ -39,13 +40,15 @@ class TrainResult:
 
 def build_trainer(cfg: TrainConfig, tm: Any, train_ds: Any, eval_ds: Any | None, output_dir: Path,
                   callbacks: list[Any]) -> Any:
-    """The stage's trainer (no registry: three stages, three builders)."""
+    """The stage's trainer (no registry: four stages, four builders)."""
     if cfg.stage == "sft":
         from visrl.train.sft import build_sft_trainer as build
     elif cfg.stage == "dpo":
         from visrl.train.dpo import build_dpo_trainer as build
     elif cfg.stage == "visrl":
         from visrl.train.joint import build_visrl_trainer as build
+    elif cfg.stage == "grpo":
+        from visrl.train.grpo import build_grpo_trainer as build
     else:  # TrainConfig rejects other stages already
         raise ConfigError(f"stage {cfg.stage!r} is not implemented")
     return build(cfg, tm, train_ds, eval_ds, output_dir, callbacks)
@@ -72,7 +75,7 @@ def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
     store = Store.open(workspace)
     ws = store.workspace
     output_dir = resolve_output(ws.root, cfg.output_dir)
-    rows = stage_rows(cfg, store, ws)
+    rows = grpo_rows(cfg, store, ws) if cfg.stage == "grpo" else stage_rows(cfg, store, ws)
     train_rows, val_rows = split_rows(rows, cfg.val_size, cfg.seed)
     model_path = resolve_path(ws.root, cfg.model_name_or_path)
     if not model_path or not Path(model_path).is_dir():

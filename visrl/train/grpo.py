@@ -1,0 +1,261 @@
+"""Online RL on the box step with trl's GRPOTrainer (what Ground-R1 and VLM-R1 do).
+
+For each question the policy samples ``num_generations`` box steps from :func:`box_prompt`;
+each is scored by reward functions and the group's rewards become advantages:
+
+``iou``     IoU of the parsed box with the item's annotated box (0 when nothing parses), 0-1;
+``format``  1 when the completion holds a box in ``box_format``, else 0;
+``answer``  (``grpo_answer_reward: true``) the rule-judge score (0-1) of the answer a greedy
+            second step gives on the sampled box's crop, asked of the policy being trained —
+            the two-step inference of :class:`visrl.reasoning.Reasoner`. None (skipped by trl)
+            for items without a reference answer.
+
+Rows (:func:`grpo_rows`) are the store's items with a gt box — ``images`` [full], ``prompt``
+(the box step), ``gt_box`` (pixels of the full image), ``question``, ``references`` — or an
+exported sft folder, whose assistant box turn gives the gt box back. trl hands every extra column
+to the reward functions as a keyword argument, one value per completion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from visrl.boxes import Box, iou, parse_box
+from visrl.errors import DataError
+from visrl.judges import JudgeInput, JudgeOptions, RuleAnswerJudge
+from visrl.prompts import BOX_PROMPT, box_prompt
+from visrl.store import Store
+from visrl.train.args import common_args
+from visrl.train.config import TrainConfig, resolve_path
+from visrl.train.lora import TrainModel, lora_config
+from visrl.workspace import Workspace
+
+Row = dict[str, Any]
+Parse = Callable[[str, Image.Image], Box | None]  # (completion text, full image) -> pixel box
+
+
+# ---------------------------------------------------------------------- rows
+
+def grpo_rows(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
+    """Box-step prompts with their gt boxes (see module doc); none is a DataError that says why."""
+    folder = _exported_folder(ws, cfg.dataset)
+    rows = _rows_from_export(folder, cfg.box_format) if folder else _rows_from_store(cfg, store, ws)
+    if not rows:
+        where = f"dataset {cfg.dataset!r}" if cfg.dataset else "the workspace"
+        raise DataError(f"no items with a ground-truth box in split {cfg.split!r} of {where}: grpo "
+                        "rewards boxes by IoU with the gt box (import Visual-CoT data or set split/dataset)")
+    return rows
+
+
+def _rows_from_store(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
+    from visrl.formats.trl import _Images  # the same cached RGB opening as the sft rows
+    from visrl.generate import references
+
+    images = _Images(ws)
+    rows = []
+    for item in store.items(dataset=cfg.dataset or None, split=cfg.split, with_box=True):
+        box = store.item_box(item)
+        if box is None:
+            continue
+        rows.append(_row(images(item["image"]), item["question"], box, references(item)))
+    return rows
+
+
+def _exported_folder(ws: Workspace, dataset: str) -> Path | None:
+    """As :mod:`visrl.train.data`: a dataset with a path separator or a dot names a folder."""
+    if not dataset or not any(sep in dataset for sep in ("/", "\\", ".")):
+        return None
+    path = Path(resolve_path(ws.root, dataset) or dataset)
+    return path if path.is_dir() else None
+
+
+def _rows_from_export(folder: Path, box_format: str) -> list[Row]:
+    """Rows from an sft export: the first assistant turn is the gt box written in ``box_format``."""
+    from visrl.formats.trl import load_rows
+
+    rows = []
+    for n, sft in enumerate(load_rows(folder), start=1):
+        if "messages" not in sft or not sft.get("images"):
+            raise DataError(f"{folder} is not an sft export (row {n} has no messages/images); "
+                            "export it with `visrl export --format trl-sft`")
+        messages, full = sft["messages"], sft["images"][0]
+        box = parse_box(message_text(messages[1]) if len(messages) > 1 else "", box_format, full.size)
+        if box is None:
+            continue
+        question = re.sub(rf"\s*{re.escape(BOX_PROMPT)}\s*$", "", message_text(messages[0]))
+        answer = message_text(messages[3]) if len(messages) > 3 else ""
+        rows.append(_row(full, question, box, [answer]))
+    return rows
+
+
+def _row(full: Image.Image, question: str, box: Box, references: list[str]) -> Row:
+    return {"images": [full], "prompt": box_prompt(question), "gt_box": box.as_list(),
+            "question": question, "references": references}
+
+
+def message_text(message: Any) -> str:
+    """The text of a message (content a string or a list of parts), or of a trl completion
+    (a list holding one assistant message) or a plain string."""
+    if isinstance(message, str):
+        return message
+    if isinstance(message, list):
+        return "".join(message_text(m) for m in message)
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content or ""
+
+
+# ---------------------------------------------------------------------- rewards
+
+def default_parse(box_format: str) -> Parse:
+    """``parse_box`` against the full image's size (every format but qwen2_5, which needs the
+    processor's resized size: :meth:`visrl.reasoning.Reasoner.parse` supplies it)."""
+    return lambda text, image: parse_box(text, box_format, image.size)
+
+
+class IoUReward:
+    """IoU of each completion's box with its row's ``gt_box`` (0.0 for no box)."""
+
+    __name__ = "iou"  # trl names the logged metric after it: rewards/iou/mean
+
+    def __init__(self, parse: Parse) -> None:
+        self.parse = parse
+
+    def __call__(self, completions: list[Any], gt_box: list[list[float]], images: list[list[Image.Image]],
+                 **_: Any) -> list[float]:
+        return [iou(self.parse(message_text(c), imgs[0]), Box.from_list(gt))
+                for c, gt, imgs in zip(completions, gt_box, images, strict=True)]
+
+
+class FormatReward:
+    """1.0 when the completion holds a parseable box, else 0.0."""
+
+    __name__ = "format"
+
+    def __init__(self, parse: Parse) -> None:
+        self.parse = parse
+
+    def __call__(self, completions: list[Any], images: list[list[Image.Image]], **_: Any) -> list[float]:
+        return [float(self.parse(message_text(c), imgs[0]) is not None)
+                for c, imgs in zip(completions, images, strict=True)]
+
+
+@dataclass
+class TrainingPolicy:
+    """What :class:`visrl.reasoning.Reasoner` reads of a ``LoadedModel``, for the model in training
+    (the Trainer moves it to its device after this is built, hence the property)."""
+
+    model: Any
+    processor: Any
+    box_format: str
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+
+class AnswerReward:
+    """The rule-judge score of a greedy answer step on each sampled box's crop (0.0 for no box)."""
+
+    __name__ = "answer"
+
+    def __init__(self, reasoner: Any, parse: Parse, max_new_tokens: int, judge: Any = None) -> None:
+        self.reasoner, self.parse = reasoner, parse
+        self.max_new_tokens = max_new_tokens
+        self.judge = judge or RuleAnswerJudge("auto", JudgeOptions())
+
+    def __call__(self, completions: list[Any], images: list[list[Image.Image]], question: list[str],
+                 references: list[list[str]], **_: Any) -> list[float | None]:
+        from visrl.reasoning import Sampling
+
+        texts = [message_text(c) for c in completions]
+        fulls = [imgs[0] for imgs in images]
+        boxes = [self.parse(t, full) for t, full in zip(texts, fulls, strict=True)]
+        todo = [i for i, box in enumerate(boxes) if box is not None and any(references[i])]
+        answers: dict[int, str] = {}
+        if todo:
+            with _generating(self.reasoner.model):
+                out = self.reasoner.answer([fulls[i] for i in todo], [question[i] for i in todo],
+                                           [texts[i] for i in todo],
+                                           [self.reasoner.crop(fulls[i], boxes[i]) for i in todo],
+                                           Sampling(temperature=0.0, max_new_tokens=self.max_new_tokens))
+            answers = {i: group[0] for i, group in zip(todo, out, strict=True)}
+        scores: list[float | None] = []
+        for i, refs in enumerate(references):
+            if not any(refs):
+                scores.append(None)  # nothing to judge against: trl leaves it out of the mean
+            elif i not in answers:
+                scores.append(0.0)  # no box, no crop: the two-step answer fails
+            else:
+                judged = self.judge(JudgeInput(question=question[i], references=list(refs), answer=answers[i]))
+                scores.append(judged.score if judged else 0.0)
+        return scores
+
+
+@contextlib.contextmanager
+def _generating(model: Any) -> Iterator[None]:
+    """Eval mode (no dropout) and a KV cache for the answer step; training state restored after.
+    ``load_train_model`` turns the cache off, which would make each new token re-read the prompt."""
+    config = getattr(model, "config", None)
+    was_training, cache = model.training, getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = True
+    try:
+        yield
+    finally:
+        if config is not None:
+            config.use_cache = cache
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------- trainer
+
+def grpo_args(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> Any:
+    from trl import GRPOConfig
+
+    args = common_args(cfg, output_dir, has_eval)
+    args.pop("max_length")  # GRPOConfig has none: prompts are never cut, completions are capped
+    # trl requires whole groups in an eval batch too.
+    args["per_device_eval_batch_size"] = cfg.num_generations
+    return GRPOConfig(**args, num_generations=cfg.num_generations,
+                      max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
+                      beta=cfg.grpo_beta, use_vllm=False)
+
+
+def build_grpo_trainer(cfg: TrainConfig, tm: TrainModel, train_ds: Any, eval_ds: Any | None,
+                       output_dir: Path, callbacks: list[Any]) -> Any:
+    """A ``GRPOTrainer`` on box-step prompts with the iou + format (+ answer) rewards."""
+    from trl import GRPOTrainer
+
+    from visrl.reasoning import Reasoner
+
+    # The answer reward must ask the model being trained, so its Reasoner is bound after the
+    # trainer wraps the model with LoRA; parsing needs only the processor (qwen2_5's resize).
+    policy = TrainingPolicy(tm.model, tm.processor, cfg.box_format)
+    reasoner = Reasoner(policy, box_format=cfg.box_format, crop_margin=cfg.crop_margin)
+    parse = reasoner.parse if cfg.box_format == "qwen2_5" else default_parse(cfg.box_format)
+    rewards: list[Any] = [IoUReward(parse), FormatReward(parse)]
+    answer = AnswerReward(reasoner, parse, cfg.max_completion_length) if cfg.grpo_answer_reward else None
+    if answer is not None:
+        rewards.append(answer)
+    trainer = GRPOTrainer(
+        model=tm.model,
+        reward_funcs=rewards,
+        args=grpo_args(cfg, output_dir, eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tm.processor,  # the processor, never its tokenizer (shared/PITFALLS.md)
+        peft_config=lora_config(cfg),
+        callbacks=callbacks,
+    )
+    policy.model = reasoner.model = trainer.model  # the LoRA-wrapped policy
+    return trainer
