@@ -37,20 +37,21 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "data" / "demo-model"
 GENERATE_CONFIG = ROOT / "configs" / "demo" / "generate.yaml"
-MODEL_RECIPE = ROOT / "configs" / "demo" / "train_demo_model_phase2.yaml"  # its data: = the task
+MODEL_REPORT = SHIPPED_MODEL / "training_report.json"  # its config.data: = the task it learned
 DEMO_DATASET = "demo"
 DEMO_MODEL = "models/tiny-demo"  # workspace-relative; configs/demo/*.yaml name this folder
 COMPLETE = ".demo-complete"  # written last: the workspace is whole
 BUILDING = ".demo-building"  # written first: a crash leaves it, and the next start rebuilds
-# The task of the shipped model, used when its recipe (MODEL_RECIPE, key data:) is not at hand:
-# small dots whose colour is only legible in the crop, objects of distinct colours.
-DEMO_DATA: dict[str, Any] = {"detail": "dot_colour", "dot_size": 6, "object_size": (80, 96),
-                             "distinct_colours": True, "dataset_name": "visrl_demo"}
+# The task of the shipped model, used when its training report is not at hand: a small line
+# pattern (horizontal, vertical, checkered) that blurs to the same grey in the overview and is
+# legible only in the crop; objects of distinct colours.
+DEMO_DATA: dict[str, Any] = {"detail": "pattern", "pattern_size": 13, "pattern_line": 1,
+                             "object_size": (80, 96), "distinct_colours": True, "dataset_name": "visrl_demo"}
 
 Say = Callable[[str], None]
 
 
-def create_demo_workspace(root: str | Path, force: bool = False, n_pairs_items: int = 24,
+def create_demo_workspace(root: str | Path, force: bool = False, n_pairs_items: int = 40,
                           progress: Say | None = None, data: dict[str, Any] | None = None) -> Path:
     """Create (or finish) the demo workspace at ``root``; returns its folder.
 
@@ -102,11 +103,9 @@ def _clear(root: Path) -> None:
 
 
 def demo_data() -> dict[str, Any]:
-    """SyntheticConfig fields of the task the shipped model was trained on (its recipe's data:)."""
-    if MODEL_RECIPE.is_file():
-        from visrl.config import read_yaml
-
-        data = read_yaml(MODEL_RECIPE).get("data")
+    """SyntheticConfig fields of the task the shipped model was trained on (its training report)."""
+    if MODEL_REPORT.is_file():
+        data = json.loads(MODEL_REPORT.read_text(encoding="utf-8")).get("config", {}).get("data")
         if isinstance(data, dict) and data:
             return {"dataset_name": "visrl_demo", **data}
     return dict(DEMO_DATA)

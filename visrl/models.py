@@ -24,6 +24,10 @@ from visrl.errors import ModelError
 
 log = logging.getLogger(__name__)
 
+# transformers 5 renamed gradient_checkpointing; trl 1.16 and peft still use the old names, which
+# warn on every load and run. The warning is addressed to those libraries, not to our users.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+
 MODEL_FILE = "visrl_model.json"  # {"box_format": "viscot"}: how a VisRL-trained folder writes boxes
 
 

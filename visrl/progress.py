@@ -69,7 +69,7 @@ class Progress:
         if self._bar is not None:
             self._bar.update(self.step - previous)
             if metrics:
-                self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+                self._bar.set_postfix(_headline(metrics), refresh=False)
         if not self.in_job:
             return
         if metrics:
@@ -98,3 +98,14 @@ class Progress:
             self._write(None)
         if self._bar is not None:
             self._bar.close()
+
+
+# The bar shows a few headline numbers; every metric still goes to the store (and the app's plots).
+HEADLINE = ("loss", "box/loss", "answer/loss", "rewards/accuracies", "box/rewards/accuracies",
+            "answer/rewards/accuracies", "rewards/margins", "reward", "items_per_s", "parse_rate",
+            "acc50", "answer_acc")
+
+
+def _headline(metrics: dict[str, float]) -> dict[str, str]:
+    shown = {k: f"{metrics[k]:.4g}" for k in HEADLINE if k in metrics}
+    return shown or {k: f"{v:.4g}" for k, v in list(metrics.items())[:4]}

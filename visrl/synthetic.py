@@ -18,13 +18,15 @@ learns colours in a few hundred steps but not glyphs. A dot's colour does not qu
 small overview, though: downsampling keeps a region's mean colour, so a well-trained model reads a
 6 px dot even at 128x96.
 
-With ``detail: pattern`` each object carries a ``pattern_size`` square of black and white lines
-``pattern_line`` pixels wide, in one of four patterns (horizontal, vertical, checkered, diagonal);
-the question asks which ("What pattern is on the red circle?"). Every pattern is half black, so
-in an overview shrunk 3-4x (448x336 -> 128x96) all four blur to the same grey square, while the
-enlarged crop shows lines 2.5-3 pixels wide: the answer genuinely needs the zoom, and telling line
-orientations apart is a local filter a small vision tower learns. The demo model is trained on
-this variant.
+With ``detail: pattern`` each object carries a ``pattern_size`` square of dark and light lines
+``pattern_line`` pixels wide, in one of three patterns (horizontal, vertical, checkered);
+the question asks which ("What pattern is on the red circle?"). The inks give every square the
+same (random) mean grey and the patterns are point-symmetric with a random phase, so in an
+overview shrunk 3.5x (448x336 -> 128x96) all three blur to a grey square (a linear probe on the
+overview's 7x7 pixels around it scores 36% and one with squared pixels 53%, chance 33%; a
+diagonal pattern or 2 px lines leaked 50-100% through aliasing), while a crop enlarged 1.3x shows the lines (a probe on the crop's
+spectrum: 100%): the answer needs the zoom, and telling line orientations
+apart is a local filter a small vision tower learns. The demo model is trained on this variant.
 
 Objects sit in distinct cells of a coarse grid (``cell_size`` pixels) with jitter inside the
 cell, so they never overlap and a small model can learn where things are. The vocabulary is
@@ -77,8 +79,8 @@ DOT_QUESTION_TEMPLATES: tuple[str, ...] = (
     "Which colour does the dot on the {colour} {shape} have?",
     "What is the colour of the dot inside the {colour} {shape}?",
 )
-# Half-black line patterns (see _pattern_ink): the same mean grey, so they blur to one another.
-PATTERNS: tuple[str, ...] = ("horizontal", "vertical", "checkered", "diagonal")
+# Line patterns (see _pattern_ink) drawn with inks that give each the same mean grey.
+PATTERNS: tuple[str, ...] = ("horizontal", "vertical", "checkered")
 PATTERN_QUESTION_TEMPLATES: tuple[str, ...] = (
     "What pattern is on the {colour} {shape}?",
     "Which pattern does the {colour} {shape} show?",
@@ -129,9 +131,9 @@ class SyntheticConfig:
         "help": "Side of the dot in pixels (detail: dot_colour)."})
     pattern_size: int = field(default=13, metadata={
         "help": "Side of the pattern square in pixels (detail: pattern); odd keeps it symmetric."})
-    pattern_line: int = field(default=2, metadata={
-        "help": "Width of the pattern's lines in pixels (detail: pattern); 2 px lines fall below a "
-                "3.5x-shrunk overview's resolution and read at 1.3x and more."})
+    pattern_line: int = field(default=1, metadata={
+        "help": "Width of the pattern's lines in pixels (detail: pattern); 1 px lines vanish from a "
+                "3.5x-shrunk overview (2 px lines alias into it) and read in a crop enlarged 1.3x."})
     distinct_colours: bool = field(default=False, metadata={
         "help": "Give every object of a scene its own colour, so the colour alone names the "
                 "object (easier grounding; at most 5 objects)."})
@@ -171,7 +173,8 @@ class SyntheticConfig:
             out.append(f"detail must be one of {', '.join(DETAILS)}, got {self.detail!r}")
         if not 1 <= self.dot_size <= lo // 3:
             out.append(f"dot_size must be between 1 and object_size min / 3, got {self.dot_size}")
-        if self.pattern_line < 1 or not 2 * self.pattern_line <= self.pattern_size <= lo // 3:
+        if self.detail == "pattern" and (self.pattern_line < 1
+                                         or not 2 * self.pattern_line <= self.pattern_size <= lo // 3):
             out.append(f"pattern_size must be between 2 x pattern_line and object_size min / 3 "
                        f"(and pattern_line >= 1), got {self.pattern_size}, {self.pattern_line}")
         if lo < 3 * self.digit_size:
@@ -293,19 +296,21 @@ def _draw_dot_object(draw: ImageDraw.ImageDraw, shape: str, fill: tuple[int, int
     return Box(x, y, x + cfg.dot_size, y + cfg.dot_size)
 
 
-def _pattern_ink(pattern: str, u: int, v: int, line: int) -> bool:
+def _pattern_ink(pattern: str, u: int, v: int, line: int, phase: int) -> bool:
     """Whether the pixel at offset (u, v) from the pattern square's centre is dark.
 
     Bands are counted from the centre outwards (|u|, |v|), so every pattern is point-symmetric:
-    none shifts the square's dark mass, which a shrunk overview would still show.
+    none shifts the square's dark mass, which a shrunk overview would still show. ``phase`` (0 or
+    1, random) swaps dark and light bands: a truncated stripe pattern has light (or dark) edge rows
+    that a shrunk overview keeps as a faint elongation, and a random phase gives that no sign.
     """
     if pattern == "horizontal":
-        return (abs(v) // line) % 2 == 1
-    if pattern == "vertical":
-        return (abs(u) // line) % 2 == 1
-    if pattern == "checkered":
-        return (abs(u) // line + abs(v) // line) % 2 == 1
-    return (abs(u + v) // line) % 2 == 1  # diagonal: lines along u + v = const
+        band = abs(v) // line
+    elif pattern == "vertical":
+        band = abs(u) // line
+    else:  # checkered
+        band = abs(u) // line + abs(v) // line
+    return (band + phase) % 2 == 1
 
 
 def _draw_pattern_object(draw: ImageDraw.ImageDraw, rng: random.Random, shape: str,
@@ -320,7 +325,8 @@ def _draw_pattern_object(draw: ImageDraw.ImageDraw, rng: random.Random, shape: s
     cx, cy = _draw_shape(draw, shape, fill, box)
     half = side // 2
     cells = [(u, v) for v in range(-half, side - half) for u in range(-half, side - half)]
-    dark = [(cx + u, cy + v) for u, v in cells if _pattern_ink(pattern, u, v, cfg.pattern_line)]
+    phase = rng.randrange(2)
+    dark = [(cx + u, cy + v) for u, v in cells if _pattern_ink(pattern, u, v, cfg.pattern_line, phase)]
     share = len(dark) / len(cells)
     mean, contrast = rng.uniform(110, 145), rng.uniform(140, 210)
     light_ink, dark_ink = round(mean + contrast * share), round(mean - contrast * (1 - share))

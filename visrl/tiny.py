@@ -27,9 +27,8 @@ PRESETS = ("test", "test-qwen3", "demo")
 
 def build_tiny_model(out_dir: str | Path, preset: str = "test", seed: int = 0) -> Path:
     """Write a randomly initialised tiny VLM of ``preset`` to ``out_dir`` and return the folder."""
-    from visrl.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3
-
     from visrl.models import write_model_info
+    from visrl.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown tiny-model preset {preset!r}; choose one of {', '.join(PRESETS)}")

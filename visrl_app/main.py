@@ -17,15 +17,16 @@ def ensure_workspace(workspace: str | None) -> Path:
     if workspace:
         return resolve_root(workspace)
     root = demo_root()
-    if not (root / DB_NAME).is_file():
-        try:
-            from visrl.demo import create_demo_workspace  # builds the benchmark + tiny model once
-        except ImportError:
-            raise WorkspaceError(f"no demo workspace at {root} and this install cannot build one; "
-                                 "pass --workspace DIR") from None
-
-        click.echo(f"Creating the demo workspace in {root} (first start only) ...", err=True)
-        create_demo_workspace(root)
+    try:
+        from visrl.demo import COMPLETE, create_demo_workspace  # builds the benchmark + model once
+    except ImportError:
+        if (root / DB_NAME).is_file():
+            return root
+        raise WorkspaceError(f"no demo workspace at {root} and this install cannot build one; "
+                             "pass --workspace DIR") from None
+    if not (root / COMPLETE).is_file():  # first start, or a build that was cut off: (re)build it
+        click.echo(f"Creating the demo workspace in {root} (first start only, ~30 s) ...", err=True)
+        create_demo_workspace(root, progress=lambda line: click.echo(line, err=True))
     return root
 
 

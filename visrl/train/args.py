@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 from visrl.train.config import TrainConfig
 from visrl.train.lora import has_gpu
-
-# transformers 5 renamed gradient_checkpointing; trl 1.16's configs still set the old name, which
-# warns on every run. The warning is addressed to trl, not to the person training.
-warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 def common_args(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> dict[str, Any]:

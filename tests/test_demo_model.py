@@ -1,0 +1,103 @@
+"""The shipped demo model (data/demo-model): it loads, and it scores what its card says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "data" / "demo-model"
+
+
+def recipe() -> Any:
+    """scripts/train_demo_model.py as a module (its evaluate_model is the card's evaluation)."""
+    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(path: Path) -> tuple[Any, Any]:
+    """Through the project's loader when it knows Qwen3-VL, else the builder's own processor."""
+    try:
+        from visrl.models import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None:
+        loaded = load_model(str(path), dtype="float32", device="cpu")
+        return loaded.model, loaded.processor
+    from transformers import AutoModelForImageTextToText
+
+    from visrl.tiny_qwen3 import load_processor
+
+    return AutoModelForImageTextToText.from_pretrained(str(path)), load_processor(path)
+
+
+def test_shipped_files_are_small_and_described() -> None:
+    files = [p for p in MODEL.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    card = (MODEL / "MODEL_CARD.md").read_text(encoding="utf-8")
+    for heading in ("Recipe", "Data", "Compute", "Evaluation"):
+        assert f"## {heading}" in card
+    report = json.loads((MODEL / "training_report.json").read_text(encoding="utf-8"))
+    assert report["evaluation"]["split"] == "test" and report["evaluation"]["n"] >= 100
+
+
+@pytest.mark.slow
+def test_shipped_model_scores_its_card_on_50_test_items() -> None:
+    import torch
+
+    from visrl.synthetic import SyntheticConfig
+
+    torch.set_num_threads(1)
+    module = recipe()
+    report = json.loads((MODEL / "training_report.json").read_text(encoding="utf-8"))
+    card = report["evaluation"]
+    model, processor = load(MODEL)
+    data = SyntheticConfig(**report["config"]["data"])
+    got = module.evaluate_model(model, processor, data, "test", 50)
+    # 50 of the card's test items: a proportion's standard error is <= 0.07 here; allow 3 of them,
+    # plus the first 50 items being an easier or harder half of the card's set.
+    for key in ("acc@0.5", "two_step_acc", "true_crop_acc", "direct_acc", "parse_rate"):
+        assert abs(got[key] - card[key]) <= 0.2, (key, got[key], card[key])
+    assert got["parse_rate"] >= 0.9
+    assert got["true_crop_acc"] - got["direct_acc"] >= 0.15  # the answer needs the zoom
+
+
+def test_tiny_qwen3_builds_reloads_and_trains_on_assistant_turns(tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from visrl.synthetic import SyntheticConfig, render_item
+    from visrl.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3, load_processor
+
+    torch.set_num_threads(1)
+    spec = TinyQwen3Spec(text_hidden=64, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
+                         vision_hidden=32, vision_depth=2, vision_heads=2, vision_intermediate=32)
+    path = build_tiny_qwen3(tmp_path / "m", spec)
+    model = AutoModelForImageTextToText.from_pretrained(str(path))
+    processor = load_processor(path)
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert model.config.vision_config.num_position_embeddings == 64
+    assert processor.tokenizer.tokenize("0.781") == ["0", ".", "7", "8", "1"]  # one token per digit
+    module = recipe()
+    scene = render_item(SyntheticConfig(detail="dot_colour", object_size=(80, 96)), "train", 0)
+    batch = module.collate(processor, [module.make_row(scene, direct=False), module.make_row(scene, direct=True)])
+    # 448x336 -> 128x96 (4x3 merged tokens); the crop of a ~90 px object -> 128x128 (4x4).
+    assert batch["image_grid_thw"].tolist() == [[1, 6, 8], [1, 8, 8], [1, 6, 8]]
+    trained = processor.tokenizer.decode([t for t in batch["labels"][0].tolist() if t != -100])
+    box = module.format_box(scene.target_object.box, "viscot", scene.size)
+    assert trained == f"{box}<|im_end|>{scene.answer}<|im_end|>"
+    assert float(model(**batch).loss) > 0
+
+
+def test_assistant_labels_cover_each_answer_and_its_end() -> None:
+    labels = recipe().assistant_labels([1, 7, 8, 5, 9, 2, 1, 7, 8, 6, 9], start=[7, 8], end=9)
+    assert labels == [-100, -100, -100, 5, 9, -100, -100, -100, -100, 6, 9]
