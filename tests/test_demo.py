@@ -105,7 +105,10 @@ def test_demo_task_is_the_shipped_models(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     data = demo.demo_data()
     assert data["dataset_name"] == "visrl_demo" and SyntheticConfig(**data)
-    monkeypatch.setattr(demo, "MODEL_RECIPE", tmp_path / "missing.yaml")
+    report = json.loads(demo.MODEL_REPORT.read_text(encoding="utf-8"))
+    assert {k: data[k] for k in report["config"]["data"]} == report["config"]["data"]
+    assert data["detail"] == "pattern"
+    monkeypatch.setattr(demo, "MODEL_REPORT", tmp_path / "missing.json")
     assert demo.demo_data() == demo.DEMO_DATA
 
 

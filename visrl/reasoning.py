@@ -73,14 +73,24 @@ def fit_pixels(image: Image.Image, min_pixels: int | None = None, max_pixels: in
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def _with_images(conversation: Conversation, images: list[Image.Image]) -> Conversation:
-    """Attach ``images`` in order to the ``{"type": "image"}`` parts (the form ``generate`` takes)."""
-    pending = iter(images)
+def with_images(messages: Conversation, images: list[Image.Image]) -> Conversation:
+    """Copies of ``messages`` whose ``{"type": "image"}`` placeholders carry ``images`` in order."""
+    queue = list(images)
     out = []
-    for message in conversation:
-        parts = [{"type": "image", "image": next(pending)} if part.get("type") == "image" else part
-                 for part in message["content"]]
+    for message in messages:
+        if isinstance(message["content"], str):
+            out.append(message)
+            continue
+        parts = []
+        for part in message["content"]:
+            if part.get("type") == "image":
+                if not queue:
+                    raise ValueError("more image placeholders than images")
+                part = {"type": "image", "image": queue.pop(0)}
+            parts.append(part)
         out.append({**message, "content": parts})
+    if queue:
+        raise ValueError(f"{len(queue)} image(s) left over after filling the placeholders")
     return out
 
 
@@ -105,7 +115,88 @@ def split_images(conversation: Conversation) -> tuple[Conversation, list[Image.I
     return out, images
 
 
-class Reasoner:
+class TwoStep:
+    """The method's two steps over any backend that implements :meth:`generate`.
+
+    :class:`Reasoner` runs a local model; :class:`visrl.remote.RemoteReasoner` a server. Both build
+    the same prompts (:mod:`visrl.prompts`), parse and crop the same way.
+    """
+
+    box_format: str = "viscot"
+    crop_margin: float = 0.0
+
+    def generate(self, conversations: list[Conversation], sampling: Sampling,
+                 progress: bool = False) -> list[list[str]]:
+        raise NotImplementedError
+
+    def prepare_full(self, image: Image.Image) -> Image.Image:
+        """The full image as the model is given it (a backend may apply a pixel budget)."""
+        return image
+
+    def prepare_crop(self, crop: Image.Image) -> Image.Image:
+        return crop
+
+    def parse(self, text: str | None, image: Image.Image) -> Box | None:
+        """The box of a step-1 text in pixels of ``image``; None when there is none."""
+        return parse_box(text, self.box_format, image.size)
+
+    def crop(self, image: Image.Image, box: Box | None) -> Image.Image:
+        """The crop step 2 sees: the box, or the whole image when there is none."""
+        return crop_box(image, box if box is not None else Box(0, 0, *image.size), margin=self.crop_margin)
+
+    def propose_boxes(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
+                      progress: bool = False) -> list[list[str]]:
+        """Step 1: ``sampling.n`` box texts per item."""
+        conversations = [with_images(box_prompt(q), [self.prepare_full(im)])
+                         for im, q in zip(images, questions, strict=True)]
+        return self.generate(conversations, sampling, progress=progress)
+
+    def answer(self, images: list[Image.Image], questions: list[str], box_texts: list[str],
+               crops: list[Image.Image], sampling: Sampling, progress: bool = False) -> list[list[str]]:
+        """Step 2: answers given the full image, the step-1 box text and its crop."""
+        conversations = [with_images(answer_prompt(q, t), [self.prepare_full(im), self.prepare_crop(c)])
+                         for im, q, t, c in zip(images, questions, box_texts, crops, strict=True)]
+        return self.generate(conversations, sampling, progress=progress)
+
+    def direct(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
+               progress: bool = False) -> list[list[str]]:
+        """The baseline: answer from the full image, without the box step."""
+        conversations = [with_images(direct_prompt(q), [self.prepare_full(im)])
+                         for im, q in zip(images, questions, strict=True)]
+        return self.generate(conversations, sampling, progress=progress)
+
+    def two_step(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
+                 progress: bool = False) -> list[list[TwoStepResult]]:
+        """``sampling.n`` box samples per item, each cropped and answered once (greedily when the
+        box step is greedy, else with the same temperature)."""
+        started = time.perf_counter()
+        texts = self.propose_boxes(images, questions, sampling, progress=progress)
+        box_seconds = (time.perf_counter() - started) / max(1, len(images))
+        flat = [(i, text) for i, samples in enumerate(texts) for text in samples]
+        boxes = [self.parse(text, images[i]) for i, text in flat]
+        crops = [self.crop(images[i], box) for (i, _), box in zip(flat, boxes, strict=True)]
+        started = time.perf_counter()
+        answers = self.answer([images[i] for i, _ in flat], [questions[i] for i, _ in flat],
+                              [t for _, t in flat], crops, sampling.single(), progress=progress)
+        answer_seconds = (time.perf_counter() - started) / max(1, len(flat))
+        results: list[list[TwoStepResult]] = [[] for _ in images]
+        for (i, text), box, crop, answer in zip(flat, boxes, crops, answers, strict=True):
+            results[i].append(TwoStepResult(questions[i], text, box, crop, answer[0],
+                                            {"box_s": round(box_seconds, 4), "answer_s": round(answer_seconds, 4)}))
+        return results
+
+    def stream_two_step(self, image: Image.Image, question: str, sampling: Sampling) -> Iterator[dict[str, Any]]:
+        """Chat: the box event, then the answer (one event here; :class:`Reasoner` streams tokens)."""
+        one = sampling.single()
+        image = image.convert("RGB")
+        box_text = self.propose_boxes([image], [question], one)[0][0]
+        box = self.parse(box_text, image)
+        crop = self.crop(image, box)
+        yield {"kind": "box", "box_text": box_text, "box": box, "crop": crop}
+        yield {"kind": "answer", "answer": self.answer([image], [question], [box_text], [crop], one)[0][0]}
+
+
+class Reasoner(TwoStep):
     """Two-step inference with a loaded local model (:func:`visrl.models.load_model`)."""
 
     def __init__(self, loaded: Any, box_format: str | None = None, batch_size: int = 16,
@@ -195,50 +286,6 @@ class Reasoner:
         resized = self.input_size(image) if self.box_format == "qwen2_5" else None
         return parse_box(text, self.box_format, image.size, resized=resized)
 
-    def crop(self, image: Image.Image, box: Box | None) -> Image.Image:
-        return crop_box(image, box if box is not None else Box(0, 0, *image.size), margin=self.crop_margin)
-
-    def propose_boxes(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
-                      progress: bool = False) -> list[list[str]]:
-        """Step 1: ``sampling.n`` box texts per item."""
-        conversations = [_with_images(box_prompt(q), [self.prepare_full(im)])
-                         for im, q in zip(images, questions, strict=True)]
-        return self.generate(conversations, sampling, progress=progress)
-
-    def answer(self, images: list[Image.Image], questions: list[str], box_texts: list[str],
-               crops: list[Image.Image], sampling: Sampling, progress: bool = False) -> list[list[str]]:
-        """Step 2: answers given the full image, the step-1 box text and its crop."""
-        conversations = [_with_images(answer_prompt(q, t), [self.prepare_full(im), self.prepare_crop(c)])
-                         for im, q, t, c in zip(images, questions, box_texts, crops, strict=True)]
-        return self.generate(conversations, sampling, progress=progress)
-
-    def direct(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
-               progress: bool = False) -> list[list[str]]:
-        """The baseline: answer from the full image, without the box step."""
-        conversations = [_with_images(direct_prompt(q), [self.prepare_full(im)])
-                         for im, q in zip(images, questions, strict=True)]
-        return self.generate(conversations, sampling, progress=progress)
-
-    def two_step(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
-                 progress: bool = False) -> list[list[TwoStepResult]]:
-        """``sampling.n`` box samples per item, each cropped and answered (greedily when the
-        box step is greedy, else with the same temperature)."""
-        started = time.perf_counter()
-        texts = self.propose_boxes(images, questions, sampling, progress=progress)
-        box_seconds = (time.perf_counter() - started) / max(1, len(images))
-        flat = [(i, text) for i, samples in enumerate(texts) for text in samples]
-        boxes = [self.parse(text, images[i]) for i, text in flat]
-        crops = [self.crop(images[i], box) for (i, _), box in zip(flat, boxes, strict=True)]
-        started = time.perf_counter()
-        answers = self.answer([images[i] for i, _ in flat], [questions[i] for i, _ in flat],
-                              [t for _, t in flat], crops, sampling.single(), progress=progress)
-        answer_seconds = (time.perf_counter() - started) / max(1, len(flat))
-        results: list[list[TwoStepResult]] = [[] for _ in images]
-        for (i, text), box, crop, answer in zip(flat, boxes, crops, answers, strict=True):
-            results[i].append(TwoStepResult(questions[i], text, box, crop, answer[0],
-                                            {"box_s": round(box_seconds, 4), "answer_s": round(answer_seconds, 4)}))
-        return results
-
     def stream_two_step(self, image: Image.Image, question: str, sampling: Sampling) -> Iterator[dict[str, Any]]:
         """Chat: the box step, then the answer as it is generated."""
         from transformers import TextIteratorStreamer
@@ -248,7 +295,7 @@ class Reasoner:
         box = self.parse(box_text, image)
         crop = self.crop(image, box)
         yield {"kind": "box", "box_text": box_text, "box": box, "crop": crop}
-        conversation = _with_images(answer_prompt(question, box_text),
+        conversation = with_images(answer_prompt(question, box_text),
                                     [self.prepare_full(image), self.prepare_crop(crop)])
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=300)

@@ -27,16 +27,14 @@ import random
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import httpx
 from PIL import Image
 
-from visrl.boxes import BOX_FORMATS, Box, crop_box, parse_box
+from visrl.boxes import BOX_FORMATS
 from visrl.errors import ConfigError, RemoteError
-from visrl.prompts import answer_prompt, box_prompt, direct_prompt
-from visrl.reasoning import TwoStepResult
+from visrl.reasoning import TwoStep, with_images  # noqa: F401  (with_images: re-exported)
 
 Message = dict[str, Any]
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # transient: busy, restarting, overloaded
@@ -140,34 +138,13 @@ def _encode_part(part: Message) -> Message:
         return part
     image = part.get("image")
     if not isinstance(image, Image.Image):
-        raise ValueError("an image part has no PIL image to send; fill placeholders with with_images()")
+        raise ValueError("an image part has no PIL image to send; fill placeholders with visrl.reasoning.with_images()")
     return {"type": "image_url", "image_url": {"url": image_data_url(image)}}
-
-
-def with_images(messages: list[Message], images: list[Image.Image]) -> list[Message]:
-    """Copies of ``messages`` whose ``{"type": "image"}`` placeholders carry ``images`` in order."""
-    queue = list(images)
-    out = []
-    for message in messages:
-        if isinstance(message["content"], str):
-            out.append(message)
-            continue
-        parts = []
-        for part in message["content"]:
-            if part.get("type") == "image":
-                if not queue:
-                    raise ValueError("more image placeholders than images")
-                part = {"type": "image", "image": queue.pop(0)}
-            parts.append(part)
-        out.append({**message, "content": parts})
-    if queue:
-        raise ValueError(f"{len(queue)} image(s) left over after filling the placeholders")
-    return out
 
 
 # ---------------------------------------------------------------------- the reasoner
 
-class RemoteReasoner:
+class RemoteReasoner(TwoStep):
     """:class:`visrl.reasoning.Reasoner`'s methods against an OpenAI-compatible server.
 
     ``base_url`` is the API root (``http://host:port/v1``), ``model`` the served model name.
@@ -210,63 +187,6 @@ class RemoteReasoner:
             if progress:
                 results = _with_bar(results, len(conversations))
             return list(results)
-
-    def propose_boxes(self, images: list[Image.Image], questions: list[str], sampling: Any,
-                      progress: bool = False) -> list[list[str]]:
-        """Step 1: ``sampling.n`` box texts per item."""
-        convs = [with_images(box_prompt(q), [im]) for im, q in zip(images, questions, strict=True)]
-        return self.generate(convs, sampling, progress=progress)
-
-    def answer(self, images: list[Image.Image], questions: list[str], box_texts: list[str],
-               crops: list[Image.Image], sampling: Any, progress: bool = False) -> list[list[str]]:
-        """Step 2: answers given the full image, the step-1 box text and its crop."""
-        convs = [with_images(answer_prompt(q, t), [im, crop])
-                 for im, q, t, crop in zip(images, questions, box_texts, crops, strict=True)]
-        return self.generate(convs, sampling, progress=progress)
-
-    def direct(self, images: list[Image.Image], questions: list[str], sampling: Any,
-               progress: bool = False) -> list[list[str]]:
-        """The baseline: answers on the full image without a box step."""
-        convs = [with_images(direct_prompt(q), [im]) for im, q in zip(images, questions, strict=True)]
-        return self.generate(convs, sampling, progress=progress)
-
-    def two_step(self, images: list[Image.Image], questions: list[str], sampling: Any,
-                 progress: bool = False) -> list[list[TwoStepResult]]:
-        """``sampling.n`` box samples per item, each cropped and answered once, as the local
-        reasoner does: an unparseable box gives ``box=None`` and the whole image as the crop."""
-        started = time.perf_counter()
-        texts = self.propose_boxes(images, questions, sampling, progress=progress)
-        box_seconds = (time.perf_counter() - started) / max(1, len(images))
-        flat = [(i, text) for i, samples in enumerate(texts) for text in samples]
-        boxes = [self.parse(text, images[i]) for i, text in flat]
-        crops = [self.crop(images[i], box) for (i, _), box in zip(flat, boxes, strict=True)]
-        started = time.perf_counter()
-        answers = self.answer([images[i] for i, _ in flat], [questions[i] for i, _ in flat],
-                              [t for _, t in flat], crops, replace(sampling, n=1), progress=progress)
-        answer_seconds = (time.perf_counter() - started) / max(1, len(flat))
-        timings = {"box_s": round(box_seconds, 4), "answer_s": round(answer_seconds, 4)}
-        results: list[list[TwoStepResult]] = [[] for _ in images]
-        for (i, text), box, crop, answer in zip(flat, boxes, crops, answers, strict=True):
-            results[i].append(TwoStepResult(questions[i], text, box, crop, answer[0], dict(timings)))
-        return results
-
-    def stream_two_step(self, image: Image.Image, question: str, sampling: Any) -> Iterator[dict[str, Any]]:
-        """The box event, then one answer event with the whole answer (see the module doc)."""
-        one = replace(sampling, n=1)
-        image = image.convert("RGB")
-        box_text = self.propose_boxes([image], [question], one)[0][0]
-        box = self.parse(box_text, image)
-        crop = self.crop(image, box)
-        yield {"kind": "box", "box_text": box_text, "box": box, "crop": crop}
-        yield {"kind": "answer", "answer": self.answer([image], [question], [box_text], [crop], one)[0][0]}
-
-    def parse(self, text: str | None, image: Image.Image) -> Box | None:
-        """The box of a step-1 text in pixels of ``image`` (``qwen2_5``: see the module doc)."""
-        return parse_box(text, self.box_format, image.size)
-
-    def crop(self, image: Image.Image, box: Box | None) -> Image.Image:
-        """The crop step 2 sees: the box, or the whole image when there is none."""
-        return crop_box(image, box if box is not None else Box(0, 0, *image.size), margin=self.crop_margin)
 
     # -------------------------------------------------- internals
 
