@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visrl.boxes import BOX_FORMATS, iou
+from visrl.boxes import iou
 from visrl.errors import ConfigError, DataError
 from visrl.judges import ANSWER_JUDGES, Judge, JudgeInput, JudgeOptions, make_judges
+from visrl.policy import PolicyConfig, load_reasoner
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
 from visrl.workspace import Workspace
@@ -38,25 +39,10 @@ ACC_IOU = 0.5  # Visual-CoT's detection accuracy: IoU strictly above 0.5
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(PolicyConfig):
     """``visrl eval CONFIG``: one YAML key per field. Paths may be workspace-relative."""
 
-    model_name_or_path: str = field(default="", metadata={
-        "help": "Model folder to evaluate (local backend); relative paths are looked up in the workspace."})
-    adapter_name_or_path: str | None = field(default=None, metadata={
-        "help": "LoRA adapter folder applied on the model (a trained checkpoint), or null."})
-    backend: str = field(default="local", metadata={
-        "help": "'local' (the model in this process) or 'remote' (an OpenAI-compatible server such as vLLM)."})
-    base_url: str | None = field(default=None, metadata={
-        "help": "Remote backend: the server's base URL, e.g. http://127.0.0.1:8000/v1."})
-    remote_model: str | None = field(default=None, metadata={"help": "Remote backend: the served model name."})
-    dataset: str = field(default="", metadata={"help": "Dataset name in the workspace store."})
     split: str = field(default="test", metadata={"help": "Split to evaluate on."})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N items (by id); null = all."})
-    batch_size: int = field(default=8, metadata={"help": "Items per generate call."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each step's reply (greedy)."})
-    box_format: str = field(default="viscot", metadata={
-        "help": f"Box text format the model was trained with: {', '.join(BOX_FORMATS)}."})
     answer_judge: str = field(default="auto", metadata={
         "help": "auto | exact | f1 | anls | number | model (see visrl.judges)."})
     judge_base_url: str | None = field(default=None, metadata={
@@ -71,23 +57,9 @@ class EvalConfig:
                 "else exports/eval-<time>/ (workspace-relative paths allowed)."})
 
     def __post_init__(self) -> None:
-        if self.backend not in ("local", "remote"):
-            raise ConfigError(f"backend must be 'local' or 'remote', got {self.backend!r}")
-        if self.backend == "local" and not self.model_name_or_path:
-            raise ConfigError("model_name_or_path is required for the local backend")
-        if self.backend == "remote" and not (self.base_url and self.remote_model):
-            raise ConfigError("the remote backend needs base_url and remote_model")
-        if not self.dataset:
-            raise ConfigError("dataset is required: the name of a dataset in the workspace")
-        if self.box_format not in BOX_FORMATS:
-            raise ConfigError(f"box_format must be one of {', '.join(BOX_FORMATS)}, got {self.box_format!r}")
+        super().__post_init__()
         if self.answer_judge not in ANSWER_JUDGES:
             raise ConfigError(f"answer_judge must be one of {', '.join(ANSWER_JUDGES)}, got {self.answer_judge!r}")
-        for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1 or null, got {self.limit}")
 
     def judge_options(self) -> JudgeOptions:
         return JudgeOptions(anls_threshold=self.anls_threshold, number_rel_tol=self.number_rel_tol,
@@ -186,21 +158,6 @@ def compare_table(store: Store) -> str:
 
 
 # ---------------------------------------------------------------------- the run
-
-def load_reasoner(ws: Workspace, cfg: EvalConfig) -> Any:
-    """The evaluated policy: an in-process Reasoner or a remote one."""
-    if cfg.backend == "remote":
-        from visrl.reasoning import RemoteReasoner
-
-        return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format)
-    from visrl.generate import resolve_model_path
-    from visrl.models import load_model
-    from visrl.reasoning import Reasoner
-
-    loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
-                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path))
-    return Reasoner(loaded, box_format=cfg.box_format)
-
 
 def greedy(max_new_tokens: int) -> Any:
     from visrl.reasoning import Sampling

@@ -30,10 +30,11 @@ from typing import Any
 
 from PIL import Image
 
-from visrl.boxes import BOX_FORMATS, crop_box, format_box, iou, parse_box, random_negative_box
+from visrl.boxes import crop_box, format_box, iou, parse_box, random_negative_box
 from visrl.errors import ConfigError
 from visrl.judges import Judge, JudgeInput, JudgeOptions, ModelJudge, make_judges
 from visrl.pairs import PairsConfig, build_pairs
+from visrl.policy import PolicyConfig, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
 from visrl.workspace import Workspace
@@ -42,21 +43,10 @@ NEGATIVE_MAX_IOU = 0.05  # the method: a second sample overlapping the first mor
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(PolicyConfig):
     """``visrl generate CONFIG``: one YAML key per field. Paths may be workspace-relative."""
 
-    model_name_or_path: str = field(default="", metadata={
-        "help": "Policy model folder (local backend); relative paths are looked up in the workspace."})
-    adapter_name_or_path: str | None = field(default=None, metadata={
-        "help": "LoRA adapter folder applied on the model (e.g. the SFT warm-up), or null."})
-    backend: str = field(default="local", metadata={
-        "help": "'local' (the model in this process) or 'remote' (an OpenAI-compatible server such as vLLM)."})
-    base_url: str | None = field(default=None, metadata={
-        "help": "Remote backend: the server's base URL, e.g. http://127.0.0.1:8000/v1."})
-    remote_model: str | None = field(default=None, metadata={"help": "Remote backend: the served model name."})
-    dataset: str = field(default="", metadata={"help": "Dataset name in the workspace store."})
     split: str = field(default="train", metadata={"help": "Split of the dataset to generate on."})
-    limit: int | None = field(default=None, metadata={"help": "Only the first N items (by id); null = all."})
     attempts: int = field(default=3, metadata={
         "help": "Attempts per item; each gives a policy rollout and a negative/random one."})
     temperature: float = field(default=1.0, metadata={
@@ -64,10 +54,8 @@ class GenerateConfig:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling for boxes (1.0 = off)."})
     answer_temperature: float = field(default=0.0, metadata={
         "help": "Answer-step temperature; 0 = greedy, so an answer's score reflects its crop, not sampling noise."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each step's reply."})
     batch_size: int = field(default=8, metadata={
         "help": "Items per batch; one batch asks attempts x 2 boxes per item in one generate call."})
-    box_format: str = field(default="viscot", metadata={"help": f"Box text format: {', '.join(BOX_FORMATS)}."})
     answer_judge: str = field(default="auto", metadata={
         "help": "auto | exact | f1 | anls | number | model (see visrl.judges)."})
     crop_judge: str = field(default="iou", metadata={
@@ -90,21 +78,10 @@ class GenerateConfig:
         "help": "Name of this run (resume key); null = derived from model, data, sampling and seed."})
 
     def __post_init__(self) -> None:
-        if self.backend not in ("local", "remote"):
-            raise ConfigError(f"backend must be 'local' or 'remote', not {self.backend!r}")
-        if self.backend == "local" and not self.model_name_or_path:
-            raise ConfigError("model_name_or_path is required for the local backend")
-        if self.backend == "remote" and not (self.base_url and self.remote_model):
-            raise ConfigError("the remote backend needs base_url and remote_model")
-        if not self.dataset:
-            raise ConfigError("dataset is required: the name of a dataset in the workspace (`visrl stats`)")
-        if self.box_format not in BOX_FORMATS:
-            raise ConfigError(f"box_format {self.box_format!r} unknown; use one of {', '.join(BOX_FORMATS)}")
-        for name in ("attempts", "batch_size", "max_new_tokens", "judge_workers"):
+        super().__post_init__()
+        for name in ("attempts", "judge_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be at least 1 or null, got {self.limit}")
 
     def model_label(self) -> str:
         if self.backend == "remote":
@@ -147,28 +124,6 @@ def run_key_for(cfg: GenerateConfig) -> str:
              "box_format": cfg.box_format, "seed": cfg.seed}
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.dataset}-{cfg.split}-{digest}"
-
-
-def resolve_model_path(ws: Workspace, path: str | None) -> str | None:
-    """A relative model path names a folder of the workspace when one is there (``models/x``)."""
-    if not path or Path(path).is_absolute():
-        return path
-    in_ws = ws.root / path
-    return str(in_ws) if in_ws.exists() or not Path(path).exists() else str(Path(path).resolve())
-
-
-def load_reasoner(ws: Workspace, cfg: GenerateConfig) -> Any:
-    """The policy: an in-process :class:`visrl.reasoning.Reasoner` or a remote one."""
-    if cfg.backend == "remote":
-        from visrl.reasoning import RemoteReasoner
-
-        return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format)
-    from visrl.models import load_model
-    from visrl.reasoning import Reasoner
-
-    loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
-                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path))
-    return Reasoner(loaded, box_format=cfg.box_format)
 
 
 def _sampling(temperature: float, top_p: float, max_new_tokens: int, n: int) -> Any:

@@ -37,8 +37,8 @@ def run_infer(cfg: InferConfig, image_path: str | Path, question: str, crop_out:
     ``box`` is pixels of the original image, or None when the model's box text did not parse (the
     answer is then given on the whole image, which is what ``crop_out`` holds).
     """
-    from visrl.generate import resolve_model_path
     from visrl.models import load_model
+    from visrl.policy import resolve_model_path
     from visrl.reasoning import Reasoner, Sampling
     from visrl.workspace import Workspace, resolve_root
 

@@ -397,8 +397,8 @@ def serve(cfg: ServeConfig, workspace: str | Path | None = None) -> None:
     """Load the model and serve it until interrupted (blocks)."""
     import uvicorn
 
-    from visrl.generate import resolve_model_path
     from visrl.models import load_model
+    from visrl.policy import resolve_model_path
     from visrl.workspace import Workspace, resolve_root
 
     check_bind(cfg)

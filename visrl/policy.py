@@ -1,0 +1,76 @@
+"""The model a stage runs, wherever it lives: a local folder (plus an adapter) or a server.
+
+Generation and evaluation both read a dataset of the workspace with a policy; the settings they
+share, their checks and the loading of the reasoner live here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visrl.boxes import BOX_FORMATS
+from visrl.errors import ConfigError
+from visrl.workspace import Workspace
+
+
+@dataclass
+class PolicyConfig:
+    """Keys every policy-running stage takes (subclasses add their own). Paths may be workspace-relative."""
+
+    model_name_or_path: str = field(default="", metadata={
+        "help": "Model folder (local backend); relative paths are looked up in the workspace."})
+    adapter_name_or_path: str | None = field(default=None, metadata={
+        "help": "LoRA adapter folder applied on the model (e.g. the SFT warm-up or a trained checkpoint), or null."})
+    backend: str = field(default="local", metadata={
+        "help": "'local' (the model in this process) or 'remote' (an OpenAI-compatible server such as vLLM)."})
+    base_url: str | None = field(default=None, metadata={
+        "help": "Remote backend: the server's base URL, e.g. http://127.0.0.1:8000/v1."})
+    remote_model: str | None = field(default=None, metadata={"help": "Remote backend: the served model name."})
+    dataset: str = field(default="", metadata={"help": "Dataset name in the workspace store (`visrl stats`)."})
+    split: str = field(default="train", metadata={"help": "Split of the dataset."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N items (by id); null = all."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each step's reply."})
+    batch_size: int = field(default=8, metadata={"help": "Items per generate call."})
+    box_format: str = field(default="viscot", metadata={
+        "help": f"Box text format the model was trained with: {', '.join(BOX_FORMATS)}."})
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("local", "remote"):
+            raise ConfigError(f"backend must be 'local' or 'remote', not {self.backend!r}")
+        if self.backend == "local" and not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required for the local backend")
+        if self.backend == "remote" and not (self.base_url and self.remote_model):
+            raise ConfigError("the remote backend needs base_url and remote_model")
+        if not self.dataset:
+            raise ConfigError("dataset is required: the name of a dataset in the workspace (`visrl stats`)")
+        if self.box_format not in BOX_FORMATS:
+            raise ConfigError(f"box_format {self.box_format!r} unknown; use one of {', '.join(BOX_FORMATS)}")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be at least 1 or null, got {self.limit}")
+
+
+def resolve_model_path(ws: Workspace, path: str | None) -> str | None:
+    """A relative model path names a folder of the workspace when one is there (``models/x``)."""
+    if not path or Path(path).is_absolute():
+        return path
+    in_ws = ws.root / path
+    return str(in_ws) if in_ws.exists() or not Path(path).exists() else str(Path(path).resolve())
+
+
+def load_reasoner(ws: Workspace, cfg: PolicyConfig) -> Any:
+    """The policy: an in-process :class:`visrl.reasoning.Reasoner` or a remote one."""
+    if cfg.backend == "remote":
+        from visrl.remote import RemoteReasoner
+
+        return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format)
+    from visrl.models import load_model
+    from visrl.reasoning import Reasoner
+
+    loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
+                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path))
+    return Reasoner(loaded, box_format=cfg.box_format)
