@@ -299,7 +299,6 @@ def test_chat_needs_image_and_question(ctx: Any) -> None:
 
 
 def test_export_curated_pairs(ctx: Any) -> None:
-    pytest.importorskip("visrl.formats.trl")
     from visrl_app import pairs_export
 
     label = "TRL DPO, stage 1 (box step)"

@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import sync_playwright
 from test_app_browser import CHROMIUM, CHROMIUM_ARGS, free_port, screenshot, wait_for
 
 pytestmark = pytest.mark.browser
-
-MODEL = Path(__file__).resolve().parents[1] / "data" / "demo-model" / "model.safetensors"
-if not MODEL.is_file():
-    pytest.skip("needs the shipped demo model (data/demo-model)", allow_module_level=True)
-sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,6 @@ def test_demo_task_is_the_shipped_models(monkeypatch: pytest.MonkeyPatch, tmp_pa
 @pytest.mark.slow
 def test_real_demo_workspace_with_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real generation on a small benchmark, with a small built model as the 'shipped' one."""
-    pytest.importorskip("visrl.reasoning")
     import torch
 
     from visrl.tiny import build_tiny_model

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,12 +187,7 @@ def test_evals_command_prints_the_comparison(store: Store) -> None:
     assert "| 1 | models/m | – | bench/test | 5 | 25.0 |" in result.output
 
 
-HAVE_TINY = importlib.util.find_spec("visrl.tiny") is not None and \
-    importlib.util.find_spec("visrl.reasoning") is not None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_TINY, reason="visrl.tiny / visrl.reasoning not available yet")
 def test_eval_cli_with_the_tiny_model(store: Store) -> None:
     from visrl.tiny import build_tiny_model
 

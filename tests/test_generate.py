@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import textwrap
 import time
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,14 +28,6 @@ from visrl.store import Store, box_from_json
 SIZE = (120, 90)
 GT = Box(10, 10, 40, 40)  # every item's object; the fake answers right only when its box hits it
 FAR = Box(80, 50, 110, 80)  # never overlaps GT
-
-
-@pytest.fixture(autouse=True)
-def _sampling_without_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Until visrl.reasoning lands, sampling settings are a plain namespace for the fake policy.
-    if importlib.util.find_spec("visrl.reasoning") is None:
-        monkeypatch.setattr(gen, "_sampling", lambda t, p, m, n: SimpleNamespace(
-            temperature=t, top_p=p, max_new_tokens=m, n=n))
 
 
 class ScriptedReasoner:
@@ -297,10 +287,9 @@ def test_model_judges_run_concurrently_and_are_cached(store: Store) -> None:
 
 @pytest.mark.slow
 def test_generate_with_tiny_model(store: Store) -> None:
-    pytest.importorskip("visrl.reasoning")
-    tiny = pytest.importorskip("visrl.tiny")
     import torch
 
+    from visrl import tiny
     from visrl.synthetic import SyntheticConfig, render_item
 
     torch.set_num_threads(1)

@@ -188,7 +188,7 @@ def test_no_boxed_items_is_a_data_error(store: Any) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch = pytest.importorskip("torch")
+    import torch
     torch.set_num_threads(1)
     from visrl.tiny import build_tiny_model
 

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -265,12 +264,7 @@ def test_log_tail_collapses_progress_bar_redraws(workspace: Workspace) -> None:
     assert jobs.log_tail(workspace, job, lines=1) == "end\n"
 
 
-HAVE_TINY = importlib.util.find_spec("visrl.tiny") is not None and \
-    importlib.util.find_spec("visrl.reasoning") is not None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_TINY, reason="visrl.tiny / visrl.reasoning not available yet")
 def test_stop_a_running_eval_job_mid_run(tmp_path: Path, store: Store) -> None:
     from PIL import Image
 

@@ -25,14 +25,13 @@ def test_merge_config_rejects_unknown_keys_and_bad_dtype(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny base and a LoRA adapter on it with non-zero weights (so merging changes the model)."""
-    torch = pytest.importorskip("torch")
+    import torch
     torch.set_num_threads(1)
     from peft import LoraConfig, get_peft_model
 
+    from visrl.models import load_model
+    from visrl.tiny import build_tiny_model
     from visrl.train.config import LANGUAGE_MODEL_TARGET
-
-    build_tiny_model = pytest.importorskip("visrl.tiny").build_tiny_model
-    load_model = pytest.importorskip("visrl.models").load_model
 
     root = tmp_path_factory.mktemp("merge")
     base = Path(build_tiny_model(root / "tiny", preset="test", seed=0))

@@ -22,8 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo"
 
 pytestmark = pytest.mark.slow
-if not (ROOT / "data" / "demo-model" / "model.safetensors").is_file():
-    pytest.skip("needs the shipped demo model (data/demo-model)", allow_module_level=True)
 
 
 def run_job(root: Path, kind: str, recipe: str, *extra: str, timeout: float = 300) -> dict:

@@ -118,10 +118,9 @@ def to_dataset(rows: list[dict[str, Any]]) -> Any:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch = pytest.importorskip("torch")
+    import torch
     torch.set_num_threads(1)
-    build_tiny_model = pytest.importorskip("visrl.tiny").build_tiny_model
-    pytest.importorskip("visrl.models")
+    from visrl.tiny import build_tiny_model
     return Path(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", preset="test", seed=0))
 
 
@@ -253,10 +252,10 @@ def test_stop_leaves_a_loadable_checkpoint_and_resume_finishes(
 @pytest.mark.slow
 def test_train_cli_runs_sft_in_a_job(tiny_dir: Path, store: Any, tmp_path: Path) -> None:
     """The CLI path end to end (rows from the store via visrl.formats.trl)."""
-    trl_format = pytest.importorskip("visrl.formats.trl")
     from click.testing import CliRunner
 
     from visrl.cli import _register, cli
+    from visrl.formats import trl as trl_format
 
     assert trl_format.sft_rows  # the real exporter turns store items into rows here
     ds = store.add_dataset("boxes", "test")

@@ -41,7 +41,7 @@ METADATA = "metadata.jsonl"
 IMAGE_COLUMNS = ("images", "chosen_answer_images", "rejected_answer_images")
 
 
-class _Images:
+class ImageCache:
     """Item images opened once per call (RGB), by workspace-relative path."""
 
     def __init__(self, ws: Workspace) -> None:
@@ -61,7 +61,7 @@ class _Images:
 def sft_rows(store: Store, ws: Workspace, dataset: str | None = None, split: str | None = "train",
              box_format: str = "viscot", crop_margin: float = 0.0) -> list[Row]:
     """Two-step SFT rows of the items with a ground-truth box and an answer (``split`` None: all)."""
-    images = _Images(ws)
+    images = ImageCache(ws)
     rows = []
     for item in store.items(dataset=dataset, split=split, with_box=True):
         box = store.item_box(item)
@@ -109,7 +109,7 @@ def dpo_rows(store: Store, ws: Workspace, statuses: Iterable[str] = ("accepted",
     box (no crop to answer on); either stage skips pairs with no usable chosen box text."""
     if stage not in (1, 2):
         raise DataError(f"DPO stage must be 1 (box step) or 2 (box + answer), not {stage!r}")
-    images = _Images(ws)
+    images = ImageCache(ws)
     rows = []
     for pair in selected_pairs(store, statuses, dataset):
         texts = side_texts(store, pair, box_format)

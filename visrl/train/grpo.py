@@ -55,10 +55,10 @@ def grpo_rows(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
 
 
 def _rows_from_store(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
-    from visrl.formats.trl import _Images  # the same cached RGB opening as the sft rows
+    from visrl.formats.trl import ImageCache  # the same cached RGB opening as the sft rows
     from visrl.generate import references
 
-    images = _Images(ws)
+    images = ImageCache(ws)
     rows = []
     for item in store.items(dataset=cfg.dataset or None, split=cfg.split, with_box=True):
         box = store.item_box(item)
