@@ -112,7 +112,8 @@ def test_unknown_grpo_key_is_rejected_by_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_train_config(path)
     message = str(info.value)
-    assert "unknown key(s) max_completion_len, num_generation" in message
+    assert ("unknown key(s) max_completion_len (did you mean max_completion_length?), "
+            "num_generation (did you mean num_generations?)") in message
     assert "num_generations" in message and "max_completion_length" in message  # the valid spellings
 
 

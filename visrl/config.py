@@ -8,6 +8,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -41,8 +42,10 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        guesses = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
+        named = ", ".join(f"{key} (did you mean {guesses[key][0]}?)" if guesses[key] else key for key in unknown)
         raise ConfigError(
-            f"{source}: unknown key(s) {', '.join(unknown)}; "
+            f"{source}: unknown key(s) {named}; "
             f"valid keys for {cls.__name__} are: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
