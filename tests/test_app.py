@@ -336,3 +336,23 @@ def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
 
     while jobs.process_state(job["pid"], job["started_at"])[0] and time.monotonic() < deadline:
         time.sleep(0.1)  # let the child exit (reaped), not leak into the next test
+
+
+def test_generate_and_eval_forms_start_jobs_or_warn(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl_app import evaluate_tab, generate_tab, job_panel
+
+    started: list[tuple[str, dict]] = []
+
+    def fake_start(ctx: Any, kind: str, config: dict, name: str = "") -> int:
+        started.append((kind, config))
+        return 40 + len(started)
+
+    monkeypatch.setattr(job_panel, "start", fake_start)
+    with pytest.warns(UserWarning, match="pick a model or checkpoint and a dataset"):
+        assert evaluate_tab.start_eval(ctx, 7, None, "shapes", "test", 5, True) == 7  # the shown job stays
+    with pytest.warns(UserWarning, match="pick a model or checkpoint to generate with"):
+        assert generate_tab.start_generation(ctx, None, "", "shapes", "train", 0, 3, 1.0, "exact", "iou", "", "") is None
+    assert started == []
+    assert evaluate_tab.start_eval(ctx, 7, "models/x", "shapes", "test", 5, True) == 41
+    kind, config = started[0]
+    assert kind == "eval" and (config["model_name_or_path"], config["dataset"], config["limit"]) == ("models/x", "shapes", 5)

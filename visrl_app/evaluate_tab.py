@@ -10,7 +10,7 @@ import gradio as gr
 from visrl.config import read_yaml
 from visrl.errors import VisRLError
 from visrl_app import job_panel
-from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
+from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model
 from visrl_app.generate_tab import split_choices
 
 KINDS = ("eval",)
@@ -35,13 +35,7 @@ def compose_config(ctx: AppContext, model: str, dataset: str, split: str, limit:
 
 
 def start_eval(ctx: AppContext, job_id: int | None, *form: Any) -> int | None:
-    try:
-        new_id = job_panel.start(ctx, "eval", compose_config(ctx, *form), name="eval")
-    except VisRLError as exc:
-        warn(str(exc))
-        return job_id
-    gr.Info(f"started evaluation job {new_id}")
-    return new_id
+    return job_panel.start_from_form(ctx, "eval", lambda: compose_config(ctx, *form), job_id, "evaluation")
 
 
 def metric_names(evaluations: list[dict[str, Any]]) -> list[str]:

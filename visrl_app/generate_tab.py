@@ -15,7 +15,7 @@ import gradio as gr
 from visrl.config import read_yaml
 from visrl.errors import VisRLError
 from visrl_app import job_panel
-from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
+from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model
 
 KINDS = ("generate",)
 ANSWER_JUDGES = ("auto", "exact", "f1", "anls", "number", "model")  # visrl.judges.ANSWER_JUDGES
@@ -50,13 +50,7 @@ def compose_config(ctx: AppContext, model: str, dataset: str, split: str, limit:
 
 
 def start_generation(ctx: AppContext, job_id: int | None, *form: Any) -> int | None:
-    try:
-        new_id = job_panel.start(ctx, "generate", compose_config(ctx, *form), name="generate")
-    except VisRLError as exc:
-        warn(str(exc))
-        return job_id
-    gr.Info(f"started generation job {new_id}")
-    return new_id
+    return job_panel.start_from_form(ctx, "generate", lambda: compose_config(ctx, *form), job_id, "generation")
 
 
 def split_choices(ctx: AppContext) -> list[str]:

@@ -41,6 +41,17 @@ def start(ctx: AppContext, kind: str, config: str | dict[str, Any], name: str = 
     return jobs.start_job(ctx.workspace, kind, path, name=name or kind)
 
 
+def start_from_form(ctx: AppContext, kind: str, compose: Any, job_id: int | None, what: str) -> int | None:
+    """Start ``compose()``'s config as a ``kind`` job; on a user error warn and keep ``job_id``."""
+    try:
+        new_id = start(ctx, kind, compose(), name=kind)
+    except VisRLError as exc:
+        warn(str(exc))
+        return job_id
+    gr.Info(f"started {what} job {new_id}")
+    return new_id
+
+
 def latest_job(ctx: AppContext, kinds: tuple[str, ...]) -> int | None:
     """The newest active job of ``kinds``, else the newest of any status (for a reloaded page)."""
     jobs.refresh_jobs(ctx.store)
