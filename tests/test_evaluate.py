@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +14,11 @@ from visrl.config import load_config
 from visrl.errors import ConfigError, DataError
 from visrl.evaluate import EvalConfig, Prediction, compare_table, metrics_table, run_eval, summarize
 from visrl.progress import Progress
+from visrl.reasoning import TwoStepResult
 from visrl.store import Store
 
 _register()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-@dataclass
-class FakeResult:
-    """Same fields as visrl.reasoning.TwoStepResult."""
-
-    question: str
-    box_text: str | None
-    box: Box | None
-    crop: Image.Image | None
-    answer: str | None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class ScriptedReasoner:
@@ -43,7 +31,7 @@ class ScriptedReasoner:
         self.sampling: list[Any] = []
 
     def two_step(self, images: list[Image.Image], questions: list[str], sampling: Any,
-                 progress: bool = False) -> list[list[FakeResult]]:
+                 progress: bool = False) -> list[list[TwoStepResult]]:
         self.calls += 1
         self.sampling.append(sampling)
         if self.stop_after_calls is not None and self.calls >= self.stop_after_calls:
@@ -52,7 +40,7 @@ class ScriptedReasoner:
         for question in questions:
             box, answer, _ = self.script[question]
             parsed = Box.from_list(box) if box else None
-            out.append([FakeResult(question, "[box]" if box else "garbage", parsed, None,
+            out.append([TwoStepResult(question, "[box]" if box else "garbage", parsed, None,
                                    answer if parsed else None)])
         return out
 

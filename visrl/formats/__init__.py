@@ -86,6 +86,16 @@ def record_error(path: Path, index: int, field_name: str, problem: str) -> DataE
     return DataError(f"{path.name}: record {index}, field {field_name!r}: {problem}")
 
 
+def check_declared_size(path: Path, index: int, record: dict[str, Any], size: tuple[int, int],
+                        what: str = "the image") -> None:
+    """A record's ``width``/``height``, when given, must be the image's real size."""
+    if "width" in record or "height" in record:
+        declared = (record.get("width"), record.get("height"))
+        if declared != size:
+            raise record_error(path, index, "width", f"the record says {declared[0]}x{declared[1]} "
+                               f"but {what} is {size[0]}x{size[1]}; fix the size or the image")
+
+
 def check_keys(path: Path, index: int, record: dict[str, Any], required: tuple[str, ...],
                optional: tuple[str, ...]) -> None:
     """Unknown or missing keys are errors: silently dropping a column loses data."""

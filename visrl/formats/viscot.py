@@ -27,6 +27,7 @@ from visrl.boxes import parse_pixel_suffix
 from visrl.formats import (
     ImageSource,
     ImportPlan,
+    check_declared_size,
     check_keys,
     commit_import,
     image_source,
@@ -59,11 +60,7 @@ def viscot_item(path: Path, index: int, record: dict[str, Any], images: ImageSou
     entry, pixel_box_value = _image_entry(path, index, record["image"])
     placed = images.get(entry, index, "image")
     size = placed.size
-    if "width" in record or "height" in record:
-        declared = (record.get("width"), record.get("height"))
-        if declared != size:
-            raise record_error(path, index, "width", f"the record says {declared[0]}x{declared[1]} "
-                               f"but {entry!r} is {size[0]}x{size[1]}; fix the size or the image")
+    check_declared_size(path, index, record, size, repr(entry))
     question, box_text, answer = _turns(path, index, record["conversations"])
     gt_box = None
     if pixel_box_value is not None:

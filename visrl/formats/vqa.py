@@ -20,6 +20,7 @@ from visrl.formats import (
     INPUT_BOX_FORMATS,
     ImageSource,
     ImportPlan,
+    check_declared_size,
     check_keys,
     commit_import,
     image_source,
@@ -49,11 +50,7 @@ def vqa_item(path: Path, index: int, record: dict[str, Any], images: ImageSource
     check_keys(path, index, record, REQUIRED, OPTIONAL)
     placed = images.get(record["image"], index, "image")
     size = placed.size
-    if "width" in record or "height" in record:
-        declared = (record.get("width"), record.get("height"))
-        if declared != size:
-            raise record_error(path, index, "width", f"the record says {declared[0]}x{declared[1]} "
-                               f"but the image is {size[0]}x{size[1]}")
+    check_declared_size(path, index, record, size)
     question = record["question"]
     if not isinstance(question, str) or not question.strip():
         raise record_error(path, index, "question", "must be a non-empty string")
