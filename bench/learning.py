@@ -20,6 +20,7 @@ Writes ``bench/results/learning.json`` and ``bench/results/learning.png``.
 
     python bench/learning.py            # 3 seeds, 400 items (estimated ~30 min per seed: RL ~14, control ~14)
     python bench/learning.py --quick    # 1 seed, 200 items (<= 20 min on this 2-core CPU)
+    python bench/learning.py --jobs 2   # seeds in 2 processes of 1 thread each (one per core)
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def visrl_arm(ws: Path, args: argparse.Namespace, seed: int, times: dict[str, fl
     t = time.monotonic()
     gen = generate_pairs(ws, args.items, seed)
     times["generate"] = time.monotonic() - t
-    print(f"  generate: {gen['items']} items, {gen['rollouts']} rollouts, {gen['pairs']} pairs "
+    print(f"  [seed {seed}] generate: {gen['items']} items, {gen['rollouts']} rollouts, {gen['pairs']} pairs "
           f"({times['generate']:.0f} s); no pair: {gen['skipped']}", flush=True)
     if gen["pairs"] < 2:
         raise SystemExit(f"seed {seed}: only {gen['pairs']} pairs from {args.items} items; use more --items")
@@ -147,14 +148,14 @@ def visrl_arm(ws: Path, args: argparse.Namespace, seed: int, times: dict[str, fl
                                                   "output_dir": "models/bench-stage1",
                                                   "num_train_epochs": args.stage1_epochs})
     times["stage1"] = time.monotonic() - t
-    print(f"  stage 1: {s1.global_step} steps ({times['stage1']:.0f} s)", flush=True)
+    print(f"  [seed {seed}] stage 1: {s1.global_step} steps ({times['stage1']:.0f} s)", flush=True)
     t = time.monotonic()
     s2 = train_stage(ws, "train_rl_stage2.yaml", {**lr, "model_name_or_path": s1.base,
                                                   "adapter_name_or_path": str(s1.path),
                                                   "output_dir": "models/bench-stage2",
                                                   "num_train_epochs": args.stage2_epochs})
     times["stage2"] = time.monotonic() - t
-    print(f"  stage 2: {s2.global_step} steps ({times['stage2']:.0f} s)", flush=True)
+    print(f"  [seed {seed}] stage 2: {s2.global_step} steps ({times['stage2']:.0f} s)", flush=True)
     return {"model": s2.base, "adapter": str(s2.path), "generate": gen,
             "steps": {"stage1": s1.global_step, "stage2": s2.global_step}}
 
@@ -169,7 +170,7 @@ def control_arm(ws: Path, args: argparse.Namespace, seed: int, seconds: float) -
         "learning_rate": args.lr, "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
         "max_steps": 100_000, "seed": seed}, progress=DeadlineProgress(seconds))
     spent = time.monotonic() - t
-    print(f"  control: {result.global_step} SFT steps x {args.sft_batch} ({spent:.0f} s of {seconds:.0f} s)",
+    print(f"  [seed {seed}] control: {result.global_step} SFT steps x {args.sft_batch} ({spent:.0f} s of {seconds:.0f} s)",
           flush=True)
     return {"model": MODEL, "adapter": str(result.path), "steps": result.global_step, "seconds": spent}
 
@@ -187,7 +188,7 @@ def run_seed(parent: Path, args: argparse.Namespace, seed: int) -> dict:
         t = time.monotonic()
         out[arm] = evaluate(ws, run["model"], run["adapter"], args.test_items, False, f"exports/eval-{arm}")
         times[f"eval_{arm}"] = time.monotonic() - t
-        print(f"  eval {arm}: {_line(out[arm])} ({times[f'eval_{arm}']:.0f} s)", flush=True)
+        print(f"  [seed {seed}] eval {arm}: {_line(out[arm])} ({times[f'eval_{arm}']:.0f} s)", flush=True)
     out["times_s"] = {k: round(v, 1) for k, v in times.items()}
     out["rl_seconds"] = round(budget, 1)
     return out
@@ -267,9 +268,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4, help="LoRA lr of both stages and of the control")
     p.add_argument("--dpo-batch", type=int, default=4, help="pairs per DPO step (the recipes' 4)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (see THREADS_NOTE)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="seeds run at once, each in its own process (at most one per core: each arm "
+                        "is timed, and the control gets the VisRL arm's wall time)")
     p.add_argument("--keep", help="keep the workspaces in this folder (default: a deleted temp folder)")
     p.add_argument("--out", type=Path, default=RESULTS / "learning.json")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {args.jobs}")
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.items = args.items or (200 if args.quick else 400)
     args.sft_batch = 8  # configs/demo/train_sft.yaml
@@ -284,14 +290,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 THREADS_NOTE = "1 torch thread: 2 threads ran ~16x slower on this shared 2-core CPU"
 
 
+def _quiet_torch(threads: int) -> None:
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load is noise here
+
+
+def _seed_process(parent: Path, args: argparse.Namespace, seed: int) -> dict:
+    _quiet_torch(args.threads)
+    return run_seed(parent, args, seed)
+
+
+def run_seeds(parent: Path, args: argparse.Namespace) -> list[dict]:
+    """Every seed, one after another or ``args.jobs`` at a time in spawned processes (results in
+    seed order either way)."""
+    if args.jobs <= 1:
+        return [run_seed(parent, args, seed) for seed in range(args.seeds)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    print(f"seeds 0..{args.seeds - 1}, {args.jobs} at a time:", flush=True)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_seed_process, [parent] * args.seeds, [args] * args.seeds, range(args.seeds)))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load is noise here
+    _quiet_torch(args.threads)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="visrl-learning-") as tmp:
         parent = Path(args.keep).resolve() if args.keep else Path(tmp)
@@ -300,10 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         baseline = evaluate(ws, MODEL, None, args.test_items, True, "exports/eval-sft")
         print(f"shipped SFT model: {_line(baseline)}  direct {baseline['direct_answer_acc']:.3f} "
               f"({time.monotonic() - t:.0f} s)", flush=True)
-        seeds = []
-        for seed in range(args.seeds):
-            print(f"seed {seed}:", flush=True)
-            seeds.append(run_seed(parent, args, seed))
+        seeds = run_seeds(parent, args)
     summary = summarize(baseline, seeds)
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "threads_note": THREADS_NOTE, "baseline": baseline, "seeds": seeds, "summary": summary,

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from visrl.boxes import Box
 from visrl.errors import ConfigError, RemoteError
 from visrl.reasoning import Sampling
 from visrl.remote import RemoteReasoner, chat_completion, encode_messages, with_images
@@ -157,6 +158,24 @@ def test_replies_without_choices_are_remote_errors() -> None:
     with FakeServer([[]]) as server:
         with pytest.raises(RemoteError, match="returned no choices for model 'm'"):
             RemoteReasoner(server.base_url, "m").generate([_user("hi")], Sampling())
+
+
+@pytest.mark.parametrize("pixels, resized, text, box", [
+    # Qwen2.5-VL's default budget: 640x480 only snaps to multiples of 28, so 644x476.
+    ({}, (644, 476), '{"bbox_2d": [322, 238, 644, 476]}', Box(320, 240, 640, 480)),
+    # a server started with a smaller max_pixels shrinks it first
+    ({"server_max_pixels": 100352}, (364, 252), '{"bbox_2d": [91, 63, 182, 126]}', Box(160, 120, 320, 240)),
+])
+def test_qwen2_5_boxes_are_read_in_the_servers_resize(pixels: dict, resized: tuple, text: str, box: Box) -> None:
+    reasoner = RemoteReasoner("http://127.0.0.1:9/v1", "m", box_format="qwen2_5", **pixels)
+    image = Image.new("RGB", (640, 480))
+    assert reasoner.input_size(image) == resized
+    assert reasoner.parse(text, image) == box
+
+
+def test_server_pixel_budget_must_be_ordered() -> None:
+    with pytest.raises(ConfigError, match="server_min_pixels <= server_max_pixels"):
+        RemoteReasoner("http://127.0.0.1:9/v1", "m", server_min_pixels=5000, server_max_pixels=4000)
 
 
 def test_request_body_images_as_png_data_urls_and_auth_header() -> None:

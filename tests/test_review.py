@@ -19,7 +19,7 @@ SIZE = (100, 80)
 SPECS = [
     ("shapes", "What colour is the circle?", 1.0, 0.0, "red", "blue", None, None),    # p1 priority 0.0
     ("shapes", "How many stars?", 0.8, 0.2, "three", "two", None, None),              # p2 priority 0.4
-    ("shapes", "Which letter is on the sign?", 0.6, 0.4, "K", "X", None, None),       # p3 priority 0.8
+    ("shapes", "Which letter is on the 50%_off sign?", 0.6, 0.4, "K", "X", None, None),       # p3 priority 0.8
     ("shapes", "What colour is the square?", 0.8, 0.2, "green", "Yellow", None, None),  # p4 priority 0.4
     ("other", "What digit is on the door?", 0.9, 0.0, "7", "1", None, None),          # p5 priority 0.1
     # p6: margin 1 but the crop judge (1.0) and the IoU (0.1) disagree: priority 0.0 + 1.0
@@ -126,6 +126,9 @@ def test_review_priority(margin: float, crop: float | None, iou: float | None, e
     (PairFilter(search="three"), [2]),  # the chosen answer
     (PairFilter(search="colour", dataset="shapes", min_margin=0.7), [1]),
     (PairFilter(search="nothing like this"), []),
+    (PairFilter(search="%_o"), [3]),  # LIKE's wildcards are searched for literally
+    (PairFilter(search="_"), [3]),
+    (PairFilter(search="5_%"), []),  # as wildcards this would match "50%"
 ])
 def test_filters(store: Store, pairs: list[int], flt: PairFilter, expected: list[int]) -> None:
     assert [p["id"] for p in page_pairs(store, flt)] == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -99,6 +100,29 @@ def test_chat_completion_shape_and_sampling(client: TestClient, fake: RecordingR
     assert fake.images_seen == [(56, 28)]
 
 
+def _events(reply: Any) -> list[Any]:
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in reply.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_sends_openai_chunks(client: TestClient, fake: RecordingReasoner, include_usage: bool) -> None:
+    extra = {"stream_options": {"include_usage": True}} if include_usage else {}
+    chunks = _events(client.post("/v1/chat/completions", json=_body(n=2, stream=True, **extra)))
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    per_choice = [[c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == k]
+                  for k in range(2)]
+    for k, choice in enumerate(per_choice):
+        assert [c["delta"] for c in choice] == [{"role": "assistant", "content": ""}, {"content": f"what? #{k}"}, {}]
+        assert [c["finish_reason"] for c in choice] == [None, None, "stop"]
+    usage = [c["usage"] for c in chunks if not c["choices"]]
+    assert len(usage) == include_usage and all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+                                               for u in usage)
+    assert fake.batches == [(1, Sampling(temperature=1.0, top_p=1.0, max_new_tokens=8, n=2))]
+
+
 def test_defaults_string_content_and_multi_turn(client: TestClient, fake: RecordingReasoner) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "[0.1, 0.2, 0.3, 0.4]"}, {"role": "user", "content": "and?"}]
@@ -131,7 +155,9 @@ _BAD = [
     ({"top_p": 0}, 400, "top_p", "top_p must be in (0.0, 1.0]"),
     ({"max_tokens": 65}, 400, "max_tokens", "max_tokens must be an integer in [1, 64], got 65"),
     ({"max_tokens": 0}, 400, "max_tokens", "max_tokens must be an integer in [1, 64]"),
-    ({"stream": True}, 400, "stream", "streaming is not supported"),
+    ({"stream": "yes"}, 400, "stream", "stream must be true or false"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options", "allowed only with stream: true"),
+    ({"stream": True, "stream_options": "usage"}, 400, "stream_options", "stream_options is an object"),
 ]
 
 

@@ -28,6 +28,10 @@ from PIL import Image
 BoxFormat = Literal["viscot", "qwen2", "qwen2_5", "qwen3", "normalized"]
 BOX_FORMATS: tuple[str, ...] = ("viscot", "qwen2", "qwen2_5", "qwen3", "normalized")
 Size = tuple[int, int]  # (width, height) in pixels
+# The pixel budget of Qwen2.5-VL's shipped processor (preprocessor_config.json), which servers such
+# as vLLM resize images into unless told otherwise: ``qwen2_5`` boxes are pixels of that resize.
+QWEN2_5_MIN_PIXELS = 3136
+QWEN2_5_MAX_PIXELS = 12845056
 
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _LIST4 = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visrl.boxes import BOX_FORMATS
+from visrl.boxes import BOX_FORMATS, QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
 from visrl.errors import ConfigError
 from visrl.workspace import Workspace
 
@@ -28,6 +28,11 @@ class PolicyConfig:
     base_url: str | None = field(default=None, metadata={
         "help": "Remote backend: the server's base URL, e.g. http://127.0.0.1:8000/v1."})
     remote_model: str | None = field(default=None, metadata={"help": "Remote backend: the served model name."})
+    remote_min_pixels: int = field(default=QWEN2_5_MIN_PIXELS, metadata={
+        "help": "Remote backend, box_format qwen2_5: the server processor's min_pixels (Qwen2.5-VL's default); "
+                "its boxes are pixels of the image resized into this budget."})
+    remote_max_pixels: int = field(default=QWEN2_5_MAX_PIXELS, metadata={
+        "help": "Remote backend, box_format qwen2_5: the server processor's max_pixels (Qwen2.5-VL's default)."})
     dataset: str = field(default="", metadata={"help": "Dataset name in the workspace store (`visrl stats`)."})
     split: str = field(default="train", metadata={"help": "Split of the dataset."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N items (by id); null = all."})
@@ -67,7 +72,8 @@ def load_reasoner(ws: Workspace, cfg: PolicyConfig) -> Any:
     if cfg.backend == "remote":
         from visrl.remote import RemoteReasoner
 
-        return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format)
+        return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format,
+                              server_min_pixels=cfg.remote_min_pixels, server_max_pixels=cfg.remote_max_pixels)
     from visrl.models import load_model
     from visrl.reasoning import Reasoner
 

@@ -8,11 +8,13 @@ parses boxes and crops on this side (:mod:`visrl.boxes`), and runs requests conc
 Differences from the local reasoner, by necessity:
 
 - ``qwen2_5`` boxes are pixels of the image *the model saw*, i.e. after the server's processor
-  resized it; that size is unknown here, so boxes are read against the ORIGINAL image size. This
-  is exact when the server does not resize (images within its pixel budget, sides multiples of
-  28) and off by the resize factor otherwise; prefer ``qwen3``/``viscot`` formats remotely.
+  resized it. The client cannot ask the server for that size, so it recomputes it with Qwen's
+  ``smart_resize`` from ``server_min_pixels``/``server_max_pixels`` (default: Qwen2.5-VL's
+  shipped processor, 3,136 and 12,845,056 pixels, which vLLM uses unless told otherwise); set
+  them to the server's ``--mm-processor-kwargs`` budget when it differs.
 - ``stream_two_step`` does not stream tokens: it yields the box event, then one answer event with
-  the whole answer (``visrl serve`` does not stream, and a two-step answer is a few words).
+  the whole answer (a two-step answer is a few words, and ``visrl serve``'s stream carries each
+  completion in one delta anyway).
 - The local reasoner's optional pixel budgets (``full_max_pixels``, ``crop_min_pixels``) are the
   server's business: images are sent as they are.
 
@@ -32,7 +34,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from visrl.boxes import BOX_FORMATS
+from visrl.boxes import BOX_FORMATS, QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS, Box, parse_box
 from visrl.errors import ConfigError, RemoteError
 from visrl.reasoning import TwoStep, with_images  # noqa: F401  (with_images: re-exported)
 
@@ -149,20 +151,26 @@ class RemoteReasoner(TwoStep):
 
     ``base_url`` is the API root (``http://host:port/v1``), ``model`` the served model name.
     ``concurrency`` requests are in flight at once (the server batches them); results keep the
-    input order. Box texts are parsed in ``box_format`` against the original image size.
+    input order. Box texts are parsed in ``box_format`` against the original image size (for
+    ``qwen2_5``, against the size the server's processor resizes it to; see the module notes).
     """
 
     def __init__(self, base_url: str, model: str, box_format: str = "viscot", api_key: str | None = None,
-                 concurrency: int = 8, timeout: float = 60, retries: int = 3, crop_margin: float = 0.0) -> None:
+                 concurrency: int = 8, timeout: float = 60, retries: int = 3, crop_margin: float = 0.0,
+                 server_min_pixels: int = QWEN2_5_MIN_PIXELS, server_max_pixels: int = QWEN2_5_MAX_PIXELS) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
         if box_format not in BOX_FORMATS:
             raise ConfigError(f"unknown box_format {box_format!r}; use one of {', '.join(BOX_FORMATS)}")
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if not 0 < server_min_pixels <= server_max_pixels:
+            raise ConfigError(f"need 0 < server_min_pixels <= server_max_pixels, got {server_min_pixels}, "
+                              f"{server_max_pixels}")
         self.base_url, self.model, self.box_format = base_url.rstrip("/"), model, box_format
         self.api_key, self.concurrency, self.timeout, self.retries = api_key, concurrency, timeout, retries
         self.crop_margin = crop_margin
+        self.server_pixels = (server_min_pixels, server_max_pixels)
         # One pooled client shared by the worker threads (httpx.Client is thread-safe).
         self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=concurrency))
 
@@ -187,6 +195,18 @@ class RemoteReasoner(TwoStep):
             if progress:
                 results = _with_bar(results, len(conversations))
             return list(results)
+
+    def parse(self, text: str | None, image: Image.Image) -> Box | None:
+        resized = self.input_size(image) if self.box_format == "qwen2_5" else None
+        return parse_box(text, self.box_format, image.size, resized=resized)
+
+    def input_size(self, image: Image.Image) -> tuple[int, int]:
+        """The (width, height) a Qwen2.5-VL processor with the server's pixel budget resizes to."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        low, high = self.server_pixels
+        height, width = smart_resize(image.height, image.width, factor=28, min_pixels=low, max_pixels=high)
+        return width, height
 
     # -------------------------------------------------- internals
 

@@ -56,8 +56,11 @@ class PairFilter:
                 where.append(f"{column} {op} ?")
                 args.append(value)
         if self.search:
-            where.append("(i.question LIKE ? OR p.chosen_answer LIKE ? OR p.rejected_answer LIKE ?)")
-            args += [f"%{self.search}%"] * 3
+            # The search is literal text: % and _ are LIKE wildcards unless escaped.
+            where.append("(i.question LIKE ? ESCAPE '\\' OR p.chosen_answer LIKE ? ESCAPE '\\'"
+                         " OR p.rejected_answer LIKE ? ESCAPE '\\')")
+            literal = self.search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            args += [f"%{literal}%"] * 3
         return " AND ".join(where), args
 
 

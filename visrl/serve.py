@@ -7,7 +7,10 @@ for vLLM when a run should generate with a model in another process. Endpoints:
 - ``POST /v1/chat/completions`` -- messages with text and images as ``image_url`` *data URLs*
   (the server never reads files or fetches URLs), ``n``, ``temperature``, ``top_p``,
   ``max_tokens``; the OpenAI response shape with ``usage``; bad requests get 400 (unknown model
-  404, missing key 401) with OpenAI's ``{"error": {...}}`` body. No streaming;
+  404, missing key 401) with OpenAI's ``{"error": {...}}`` body. ``stream: true`` answers with
+  server-sent ``chat.completion.chunk`` events ending in ``data: [DONE]`` (and a usage chunk with
+  ``stream_options.include_usage``); the batch generates whole completions, so each choice's
+  text arrives in one content delta, after its role delta;
 - ``GET /health`` -- 200 once the model is loaded (no key needed).
 
 One model serves every request: a single worker thread owns it and runs requests in micro-batches
@@ -25,11 +28,13 @@ import binascii
 import hmac
 import io
 import ipaddress
+import json
 import logging
 import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 from visrl.errors import ConfigError, VisRLError
@@ -132,8 +137,11 @@ def parse_request(body: Any, model_name: str, max_tokens_limit: int) -> tuple[li
     if body.get("model") != model_name:
         raise BadRequest(f"the model {body.get('model')!r} does not exist; this server serves {model_name!r}",
                          "model", status=404, code="model_not_found")
-    if body.get("stream"):
-        raise BadRequest("streaming is not supported by visrl serve; send stream: false", "stream")
+    if not isinstance(body.get("stream", False), bool):
+        raise BadRequest("stream must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not body.get("stream") or not isinstance(options, dict)):
+        raise BadRequest("stream_options is an object, allowed only with stream: true", "stream_options")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
@@ -366,9 +374,33 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
             log.exception("generation failed")
             return error(BadRequest(f"generation failed: {type(exc).__name__}: {exc}", status=500,
                                     kind="server_error"))
-        return completion_body(name, texts, usage, sampling.max_new_tokens)
+        reply = completion_body(name, texts, usage, sampling.max_new_tokens)
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(stream_events(reply, include_usage), media_type="text/event-stream")
+        return reply
 
     return app
+
+
+def stream_events(reply: dict[str, Any], include_usage: bool) -> Iterator[str]:
+    """A finished chat.completion as OpenAI's stream: per choice a role delta, a content delta and
+    a finish chunk; then the usage chunk (empty choices) when asked for; then ``[DONE]``."""
+    head = {"id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"],
+            "model": reply["model"]}
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+    for choice in reply["choices"]:
+        i, text = choice["index"], choice["message"]["content"]
+        yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+        yield event([{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+        yield event([{"index": i, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}])
+    if include_usage:
+        yield event([], usage=reply["usage"])
+    yield "data: [DONE]\n\n"
 
 
 def completion_body(model: str, texts: list[str], usage: dict[str, Any], max_new_tokens: int) -> dict[str, Any]:
