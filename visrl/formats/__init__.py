@@ -358,5 +358,10 @@ def import_file(store: Store, path: str | Path, fmt: str = "auto", dataset: str 
     raise DataError(f"unknown import format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
 
 
-def image_source(store: Store, path: Path, dataset: str, image_root: str | Path | None) -> ImageSource:
-    return ImageSource(store, Path(image_root) if image_root else path.parent, dataset, path)
+def start_import(store: Store, path: str | Path, dataset: str, fmt: str,
+                 image_root: str | Path | None) -> tuple[list[dict[str, Any]], ImportPlan]:
+    """The file's records and an empty plan; images resolve against ``image_root`` or the file's folder."""
+    path = Path(path)
+    records = read_records(path)
+    images = ImageSource(store, Path(image_root) if image_root else path.parent, dataset, path)
+    return records, ImportPlan(path, dataset, fmt, images)

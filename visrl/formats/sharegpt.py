@@ -25,13 +25,11 @@ from typing import Any
 from visrl.boxes import parse_pixel_suffix
 from visrl.formats import (
     ImageSource,
-    ImportPlan,
     check_keys,
     commit_import,
-    image_source,
     question_text,
-    read_records,
     record_error,
+    start_import,
     strict_box,
 )
 from visrl.review import add_pair
@@ -45,10 +43,8 @@ SIDES = ("chosen", "rejected")
 def import_sharegpt(store: Store, path: str | Path, dataset: str, split: str | None = None,
                     image_root: str | Path | None = None, box_format: str = "viscot") -> dict[str, Any]:
     """Import ranking records as items, rollouts and pending pairs of ``dataset`` (all or nothing)."""
-    path = Path(path)
-    records = read_records(path)
-    images = image_source(store, path, dataset, image_root)
-    plan = ImportPlan(path, dataset, "sharegpt", images)
+    records, plan = start_import(store, path, dataset, "sharegpt", image_root)
+    path, images = plan.path, plan.images
     item_index: dict[tuple[str, str], int] = {}  # (image, question) -> index in plan.items
     sides: list[tuple[int, int, dict[str, Any], dict[str, Any]]] = []  # (record, item, chosen, rejected)
     for i, record in enumerate(records):

@@ -26,14 +26,12 @@ from typing import Any
 from visrl.boxes import parse_pixel_suffix
 from visrl.formats import (
     ImageSource,
-    ImportPlan,
     check_declared_size,
     check_keys,
     commit_import,
-    image_source,
     question_text,
-    read_records,
     record_error,
+    start_import,
     strict_box,
 )
 from visrl.store import Store
@@ -45,10 +43,8 @@ OPTIONAL = ("dataset", "split", "question_id", "id", "width", "height")
 def import_viscot(store: Store, path: str | Path, dataset: str, split: str | None = None,
                   image_root: str | Path | None = None) -> dict[str, Any]:
     """Import a Visual-CoT JSON/JSONL file as items of ``dataset`` (all or nothing)."""
-    path = Path(path)
-    records = read_records(path)
-    images = image_source(store, path, dataset, image_root)
-    plan = ImportPlan(path, dataset, "viscot", images)
+    records, plan = start_import(store, path, dataset, "viscot", image_root)
+    path, images = plan.path, plan.images
     plan.items = [viscot_item(path, i, record, images, split) for i, record in enumerate(records)]
     return commit_import(store, plan)
 

@@ -19,13 +19,11 @@ from typing import Any
 from visrl.formats import (
     INPUT_BOX_FORMATS,
     ImageSource,
-    ImportPlan,
     check_declared_size,
     check_keys,
     commit_import,
-    image_source,
-    read_records,
     record_error,
+    start_import,
     strict_box,
 )
 from visrl.store import Store
@@ -37,10 +35,8 @@ OPTIONAL = ("answer", "answers", "box", "box_format", "split", "id", "question_i
 def import_vqa(store: Store, path: str | Path, dataset: str, split: str | None = None,
                image_root: str | Path | None = None, box_format: str = "pixels") -> dict[str, Any]:
     """Import a plain VQA JSON/JSONL file as items of ``dataset`` (all or nothing)."""
-    path = Path(path)
-    records = read_records(path)
-    images = image_source(store, path, dataset, image_root)
-    plan = ImportPlan(path, dataset, "vqa", images)
+    records, plan = start_import(store, path, dataset, "vqa", image_root)
+    path, images = plan.path, plan.images
     plan.items = [vqa_item(path, i, r, images, split, box_format) for i, r in enumerate(records)]
     return commit_import(store, plan)
 
