@@ -195,6 +195,25 @@ def resolve_path(root: Path, path: str | None) -> str | None:
     return str(in_ws) if in_ws.exists() or not Path(path).exists() else str(Path(path).resolve())
 
 
+MERGED_BASE_DIR = "base"  # train/run.py writes base + previous adapter here, beside the new adapter
+
+
+def merged_base_dir(output_dir: str | Path) -> Path:
+    """Where a run that folded ``adapter_name_or_path`` in saves that merged base (its new adapter's base)."""
+    return Path(output_dir) / MERGED_BASE_DIR
+
+
+def result_base(cfg: TrainConfig) -> str:
+    """The model a finished LoRA run's ``output_dir`` applies to, as the config names paths.
+
+    ``model_name_or_path`` itself, or :func:`merged_base_dir` when a previous stage's adapter was
+    merged in first (the new adapter is relative to that merged model, not to the raw base).
+    """
+    if cfg.adapter_name_or_path:
+        return merged_base_dir(cfg.output_dir).as_posix()
+    return cfg.model_name_or_path
+
+
 def resolve_output(root: Path, path: str) -> Path:
     """Output folders that are relative always go inside the workspace."""
     return Path(path) if Path(path).is_absolute() else root / path

@@ -18,7 +18,7 @@ from visrl.models import write_model_info
 from visrl.progress import Progress
 from visrl.store import Store
 from visrl.train.callbacks import ProgressCallback
-from visrl.train.config import TrainConfig, resolve_output, resolve_path
+from visrl.train.config import TrainConfig, merged_base_dir, resolve_output, resolve_path
 from visrl.train.data import pair_ids, split_rows, stage_rows, to_dataset
 from visrl.train.grpo import grpo_rows
 from visrl.train.lora import limit_image_pixels, load_train_model, save_merged_base
@@ -84,7 +84,7 @@ def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
     tm = load_train_model(cfg, model_path, resolve_path(ws.root, cfg.adapter_name_or_path))
     limit_image_pixels(tm.processor, cfg.image_max_pixels)
     if tm.merged_adapter:
-        save_merged_base(tm, output_dir / "base")
+        save_merged_base(tm, merged_base_dir(output_dir))
     progress = progress or Progress(None, None, desc=f"train {cfg.stage}")
     callback = ProgressCallback(progress)
     trainer = build_trainer(cfg, tm, to_dataset(train_rows), to_dataset(val_rows) if val_rows else None,
