@@ -45,6 +45,18 @@ def test_yaml_spellings_are_coerced(tmp_path: Path) -> None:
     ({"lora_rank": 0}, "lora_rank must be >= 1, got 0"),
     ({"box_weight": 0.0, "answer_weight": 0.0}, "not both 0"),
     ({"box_format": "xyxy"}, "'xyxy'"),
+    ({"pref_loss": "orpo"}, "pref_loss 'orpo' is not a loss trl's DPOTrainer has"),
+    ({"pref_loss": "simpo"}, "use one of sigmoid, hinge"),
+    ({"learning_rate": 0.0}, "learning_rate must be > 0, got 0.0"),
+    ({"pref_beta": -0.1}, "pref_beta must be > 0, got -0.1"),
+    ({"box_weight": -0.5}, "got -0.5 and 0.5"),
+    ({"lora_alpha": 0}, "lora_alpha must be >= 1 or null, got 0"),
+    ({"save_total_limit": 0}, "save_total_limit must be >= 1 or null, got 0"),
+    ({"max_length": 0}, "max_length must be >= 1 or null, got 0"),
+    ({"weight_decay": -0.01}, "weight_decay must be >= 0, got -0.01"),
+    ({"crop_margin": -0.1}, "crop_margin must be >= 0, got -0.1"),
+    ({"image_max_pixels": 100}, "image_max_pixels must be >= 784"),
+    ({"lr_scheduler_type": "cosin"}, "'cosin'"),
 ])
 def test_bad_values_name_the_value(override: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -60,6 +72,121 @@ def test_bad_values_name_the_value(override: dict[str, Any], fragment: str) -> N
 ])
 def test_lora_targets(target: str, expected: Any) -> None:
     assert TrainConfig(**BASE, lora_target=target).lora_targets() == expected
+
+
+def test_pref_losses_are_exactly_trls() -> None:
+    """DPO_LOSSES mirrors trl's list: an upgrade that adds or drops one shows up here."""
+    import dataclasses
+    import re
+
+    from trl import DPOConfig
+
+    from visrl.train.config import DPO_LOSSES
+
+    help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata["help"]
+    assert set(DPO_LOSSES) == set(re.findall(r"`'(\w+)'`", help_text))
+
+
+SEED_RL = """\
+### model
+model_name_or_path: Qwen/Qwen2-VL-7B-Instruct
+trust_remote_code: true
+### method
+stage: dpo
+do_train: true
+finetuning_type: lora
+lora_target: all
+pref_beta: 0.1
+pref_loss: sigmoid
+### dataset
+dataset: demo_rl_data_stage1
+template: qwen2_vl
+cutoff_len: 2048
+max_samples: 10000
+overwrite_cache: true
+preprocessing_num_workers: 16
+### output
+output_dir: saves/qwen2_vl-7b/lora/visrl-stage2
+logging_steps: 10
+save_steps: 200
+plot_loss: true
+overwrite_output_dir: true
+### train
+per_device_train_batch_size: 3
+gradient_accumulation_steps: 8
+learning_rate: 5.0e-6
+num_train_epochs: 5.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+seed: 88
+### eval
+val_size: 0.1
+per_device_eval_batch_size: 3
+eval_strategy: steps
+eval_steps: 200
+"""
+
+
+def test_the_visrl_seed_config_loads_with_its_ignored_keys_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "train_rl.yaml"
+    path.write_text(SEED_RL + "train_on_prompt: true\n")
+    with caplog.at_level("WARNING", logger="visrl.train.config"):
+        cfg = load_train_config(path)
+    assert (cfg.stage, cfg.max_length, cfg.assistant_only_loss, cfg.seed) == ("dpo", 2048, False, 88)
+    assert (cfg.lora_target, cfg.learning_rate, cfg.val_size, cfg.bf16) == ("all", 5e-6, 0.1, True)
+    [warning] = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    for key in ("do_train", "template", "trust_remote_code", "overwrite_cache", "preprocessing_num_workers",
+                "plot_loss", "ddp_timeout", "max_samples", "overwrite_output_dir", "eval_steps"):
+        assert key in warning
+    assert "cutoff_len" not in warning and "train_on_prompt" not in warning  # mapped, not ignored
+
+
+def test_foreign_keys_that_mean_nothing_known_stay_errors(tmp_path: Path) -> None:
+    path = tmp_path / "train.yaml"
+    path.write_text(SEED_RL + "quantization_bit: 4\n")
+    with pytest.raises(ConfigError, match="unknown key.*quantization_bit"):
+        load_train_config(path)
+    path.write_text(SEED_RL + "max_length: 4096\n")
+    with pytest.raises(ConfigError, match="cutoff_len .2048 as max_length. contradicts max_length: 4096"):
+        load_train_config(path)
+
+
+@pytest.mark.parametrize("overrides, adapted, not_adapted", [
+    # LLaMA-Factory's `all`: every linear layer of the language model, none of the vision side.
+    ({"lora_target": "all"}, {"language_model"}, {"visual", "lm_head"}),
+    ({"lora_target": "language_model"}, {"language_model"}, {"visual", "lm_head"}),
+    # Named targets do not reach the vision tower either (Qwen2.5-VL's vision MLP has gate_proj too).
+    ({"lora_target": "q_proj,fc1"}, {"language_model"}, {"visual", "lm_head"}),
+    # Unfrozen, the vision blocks and the merger are adapted, the patch embedding (a conv) never.
+    ({"lora_target": "all", "freeze_vision_tower": False, "freeze_multi_modal_projector": False},
+     {"language_model", "visual.blocks", "visual.merger"}, {"patch_embed", "lm_head"}),
+    ({"lora_target": "all", "freeze_vision_tower": False}, {"language_model", "visual.blocks"}, {"visual.merger"}),
+])
+def test_lora_target_reaches_only_the_unfrozen_parts(
+        tiny_dir: Path, overrides: dict[str, Any], adapted: set[str], not_adapted: set[str]) -> None:
+    from peft import get_peft_model
+
+    from visrl.models import load_model
+    from visrl.train.lora import lora_config
+
+    cfg = TrainConfig(**{**BASE, "lora_rank": 2, **overrides})
+    model = get_peft_model(load_model(str(tiny_dir), dtype="float32", device="cpu").model, lora_config(cfg))
+    wrapped = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert all(any(part in name for name in wrapped) for part in adapted), sorted(wrapped)
+    assert not any(part in name for name in wrapped for part in not_adapted), sorted(wrapped)
+
+
+def test_full_fine_tuning_freezes_the_vision_side(tiny_dir: Path) -> None:
+    from visrl.train.lora import load_train_model
+
+    cfg = TrainConfig(**{**BASE, "finetuning_type": "full", "bf16": False})
+    model = load_train_model(cfg, str(tiny_dir), None).model
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any("visual" in name for name in trainable)
+    assert any("language_model" in name for name in trainable)
 
 
 def test_every_option_has_help() -> None:

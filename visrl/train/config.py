@@ -9,12 +9,15 @@ relative name folders of the workspace (``models/tiny-demo``); see :func:`resolv
 
 from __future__ import annotations
 
+import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from visrl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 STAGES = ("sft", "dpo", "visrl", "grpo")
 # Every projection of the language model's decoder layers, none of the vision tower or merger
@@ -24,6 +27,21 @@ LANGUAGE_MODEL_TARGET = (
 )
 BOX_FORMATS = ("viscot", "qwen2", "qwen2_5", "qwen3", "normalized")
 PAIR_STATUSES = ("pending", "accepted", "rejected")
+# trl 1.16 DPOTrainer's loss_type values (trl/trainer/dpo_config.py); stage 2 computes its two DPO
+# terms with the same trl code. LLaMA-Factory's orpo / simpo are reference-free losses of other
+# trainers: DPOTrainer raises on them at the first step, so they are refused here, before loading.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+# Regexes of the vision side's modules in the VLM families we load (transformers 5 naming):
+# Qwen2/2.5/3-VL keep tower (blocks) and projector (merger, Qwen3's deepstack mergers) under
+# ``visual``; LLaVA-style models use ``vision_tower`` + ``multi_modal_projector``; mllama
+# ``vision_model``. ``patch_embed`` is a Conv3d that LoRA cannot wrap (LLaMA-Factory's conflict key).
+VISION_TOWER_MODULES = (r"visual\.blocks", r"visual\.patch_embed", r"visual\.pos_embed", "vision_tower",
+                        "vision_model")
+PROJECTOR_MODULES = (r"visual\.merger", r"visual\.deepstack_merger_list", "multi_modal_projector")
+LORA_CONFLICT_MODULES = ("patch_embed",)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -49,8 +67,14 @@ class TrainConfig:
     lora_alpha: int | None = field(default=None, metadata=_help("LoRA alpha; default 2 * lora_rank."))
     lora_dropout: float = field(default=0.0, metadata=_help("Dropout on the LoRA input, 0-1."))
     lora_target: str = field(default="language_model", metadata=_help(
-        "language_model (every decoder projection, not the vision tower) | all (all-linear) | "
+        "language_model (every decoder projection) | all (every linear layer but lm_head, as in "
+        "LLaMA-Factory: the vision tower and projector only when their freeze_* key is false) | "
         "comma-separated module names | a regex"))
+    freeze_vision_tower: bool = field(default=True, metadata=_help(
+        "Keep the vision tower out of training: no LoRA on it (lora_target all or names), frozen in "
+        "full fine-tuning. As LLaMA-Factory's key of the same name."))
+    freeze_multi_modal_projector: bool = field(default=True, metadata=_help(
+        "Keep the vision-to-text projector (Qwen's merger) out of training, like freeze_vision_tower."))
     split: str = field(default="train", metadata=_help("Item split for sft and grpo rows."))
     pair_status: list[str] = field(default_factory=lambda: ["accepted"], metadata=_help(
         "Pair statuses trained on by dpo/visrl (pending, accepted, rejected)."))
@@ -73,7 +97,8 @@ class TrainConfig:
     save_steps: int = field(default=500, metadata=_help("Save a checkpoint every N steps."))
     save_total_limit: int | None = field(default=2, metadata=_help("Keep at most N checkpoints."))
     pref_beta: float = field(default=0.1, metadata=_help("DPO beta (dpo, visrl)."))
-    pref_loss: str = field(default="sigmoid", metadata=_help("DPO loss type (trl's loss_type)."))
+    pref_loss: str = field(default="sigmoid", metadata=_help(
+        f"DPO loss type (trl's loss_type): {', '.join(DPO_LOSSES)}."))
     box_weight: float = field(default=0.5, metadata=_help("visrl: weight of DPO(box step)."))
     answer_weight: float = field(default=0.5, metadata=_help("visrl: weight of DPO(answer step)."))
     num_generations: int = field(default=8, metadata=_help(
@@ -129,6 +154,13 @@ class TrainConfig:
         if self.box_weight < 0 or self.answer_weight < 0 or self.box_weight + self.answer_weight == 0:
             raise ConfigError(f"box_weight and answer_weight must be >= 0 and not both 0, "
                               f"got {self.box_weight} and {self.answer_weight}")
+        if self.pref_loss not in DPO_LOSSES:
+            hint = " (LLaMA-Factory's reference-free losses are not DPO)" if self.pref_loss in ("orpo", "simpo") else ""
+            raise ConfigError(f"pref_loss {self.pref_loss!r} is not a loss trl's DPOTrainer has{hint}; "
+                              f"use one of {', '.join(DPO_LOSSES)} (the paper: sigmoid)")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ConfigError(f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, "
+                              f"got {self.lr_scheduler_type!r}")
         if self.lora_target not in ("language_model", "all"):
             try:
                 re.compile(self.lora_target)
@@ -144,6 +176,15 @@ class TrainConfig:
         for name in ("learning_rate", "pref_beta", "num_train_epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lora_alpha", "save_total_limit", "max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+        for name in ("weight_decay", "crop_margin", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        # One 28x28 patch merge unit (Qwen-VL's factor) is the least an image can be.
+        if self.image_max_pixels is not None and self.image_max_pixels < 28 * 28:
+            raise ConfigError(f"image_max_pixels must be >= 784 (one 28x28 unit) or null, got {self.image_max_pixels}")
 
     def _check_grpo(self) -> None:
         if self.num_generations < 2:
@@ -172,10 +213,41 @@ class TrainConfig:
         if self.lora_target == "language_model":
             return LANGUAGE_MODEL_TARGET
         if self.lora_target == "all":
-            return "all-linear"
+            return "all-linear"  # peft: every linear layer but the output head; lora_exclude() trims it
         if re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", self.lora_target):
             return [name.strip() for name in self.lora_target.split(",")]
         return self.lora_target
+
+    def frozen_modules(self) -> str | None:
+        """Regex (full match on a module or parameter name) of what the freeze_* keys keep frozen."""
+        names: list[str] = []
+        if self.freeze_vision_tower and self.freeze_multi_modal_projector:
+            names.append("visual")  # all of Qwen's vision side, whatever else it grows
+        if self.freeze_vision_tower:
+            names += VISION_TOWER_MODULES
+        if self.freeze_multi_modal_projector:
+            names += PROJECTOR_MODULES
+        return _under_any(names) if names else None
+
+    def lora_exclude(self) -> str:
+        """The peft ``exclude_modules`` regex: the frozen vision side, and modules LoRA cannot wrap.
+
+        LLaMA-Factory's ``lora_target: all`` is every linear layer except ``lm_head``, minus the
+        vision tower and projector while they are frozen (its default); peft's ``all-linear``
+        alone adapts both (shared/PITFALLS.md). Qwen2.5-VL's vision MLP reuses the names
+        gate_proj/up_proj/down_proj, so named targets get the same exclusion.
+        """
+        names = list(LORA_CONFLICT_MODULES)
+        if self.freeze_vision_tower and self.freeze_multi_modal_projector:
+            names.append("visual")
+        names += VISION_TOWER_MODULES if self.freeze_vision_tower else ()
+        names += PROJECTOR_MODULES if self.freeze_multi_modal_projector else ()
+        return _under_any(names)
+
+
+def _under_any(names: list[str]) -> str:
+    """A regex matching a dotted name that is, or lies under, one of ``names`` (regex parts)."""
+    return rf"(.*\.)?({'|'.join(names)})(\..*)?"
 
 
 def _resume_value(value: Any) -> str | bool:
@@ -219,7 +291,61 @@ def resolve_output(root: Path, path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else root / path
 
 
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    from visrl.config import load_config
+# Keys of LLaMA-Factory / the VisRL seed's training YAMLs that mean one of our fields.
+# key -> (our field, value converter).
+FOREIGN_ALIASES: dict[str, tuple[str, Any]] = {
+    "cutoff_len": ("max_length", lambda v: v),  # token cap per sequence (LLaMA-Factory default 2048)
+    "train_on_prompt": ("assistant_only_loss", lambda v: not v if isinstance(v, bool) else v),
+}
+# Keys of those YAMLs with no meaning here, and why; loading warns and drops them.
+FOREIGN_IGNORED: dict[str, str] = {
+    "do_train": "`visrl train` always trains",
+    "do_eval": "held-out rows are evaluated every save_steps when val_size > 0",
+    "template": "the chat template comes with the model's processor",
+    "trust_remote_code": "models load with transformers' own classes; no remote code runs",
+    "preprocessing_num_workers": "rows are built in the training process",
+    "overwrite_cache": "rows are built from the store on each run; nothing is cached",
+    "overwrite_output_dir": "a run resumes from output_dir (resume_from_checkpoint: auto; false starts over)",
+    "plot_loss": "losses go to the store; `visrl-app` plots them",
+    "ddp_timeout": "the Trainer's default collective timeout (1800 s) applies",
+    "flash_attn": "attention is transformers' default (sdpa)",
+    "max_samples": "every selected row is trained on; narrow the data with dataset / split / pair_status",
+    "per_device_eval_batch_size": "evaluation uses per_device_train_batch_size",
+    "eval_strategy": "held-out rows are evaluated every save_steps when val_size > 0",
+    "eval_steps": "held-out rows are evaluated every save_steps when val_size > 0",
+    "image_min_pixels": "the processor's own minimum applies",
+    "video_max_pixels": "VisRL trains on images only",
+    "video_fps": "VisRL trains on images only",
+}
 
-    return load_config(TrainConfig, path, overrides)
+
+def translate_foreign_keys(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """``data`` with LLaMA-Factory / VisRL-seed keys mapped onto ours; the meaningless ones dropped
+    with one logged warning naming them. A key that is a field of :class:`TrainConfig` is always
+    ours; unknown keys stay for :func:`visrl.config.from_dict` to refuse by name."""
+    ours = {f.name for f in fields(TrainConfig)}
+    out = dict(data)
+    for key, (target, convert) in FOREIGN_ALIASES.items():
+        if key not in out or key in ours:
+            continue
+        value = convert(out.pop(key))
+        if target in out and out[target] != value:
+            raise ConfigError(f"{source}: {key} ({value!r} as {target}) contradicts {target}: {out[target]!r}; "
+                              f"keep one of them")
+        out[target] = value
+    ignored = sorted(k for k in out if k in FOREIGN_IGNORED and k not in ours)
+    if ignored:
+        log.warning("%s: ignoring key(s) with no meaning in visrl: %s", source,
+                    "; ".join(f"{k} ({FOREIGN_IGNORED[k]})" for k in ignored))
+        for key in ignored:
+            del out[key]
+    return out
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a training YAML (ours, or LLaMA-Factory / VisRL-seed style; see
+    :func:`translate_foreign_keys`), apply ``overrides`` and build the config."""
+    from visrl.config import from_dict, read_yaml
+
+    data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path))
+    return from_dict(TrainConfig, data, source=str(path))

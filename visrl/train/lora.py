@@ -45,8 +45,21 @@ def load_train_model(cfg: TrainConfig, model_path: str, adapter_path: str | None
     model = loaded.model
     if _is_peft(model):
         model = model.merge_and_unload()
+    if cfg.finetuning_type == "full":
+        _freeze(model, cfg.frozen_modules())
     model.config.use_cache = False  # a KV cache is wasted memory while training
     return TrainModel(model, loaded.processor, model_path, adapter_path)
+
+
+def _freeze(model: Any, pattern: str | None) -> None:
+    """Stop gradients of every parameter whose name fully matches ``pattern`` (the vision side)."""
+    if pattern:
+        import re
+
+        frozen = re.compile(pattern)
+        for name, param in model.named_parameters():
+            if frozen.fullmatch(name):
+                param.requires_grad_(False)
 
 
 def _is_peft(model: Any) -> bool:
@@ -68,6 +81,7 @@ def lora_config(cfg: TrainConfig) -> Any:
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_targets(),
+        exclude_modules=cfg.lora_exclude(),  # the frozen vision side (LLaMA-Factory's meaning of `all`)
         task_type="CAUSAL_LM",
         bias="none",
     )
