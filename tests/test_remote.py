@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from visrl.boxes import Box
-from visrl.errors import ConfigError, RemoteError
+from visrl.errors import ConfigError, RemoteError, RemoteRefused
 from visrl.reasoning import Sampling
 from visrl.remote import RemoteReasoner, chat_completion, encode_messages, with_images
 
@@ -278,12 +278,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="module")
 def served(tiny: Any) -> Iterator[str]:
     """`visrl serve`'s app over the tiny model, on a free loopback port; yields the base URL."""
-    import uvicorn
-
     from visrl.serve import ServeConfig, create_app
 
-    cfg = ServeConfig(model_name_or_path="tiny", max_batch_size=4, batch_wait_ms=20)
-    server = uvicorn.Server(uvicorn.Config(create_app(tiny, cfg), host="127.0.0.1", port=0, log_level="warning"))
+    yield from _serving(create_app(tiny, ServeConfig(model_name_or_path="tiny", max_batch_size=4, batch_wait_ms=20)))
+
+
+def _serving(app: Any) -> Iterator[str]:
+    """Run ``app`` on a free loopback port until the generator is closed; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -352,3 +356,76 @@ def test_judges_use_chat_completion(served: str) -> None:
     text = _chat_completion()(served, "tiny", _user("score?", Image.new("RGB", (28, 28))), temperature=0.0,
                               max_tokens=4)
     assert isinstance(text, str)
+
+
+# ---------------------------------------------------------------------- API keys, against `visrl serve --api-key`
+
+SERVE_KEY = "visrl-test-key-5f2a"
+
+
+@pytest.fixture(scope="module")
+def served_with_key(tiny: Any) -> Iterator[str]:
+    """`visrl serve` started with an API key (as VISRL_API_KEY / --api-key do)."""
+    from visrl.serve import ServeConfig, create_app
+
+    yield from _serving(create_app(tiny, ServeConfig(model_name_or_path="tiny", api_key=SERVE_KEY)))
+
+
+def test_api_key_env_must_name_a_set_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl.remote import api_key_from_env
+
+    assert api_key_from_env(None) is None
+    monkeypatch.delenv("VISRL_TEST_KEY", raising=False)
+    with pytest.raises(ConfigError, match="api_key_env names the environment variable VISRL_TEST_KEY, which is not set"):
+        api_key_from_env("VISRL_TEST_KEY")
+    with pytest.raises(ConfigError) as info:  # the key pasted in place of a name
+        api_key_from_env("sk-live-1234", "judge_api_key_env")
+    assert "judge_api_key_env must be the NAME" in str(info.value) and "sk-live" not in str(info.value)
+
+
+def test_remote_backend_sends_the_key_named_by_api_key_env(
+        served_with_key: str, workspace: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl.config import to_dict
+    from visrl.evaluate import EvalConfig
+    from visrl.policy import load_reasoner
+
+    cfg = EvalConfig(backend="remote", base_url=served_with_key, remote_model="tiny", dataset="d",
+                     api_key_env="VISRL_TEST_KEY")
+    sampling = Sampling(max_new_tokens=3)
+    monkeypatch.delenv("VISRL_TEST_KEY", raising=False)
+    with pytest.raises(ConfigError, match="VISRL_TEST_KEY, which is not set"):
+        load_reasoner(workspace, cfg)
+    with RemoteReasoner(served_with_key, "tiny") as no_key, pytest.raises(RemoteRefused, match="HTTP 401.*no key was sent"):
+        no_key.generate([_user("hi")], sampling)
+    monkeypatch.setenv("VISRL_TEST_KEY", "wrong")
+    with load_reasoner(workspace, cfg) as wrong, pytest.raises(RemoteRefused, match="HTTP 401.*a key was sent"):
+        wrong.generate([_user("hi")], sampling)
+    monkeypatch.setenv("VISRL_TEST_KEY", SERVE_KEY)
+    with load_reasoner(workspace, cfg) as keyed:
+        [[text]] = keyed.generate([_user("hi")], sampling)
+    assert isinstance(text, str)
+    assert SERVE_KEY not in json.dumps(to_dict(cfg))  # what a job stores names the variable only
+
+
+def test_model_judges_send_the_key_named_by_judge_api_key_env(
+        served_with_key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl.generate import GenerateConfig
+    from visrl.judges import JudgeInput, make_judges
+
+    waits: list[float] = []
+    monkeypatch.setattr("visrl.judges.time.sleep", waits.append)
+    cfg = GenerateConfig(model_name_or_path="m", dataset="d", answer_judge="model", crop_judge="none",
+                         judge_base_url=served_with_key, judge_model="tiny", judge_api_key_env="VISRL_TEST_JUDGE_KEY")
+    monkeypatch.delenv("VISRL_TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(ConfigError, match="judge_api_key_env names the environment variable VISRL_TEST_JUDGE_KEY"):
+        cfg.judge_options()
+    inp = JudgeInput(question="what?", references=["red"], answer="red", image=Image.new("RGB", (28, 28)))
+    monkeypatch.setenv("VISRL_TEST_JUDGE_KEY", "wrong")
+    judge, _ = make_judges(cfg.answer_judge, cfg.crop_judge, cfg.judge_options())
+    with pytest.raises(RemoteRefused, match="judge model 'tiny'.*HTTP 401"):
+        judge(inp)
+    assert waits == []  # a refused key is not retried
+    monkeypatch.setenv("VISRL_TEST_JUDGE_KEY", SERVE_KEY)
+    judge, _ = make_judges(cfg.answer_judge, cfg.crop_judge, cfg.judge_options())
+    judge(inp)  # answered (whatever the tiny model's reply scores): no 401, no retry
+    assert waits == []

@@ -38,5 +38,9 @@ class RemoteError(VisRLError):
     """An OpenAI-compatible server did not answer usefully after retries."""
 
 
+class RemoteRefused(RemoteError):
+    """The server refused the request (a 4xx such as 401): asking again changes nothing."""
+
+
 class JobError(VisRLError):
     """A background job cannot be started, stopped or found."""

@@ -29,7 +29,14 @@ from typing import Any
 
 from visrl.boxes import iou
 from visrl.errors import ConfigError, DataError
-from visrl.judges import ANSWER_JUDGES, Judge, JudgeInput, JudgeOptions, make_judges
+from visrl.judges import (
+    ANSWER_JUDGES,
+    Judge,
+    JudgeInput,
+    JudgeOptions,
+    make_judges,
+    model_judge_key,
+)
 from visrl.policy import PolicyConfig, load_reasoner
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
@@ -48,6 +55,9 @@ class EvalConfig(PolicyConfig):
     judge_base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible endpoint of the judge model (answer_judge: model)."})
     judge_model: str | None = field(default=None, metadata={"help": "Judge model name on that endpoint."})
+    judge_api_key_env: str | None = field(default=None, metadata={
+        "help": "NAME of the environment variable holding the judge server's API key (e.g. JUDGE_API_KEY); "
+                "never the key itself. null = no key."})
     anls_threshold: float = field(default=0.5, metadata={"help": "ANLS cut-off (DocVQA uses 0.5)."})
     number_rel_tol: float = field(default=0.05, metadata={"help": "Relative tolerance of numeric answers."})
     direct_baseline: bool = field(default=True, metadata={
@@ -63,7 +73,8 @@ class EvalConfig(PolicyConfig):
 
     def judge_options(self) -> JudgeOptions:
         return JudgeOptions(anls_threshold=self.anls_threshold, number_rel_tol=self.number_rel_tol,
-                            base_url=self.judge_base_url, model=self.judge_model)
+                            base_url=self.judge_base_url, model=self.judge_model,
+                            api_key=model_judge_key(self.judge_api_key_env, self.answer_judge))
 
     def model_label(self) -> str:
         return (self.remote_model or "remote") if self.backend == "remote" else self.model_name_or_path

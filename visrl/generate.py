@@ -32,7 +32,7 @@ from PIL import Image
 
 from visrl.boxes import crop_box, format_box, iou, parse_box, random_negative_box
 from visrl.errors import ConfigError
-from visrl.judges import Judge, JudgeInput, JudgeOptions, ModelJudge, make_judges
+from visrl.judges import Judge, JudgeInput, JudgeOptions, ModelJudge, make_judges, model_judge_key
 from visrl.pairs import PairsConfig, build_pairs
 from visrl.policy import PolicyConfig, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
 from visrl.progress import Progress
@@ -63,6 +63,9 @@ class GenerateConfig(PolicyConfig):
     judge_base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible endpoint of the judge model (for 'model' judges)."})
     judge_model: str | None = field(default=None, metadata={"help": "Judge model name on that endpoint."})
+    judge_api_key_env: str | None = field(default=None, metadata={
+        "help": "NAME of the environment variable holding the judge server's API key (e.g. JUDGE_API_KEY); "
+                "never the key itself. null = no key."})
     judge_workers: int = field(default=8, metadata={"help": "Concurrent judge-model requests."})
     anls_threshold: float = field(default=0.5, metadata={"help": "ANLS cut-off (DocVQA uses 0.5)."})
     number_rel_tol: float = field(default=0.05, metadata={"help": "Relative tolerance of numeric answers."})
@@ -91,7 +94,8 @@ class GenerateConfig(PolicyConfig):
     def judge_options(self) -> JudgeOptions:
         return JudgeOptions(anls_threshold=self.anls_threshold, number_rel_tol=self.number_rel_tol,
                             iou_threshold=self.iou_threshold, base_url=self.judge_base_url,
-                            model=self.judge_model)
+                            model=self.judge_model,
+                            api_key=model_judge_key(self.judge_api_key_env, self.answer_judge, self.crop_judge))
 
     def pairs_config(self) -> PairsConfig:
         return PairsConfig(min_chosen_score=self.min_chosen_score, max_rejected_score=self.max_rejected_score,

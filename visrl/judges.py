@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from visrl.boxes import Box, iou
-from visrl.errors import ConfigError, RemoteError
+from visrl.errors import ConfigError, RemoteError, RemoteRefused
 
 ANSWER_JUDGES = ("auto", "exact", "f1", "anls", "number", "model")
 CROP_JUDGES = ("none", "iou", "iou_threshold", "model")
@@ -91,6 +91,7 @@ class JudgeOptions:
     base_url: str | None = None
     model: str | None = None
     max_tokens: int = 64
+    api_key: str | None = field(default=None, repr=False)  # read from the env var the config names
     chat: Any = field(default=None, repr=False)  # chat_completion stand-in, for tests
 
 
@@ -268,16 +269,29 @@ class ModelJudge:
 
     def _call(self, messages: list[dict[str, Any]]) -> str:
         chat = self.opts.chat or _chat_completion()
+        key = {"api_key": self.opts.api_key} if self.opts.api_key else {}
         error: Exception | None = None
         for attempt in range(RETRIES):
             try:
                 return reply_text(chat(self.opts.base_url, self.opts.model, messages,
-                                       temperature=0.0, max_tokens=self.opts.max_tokens))
+                                       temperature=0.0, max_tokens=self.opts.max_tokens, **key))
+            except RemoteRefused as exc:  # a wrong key or model name: asking again changes nothing
+                raise RemoteRefused(f"judge model {self.opts.model!r}: {exc}") from None
             except (RemoteError, OSError, TimeoutError) as exc:  # transient: server busy or restarting
                 error = exc
                 time.sleep(0.5 * (attempt + 1))
         raise RemoteError(f"judge model {self.opts.model!r} at {self.opts.base_url} failed "
                           f"{RETRIES} times: {error}; check that the server is up")
+
+
+def model_judge_key(env_name: str | None, *judges: str) -> str | None:
+    """The judge server's API key, read from environment variable ``env_name`` (the config's
+    ``judge_api_key_env``) only when one of ``judges`` is a model judge; else None."""
+    if "model" not in judges:
+        return None
+    from visrl.remote import api_key_from_env
+
+    return api_key_from_env(env_name, "judge_api_key_env")
 
 
 def make_judges(answer_judge: str, crop_judge: str, opts: JudgeOptions) -> tuple[Judge, Judge | None]:

@@ -28,6 +28,9 @@ class PolicyConfig:
     base_url: str | None = field(default=None, metadata={
         "help": "Remote backend: the server's base URL, e.g. http://127.0.0.1:8000/v1."})
     remote_model: str | None = field(default=None, metadata={"help": "Remote backend: the served model name."})
+    api_key_env: str | None = field(default=None, metadata={
+        "help": "Remote backend: NAME of the environment variable holding the server's API key "
+                "(e.g. VLLM_API_KEY); never the key itself (configs are stored with each job). null = no key."})
     remote_min_pixels: int = field(default=QWEN2_5_MIN_PIXELS, metadata={
         "help": "Remote backend, box_format qwen2_5: the server processor's min_pixels (Qwen2.5-VL's default); "
                 "its boxes are pixels of the image resized into this budget."})
@@ -70,9 +73,10 @@ def resolve_model_path(ws: Workspace, path: str | None) -> str | None:
 def load_reasoner(ws: Workspace, cfg: PolicyConfig) -> Any:
     """The policy: an in-process :class:`visrl.reasoning.Reasoner` or a remote one."""
     if cfg.backend == "remote":
-        from visrl.remote import RemoteReasoner
+        from visrl.remote import RemoteReasoner, api_key_from_env
 
         return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format,
+                              api_key=api_key_from_env(cfg.api_key_env, "api_key_env"),
                               server_min_pixels=cfg.remote_min_pixels, server_max_pixels=cfg.remote_max_pixels)
     from visrl.models import load_model
     from visrl.reasoning import Reasoner

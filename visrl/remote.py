@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +37,7 @@ import httpx
 from PIL import Image
 
 from visrl.boxes import BOX_FORMATS, QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS, Box, parse_box
-from visrl.errors import ConfigError, RemoteError
+from visrl.errors import ConfigError, RemoteError, RemoteRefused
 from visrl.reasoning import TwoStep, with_images  # noqa: F401  (with_images: re-exported)
 
 Message = dict[str, Any]
@@ -43,6 +45,31 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # transient: busy, r
 BACKOFF_S = 0.5  # first wait between attempts; doubles each time, plus up to 25% jitter
 MAX_BACKOFF_S = 8.0
 SNIPPET_CHARS = 300  # how much of an error body goes into a RemoteError message
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+# ---------------------------------------------------------------------- API keys
+
+def api_key_from_env(env_name: str | None, key: str = "api_key_env") -> str | None:
+    """The API key in environment variable ``env_name``; None when no variable is named.
+
+    Configs name the variable (``api_key_env: VLLM_API_KEY``), never the key: configs are stored
+    with every job. ``key`` is the config key, for the message. An unset or empty variable, or
+    a value that cannot be a variable name (a pasted key, say), is a ConfigError; the value is
+    never echoed, since it may be the secret itself.
+    """
+    if not env_name:
+        return None
+    if not ENV_NAME.fullmatch(env_name):
+        raise ConfigError(f"{key} must be the NAME of an environment variable holding the API key "
+                          f"(e.g. VLLM_API_KEY), not the key itself; the value given ({len(env_name)} "
+                          "characters, not shown) is not a variable name")
+    value = os.environ.get(env_name, "")
+    if not value:
+        raise ConfigError(f"{key} names the environment variable {env_name}, which is not set or empty: "
+                          f"export {env_name}=<the key the server was started with>, or set {key}: null "
+                          "for a server without a key")
+    return value
 
 
 # ---------------------------------------------------------------------- one HTTP call
@@ -86,9 +113,13 @@ def _post_with_retries(client: httpx.Client, url: str, payload: dict[str, Any], 
         if response.status_code < 400:
             return response
         problem = f"HTTP {response.status_code}: {_snippet(response)}"
+        if response.status_code in (401, 403):
+            sent = "a key" if "Authorization" in headers else "no key"
+            raise RemoteRefused(f"{url} refused the request ({problem}): a missing or wrong API key; {sent} was "
+                                "sent: set api_key_env (judge_api_key_env for a judge) to the variable holding "
+                                "the server's key")
         if response.status_code not in RETRY_STATUSES:
-            raise RemoteError(f"{url} refused the request ({problem}); check the model name, "
-                              "the API key and the request")
+            raise RemoteRefused(f"{url} refused the request ({problem}); check the model name and the request")
     raise RemoteError(f"{url} failed {attempts} time(s), last: {problem}; check that the server is "
                       "up and reachable")
 
