@@ -315,3 +315,28 @@ def test_generate_with_tiny_model(store: Store) -> None:
             assert (r["answer"], r["answer_score"]) == (None, 0.0)
         else:
             assert isinstance(r["answer"], str) and 0.0 <= r["answer_score"] <= 1.0
+
+
+def test_unscored_judge_replies_are_dropped_and_counted(store: Store) -> None:
+    from test_judges import FakeJudgeServer
+
+    add_items(store, 2)
+    # The policy's right answer ("7") is scored; the reply about the negative's wrong one holds
+    # no score. As 0.0 it would have become the rejected side of a pair.
+    def reply(body: dict[str, Any]) -> str:
+        prompt = body["messages"][0]["content"][-1]["text"]
+        return '{"score": 1.0}' if "Candidate answer: 7" in prompt else "I cannot tell."
+
+    with FakeJudgeServer(reply) as server:
+        cfg = config(attempts=1, answer_judge="model", crop_judge="none", judge_base_url=server.base_url,
+                     judge_model="judge")
+        report = run_generate(store.workspace, cfg, reasoner=ScriptedReasoner())
+        assert len(server.requests) == 4
+        assert (report.unscored, report.pairs, report.pairs_total) == (2, 0, 0)
+        rows = store.rollouts(run_key=report.run_key)
+        negatives = [r for r in rows if r["kind"] == "negative"]
+        assert {r["answer_score"] for r in negatives} == {None}
+        assert all(json.loads(r["scores"])["unscored"] == ["answer:model:judge"] for r in negatives)
+        assert {r["answer_score"] for r in rows if r["kind"] == "policy"} == {1.0}
+        again = run_generate(store.workspace, cfg, reasoner=ScriptedReasoner())
+        assert len(server.requests) == 4 and again.unscored == 2  # not re-asked; still counted

@@ -140,8 +140,8 @@ def test_make_judges_validates() -> None:
 class FakeJudgeServer:
     """An OpenAI-compatible /chat/completions on 127.0.0.1 with scripted replies."""
 
-    def __init__(self, replies: list[Any]) -> None:
-        self.replies = list(replies)  # str = assistant text; int = HTTP error status
+    def __init__(self, replies: list[Any] | Any) -> None:
+        self.replies = replies if callable(replies) else list(replies)  # str = assistant text; int = HTTP error status
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         server = self
@@ -151,7 +151,10 @@ class FakeJudgeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests.append(body)
-                    reply = server.replies.pop(0) if server.replies else '{"score": 0.5}'
+                    if callable(server.replies):  # a reply that depends on the request
+                        reply = server.replies(body)
+                    else:
+                        reply = server.replies.pop(0) if server.replies else '{"score": 0.5}'
                 if isinstance(reply, int):
                     self.send_response(reply)
                     self.end_headers()
@@ -195,7 +198,7 @@ def test_model_judges_over_loopback_with_retry() -> None:
         assert got.score == 0.9
         assert crop(_model_input()).score == 0.3
         nothing = answer(_model_input())
-        assert nothing.score == 0.0 and "no score" in nothing.detail
+        assert nothing.score is None and "no score" in nothing.detail  # unscored, never 0.0
         assert len(server.requests) == 4
         first = server.requests[1]
         assert first["model"] == "judge-1" and first["temperature"] == 0.0

@@ -29,6 +29,11 @@ def rollout(rid: int, answer: float | None, crop: float | None = None, box: str 
     ([rollout(1, 1.0, 0.1), rollout(2, 0.0, 0.0)], "chosen crop scored too low"),
     ([rollout(1, 1.0, 1.0), rollout(2, 0.0, 0.5)], "rejected crop scored too high"),
     ([rollout(1, None), rollout(2, None)], "no judged rollout with a box"),
+    # A judge model replied without a score: dropped (the seed's rule), never a 0.0 rejected side.
+    ([rollout(1, 1.0), {**rollout(2, None), "scores": '{"unscored": ["answer:model:j"]}'}],
+     "no answer scored low enough"),
+    ([rollout(1, 1.0), {**rollout(2, 0.0, 0.0), "scores": {"unscored": ["crop:model:j"]}}],
+     "no answer scored low enough"),
 ])
 def test_select_pair(rows: list[dict[str, Any]], expected: Any) -> None:
     picked = select_pair(rows, PairsConfig())
@@ -102,3 +107,52 @@ def test_pairs_by_dataset_and_thresholds(store: Store) -> None:
     assert 0 < strict.pairs_added < loose.pairs_added
     pair = get_pair(store, page_pairs(store, PairFilter(status=None), limit=1)[0]["id"])
     assert pair["margin"] == pytest.approx(pair["chosen_score"] - pair["rejected_score"])
+
+
+LOOSE = PairsConfig(min_chosen_score=0.5, max_rejected_score=0.5, min_chosen_crop_score=0.0,
+                    max_rejected_crop_score=1.0)
+
+
+def _pending(store: Store, source: str) -> dict[int, tuple[int, int]]:
+    return {p["item_id"]: (p["chosen_rollout_id"], p["rejected_rollout_id"])
+            for p in page_pairs(store, PairFilter(status="pending"), limit=1000) if p["source"] == source}
+
+
+def test_rebuilding_with_new_thresholds_keeps_exactly_their_pairs_and_reviewed_ones(store: Store) -> None:
+    from visrl.review import accept, edit_answer, reject
+
+    _random_run(store, 60, 7)
+    loose = build_pairs(store, LOOSE, run_key="run")
+    by_item: dict[int, list[dict[str, Any]]] = {}
+    for row in store.rollouts(run_key="run"):
+        by_item.setdefault(row["item_id"], []).append(row)
+    picks = {i: select_pair(rows, PairsConfig()) for i, rows in by_item.items()}
+    strict_picks = {i: (p[0]["id"], p[1]["id"]) for i, p in picks.items() if not isinstance(p, str)}
+    assert 0 < len(strict_picks) < loose.pairs_total
+    # A person reviews three loose pairs that the strict thresholds would not pick.
+    doomed = [p for p in page_pairs(store, PairFilter(status="pending"), limit=1000)
+              if p["source"] == "run" and strict_picks.get(p["item_id"]) !=
+              (p["chosen_rollout_id"], p["rejected_rollout_id"])]
+    assert len(doomed) >= 4
+    accept(store, doomed[0]["id"], doomed[0]["version"])
+    reject(store, doomed[1]["id"], doomed[1]["version"])
+    edit_answer(store, doomed[2]["id"], doomed[2]["version"], "chosen", "fixed by hand")
+    reviewed = {p["item_id"] for p in doomed[:3]}
+
+    strict = build_pairs(store, PairsConfig(), run_key="run")
+    assert strict.kept_reviewed == 3
+    assert strict.pairs_removed == len(doomed) - 3  # every untouched pair strict would not pick
+    pending = _pending(store, "run")
+    # Exactly the strict picks, except where a reviewed pair holds the item's place.
+    assert pending == {i: ids for i, ids in strict_picks.items() if i not in reviewed} | (
+        {doomed[2]["item_id"]: (doomed[2]["chosen_rollout_id"], doomed[2]["rejected_rollout_id"])})
+    statuses = {p["item_id"]: p["status"] for p in page_pairs(store, PairFilter(status=None), limit=1000)
+                if p["source"] == "run"}
+    assert (statuses[doomed[0]["item_id"]], statuses[doomed[1]["item_id"]]) == ("accepted", "rejected")
+    # Loose again: the removed pairs come back, the reviewed ones are untouched.
+    again = build_pairs(store, LOOSE, run_key="run")
+    loose_picks = {i: select_pair(rows, LOOSE) for i, rows in by_item.items()}
+    assert _pending(store, "run") == {i: (p[0]["id"], p[1]["id"]) for i, p in loose_picks.items()
+                                      if not isinstance(p, str) and i not in reviewed} | (
+        {doomed[2]["item_id"]: (doomed[2]["chosen_rollout_id"], doomed[2]["rejected_rollout_id"])})
+    assert again.pairs_total == loose.pairs_total and again.kept_reviewed == 0

@@ -249,7 +249,8 @@ def _eval_batch(ws: Workspace, reasoner: Any, sampling: Any, judge: Judge, cfg: 
 
 def _score(judge: Judge, item: dict[str, Any], refs: list[str], answer: str | None) -> float:
     judgement = judge(JudgeInput(question=item["question"], references=refs, answer=answer))
-    return 0.0 if judgement is None else judgement.score
+    # An unscored judge reply confirms nothing: in accuracy it counts as not correct (pairs drop it).
+    return 0.0 if judgement is None or judgement.score is None else judgement.score
 
 
 def _output_dir(ws: Workspace, cfg: EvalConfig, job_id: int | None) -> Path:

@@ -33,7 +33,7 @@ from PIL import Image
 from visrl.boxes import crop_box, format_box, iou, parse_box, random_negative_box
 from visrl.errors import ConfigError
 from visrl.judges import Judge, JudgeInput, JudgeOptions, ModelJudge, make_judges, model_judge_key
-from visrl.pairs import PairsConfig, build_pairs
+from visrl.pairs import UNSCORED, PairsConfig, build_pairs
 from visrl.policy import PolicyConfig, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
@@ -114,6 +114,7 @@ class GenerateReport:
     parse_rate: float  # parsed / sampled box texts, new policy and negative samples
     pairs: int  # pairs added now
     pairs_total: int  # pairs of this run, now
+    unscored: int  # rollouts of this run a judge model replied to without a score: dropped, not 0.0
     seconds: float
     items_per_s: float
     rollouts_per_s: float
@@ -184,7 +185,8 @@ def run_generate(workspace: str | Path | Workspace | None, cfg: GenerateConfig,
         run_key=run_key, items=len(items), items_done_before=len(items) - len(pending),
         items_generated=counts["items"], rollouts=counts["rollouts"], failed=counts["failed"],
         parse_rate=round(counts["parsed"] / max(counts["samples"], 1), 4),
-        pairs=pairs.pairs_added, pairs_total=pairs.pairs_total, seconds=round(seconds, 3),
+        pairs=pairs.pairs_added, pairs_total=pairs.pairs_total, unscored=pairs.unscored,
+        seconds=round(seconds, 3),
         items_per_s=round(counts["items"] / max(seconds, 1e-9), 3),
         rollouts_per_s=round(counts["rollouts"] / max(seconds, 1e-9), 3),
         stopped=counts["items"] < len(pending))
@@ -335,11 +337,13 @@ def _save_scores(store: Store, item: dict[str, Any], rollout: dict[str, Any], an
         score, judgement = results[(rollout["id"], judge.key)]
         if judgement is not None:  # freshly computed: cache it
             store.save_judgement(rollout["id"], judge.key, judgement.score, judgement.detail)
+            if judgement.score is None:  # replied without a score: pairs.py drops the rollout
+                scores[UNSCORED] = sorted({*scores.get(UNSCORED, []), judge.key})
         scores[judge.key] = score
     gt = box_from_json(item.get("gt_box"))
     box = box_from_json(rollout["box"])
     store.update_rollout(
-        rollout["id"], scores=scores, answer_score=scores[answer_judge.key] or 0.0,
+        rollout["id"], scores=scores, answer_score=scores[answer_judge.key],
         crop_score=None if crop_judge is None else scores[crop_judge.key],
         iou=None if gt is None or box is None else round(iou(box, gt), 4))
 

@@ -3,7 +3,9 @@
 A judge takes a :class:`JudgeInput` (question, reference answer(s), the rollout's answer, box and
 crop, the item's annotated box) and returns a :class:`Judgement` (score in [0, 1] and a detail
 string), or ``None`` when it does not apply (an IoU judge on an item without an annotated box).
-Judges never raise on odd model output: unparseable replies score 0 with a detail saying why.
+Judges never raise on odd model output: a judge model's reply with no parseable score is a
+:class:`Judgement` whose ``score`` is None (the rollout is then dropped from pairing and counted,
+as the VisRL seed does; never 0.0, which could make it a rejected side).
 Network failures of judge models are retried (:data:`RETRIES` times) and then raise
 :class:`visrl.errors.RemoteError`, because a silent 0 there would poison the preference pairs.
 
@@ -71,7 +73,7 @@ class JudgeInput:
 
 @dataclass(frozen=True)
 class Judgement:
-    score: float
+    score: float | None  # in [0, 1]; None: the judge replied without a usable score (unscored)
     detail: str = ""
 
 
@@ -265,7 +267,7 @@ class ModelJudge:
         content.append({"type": "text", "text": text})
         reply = self._call([{"role": "user", "content": content}])
         score, detail = parse_score(reply)
-        return Judgement(0.0 if score is None else score, detail)
+        return Judgement(score, detail)  # None when unscored: dropped downstream, never 0.0
 
     def _call(self, messages: list[dict[str, Any]]) -> str:
         chat = self.opts.chat or _chat_completion()

@@ -6,19 +6,36 @@ score >= ``min_chosen_score`` (0.8) and, when a crop judge scored it, a crop sco
 (0.2) and, when scored, a crop score <= ``max_rejected_crop_score`` (0.2); and the chosen score is
 strictly higher. Among several candidates the best (answer, then crop score, policy samples
 first) is chosen and the worst rejected. Rollouts without a box (failed parses) are never used:
-the curator could not see them and stage 2 has no crop to answer on. Pairs are stored pending
-(:func:`visrl.review.add_pair`, idempotent), so running this again adds only new ones.
+the curator could not see them and stage 2 has no crop to answer on; nor are rollouts a judge
+model replied to without a score (:data:`UNSCORED`; the seed drops them too, a 0.0 could make
+them a rejected side). Pairs are stored pending. Running this again with other thresholds leaves
+exactly the pairs they allow: a pending pair that no longer qualifies is removed (or replaced by
+the new pick), while a pair a person already reviewed is kept and counted as such.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from visrl.errors import ConfigError
-from visrl.review import add_pair
+from visrl.review import add_pair, remove_unreviewed_pair, source_pairs
 from visrl.store import Store
+
+UNSCORED = "unscored"  # key of a rollout's scores JSON: the judges that replied without a score
+
+
+def is_unscored(rollout: dict[str, Any]) -> bool:
+    """True when a judge model replied to this rollout without a usable score."""
+    scores = rollout.get("scores")
+    if isinstance(scores, str):
+        try:
+            scores = json.loads(scores)
+        except ValueError:
+            return False
+    return isinstance(scores, dict) and bool(scores.get(UNSCORED))
 
 
 @dataclass
@@ -45,12 +62,15 @@ class PairsReport:
     items: int  # items with rollouts considered
     pairs_added: int  # new pairs stored now
     pairs_total: int  # pairs of this source after the call
-    skipped: dict[str, int]  # why the other items gave no pair
+    skipped: dict[str, int]  # why the other items gave no (new) pair
+    pairs_removed: int = 0  # pending pairs these thresholds no longer allow (or replaced by a new pick)
+    kept_reviewed: int = 0  # pairs they would not pick, kept because a person reviewed them
+    unscored: int = 0  # rollouts dropped: a judge model replied without a score
 
 
 def select_pair(rollouts: list[dict[str, Any]], cfg: PairsConfig) -> tuple[dict, dict] | str:
     """(chosen, rejected) rollout rows of one item, or the reason there is no pair."""
-    usable = [r for r in rollouts if r.get("box") and r.get("answer_score") is not None]
+    usable = [r for r in rollouts if r.get("box") and r.get("answer_score") is not None and not is_unscored(r)]
     if not usable:
         return "no judged rollout with a box"
     scores = [r["answer_score"] for r in usable]
@@ -96,24 +116,45 @@ def build_pairs(store: Store, cfg: PairsConfig, run_key: str | None = None,
     by_item: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for rollout in rollouts:
         by_item[rollout["item_id"]].append(rollout)
+    existing: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for pair in source_pairs(store, source, sorted(by_item)):
+        existing[pair["item_id"]].append(pair)
     before = _count(store, source)
-    # One pair per item and source: re-judging may change the pick, but must not add a second.
-    paired = {row[0] for row in store.db.execute(
-        "SELECT item_id FROM pairs WHERE source = ?", [source]).fetchall()}
     skipped: Counter[str] = Counter()
+    removed = kept = 0
     with store.atomic():
         for item_id, rows in sorted(by_item.items()):
-            if item_id in paired:
+            picked = select_pair(rows, cfg)
+            wanted = None if isinstance(picked, str) else (picked[0]["id"], picked[1]["id"])
+            have = existing.get(item_id, [])
+            # One pair per item and source: a pair a person reviewed stays whatever the
+            # thresholds say; an untouched pending pair stays only if they still pick it.
+            keep = [p for p in have if p["reviewed"] or _rollout_ids(p) == wanted]
+            for pair in have:
+                if pair in keep:
+                    continue
+                if remove_unreviewed_pair(store, pair["id"]):
+                    removed += 1
+                else:  # reviewed since source_pairs read it
+                    keep.append({**pair, "reviewed": True})
+            if any(_rollout_ids(p) == wanted for p in keep):
                 skipped["already paired"] += 1
                 continue
-            picked = select_pair(rows, cfg)
+            if keep:
+                kept += len(keep)  # reviewed pairs the new thresholds would not pick
+                continue
             if isinstance(picked, str):
                 skipped[picked] += 1
                 continue
             add_pair(store, item_id, picked[0], picked[1], source=source)
     total = _count(store, source)
-    return PairsReport(items=len(by_item), pairs_added=total - before, pairs_total=total,
-                       skipped=dict(skipped))
+    return PairsReport(items=len(by_item), pairs_added=total - before + removed, pairs_total=total,
+                       skipped=dict(skipped), pairs_removed=removed, kept_reviewed=kept,
+                       unscored=sum(is_unscored(r) for r in rollouts))
+
+
+def _rollout_ids(pair: dict[str, Any]) -> tuple[int, int]:
+    return pair["chosen_rollout_id"], pair["rejected_rollout_id"]
 
 
 def _count(store: Store, source: str) -> int:

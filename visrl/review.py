@@ -104,6 +104,29 @@ def add_pair(store: Store, item_id: int, chosen: dict[str, Any], rejected: dict[
     return store.db["pairs"].insert(row).last_pk
 
 
+def source_pairs(store: Store, source: str, item_ids: list[int]) -> list[dict[str, Any]]:
+    """The pairs of ``source`` on ``item_ids``: id, item, both rollout ids, and ``reviewed``
+    (a person accepted, rejected or edited it, or it has any review, e.g. an undone one)."""
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(item_ids), 500):  # SQLite's bound-parameter limit
+        chunk = item_ids[start:start + 500]
+        rows += _query(store, (
+            "SELECT p.id, p.item_id, p.chosen_rollout_id, p.rejected_rollout_id, "
+            "(p.status != 'pending' OR p.edited != 0 OR EXISTS "
+            "(SELECT 1 FROM reviews r WHERE r.pair_id = p.id)) AS reviewed "
+            f"FROM pairs p WHERE p.source = ? AND p.item_id IN ({', '.join('?' for _ in chunk)})"),
+            [source, *chunk])
+    return rows
+
+
+def remove_unreviewed_pair(store: Store, pair_id: int) -> bool:
+    """Delete a pair no person has touched (pending, unedited, no review); False if one has."""
+    cursor = store.db.execute(
+        "DELETE FROM pairs WHERE id = ? AND status = 'pending' AND edited = 0 "
+        "AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.pair_id = pairs.id)", [pair_id])
+    return cursor.rowcount == 1
+
+
 _PAIR_SELECT = (
     "SELECT p.*, i.question, i.answer AS reference, i.image, i.width, i.height, i.gt_box, "
     "i.split, (SELECT d.name FROM datasets d WHERE d.id = p.dataset_id) AS dataset "

@@ -29,6 +29,7 @@ def generate(config: str, workspace: str | None, limit: int | None, job_id: int 
         f"({report.items_done_before} of {report.items} done before), {report.rollouts} rollouts "
         f"({report.failed} failed, box parse rate {report.parse_rate:.0%}), "
         f"{report.items_per_s:.2f} items/s; pairs: {report.pairs} new, {report.pairs_total} in this run"
+        + (f"; {report.unscored} rollouts dropped: the judge replied without a score" if report.unscored else "")
         + ("; stopped early (run again to resume)" if report.stopped else ""))
 
 
@@ -47,4 +48,7 @@ def pairs(config: str, workspace: str | None) -> None:
     report = build_pairs(Store.open(workspace), cfg.pairs_config(), run_key=run_key)
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(report.skipped.items())) or "none"
     click.echo(f"run {run_key}: {report.items} items, {report.pairs_added} new pairs, "
-               f"{report.pairs_total} in this run; skipped: {skipped}")
+               f"{report.pairs_total} in this run; {report.pairs_removed} pending pairs removed (these "
+               f"thresholds no longer allow them, or pick another), {report.kept_reviewed} kept because a "
+               f"person reviewed them; {report.unscored} rollouts dropped (judge replied without a score); "
+               f"skipped: {skipped}")
