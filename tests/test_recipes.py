@@ -24,6 +24,9 @@ REAL_RECIPE = [
     ("merge", "merge_lora.yaml"),
     ("generate", "generate.yaml"),
     ("pairs", "generate.yaml"),
+    ("serve", "serve_sft.yaml"),  # or vLLM under the same name: the large-run form of generate
+    ("generate", "generate_remote.yaml"),
+    ("pairs", "generate_remote.yaml"),
     ("train", "train_rl_stage1.yaml"),
     ("merge", "merge_rl_stage1.yaml"),
     ("train", "train_rl_stage2.yaml"),
@@ -64,6 +67,7 @@ class Chain:
     adapters: dict[str, str] = field(default_factory=dict)
     pairs: set[str] = field(default_factory=set)  # datasets whose items have generated pairs
     rollouts: set[str] = field(default_factory=set)  # generate run keys
+    served: set[str] = field(default_factory=set)  # model names a serve step answers to
     problems: list[str] = field(default_factory=list)
 
     def need_model(self, where: str, model: str, adapter: str | None) -> None:
@@ -125,6 +129,8 @@ def _generate(chain: Chain, where: str, path: Path, pairs_only: bool) -> None:
         return
     if cfg.backend == "local":
         chain.need_model(where, cfg.model_name_or_path, cfg.adapter_name_or_path)
+    elif cfg.remote_model not in chain.served:
+        chain.problems.append(f"{where}: remote_model {cfg.remote_model!r} is served by no earlier step")
     chain.need_dataset(where, cfg.dataset)
     chain.rollouts.add(run_key)
     chain.pairs.add(cfg.dataset)
@@ -139,6 +145,10 @@ def _consume(chain: Chain, where: str, path: Path, command: str) -> None:
     cfg = load_config(cls, path)
     if getattr(cfg, "backend", "local") == "local":
         chain.need_model(where, cfg.model_name_or_path, cfg.adapter_name_or_path)
+    elif cfg.remote_model not in chain.served:
+        chain.problems.append(f"{where}: remote_model {cfg.remote_model!r} is served by no earlier step")
+    if command == "serve":
+        chain.served.add(cfg.model_name)
     if command == "eval":
         chain.need_dataset(where, cfg.dataset)
 
@@ -203,20 +213,34 @@ def test_a_stage_run_out_of_order_is_caught() -> None:
     assert problems and "train_rl_stage2.yaml" in problems[0] and "rl-stage1-merged" in problems[0]
 
 
+def test_the_readme_real_model_section_runs_the_chain_in_order() -> None:
+    """The README's real-model commands, in the order written, chain too (imports included)."""
+    import re
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    section = readme[readme.index("## Real model"):]
+    section = section[:section.index("\n## ", 1)]
+    steps = [(cmd, name) for cmd, name in re.findall(
+        r"visrl (train|merge|generate|pairs|eval|infer|serve)\b.*?configs/([\w.]+\.yaml)", section)]
+    imports = set(re.findall(r"visrl import .*--dataset ([\w-]+)", section))
+    assert imports == REAL_IMPORTS
+    assert walk(CONFIGS, steps, REAL_BASES, imports) == []
+    assert {name for _, name in steps} == {name for _, name in REAL_RECIPE} - {"train_grpo.yaml"}
+
+
 # ---------------------------------------------------------------------- accelerate configs
 
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 
 
 def test_the_accelerate_configs_named_in_comments_are_shipped() -> None:
-    named = set()
-    for path in CONFIGS.rglob("*.yaml"):
-        for word in path.read_text().split():
-            if word.startswith("configs/accelerate/"):
-                named.add(word)
-    readme = (CONFIGS.parent / "README.md").read_text()
-    named |= {w.strip("`") for w in readme.split() if w.strip("`").startswith("configs/accelerate/")}
-    assert named and all((CONFIGS.parent / n).is_file() for n in named), named
+    import re
+
+    root = CONFIGS.parent
+    texts = [p.read_text() for p in [root / "README.md", *CONFIGS.rglob("*.yaml"), *root.glob("visrl/**/*.py")]]
+    named = {m for text in texts for m in re.findall(r"configs/accelerate/[\w.-]+\.yaml", text)}
+    assert named and all((root / name).is_file() for name in named), named
+    assert {p.name for p in ACCELERATE} <= {Path(n).name for n in named}  # and each shipped one is documented
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=[p.name for p in ACCELERATE])
