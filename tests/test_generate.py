@@ -340,3 +340,9 @@ def test_unscored_judge_replies_are_dropped_and_counted(store: Store) -> None:
         assert {r["answer_score"] for r in rows if r["kind"] == "policy"} == {1.0}
         again = run_generate(store.workspace, cfg, reasoner=ScriptedReasoner())
         assert len(server.requests) == 4 and again.unscored == 2  # not re-asked; still counted
+    # Re-judged by a rule judge that scores every answer, the rollouts are no longer held back.
+    exact, _ = make_judges("exact", "none", config().judge_options())
+    assert judge_rollouts(store, report.run_key, exact, None) == 4
+    rows = store.rollouts(run_key=report.run_key)
+    assert not any("unscored" in json.loads(r["scores"]) for r in rows)
+    assert {r["answer_score"] for r in rows if r["kind"] == "negative"} == {0.0}

@@ -331,15 +331,18 @@ def references(item: dict[str, Any]) -> list[str]:
 def _save_scores(store: Store, item: dict[str, Any], rollout: dict[str, Any], answer_judge: Judge, crop_judge: Judge | None,
                  results: dict[tuple[int, str], tuple[float | None, Any]]) -> None:
     scores = loads(rollout["scores"], {})
-    for judge in (answer_judge, crop_judge):
-        if judge is None:
-            continue
+    unscored = set(scores.pop(UNSCORED, []))
+    judges = [j for j in (answer_judge, crop_judge) if j is not None]
+    for judge in judges:
         score, judgement = results[(rollout["id"], judge.key)]
         if judgement is not None:  # freshly computed: cache it
             store.save_judgement(rollout["id"], judge.key, judgement.score, judgement.detail)
-            if judgement.score is None:  # replied without a score: pairs.py drops the rollout
-                scores[UNSCORED] = sorted({*scores.get(UNSCORED, []), judge.key})
+            # Replied without a score: pairs.py drops the rollout (never a 0.0 side).
+            unscored = unscored - {judge.key} | ({judge.key} if judgement.score is None else set())
         scores[judge.key] = score
+    unscored &= {j.key for j in judges}  # a judge no longer used cannot hold the rollout back
+    if unscored:
+        scores[UNSCORED] = sorted(unscored)
     gt = box_from_json(item.get("gt_box"))
     box = box_from_json(rollout["box"])
     store.update_rollout(
