@@ -110,9 +110,9 @@ def _train(chain: Chain, where: str, path: Path) -> None:
 
 
 def _merge(chain: Chain, where: str, path: Path) -> None:
-    from visrl.train.merge import MergeConfig
+    from visrl.train.config import load_merge_config
 
-    cfg = load_config(MergeConfig, path)
+    cfg = load_merge_config(path)  # what `visrl merge` and a merge job read
     chain.need_model(where, cfg.model_name_or_path, cfg.adapter_name_or_path)
     chain.models.add(_norm(cfg.export_dir))
 

@@ -146,6 +146,25 @@ def test_the_visrl_seed_config_loads_with_its_ignored_keys_named(
     assert "cutoff_len" not in warning and "train_on_prompt" not in warning  # mapped, not ignored
 
 
+def test_the_visrl_seed_merge_config_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from visrl.jobs import validate_config
+    from visrl.train.config import load_merge_config
+
+    path = tmp_path / "merge_lora.yaml"
+    path.write_text("model_name_or_path: Qwen/Qwen2-VL-7B-Instruct\nadapter_name_or_path: saves/lora/stage2\n"
+                    "template: qwen2_vl\nfinetuning_type: lora\ntrust_remote_code: true\n"
+                    "export_dir: models/qwen2_vl-7b_visrl\nexport_size: 2\nexport_device: cpu\n"
+                    "export_legacy_format: false\n")
+    with caplog.at_level("WARNING", logger="visrl.train.config"):
+        cfg = load_merge_config(path)
+        assert validate_config("merge", path)["export_dir"] == "models/qwen2_vl-7b_visrl"  # a job too
+    assert (cfg.export_dir, cfg.export_size) == ("models/qwen2_vl-7b_visrl", 2)
+    assert all(key in caplog.text for key in ("template", "export_device", "export_legacy_format"))
+    path.write_text(path.read_text() + "quantization_bit: 4\n")
+    with pytest.raises(ConfigError, match="unknown key.*quantization_bit"):
+        load_merge_config(path)
+
+
 def test_foreign_keys_that_mean_nothing_known_stay_errors(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     path.write_text(SEED_RL + "quantization_bit: 4\n")

@@ -104,8 +104,8 @@ _CONFIG_LOADERS: dict[str, tuple[tuple[str, str], ...]] = {
     "eval": (("visrl.evaluate", "EvalConfig"),),
     "train": (("visrl.train.config", "load_train_config"), ("visrl.train", "load_train_config"),
               ("visrl.train.config", "TrainConfig"), ("visrl.train", "TrainConfig")),
-    "merge": (("visrl.train.merge", "MergeConfig"), ("visrl.train.config", "MergeConfig"),
-              ("visrl.train", "MergeConfig"), ("visrl.train.config", "load_merge_config")),
+    "merge": (("visrl.train.config", "load_merge_config"), ("visrl.train.merge", "MergeConfig"),
+              ("visrl.train.config", "MergeConfig"), ("visrl.train", "MergeConfig")),
 }
 
 

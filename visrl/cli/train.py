@@ -37,11 +37,11 @@ def train(config: str, workspace: str | None, max_steps: int | None, job_id: int
 @click.option("--job-id", type=int, default=None, hidden=True)
 def merge(config: str, workspace: str | None, job_id: int | None) -> None:
     """Merge a LoRA adapter into its base model and export a standalone model folder."""
-    from visrl.config import load_config
     from visrl.jobs import run_stage
-    from visrl.train.merge import MergeConfig, merge_lora
+    from visrl.train.config import load_merge_config
+    from visrl.train.merge import merge_lora
 
-    cfg = load_config(MergeConfig, config)
+    cfg = load_merge_config(config)
     out = run_stage(workspace, job_id, "merge",
                     lambda progress: merge_lora(cfg, workspace, job_id=job_id, progress=progress))
     click.echo(f"merged {cfg.adapter_name_or_path} into {cfg.model_name_or_path}: {out}")

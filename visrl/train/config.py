@@ -319,13 +319,28 @@ FOREIGN_IGNORED: dict[str, str] = {
 }
 
 
-def translate_foreign_keys(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
-    """``data`` with LLaMA-Factory / VisRL-seed keys mapped onto ours; the meaningless ones dropped
-    with one logged warning naming them. A key that is a field of :class:`TrainConfig` is always
-    ours; unknown keys stay for :func:`visrl.config.from_dict` to refuse by name."""
-    ours = {f.name for f in fields(TrainConfig)}
+# The same for LLaMA-Factory / VisRL-seed export (merge) YAMLs, read into visrl.train.merge.MergeConfig.
+MERGE_FOREIGN_IGNORED: dict[str, str] = {
+    "template": "the chat template comes with the model's processor",
+    "trust_remote_code": "models load with transformers' own classes; no remote code runs",
+    "finetuning_type": "merging always folds a LoRA adapter in",
+    "export_device": "merging runs on the CPU in float32, then casts to export_dtype",
+    "export_legacy_format": "exports are always safetensors",
+}
+
+
+def translate_foreign_keys(data: dict[str, Any], source: str = "config", cls: type = TrainConfig,
+                           aliases: dict[str, tuple[str, Any]] | None = None,
+                           ignored: dict[str, str] | None = None) -> dict[str, Any]:
+    """``data`` with LLaMA-Factory / VisRL-seed keys mapped onto ``cls``'s; the meaningless ones
+    dropped with one logged warning naming them. A key that is a field of ``cls`` is always ours;
+    unknown keys stay for :func:`visrl.config.from_dict` to refuse by name. Tables default to
+    the training ones (:data:`FOREIGN_ALIASES`, :data:`FOREIGN_IGNORED`)."""
+    aliases = FOREIGN_ALIASES if aliases is None else aliases
+    ignored_keys = FOREIGN_IGNORED if ignored is None else ignored
+    ours = {f.name for f in fields(cls)}
     out = dict(data)
-    for key, (target, convert) in FOREIGN_ALIASES.items():
+    for key, (target, convert) in aliases.items():
         if key not in out or key in ours:
             continue
         value = convert(out.pop(key))
@@ -333,11 +348,11 @@ def translate_foreign_keys(data: dict[str, Any], source: str = "config") -> dict
             raise ConfigError(f"{source}: {key} ({value!r} as {target}) contradicts {target}: {out[target]!r}; "
                               f"keep one of them")
         out[target] = value
-    ignored = sorted(k for k in out if k in FOREIGN_IGNORED and k not in ours)
-    if ignored:
+    dropped = sorted(k for k in out if k in ignored_keys and k not in ours)
+    if dropped:
         log.warning("%s: ignoring key(s) with no meaning in visrl: %s", source,
-                    "; ".join(f"{k} ({FOREIGN_IGNORED[k]})" for k in ignored))
-        for key in ignored:
+                    "; ".join(f"{k} ({ignored_keys[k]})" for k in dropped))
+        for key in dropped:
             del out[key]
     return out
 
@@ -349,3 +364,14 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
     data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path))
     return from_dict(TrainConfig, data, source=str(path))
+
+
+def load_merge_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
+    """Read a merge YAML (ours, or an LLaMA-Factory / VisRL-seed export config) into a
+    :class:`visrl.train.merge.MergeConfig`."""
+    from visrl.config import from_dict, read_yaml
+    from visrl.train.merge import MergeConfig
+
+    data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path), cls=MergeConfig,
+                                  aliases={}, ignored=MERGE_FOREIGN_IGNORED)
+    return from_dict(MergeConfig, data, source=str(path))
