@@ -27,7 +27,7 @@ LANGUAGE_MODEL_TARGET = (
 )
 BOX_FORMATS = ("viscot", "qwen2", "qwen2_5", "qwen3", "normalized")
 PAIR_STATUSES = ("pending", "accepted", "rejected")
-# trl 1.16 DPOTrainer's loss_type values (trl/trainer/dpo_config.py); stage 2 computes its two DPO
+# trl 1.16 DPOTrainer's loss_type values (its loss dispatch in trl/trainer/dpo_trainer.py); stage 2 computes its two DPO
 # terms with the same trl code. LLaMA-Factory's orpo / simpo are reference-free losses of other
 # trainers: DPOTrainer raises on them at the first step, so they are refused here, before loading.
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -50,7 +50,7 @@ def _help(text: str) -> dict[str, str]:
 
 @dataclass
 class TrainConfig:
-    """One training run. Unknown YAML keys are rejected by :func:`visrl.config.load_config`."""
+    """One training run. :func:`load_train_config` maps LLaMA-Factory keys and rejects unknown ones."""
 
     stage: str = field(metadata=_help(
         "sft | dpo (VisRL stage 1, box step) | visrl (stage 2, box + answer) | "
