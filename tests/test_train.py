@@ -175,6 +175,7 @@ def test_foreign_keys_that_mean_nothing_known_stay_errors(tmp_path: Path) -> Non
         load_train_config(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, adapted, not_adapted", [
     # LLaMA-Factory's `all`: every linear layer of the language model, none of the vision side.
     ({"lora_target": "all"}, {"language_model"}, {"visual", "lm_head"}),
@@ -200,6 +201,7 @@ def test_lora_target_reaches_only_the_unfrozen_parts(
     assert not any(part in name for name in wrapped for part in not_adapted), sorted(wrapped)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_freezes_the_vision_side(tiny_dir: Path) -> None:
     from visrl.train.lora import load_train_model
 
