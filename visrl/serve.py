@@ -13,6 +13,14 @@ for vLLM when a run should generate with a model in another process. Endpoints:
   text arrives in one content delta, after its role delta;
 - ``GET /health`` -- 200 once the model is loaded (no key needed).
 
+Every request's cost is bounded before it is spent (:mod:`visrl.serve_limits`): the body by the
+bytes actually read (413), each image's and the request's pixels from the image headers before
+decoding (400), the prompt's tokens against the model's context (400
+``context_length_exceeded``), and the requests and memory held at once (503 with Retry-After).
+Bodies are parsed and images decoded off the event loop, so ``/health`` answers during any of it,
+and a client that disconnects has its request dropped from the queue (or its batch stopped when it
+was the batch's only client).
+
 One model serves every request: a single worker thread owns it and runs requests in micro-batches
 (up to ``max_batch_size`` requests with the same sampling settings, collected for
 ``batch_wait_ms``), so concurrent clients are batched, never run the model at the same time.
@@ -23,10 +31,8 @@ Binding anything but a loopback address requires ``api_key``; requests then need
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import copy
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -34,7 +40,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,12 +52,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 from visrl.errors import ConfigError, VisRLError
+from visrl.images import MAX_IMAGE_PIXELS
+from visrl.reasoning import Reasoner
+from visrl.serve_limits import (
+    RGB_BYTES,
+    Admission,
+    BadRequest,
+    Ticket,
+    check_prompt,
+    model_context,
+    read_body,
+)
+from visrl.serve_request import SamplingKey, parse_request
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 2**20  # a request with a few full-resolution PNGs is ~10-30 MB
-MAX_IMAGES = 16  # per request; the two-step prompt has 2
-MAX_N = 16  # completions per request
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -74,17 +90,39 @@ class ServeConfig:
         "help": "Largest max_tokens a request may ask for; also the default when it gives none."})
     api_key: str | None = field(default=None, repr=False, metadata={
         "help": "Bearer key clients must send; required when host is not loopback (or set VISRL_API_KEY)."})
+    max_body_mb: float = field(default=64.0, metadata={
+        "help": "Largest request body in MB, counted as it is read (a few full-resolution PNGs are 10-30 MB); "
+                "more is refused with 413."})
+    max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata={
+        "help": "Most pixels of one image (width x height, read from its header before decoding); "
+                "default 4096x4096 = 50 MB as RGB."})
+    max_request_pixels: int = field(default=2 * MAX_IMAGE_PIXELS, metadata={
+        "help": "Most pixels of all images of one request together (the two-step prompt sends 2)."})
+    max_pending: int = field(default=64, metadata={
+        "help": "Requests held at once (being read, queued or generating); more are refused with 503."})
+    max_pending_mb: int = field(default=1024, metadata={
+        "help": "Memory in MB all held requests may take (3x their body while parsed, then 3 bytes per "
+                "decoded pixel); a request that would overdraw it is refused with 503."})
+    max_context_tokens: int | None = field(default=None, metadata={
+        "help": "Prompt plus max_tokens must fit this many tokens; null = the model's max_position_embeddings."})
 
     def __post_init__(self) -> None:
         problems = []
+        # Written as `not (low <= value)` so that NaN, which compares false, is refused too.
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
-        if self.max_batch_size < 1:
-            problems.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.batch_wait_ms < 0:
-            problems.append(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
-        if self.max_tokens_limit < 1:
-            problems.append(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_batch_size", "max_tokens_limit", "max_image_pixels", "max_request_pixels",
+                     "max_pending", "max_pending_mb"):
+            if not getattr(self, name) >= 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.batch_wait_ms <= 10_000:
+            problems.append(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms}")
+        if not 0 < self.max_body_mb <= 4096:
+            problems.append(f"max_body_mb must be in (0, 4096], got {self.max_body_mb}")
+        if self.max_context_tokens is not None and not self.max_context_tokens >= 1:
+            problems.append(f"max_context_tokens must be >= 1 or null, got {self.max_context_tokens}")
         if problems:
             raise ConfigError("invalid serve config: " + "; ".join(problems))
 
@@ -109,120 +147,26 @@ def check_bind(cfg: ServeConfig) -> None:
                           "(or VISRL_API_KEY), or bind 127.0.0.1")
 
 
-# ---------------------------------------------------------------------- request validation
-
-class BadRequest(Exception):
-    """A request the server refuses; becomes an OpenAI-style error body."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error", code: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
-
-
-@dataclass(frozen=True)
-class SamplingKey:
-    """A request's sampling settings; requests batch together only when these are equal."""
-
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    n: int
-
-
-def parse_request(body: Any, model_name: str, max_tokens_limit: int) -> tuple[list[dict[str, Any]], SamplingKey]:
-    """The HF chat conversation (PIL images inline) and sampling settings of a request body."""
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    if body.get("model") != model_name:
-        raise BadRequest(f"the model {body.get('model')!r} does not exist; this server serves {model_name!r}",
-                         "model", status=404, code="model_not_found")
-    if not isinstance(body.get("stream", False), bool):
-        raise BadRequest("stream must be true or false", "stream")
-    options = body.get("stream_options")
-    if options is not None and (not body.get("stream") or not isinstance(options, dict)):
-        raise BadRequest("stream_options is an object, allowed only with stream: true", "stream_options")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list", "messages")
-    conversation = [_message(m, i) for i, m in enumerate(messages)]
-    if conversation[-1]["role"] != "user":
-        raise BadRequest("the last message must be from the user", "messages")
-    images = sum(p["type"] == "image" for m in conversation for p in m["content"])
-    if images > MAX_IMAGES:
-        raise BadRequest(f"at most {MAX_IMAGES} images per request, got {images}", "messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    sampling = SamplingKey(
-        temperature=_number(body, "temperature", 1.0, 0.0, 100.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        max_new_tokens=max_tokens_limit if max_tokens is None else _integer(max_tokens, "max_tokens", 1, max_tokens_limit),
-        n=_integer(body.get("n", 1), "n", 1, MAX_N))
-    return conversation, sampling
-
-
-def _message(message: Any, index: int) -> dict[str, Any]:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-        raise BadRequest(f"{where} must be an object with role system, user or assistant", where)
-    content = message.get("content")
-    if isinstance(content, str):
-        return {"role": message["role"], "content": [{"type": "text", "text": content}]}
-    if not isinstance(content, list):
-        raise BadRequest(f"{where}.content must be a string or a list of parts", where)
-    return {"role": message["role"], "content": [_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]}
-
-
-def _part(part: Any, where: str) -> dict[str, Any]:
-    kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "text" and isinstance(part.get("text"), str):
-        return {"type": "text", "text": part["text"]}
-    if kind == "image_url":
-        spec = part.get("image_url")
-        url = spec.get("url") if isinstance(spec, dict) else spec
-        return {"type": "image", "image": decode_data_url(url, where)}
-    raise BadRequest(f"{where} must be a text part or an image_url part", where)
-
-
-def decode_data_url(url: Any, where: str = "image_url") -> Image.Image:
-    """An RGB image from a ``data:image/...;base64,`` URL; anything else (paths, http) is refused."""
-    if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
-        raise BadRequest(f"{where}: only data:image/...;base64, URLs are accepted (this server reads no "
-                         "files and fetches no URLs)", where)
-    try:
-        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-        return image.convert("RGB")
-    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as exc:
-        raise BadRequest(f"{where}: not a readable image ({exc})", where) from None
-
-
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float,
-            low_open: bool = False) -> float:
-    value = body.get(name, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRequest(f"{name} must be a number, got {value!r}", name)
-    if value > high or value < low or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise BadRequest(f"{name} must be in {bound}, got {value}", name)
-    return float(value)
-
-
-def _integer(value: Any, name: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise BadRequest(f"{name} must be an integer in [{low}, {high}], got {value!r}", name)
-    return value
-
-
 # ---------------------------------------------------------------------- the model worker
+
+class JobFuture(Future):
+    """A request's result; :meth:`cancel` (a client gone) also marks it ``gone`` for a running batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gone = threading.Event()
+
+    def cancel(self) -> bool:
+        self.gone.set()
+        return super().cancel()  # succeeds only while queued: the worker then skips it
+
 
 @dataclass
 class _Job:
     conversation: list[dict[str, Any]]
     sampling: SamplingKey
-    future: Future = field(default_factory=Future)
+    prompt_tokens: int | None = None
+    future: JobFuture = field(default_factory=JobFuture)
 
 
 class BatchWorker:
@@ -230,18 +174,27 @@ class BatchWorker:
 
     Batching matters because a client such as :class:`visrl.remote.RemoteReasoner` sends many
     requests at once, and one batched generate call is several times faster than one call each.
+    A cancelled request (its client went away) is skipped if still queued; :meth:`batch_gone`
+    tells a running generate call (:class:`ServeReasoner`) when every request of its batch is gone.
     """
 
     def __init__(self, reasoner: Any, max_batch_size: int, wait_s: float, counter: Any = None) -> None:
         self.reasoner, self.max_batch_size, self.wait_s, self.counter = reasoner, max_batch_size, wait_s, counter
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._running: list[_Job] = []
         self._thread = threading.Thread(target=self._run, name="visrl-serve-model", daemon=True)
         self._thread.start()
 
-    def submit(self, conversation: list[dict[str, Any]], sampling: SamplingKey) -> Future:
-        job = _Job(conversation, sampling)
+    def submit(self, conversation: list[dict[str, Any]], sampling: SamplingKey,
+               prompt_tokens: int | None = None) -> JobFuture:
+        job = _Job(conversation, sampling, prompt_tokens)
         self._queue.put(job)
         return job.future
+
+    def batch_gone(self) -> bool:
+        """True when the batch being generated has no client left to answer."""
+        running = self._running
+        return bool(running) and all(job.future.gone.is_set() for job in running)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -273,24 +226,31 @@ class BatchWorker:
     def _generate(self, jobs: list[_Job], key: SamplingKey) -> None:
         from visrl.reasoning import Sampling
 
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]  # drops cancelled ones
+        if not jobs:
+            return
+        self._running = jobs
         try:
             sampling = Sampling(temperature=key.temperature, top_p=key.top_p,
                                 max_new_tokens=key.max_new_tokens, n=key.n)
             outputs = self.reasoner.generate([job.conversation for job in jobs], sampling)
-            results = [(texts, self._usage(job.conversation, texts, key.max_new_tokens)) for job, texts in zip(jobs, outputs, strict=True)]
+            results = [(texts, self._usage(job, texts, key.max_new_tokens)) for job, texts in zip(jobs, outputs, strict=True)]
         except BaseException as exc:  # every waiting request must hear about it
             for job in jobs:
                 job.future.set_exception(exc)
             return
+        finally:
+            self._running = []
         for job, result in zip(jobs, results, strict=True):
             job.future.set_result(result)
 
-    def _usage(self, conversation: list[dict[str, Any]], texts: list[str], max_new_tokens: int) -> dict[str, Any]:
+    def _usage(self, job: _Job, texts: list[str], max_new_tokens: int) -> dict[str, Any]:
         if self.counter is None:
-            return {"prompt_tokens": 0, "completion_tokens": [0] * len(texts)}
+            return {"prompt_tokens": job.prompt_tokens or 0, "completion_tokens": [0] * len(texts)}
+        prompt = job.prompt_tokens if job.prompt_tokens is not None else self.counter.prompt(job.conversation)
         # Reasoner.generate returns text, so completions are re-tokenized; odd bytes of an
         # untrained model can re-tokenize longer than generated, hence the cap at max_new_tokens.
-        return {"prompt_tokens": self.counter.prompt(conversation),
+        return {"prompt_tokens": prompt,
                 "completion_tokens": [min(self.counter.completion(t), max_new_tokens) for t in texts]}
 
 
@@ -317,8 +277,14 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
     check_bind(cfg)
     reasoner = _as_reasoner(reasoner_or_loaded, cfg)
     processor = getattr(getattr(reasoner, "loaded", None), "processor", None)
+    # The counter gets its own copy of the processor: it tokenizes prompts in request threads while
+    # the model's copy pads batches (a fast tokenizer's padding state is not shared safely).
     worker = BatchWorker(reasoner, cfg.max_batch_size, cfg.batch_wait_ms / 1000,
-                         TokenCounter(processor) if processor is not None else None)
+                         TokenCounter(copy.deepcopy(processor)) if processor is not None else None)
+    if isinstance(reasoner, ServeReasoner):
+        reasoner.should_stop = worker.batch_gone
+    admission = Admission(cfg.max_pending, cfg.max_pending_mb * 2**20)
+    context = cfg.max_context_tokens or model_context(reasoner)
     name = cfg.model_name
 
     @asynccontextmanager
@@ -327,11 +293,16 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
         worker.close()
 
     app = FastAPI(title="visrl serve", lifespan=lifespan)
-    app.state.worker = worker
+    app.state.worker, app.state.admission = worker, admission
 
     def error(exc: BadRequest) -> JSONResponse:
+        headers = {}
+        if exc.status in (413, 503):  # the body may be unread: close rather than read on
+            headers["Connection"] = "close"
+        if exc.status == 503:
+            headers["Retry-After"] = "1"
         return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
-                                       "code": exc.code}}, status_code=exc.status)
+                                       "code": exc.code}}, status_code=exc.status, headers=headers)
 
     def authorize(request: Request) -> None:
         if not cfg.api_key:
@@ -358,14 +329,11 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
     async def chat_completions(request: Request) -> Any:
         try:
             authorize(request)
-            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-                raise BadRequest(f"request body over {MAX_BODY_BYTES // 2**20} MB", status=413)
-            try:
-                body = await request.json()
-            except ValueError:
-                raise BadRequest("the request body is not valid JSON") from None
-            conversation, sampling = parse_request(body, name, cfg.max_tokens_limit)
-            texts, usage = await asyncio.wrap_future(worker.submit(conversation, sampling))
+            ticket = admission.enter()
+        except BadRequest as exc:
+            return error(exc)
+        try:
+            return await complete(request, ticket)
         except BadRequest as exc:
             return error(exc)
         except VisRLError as exc:  # e.g. a prompt the model cannot take
@@ -374,6 +342,17 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
             log.exception("generation failed")
             return error(BadRequest(f"generation failed: {type(exc).__name__}: {exc}", status=500,
                                     kind="server_error"))
+        finally:
+            ticket.leave()
+
+    async def complete(request: Request, ticket: Ticket) -> Any:
+        raw = await read_body(request, int(cfg.max_body_mb * 2**20), ticket)
+        # Parsing JSON and decoding images take CPU seconds: off the event loop, so /health and
+        # other clients are served meanwhile.
+        body, conversation, sampling, tokens = await asyncio.to_thread(
+            admit_request, raw, cfg, ticket, context, worker.counter)
+        del raw
+        texts, usage = await result_unless_gone(request, worker.submit(conversation, sampling, tokens))
         reply = completion_body(name, texts, usage, sampling.max_new_tokens)
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -381,6 +360,48 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
         return reply
 
     return app
+
+
+def admit_request(raw: bytes, cfg: ServeConfig, ticket: Ticket, context: int | None,
+                  counter: Any) -> tuple[dict[str, Any], list[dict[str, Any]], SamplingKey, int | None]:
+    """Parse a body read by :func:`read_body`: (body, conversation, sampling, prompt tokens).
+
+    The ticket holds the body's bytes while it is parsed, then only its decoded images' bytes."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+    body_bytes = ticket.bytes
+    conversation, sampling = parse_request(body, cfg.model_name, cfg.max_tokens_limit, cfg.max_image_pixels,
+                                           cfg.max_request_pixels, lambda n: ticket.hold(body_bytes + n))
+    ticket.hold(sum(p["image"].width * p["image"].height * RGB_BYTES
+                    for m in conversation for p in m["content"] if p["type"] == "image"))
+    return body, conversation, sampling, check_prompt(conversation, sampling.max_new_tokens, context, counter)
+
+
+async def result_unless_gone(request: Request, future: JobFuture) -> Any:
+    """The job's result; if the client disconnects first, the job is cancelled (a queued one is
+    dropped, a running batch stops once all its clients are gone) and a 499 is logged."""
+    done = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down
+        future.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not done.done():
+        future.cancel()
+        log.info("client disconnected; its request was cancelled")
+        raise BadRequest("the client disconnected before the answer was ready", status=499)
+    return done.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body has been read, so the next ASGI message is the client's disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def stream_events(reply: dict[str, Any], include_usage: bool) -> Iterator[str]:
@@ -415,14 +436,37 @@ def completion_body(model: str, texts: list[str], usage: dict[str, Any], max_new
                       "total_tokens": usage["prompt_tokens"] + sum(completion)}}
 
 
+class ServeReasoner(Reasoner):
+    """The Reasoner of ``visrl serve``: a generate call stops at the next token once
+    :attr:`should_stop` says so (the worker's :meth:`BatchWorker.batch_gone`: every client of the
+    batch disconnected), so a gone client frees the one model within a token, not a whole reply."""
+
+    def should_stop(self) -> bool:
+        return False  # replaced by the worker's batch_gone in create_app
+
+    def _generate_kwargs(self, sampling: Any, n: int) -> dict[str, Any]:
+        kwargs = super()._generate_kwargs(sampling, n)
+        kwargs["stopping_criteria"] = _stop_when(lambda: self.should_stop())
+        return kwargs
+
+
+def _stop_when(check: Callable[[], bool]) -> Any:
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Gone(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), check(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Gone()])
+
+
 def _as_reasoner(obj: Any, cfg: ServeConfig) -> Any:
     from visrl.models import LoadedModel
 
     if not isinstance(obj, LoadedModel):
         return obj  # a Reasoner (or a stand-in with the same generate)
-    from visrl.reasoning import Reasoner
-
-    return Reasoner(obj, batch_size=cfg.max_batch_size)
+    return ServeReasoner(obj, batch_size=cfg.max_batch_size)
 
 
 def serve(cfg: ServeConfig, workspace: str | Path | None = None) -> None:
@@ -439,4 +483,6 @@ def serve(cfg: ServeConfig, workspace: str | Path | None = None) -> None:
                         adapter=resolve_model_path(ws, cfg.adapter_name_or_path),
                         dtype=cfg.dtype, device=cfg.device)
     app = create_app(loaded, cfg)
+    # PIL's own guard (warn over 1x, refuse over 2x this) backs the header check of visrl.images.
+    Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -1,0 +1,77 @@
+"""Opening images that come from outside (an HTTP request, a browser upload) within a pixel budget.
+
+A compressed image says nothing about its decoded size: a 160 KB PNG of 13000x13000 pixels
+decodes to 13000 * 13000 * 3 bytes = 507 MB as RGB (3.5 GB peak through PIL's intermediate
+buffers). So the size is read from the image header (PIL opens lazily) and checked *before* any
+pixel is decoded. Every entry point -- ``visrl serve`` and the app's Chat tab -- calls these
+functions, so the same limits hold everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image
+
+from visrl.errors import DataError
+
+# 4096 x 4096 = 16.8 M pixels = 50 MB as RGB: above the largest input of the supported models
+# (Qwen2/2.5-VL resize to at most 12.8 M pixels), far below what stalls a host.
+MAX_IMAGE_PIXELS = 4096 * 4096
+# Formats a browser or an OpenAI client sends; PIL's others (e.g. multi-page TIFF, ICNS, PSD)
+# only widen what an attacker can reach.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_SIDE = 65_535  # wider than any real photo; guards against 1 x 10^9 strips that pass a pixel count
+
+
+def peek_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS,
+               where: str = "image") -> Image.Image:
+    """The image opened lazily (header read, no pixel decoded) after its size passed the budget.
+
+    Raises :class:`DataError` naming ``where`` when it is not an image in :data:`FORMATS` or has
+    more than ``max_pixels`` pixels (or a side over :data:`MAX_SIDE`).
+    """
+    stream: str | Path | BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        # PIL itself warns over Image.MAX_IMAGE_PIXELS and refuses over twice that at open time;
+        # the budget below is the stricter, explicit check.
+        image = Image.open(stream, formats=FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{where}: the image is too large ({exc}); the limit is {max_pixels:,} pixels") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{where}: not a readable image ({_short(exc)}); send PNG, JPEG, WebP, GIF or BMP") from None
+    width, height = image.size
+    if width * height > max_pixels or max(width, height) > MAX_SIDE:
+        image.close()
+        raise DataError(f"{where}: the image is {width}x{height} = {width * height:,} pixels; the limit is "
+                        f"{max_pixels:,} pixels (e.g. {_side(max_pixels)}x{_side(max_pixels)}): "
+                        "downscale it first")
+    return image
+
+
+def decode_image(image: Image.Image, where: str = "image") -> Image.Image:
+    """Decode an image from :func:`peek_image` into RGB; a truncated or corrupt file is a DataError."""
+    try:
+        image.load()
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{where}: not a readable image ({_short(exc)})") from None
+    finally:
+        image.close()
+
+
+def open_bounded(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS,
+                 where: str = "image") -> Image.Image:
+    """An untrusted image as RGB, refused from its header when over ``max_pixels`` pixels."""
+    return decode_image(peek_image(source, max_pixels, where), where)
+
+
+def _side(pixels: int) -> int:
+    return int(pixels ** 0.5)
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
