@@ -37,7 +37,7 @@ from visrl.judges import (
     make_judges,
     model_judge_key,
 )
-from visrl.policy import PolicyConfig, load_reasoner
+from visrl.policy import PolicyConfig, check_range, load_reasoner
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
 from visrl.workspace import Workspace
@@ -70,6 +70,8 @@ class EvalConfig(PolicyConfig):
         super().__post_init__()
         if self.answer_judge not in ANSWER_JUDGES:
             raise ConfigError(f"answer_judge must be one of {', '.join(ANSWER_JUDGES)}, got {self.answer_judge!r}")
+        check_range("anls_threshold", self.anls_threshold, 0.0, 1.0)
+        check_range("number_rel_tol", self.number_rel_tol, 0.0, 1e6)
 
     def judge_options(self) -> JudgeOptions:
         return JudgeOptions(anls_threshold=self.anls_threshold, number_rel_tol=self.number_rel_tol,

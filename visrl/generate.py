@@ -32,9 +32,18 @@ from PIL import Image
 
 from visrl.boxes import crop_box, format_box, iou, parse_box, random_negative_box
 from visrl.errors import ConfigError
-from visrl.judges import Judge, JudgeInput, JudgeOptions, ModelJudge, make_judges, model_judge_key
+from visrl.judges import (
+    ANSWER_JUDGES,
+    CROP_JUDGES,
+    Judge,
+    JudgeInput,
+    JudgeOptions,
+    ModelJudge,
+    make_judges,
+    model_judge_key,
+)
 from visrl.pairs import UNSCORED, PairsConfig, build_pairs
-from visrl.policy import PolicyConfig, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
+from visrl.policy import PolicyConfig, check_range, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
 from visrl.workspace import Workspace
@@ -83,8 +92,20 @@ class GenerateConfig(PolicyConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("attempts", "judge_workers"):
-            if getattr(self, name) < 1:
+            if not getattr(self, name) >= 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        # 0 is greedy; a negative temperature used to run greedy silently. 100 is far past useful.
+        check_range("temperature", self.temperature, 0.0, 100.0)
+        check_range("answer_temperature", self.answer_temperature, 0.0, 100.0)
+        check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        for name in ("anls_threshold", "iou_threshold"):
+            check_range(name, getattr(self, name), 0.0, 1.0)
+        check_range("number_rel_tol", self.number_rel_tol, 0.0, 1e6)
+        if self.answer_judge not in ANSWER_JUDGES:
+            raise ConfigError(f"answer_judge must be one of {', '.join(ANSWER_JUDGES)}, got {self.answer_judge!r}")
+        if self.crop_judge not in CROP_JUDGES:
+            raise ConfigError(f"crop_judge must be one of {', '.join(CROP_JUDGES)}, got {self.crop_judge!r}")
+        self.pairs_config()  # the four pair thresholds, checked by PairsConfig
 
     def model_label(self) -> str:
         if self.backend == "remote":

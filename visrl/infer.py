@@ -8,7 +8,9 @@ from typing import Any
 
 from PIL import Image
 
-from visrl.errors import DataError
+from visrl.boxes import BOX_FORMATS
+from visrl.errors import ConfigError, DataError
+from visrl.policy import check_range
 
 
 @dataclass
@@ -28,6 +30,21 @@ class InferConfig:
         "help": "Enlarge the crop to at least this many pixels, so it shows more detail (null: as is)."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+
+    def __post_init__(self) -> None:
+        check_range("temperature", self.temperature, 0.0, 100.0)  # 0 = greedy; negative is a mistake
+        check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        check_range("crop_margin", self.crop_margin, 0.0, 10.0)  # per side, in box widths
+        if not self.max_new_tokens >= 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        for name in ("full_max_pixels", "crop_min_pixels"):
+            value = getattr(self, name)
+            if value is not None and not value >= 1:
+                raise ConfigError(f"{name} must be at least 1 pixel or null, got {value}")
+        if self.box_format is not None and self.box_format not in BOX_FORMATS:
+            raise ConfigError(f"box_format {self.box_format!r} unknown; use one of {', '.join(BOX_FORMATS)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 
 
 def run_infer(cfg: InferConfig, image_path: str | Path, question: str, crop_out: str | Path,

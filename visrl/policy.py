@@ -55,11 +55,23 @@ class PolicyConfig:
             raise ConfigError("dataset is required: the name of a dataset in the workspace (`visrl stats`)")
         if self.box_format not in BOX_FORMATS:
             raise ConfigError(f"box_format {self.box_format!r} unknown; use one of {', '.join(BOX_FORMATS)}")
-        for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
+        # Comparisons are written `not (value >= low)` so that NaN, which compares false, fails too.
+        for name in ("batch_size", "max_new_tokens", "remote_min_pixels"):
+            if not getattr(self, name) >= 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
+        if not self.remote_max_pixels >= self.remote_min_pixels:
+            raise ConfigError(f"remote_max_pixels must be at least remote_min_pixels ({self.remote_min_pixels}), "
+                              f"got {self.remote_max_pixels}")
+        if self.limit is not None and not self.limit >= 1:
             raise ConfigError(f"limit must be at least 1 or null, got {self.limit}")
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    """ConfigError unless ``low <= value <= high`` (``low < value`` when ``low_open``); NaN fails."""
+    inside = (low < value if low_open else low <= value) and value <= high
+    if not inside:
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ConfigError(f"{name} must be in {bound}, got {value}")
 
 
 def resolve_model_path(ws: Workspace, path: str | None) -> str | None:

@@ -20,9 +20,9 @@ def train(config: str, workspace: str | None, max_steps: int | None, job_id: int
     """
     from visrl.jobs import run_stage
     from visrl.train import load_train_config
-    from visrl.train.run import train as run_train
 
     cfg = load_train_config(config, {"max_steps": max_steps} if max_steps else None)
+    from visrl.train.run import train as run_train  # imports torch: only once the config is valid
     result = run_stage(workspace, job_id, f"train {cfg.stage}",
                        lambda progress: run_train(cfg, workspace, job_id=job_id, progress=progress))
     state = "stopped" if result.stopped else "finished"

@@ -35,7 +35,7 @@ class MergeConfig:
     def __post_init__(self) -> None:
         if self.export_dtype not in DTYPES:
             raise ConfigError(f"export_dtype must be one of {', '.join(DTYPES)}, got {self.export_dtype!r}")
-        if self.export_size < 1:
+        if not self.export_size >= 1:
             raise ConfigError(f"export_size must be >= 1 (GB), got {self.export_size}")
 
 
