@@ -288,6 +288,30 @@ class FakeReasoner:
         yield {"kind": "answer", "answer": "a dot"}
 
 
+def test_chat_upload_within_the_pixel_budget(ctx: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl.images import MAX_IMAGE_PIXELS
+    from visrl_app import chat_tab
+
+    def no_model(ctx: Any, choice: str) -> Any:
+        raise AssertionError("a model was loaded for an image that is refused")
+
+    monkeypatch.setattr(chat_tab, "reasoner_for", no_model)
+    # A 5000x4000 PNG (20 M pixels, over the 16.8 M limit) is a few KB on disk; the upload reaches
+    # ask() as a path, and the refusal comes from its header, before any pixel is decoded.
+    path = tmp_path / "big.png"
+    Image.new("L", (5000, 4000)).save(path)
+    assert 5000 * 4000 > MAX_IMAGE_PIXELS
+    with pytest.warns(UserWarning, match=r"the uploaded image: the image is 5000x4000 = 20,000,000 pixels"):
+        outs = list(chat_tab.ask(ctx, "models/x", str(path), "where?", 0.0, 32))
+    assert outs[-1][0] is None and outs[-1][-1].startswith("error: the uploaded image: the image is 5000x4000")
+    small = tmp_path / "small.png"
+    Image.new("RGBA", (100, 80)).save(small)
+    monkeypatch.setattr(chat_tab, "reasoner_for", lambda ctx, choice: FakeReasoner(Image.new("RGB", (4, 4))))
+    monkeypatch.setattr(chat_tab, "make_sampling", lambda temperature, max_new_tokens: None)
+    focus = list(chat_tab.ask(ctx, "models/x", str(small), "where?", 0.0, 32))[-1][0]
+    assert focus.mode == "RGB" and focus.size == (100, 80)
+
+
 def test_chat_needs_image_and_question(ctx: Any) -> None:
     from visrl_app import chat_tab
 

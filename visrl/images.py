@@ -42,12 +42,11 @@ def peek_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAG
         raise DataError(f"{where}: the image is too large ({exc}); the limit is {max_pixels:,} pixels") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{where}: not a readable image ({_short(exc)}); send PNG, JPEG, WebP, GIF or BMP") from None
-    width, height = image.size
-    if width * height > max_pixels or max(width, height) > MAX_SIDE:
+    try:
+        _check_size(image.width, image.height, max_pixels, where)
+    except DataError:
         image.close()
-        raise DataError(f"{where}: the image is {width}x{height} = {width * height:,} pixels; the limit is "
-                        f"{max_pixels:,} pixels (e.g. {_side(max_pixels)}x{_side(max_pixels)}): "
-                        "downscale it first")
+        raise
     return image
 
 
@@ -62,10 +61,24 @@ def decode_image(image: Image.Image, where: str = "image") -> Image.Image:
         image.close()
 
 
-def open_bounded(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAGE_PIXELS,
+def open_bounded(source: str | Path | bytes | BinaryIO | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS,
                  where: str = "image") -> Image.Image:
-    """An untrusted image as RGB, refused from its header when over ``max_pixels`` pixels."""
+    """An untrusted image as RGB, refused from its header when over ``max_pixels`` pixels.
+
+    ``source`` is a file path, the file's bytes or an open binary file; an already decoded PIL
+    image (e.g. from a UI component) is size-checked and converted the same way.
+    """
+    if isinstance(source, Image.Image):
+        _check_size(source.width, source.height, max_pixels, where)
+        return source.convert("RGB")
     return decode_image(peek_image(source, max_pixels, where), where)
+
+
+def _check_size(width: int, height: int, max_pixels: int, where: str) -> None:
+    if width * height > max_pixels or max(width, height) > MAX_SIDE:
+        raise DataError(f"{where}: the image is {width}x{height} = {width * height:,} pixels; the limit is "
+                        f"{max_pixels:,} pixels (e.g. {_side(max_pixels)}x{_side(max_pixels)}): "
+                        "downscale it first")
 
 
 def _side(pixels: int) -> int:

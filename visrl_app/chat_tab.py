@@ -15,6 +15,7 @@ import gradio as gr
 from PIL import Image
 
 from visrl.errors import VisRLError
+from visrl.images import open_bounded
 from visrl_app import render
 from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
 
@@ -69,7 +70,7 @@ def chat_outputs(image: Image.Image, box: Any, crop: Any, box_text: str, answer:
     return shown, crop, box_text, answer, status
 
 
-def ask(ctx: AppContext, choice: str, image: Image.Image | None, question: str,
+def ask(ctx: AppContext, choice: str, image: str | Image.Image | None, question: str,
         temperature: float, max_new_tokens: float) -> Iterator[tuple[Any, ...]]:
     """Stream (image with focus box, crop, box text, answer so far, status) as the model works."""
     if image is None or not (question or "").strip():
@@ -80,7 +81,12 @@ def ask(ctx: AppContext, choice: str, image: Image.Image | None, question: str,
         warn("pick a model or checkpoint")
         yield image, None, "", "", "no model chosen"
         return
-    image = image.convert("RGB")
+    try:  # an upload arrives as a file path, still undecoded: its size is checked from the header
+        image = open_bounded(image, where="the uploaded image")
+    except VisRLError as exc:
+        warn(str(exc))
+        yield None, None, "", "", f"error: {exc}"
+        return
     yield chat_outputs(image, None, None, "", "", f"loading {choice} ...")
     try:
         reasoner = reasoner_for(ctx, choice)
@@ -120,8 +126,9 @@ def create_chat_tab(ctx: AppContext) -> dict[str, Any]:
         item = gr.Dropdown(item_choices(ctx), value=None, label="…or pick an image from the data",
                            scale=3, elem_id="chat-item")
     with gr.Row():
-        image = gr.Image(type="pil", label="Image (upload)", elem_id="chat-image", height=360,
-                         sources=["upload", "clipboard"], scale=2)
+        # type="filepath" with image_mode=None: gradio hands over the file undecoded (open_bounded decodes it).
+        image = gr.Image(type="filepath", image_mode=None, label="Image (upload)", elem_id="chat-image",
+                         height=360, sources=["upload", "clipboard"], scale=2)
         focus = gr.Image(type="pil", label="Focus box", interactive=False, elem_id="chat-focus",
                          height=360, scale=3)
         with gr.Column(scale=2):
