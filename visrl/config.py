@@ -171,6 +171,10 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
         return cls(**values)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{source}: {exc}") from None
+    except ConfigError as exc:  # a range check of the stage's __post_init__: say which file
+        if str(exc).startswith(f"{source}:"):
+            raise
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
