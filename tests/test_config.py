@@ -232,3 +232,11 @@ def test_cli_refuses_a_bad_config_before_torch(tmp_path: Path, command: str, yam
     assert lines[0].startswith("Error: ") and message in lines[0]
     assert lines[1] == "torch imported: False"
     assert took < 5.0  # was 15-26 s: the model loaded before the value was looked at
+
+
+def test_range_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gen.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d\ntemperature: -1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(GenerateConfig, path)
+    assert str(caught.value) == f"{path}: temperature must be in [0.0, 100.0], got -1.0"
