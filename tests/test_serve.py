@@ -677,3 +677,23 @@ def test_attack_flood_gets_503_and_gone_clients_are_dropped(server: Server) -> N
     assert replies.count(503) >= 8 and replies.count(200) == len(replies) - replies.count(503)
     assert "gone" not in server.prompts()  # dropped from the queue, never generated
     assert took < 8 and seen["health_max_s"] < 1.0
+
+
+def test_running_batch_stops_once_its_clients_are_gone(tiny_loaded: Any) -> None:
+    import torch
+
+    cfg = ServeConfig(model_name_or_path=str(tiny_loaded.path), max_tokens_limit=200, batch_wait_ms=0)
+    app = create_app(tiny_loaded, cfg)
+    worker = app.state.worker
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "count"}]}]
+    key = SamplingKey(temperature=1.0, top_p=1.0, max_new_tokens=60, n=1)
+    try:
+        torch.manual_seed(0)
+        _, usage = worker.submit(conversation, key).result(timeout=60)
+        assert usage["completion_tokens"][0] > 20  # nobody left: it would babble on
+        future = worker.submit(conversation, key)
+        future.gone.set()  # its client went while it ran (cancel() cannot stop a running future)
+        _, usage = future.result(timeout=60)
+        assert usage["completion_tokens"][0] <= 4  # stopped after the first token
+    finally:
+        worker.close()
