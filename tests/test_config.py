@@ -178,6 +178,7 @@ _RANGES = [
     (InferConfig, {"model_name_or_path": "m", "dtype": "fp8"}, "dtype must be auto, float32, bfloat16 or float16"),
     (ServeConfig, {"model_name_or_path": "m", "batch_wait_ms": math.nan}, "batch_wait_ms must be in [0, 10000], got nan"),
     (ServeConfig, {"model_name_or_path": "m", "max_body_mb": 0}, "max_body_mb must be in (0, 4096], got 0"),
+    (ServeConfig, {"model_name_or_path": "m", "body_timeout_s": -1}, "body_timeout_s must be in (0, 3600], got -1"),
     (ServeConfig, {"model_name_or_path": "m", "max_image_pixels": 0}, "max_image_pixels must be >= 1, got 0"),
     (ServeConfig, {"model_name_or_path": "m", "max_pending": 0}, "max_pending must be >= 1, got 0"),
     (ServeConfig, {"model_name_or_path": "m", "max_context_tokens": -1}, "max_context_tokens must be >= 1 or null"),

@@ -512,7 +512,7 @@ class Sleepy:
         return [[t] * sampling.n for t in texts]
 
 cfg = ServeConfig(model_name_or_path="fake", served_model_name="tiny", max_body_mb=16, max_context_tokens=2048,
-                  max_pending=4, batch_wait_ms=0, max_batch_size=1)
+                  max_pending=4, batch_wait_ms=0, max_batch_size=1, body_timeout_s=1.5)
 uvicorn.run(create_app(Sleepy(), cfg), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
 
@@ -619,6 +619,26 @@ def test_attack_1gb_chunked_body(server: Server) -> None:
     assert reply.startswith(b"HTTP/1.1 413") and b"request body over 16 MB" in reply
     assert sent < 256 * 2**20 and took < 5  # refused while the body was still coming
     assert seen["rss_growth_mb"] < 100 and seen["health_max_s"] < 1.0  # was: read in full, 3.4 GB
+
+
+def test_attack_trickling_bodies_time_out(server: Server) -> None:
+    # Slow clients that never finish their body would hold the 4 places forever.
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(4)]
+    start = time.monotonic()
+    for sock in sockets:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n{")
+    replies = []
+    for sock in sockets:
+        with sock:
+            reply = b""
+            while piece := sock.recv(65536):
+                reply += piece
+            replies.append(reply)
+    took = time.monotonic() - start
+    print(f"4 trickling bodies refused after {took:.2f} s")
+    assert all(r.startswith(b"HTTP/1.1 408") and b"did not arrive within 1.5 s" in r for r in replies)
+    assert took < 5
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=_body(), timeout=10).status_code == 200
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

@@ -103,6 +103,9 @@ class ServeConfig:
     max_pending_mb: int = field(default=1024, metadata={
         "help": "Memory in MB all held requests may take (3x their body while parsed, then 3 bytes per "
                 "decoded pixel); a request that would overdraw it is refused with 503."})
+    body_timeout_s: float = field(default=120.0, metadata={
+        "help": "Seconds a client may take to send its body (64 MB in 120 s is ~0.5 MB/s); a slower one gets "
+                "408, so trickling clients cannot hold the queue."})
     max_context_tokens: int | None = field(default=None, metadata={
         "help": "Prompt plus max_tokens must fit this many tokens; null = the model's max_position_embeddings."})
 
@@ -119,6 +122,8 @@ class ServeConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.batch_wait_ms <= 10_000:
             problems.append(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms}")
+        if not 0 < self.body_timeout_s <= 3600:
+            problems.append(f"body_timeout_s must be in (0, 3600], got {self.body_timeout_s}")
         if not 0 < self.max_body_mb <= 4096:
             problems.append(f"max_body_mb must be in (0, 4096], got {self.max_body_mb}")
         if self.max_context_tokens is not None and not self.max_context_tokens >= 1:
@@ -297,7 +302,7 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
 
     def error(exc: BadRequest) -> JSONResponse:
         headers = {}
-        if exc.status in (413, 503):  # the body may be unread: close rather than read on
+        if exc.status in (408, 413, 503):  # the body may be unread: close rather than read on
             headers["Connection"] = "close"
         if exc.status == 503:
             headers["Retry-After"] = "1"
@@ -346,7 +351,11 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
             ticket.leave()
 
     async def complete(request: Request, ticket: Ticket) -> Any:
-        raw = await read_body(request, int(cfg.max_body_mb * 2**20), ticket)
+        try:
+            raw = await asyncio.wait_for(read_body(request, int(cfg.max_body_mb * 2**20), ticket), cfg.body_timeout_s)
+        except TimeoutError:
+            raise BadRequest(f"the body did not arrive within {cfg.body_timeout_s:g} s", status=408,
+                             code="request_timeout") from None
         # Parsing JSON and decoding images take CPU seconds: off the event loop, so /health and
         # other clients are served meanwhile.
         body, conversation, sampling, tokens = await asyncio.to_thread(
