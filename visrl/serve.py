@@ -59,6 +59,7 @@ from visrl.serve_limits import (
     Admission,
     BadRequest,
     Ticket,
+    TokenCounter,
     check_prompt,
     model_context,
     read_body,
@@ -259,22 +260,6 @@ class BatchWorker:
                 "completion_tokens": [min(self.counter.completion(t), max_new_tokens) for t in texts]}
 
 
-class TokenCounter:
-    """Token counts for ``usage``: the prompt as the model sees it (image tokens included)."""
-
-    def __init__(self, processor: Any) -> None:
-        self.processor = processor
-
-    def prompt(self, conversation: list[dict[str, Any]]) -> int:
-        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        images = [p["image"] for m in conversation for p in m["content"] if p["type"] == "image"]
-        encoded = self.processor(text=[text], images=images or None)
-        return len(encoded["input_ids"][0])
-
-    def completion(self, text: str) -> int:
-        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 # ---------------------------------------------------------------------- the app
 
 def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
@@ -300,23 +285,6 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
     app = FastAPI(title="visrl serve", lifespan=lifespan)
     app.state.worker, app.state.admission = worker, admission
 
-    def error(exc: BadRequest) -> JSONResponse:
-        headers = {}
-        if exc.status in (408, 413, 503):  # the body may be unread: close rather than read on
-            headers["Connection"] = "close"
-        if exc.status == 503:
-            headers["Retry-After"] = "1"
-        return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
-                                       "code": exc.code}}, status_code=exc.status, headers=headers)
-
-    def authorize(request: Request) -> None:
-        if not cfg.api_key:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-            raise BadRequest("missing or wrong API key: send 'Authorization: Bearer <api_key>'",
-                             status=401, code="invalid_api_key")
-
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -324,7 +292,7 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
     @app.get("/v1/models")
     async def models(request: Request) -> Any:
         try:
-            authorize(request)
+            authorize(request, cfg.api_key)
         except BadRequest as exc:
             return error(exc)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
@@ -333,12 +301,12 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         try:
-            authorize(request)
+            authorize(request, cfg.api_key)
             ticket = admission.enter()
         except BadRequest as exc:
             return error(exc)
         try:
-            return await complete(request, ticket)
+            return await complete(request, ticket, cfg, worker, context)
         except BadRequest as exc:
             return error(exc)
         except VisRLError as exc:  # e.g. a prompt the model cannot take
@@ -350,25 +318,48 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
         finally:
             ticket.leave()
 
-    async def complete(request: Request, ticket: Ticket) -> Any:
-        try:
-            raw = await asyncio.wait_for(read_body(request, int(cfg.max_body_mb * 2**20), ticket), cfg.body_timeout_s)
-        except TimeoutError:
-            raise BadRequest(f"the body did not arrive within {cfg.body_timeout_s:g} s", status=408,
-                             code="request_timeout") from None
-        # Parsing JSON and decoding images take CPU seconds: off the event loop, so /health and
-        # other clients are served meanwhile.
-        body, conversation, sampling, tokens = await asyncio.to_thread(
-            admit_request, raw, cfg, ticket, context, worker.counter)
-        del raw
-        texts, usage = await result_unless_gone(request, worker.submit(conversation, sampling, tokens))
-        reply = completion_body(name, texts, usage, sampling.max_new_tokens)
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(stream_events(reply, include_usage), media_type="text/event-stream")
-        return reply
-
     return app
+
+
+async def complete(request: Request, ticket: Ticket, cfg: ServeConfig, worker: BatchWorker,
+                   context: int | None) -> Any:
+    """Read, admit, queue and answer one chat-completions request (BadRequest for a refusal)."""
+    try:
+        raw = await asyncio.wait_for(read_body(request, int(cfg.max_body_mb * 2**20), ticket), cfg.body_timeout_s)
+    except TimeoutError:
+        raise BadRequest(f"the body did not arrive within {cfg.body_timeout_s:g} s", status=408,
+                         code="request_timeout") from None
+    # Parsing JSON and decoding images take CPU seconds: off the event loop, so /health and
+    # other clients are served meanwhile.
+    body, conversation, sampling, tokens = await asyncio.to_thread(
+        admit_request, raw, cfg, ticket, context, worker.counter)
+    del raw
+    texts, usage = await result_unless_gone(request, worker.submit(conversation, sampling, tokens))
+    reply = completion_body(cfg.model_name, texts, usage, sampling.max_new_tokens)
+    if body.get("stream"):
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(stream_events(reply, include_usage), media_type="text/event-stream")
+    return reply
+
+
+def error(exc: BadRequest) -> JSONResponse:
+    """OpenAI's error body; a refusal that may leave the body unread closes the connection."""
+    headers = {}
+    if exc.status in (408, 413, 503):  # rather than read on what the client still sends
+        headers["Connection"] = "close"
+    if exc.status == 503:
+        headers["Retry-After"] = "1"
+    return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
+                                   "code": exc.code}}, status_code=exc.status, headers=headers)
+
+
+def authorize(request: Request, api_key: str | None) -> None:
+    if not api_key:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise BadRequest("missing or wrong API key: send 'Authorization: Bearer <api_key>'",
+                         status=401, code="invalid_api_key")
 
 
 def admit_request(raw: bytes, cfg: ServeConfig, ticket: Ticket, context: int | None,

@@ -140,6 +140,22 @@ def check_prompt(conversation: list[dict[str, Any]], max_new_tokens: int, contex
     return tokens
 
 
+class TokenCounter:
+    """Token counts for ``usage``: the prompt as the model sees it (image tokens included)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def prompt(self, conversation: list[dict[str, Any]]) -> int:
+        text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        images = [p["image"] for m in conversation for p in m["content"] if p["type"] == "image"]
+        encoded = self.processor(text=[text], images=images or None)
+        return len(encoded["input_ids"][0])
+
+    def completion(self, text: str) -> int:
+        return len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def model_context(reasoner: Any) -> int | None:
     """The served model's context length in tokens (its text model's max_position_embeddings)."""
     config = getattr(getattr(reasoner, "model", None), "config", None)
