@@ -45,6 +45,14 @@ def test_within_budget_decodes_to_rgb(tmp_path: Path) -> None:
         open_bounded(Image.open(path), max_pixels=1199, where="x")
 
 
+def test_pil_guard_gives_the_same_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    # visrl serve sets Image.MAX_IMAGE_PIXELS to its per-image limit; PIL then refuses images over
+    # twice that itself, at open time, before our check runs.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"^x: the image has over 2,000 pixels; the limit is 1,000 pixels \(e.g. 31x31\)"):
+        open_bounded(_png((100, 100)), max_pixels=1000, where="x")
+
+
 def test_extreme_aspect_refused() -> None:
     with pytest.raises(DataError, match="the image is 70000x1"):
         open_bounded(_png((70_000, 1)))  # 70 K pixels, but a side over 65535

@@ -38,8 +38,10 @@ def peek_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_IMAG
         # PIL itself warns over Image.MAX_IMAGE_PIXELS and refuses over twice that at open time;
         # the budget below is the stricter, explicit check.
         image = Image.open(stream, formats=FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"{where}: the image is too large ({exc}); the limit is {max_pixels:,} pixels") from None
+    except Image.DecompressionBombError:  # over twice Image.MAX_IMAGE_PIXELS (visrl serve lowers it)
+        guard = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise DataError(f"{where}: the image has over {guard:,} pixels; the limit is {max_pixels:,} pixels "
+                        f"(e.g. {_side(max_pixels)}x{_side(max_pixels)}): downscale it first") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{where}: not a readable image ({_short(exc)}); send PNG, JPEG, WebP, GIF or BMP") from None
     try:
