@@ -181,6 +181,8 @@ _RANGES = [
     (ServeConfig, {"model_name_or_path": "m", "body_timeout_s": -1}, "body_timeout_s must be in (0, 3600], got -1"),
     (ServeConfig, {"model_name_or_path": "m", "max_image_pixels": 0}, "max_image_pixels must be >= 1, got 0"),
     (ServeConfig, {"model_name_or_path": "m", "max_pending": 0}, "max_pending must be >= 1, got 0"),
+    (ServeConfig, {"model_name_or_path": "m", "max_pending_mb": 100},
+     "max_pending_mb must hold one largest request: at least 192 (3 x max_body_mb"),
     (ServeConfig, {"model_name_or_path": "m", "max_context_tokens": -1}, "max_context_tokens must be >= 1 or null"),
     (ServeConfig, {"model_name_or_path": "m", "dtype": "half"}, "dtype must be one of auto, float32, bfloat16"),
     (MergeConfig, {"model_name_or_path": "m", "adapter_name_or_path": "a", "export_dir": "e",

@@ -434,15 +434,24 @@ def test_queue_limit_answers_503_at_once() -> None:
         assert client.post("/v1/chat/completions", json=_body()).status_code == 200
 
 
-def test_memory_budget_answers_503(fake: RecordingReasoner) -> None:
-    cfg = ServeConfig(model_name_or_path="tiny", served_model_name="tiny", max_pending_mb=1)
+def test_memory_budget_answers_503() -> None:
+    fake = RecordingReasoner(delay_s=1.0)
+    # 3 MB for all held requests: one largest request (1 MB body x 3, or 1 M pixels x 3 bytes) fits.
+    cfg = ServeConfig(model_name_or_path="tiny", served_model_name="tiny", max_pending_mb=3, max_body_mb=1,
+                      max_request_pixels=1_000_000, batch_wait_ms=0)
+    body = _image_body([_data_url(Image.new("RGB", (1000, 1000)))])  # 2.9 MB once decoded
     with TestClient(create_app(fake, cfg)) as client:
-        # 600x600 RGB = 1.08 MB decoded: over the 1 MB all held requests may take.
-        reply = client.post("/v1/chat/completions", json=_image_body([_data_url(Image.new("RGB", (600, 600)))]))
-        assert reply.status_code == 503 and "limit 1 MB" in reply.json()["error"]["message"]
-        assert client.post("/v1/chat/completions", json=_body()).status_code == 200
-        assert client.app.state.admission.held == 0
-    assert fake.images_seen == [(56, 28)]
+        first = threading.Thread(target=client.post, args=("/v1/chat/completions",), kwargs={"json": body})
+        first.start()
+        while client.app.state.admission.held < 2 * 2**20:  # the first holds its decoded image
+            time.sleep(0.01)
+        reply = client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
+        assert "(limit 3 MB)" in reply.json()["error"]["message"]
+        first.join()
+        assert client.app.state.admission.held == 0 and client.app.state.admission.requests == 0
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert fake.images_seen == [(1000, 1000), (1000, 1000)]
 
 
 def test_prompt_longer_than_the_context_is_refused_before_the_model(fake: RecordingReasoner) -> None:

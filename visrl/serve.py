@@ -36,6 +36,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -55,6 +56,7 @@ from visrl.errors import ConfigError, VisRLError
 from visrl.images import MAX_IMAGE_PIXELS
 from visrl.reasoning import Reasoner
 from visrl.serve_limits import (
+    BODY_COPIES,
     RGB_BYTES,
     Admission,
     BadRequest,
@@ -127,6 +129,11 @@ class ServeConfig:
             problems.append(f"body_timeout_s must be in (0, 3600], got {self.body_timeout_s}")
         if not 0 < self.max_body_mb <= 4096:
             problems.append(f"max_body_mb must be in (0, 4096], got {self.max_body_mb}")
+        # One largest request must fit the memory budget, or it would hear 503 forever.
+        need_mb = max(BODY_COPIES * self.max_body_mb, RGB_BYTES * self.max_request_pixels / 2**20)
+        if not problems and self.max_pending_mb < need_mb:
+            problems.append(f"max_pending_mb must hold one largest request: at least {math.ceil(need_mb)} "
+                            f"(3 x max_body_mb, 3 bytes x max_request_pixels), got {self.max_pending_mb}")
         if self.max_context_tokens is not None and not self.max_context_tokens >= 1:
             problems.append(f"max_context_tokens must be >= 1 or null, got {self.max_context_tokens}")
         if problems:
