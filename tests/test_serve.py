@@ -466,6 +466,21 @@ def test_prompt_longer_than_the_context_is_refused_before_the_model(fake: Record
     assert fake.batches == []
 
 
+def test_prompt_tokens_counted_from_image_sizes_match_the_processor(tiny_loaded: Any) -> None:
+    from visrl.serve_limits import TokenCounter
+
+    processor = tiny_loaded.processor
+    counter = TokenCounter(processor)
+    for sizes in ([(56, 28)], [(640, 480), (33, 999)], [(4096, 4096)], []):
+        images = [Image.new("RGB", size) for size in sizes]
+        conversation = [{"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+                        {"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                                     {"type": "text", "text": "what is it?"}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        full = len(processor(text=[text], images=images or None)["input_ids"][0])
+        assert counter.prompt(conversation) == full
+
+
 def test_tiny_model_prompt_over_its_context_is_refused(tiny_client: TestClient) -> None:
     # The tiny model's context is 2048 tokens; 3000 words fit the 16-characters-a-token cap
     # (32,768) but not the context, so the tokenized length decides.
