@@ -208,9 +208,11 @@ def test_shipped_configs_pass_the_checks(cls: type, path: str) -> None:
 
 # ---------------------------------------------------------------------- at the edge, fast
 
-# Runs the CLI and reports, as its last stderr line, whether torch was imported by the time it exited.
+# Runs the CLI and reports, as its last stderr line, whether torch or transformers was imported by
+# the time it exited.
 _CLI = ("import atexit, sys\n"
-        "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+        "atexit.register(lambda: print('torch imported:', bool({'torch', 'transformers'} & set(sys.modules)),"
+        " file=sys.stderr))\n"
         "from visrl.cli import main\n"
         "main(sys.argv[1:])\n")
 
