@@ -702,7 +702,10 @@ def test_attack_flood_gets_503_and_gone_clients_are_dropped(server: Server) -> N
     with watched(server) as seen:
         first = threading.Thread(target=ask, args=("first sleep=3",))
         first.start()
-        time.sleep(0.3)  # the model is busy with "first" now, for 3 s
+        deadline = time.monotonic() + 10
+        while "first sleep=3" not in server.prompts():  # the model is busy with "first" now, for 3 s
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         # A client sends a request and disconnects while it is queued.
         payload = json.dumps(_body(messages=[{"role": "user", "content": "gone"}])).encode()
         _raw_post(server.port, f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n",
