@@ -413,7 +413,7 @@ def test_body_size_counted_as_read(fake: RecordingReasoner) -> None:
 
 
 def test_queue_limit_answers_503_at_once() -> None:
-    fake = RecordingReasoner(delay_s=1.0)
+    fake = RecordingReasoner(delay_s=2.0)
     cfg = ServeConfig(model_name_or_path="tiny", served_model_name="tiny", max_pending=2, batch_wait_ms=0)
     with TestClient(create_app(fake, cfg)) as client:
         slow = [threading.Thread(target=client.post, args=("/v1/chat/completions",), kwargs={"json": _body()})
@@ -424,7 +424,7 @@ def test_queue_limit_answers_503_at_once() -> None:
             time.sleep(0.01)
         start = time.monotonic()
         reply = client.post("/v1/chat/completions", json=_body())
-        assert time.monotonic() - start < 0.5
+        assert time.monotonic() - start < 1.0  # not after the 2 s the queued ones take
         assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
         assert reply.json()["error"]["code"] == "server_busy"
         assert "2 requests are already queued or running (limit 2)" in reply.json()["error"]["message"]
@@ -674,7 +674,7 @@ def test_attack_sixteen_pixel_bombs(server: Server, bomb_url: str) -> None:
         took = time.monotonic() - start
     print(f"refused after {took:.2f} s")
     assert reply.status_code == 400 and "13000x13000" in reply.json()["error"]["message"]
-    assert took < 3 and seen["rss_growth_mb"] < 100 and seen["health_max_s"] < 1.0
+    assert took < 5 and seen["rss_growth_mb"] < 100 and seen["health_max_s"] < 1.0
 
 
 def test_attack_200k_character_prompt(server: Server) -> None:
