@@ -6,6 +6,7 @@ leaves the store and the images folder exactly as they were.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -81,7 +82,10 @@ def test_demo_benchmark_round_trips_exactly(store: Store, tmp_path: Path) -> Non
         assert item["question"] == scene.question and item["answer"] == scene.answer
         assert store.item_box(item) == scene.target_object.box
         assert (item["width"], item["height"]) == (448, 336)
-        assert item["image"] == f"images/demo/images/{split}_{index}.png"
+        # Placed by content: the source's name plus the first 16 hex digits of its sha256.
+        source = tmp_path / "bench" / "images" / f"{split}_{index}.png"
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+        assert item["image"] == f"images/demo/{split}_{index}-{digest}.png"
         with Image.open(store.workspace.root / item["image"]) as image:
             assert image.tobytes() == scene.image.tobytes()
     assert json.loads(items[0]["meta"])["dataset"] == "visrl_demo"
