@@ -166,8 +166,16 @@ def run_generate(workspace: str | Path | Workspace | None, cfg: GenerateConfig,
     """Generate, judge and pair one dataset split; resumable (see module doc).
 
     ``reasoner`` replaces the configured policy (tests, benchmarks); ``progress`` counts items
-    and is checked for a stop request between batches.
+    and is checked for a stop request between batches. One run per run key at a time: a second
+    one gets a :class:`~visrl.errors.JobError` ("already running") before any model loads.
     """
+    store = Store.open(workspace)
+    with store.acquire_lease(f"generate:{cfg.run_key or run_key_for(cfg)}", job_id=job_id):
+        return _run_generate(store.workspace, cfg, progress, job_id, reasoner)
+
+
+def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress | None,
+                  job_id: int | None, reasoner: Any) -> GenerateReport:
     store = Store.open(workspace)
     ws = store.workspace
     answer_judge, crop_judge = make_judges(cfg.answer_judge, cfg.crop_judge, cfg.judge_options())

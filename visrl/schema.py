@@ -138,3 +138,17 @@ def m002_pair_desk_indexes(db: Database) -> None:
     db["pairs"].create_index(["dataset_id", "status", DescIndex("priority"), "id"],
                              index_name="idx_pairs_desk_dataset")
     db["pairs"].create_index([DescIndex("priority"), "id"], index_name="idx_pairs_desk_all")
+
+
+@migrations()
+def m004_run_leases(db: Database) -> None:
+    # One holder per run key (generate) or output folder (train): the second run is refused
+    # instead of interleaving its rollouts or checkpoints with the first. The owner is a process
+    # (pid, host, process start time, to tell a recycled pid from the owner); a lease whose owner
+    # is gone is taken over (visrl.store.Store.acquire_lease).
+    db["leases"].create(
+        {"key": str, "pid": int, "host": str,
+         "proc_start": float,  # the owner's process creation time, seconds since the epoch
+         "started_at": str, "job_id": int},
+        pk="key", not_null={"pid", "host", "started_at"},
+    )

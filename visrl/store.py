@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import os
+import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from visrl.boxes import Box
-from visrl.errors import DataError, NotFoundError, WorkspaceError
+from visrl.errors import DataError, JobError, NotFoundError, WorkspaceError
 from visrl.schema import migrations
 from visrl.workspace import Workspace
 
@@ -272,6 +274,51 @@ class Store:
             row["metrics"] = loads(row["metrics"], {})
         return rows
 
+    # ------------------------------------------------------------------ run leases
+
+    def acquire_lease(self, key: str, job_id: int | None = None) -> Lease:
+        """Hold ``key`` (``generate:<run key>``, ``train:<output dir>``) for this process.
+
+        Use as ``with store.acquire_lease(key): ...`` (released on exit, error or not). A lease
+        whose owner process is gone (killed, crashed) is taken over; a live owner's lease is a
+        :class:`JobError` naming its pid and start. Compare-and-set, with no transaction held
+        across statements: of two racing processes exactly one wins.
+        """
+        me = _lease_owner()
+        for _ in range(5):  # each turn either wins, refuses, or saw the row change under it
+            row = self.db.execute("SELECT pid, host, proc_start, started_at FROM leases WHERE key = ?",
+                                  [key]).fetchone()
+            try:
+                with self.db.conn:
+                    if row is None:
+                        self.db.execute("INSERT INTO leases (key, pid, host, proc_start, started_at, job_id) "
+                                        "VALUES (?, ?, ?, ?, ?, ?)", [key, *me, job_id])
+                        return Lease(self, key)
+                    if _owner_alive(*row[:3]):
+                        pid, host, _, since = row
+                        where = f"pid {pid}" + ("" if host == me[1] else f" on {host}")
+                        raise JobError(f"{key} is already running ({where}, since {since}); wait for it "
+                                       "or stop it (`visrl jobs stop`) before starting another")
+                    cursor = self.db.execute(
+                        "UPDATE leases SET pid = ?, host = ?, proc_start = ?, started_at = ?, job_id = ? "
+                        "WHERE key = ? AND pid = ? AND host = ? AND proc_start IS ?",
+                        [*me, job_id, key, *row[:3]])
+                    if cursor.rowcount:
+                        return Lease(self, key)
+            except sqlite3.IntegrityError:
+                continue  # another process inserted first: read its row
+        raise JobError(f"could not take the lease {key}: it keeps changing hands; try again")
+
+    def release_lease(self, key: str) -> None:
+        """Give ``key`` up if this process holds it (someone else's lease is left alone)."""
+        pid, host, proc_start, _ = _lease_owner()
+        with self.db.conn:
+            self.db.execute("DELETE FROM leases WHERE key = ? AND pid = ? AND host = ? AND proc_start IS ?",
+                            [key, pid, host, proc_start])
+
+    def leases(self) -> list[dict[str, Any]]:
+        return list(self.db["leases"].rows_where(order_by="key"))
+
     # ------------------------------------------------------------------ overview
 
     def stats(self) -> dict[str, Any]:
@@ -297,3 +344,46 @@ class Store:
         out["jobs"] = dict(db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
         out["checkpoints"] = db["checkpoints"].count
         return out
+
+
+class Lease:
+    """A held run lease; leaving the ``with`` block releases it (see :meth:`Store.acquire_lease`)."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store, self.key = store, key
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.release_lease(self.key)
+
+
+def _lease_owner() -> tuple[int, str, float | None, str]:
+    """(pid, host, process start time, now) of this process, as a lease records its owner."""
+    import psutil
+
+    try:
+        proc_start: float | None = round(psutil.Process().create_time(), 2)
+    except psutil.Error:
+        proc_start = None
+    return os.getpid(), socket.gethostname(), proc_start, now()
+
+
+def _owner_alive(pid: int, host: str, proc_start: float | None) -> bool:
+    """Whether a lease's owner still runs. Another host's process cannot be checked: alive."""
+    import psutil
+
+    if host != socket.gethostname():
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # A different creation time is another process that got the recycled pid (0.05 s:
+        # create_time is read from /proc with 10 ms ticks, stored to 2 decimals).
+        return proc_start is None or abs(proc.create_time() - proc_start) < 0.05
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists but unreadable (another user's): do not steal its lease
+        return True
