@@ -8,6 +8,9 @@ run saves the adapter (or full model) and the processor in ``output_dir`` and re
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +62,7 @@ def resume_checkpoint(cfg: TrainConfig, output_dir: Path, root: Path) -> str | N
     if not cfg.resume_from_checkpoint:
         return None
     if cfg.resume_from_checkpoint == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        return last_complete_checkpoint(output_dir)
     path = Path(resolve_path(root, cfg.resume_from_checkpoint) or "")
     if not path.is_dir():
         raise ConfigError(f"resume_from_checkpoint {cfg.resume_from_checkpoint!r} is not a folder; "
@@ -69,10 +70,42 @@ def resume_checkpoint(cfg: TrainConfig, output_dir: Path, root: Path) -> str | N
     return str(path)
 
 
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The highest ``checkpoint-N`` in ``output_dir`` whose save finished, or None.
+
+    HF Trainer writes ``trainer_state.json`` last in a checkpoint (after weights, optimizer and
+    RNG state), so a folder without a readable one is a save that was killed: skipped, left in
+    place (the resumed run saves that step again into it).
+    """
+    if not output_dir.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for _, path in steps:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        return str(path)
+    return None
+
+
 def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
           job_id: int | None = None, progress: Progress | None = None) -> TrainResult:
-    """Run ``cfg`` in ``workspace``; returns where the result is (see :class:`TrainResult`)."""
+    """Run ``cfg`` in ``workspace``; returns where the result is (see :class:`TrainResult`).
+
+    One run per output folder at a time: a second one gets a JobError ("already running")
+    before any model loads. Under ``accelerate launch`` only rank 0 holds that lease.
+    """
     store = Store.open(workspace)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return _train(cfg, store, job_id, progress)
+    output_dir = resolve_output(store.workspace.root, cfg.output_dir)
+    with store.acquire_lease(f"train:{output_dir.resolve()}", job_id=job_id):
+        return _train(cfg, store, job_id, progress)
+
+
+def _train(cfg: TrainConfig, store: Store, job_id: int | None, progress: Progress | None) -> TrainResult:
     ws = store.workspace
     output_dir = resolve_output(ws.root, cfg.output_dir)
     rows = grpo_rows(cfg, store, ws) if cfg.stage == "grpo" else stage_rows(cfg, store, ws)
