@@ -15,6 +15,8 @@ from visrl.cli import cli, workspace_option
 IMPORT_FORMATS = ("auto", "viscot", "vqa", "sharegpt")
 EXPORT_FORMATS = ("llamafactory", "trl-sft", "trl-dpo")
 STATUSES = ("pending", "accepted", "rejected")
+RECENT_JOBS = 10  # `visrl stats` shows the failed ones among the last 10 jobs
+TAIL_LINES = 5  # of a failed job's log tail
 
 
 def _format_and_path(args: tuple[str, ...], fmt: str | None, path: str | None, formats: tuple[str, ...],
@@ -123,10 +125,21 @@ def datasets_command(workspace: str | None, as_json: bool) -> None:
 @workspace_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats_command(workspace: str | None, as_json: bool) -> None:
-    """Items per dataset and split, rollouts, and pairs per status."""
+    """Items per dataset and split, rollouts, pairs per status, and recent failed jobs.
+
+    A job still marked running whose process is gone (killed, out of memory) is marked failed
+    first, with its log tail, so it is never shown as running.
+    """
+    from visrl.jobs import refresh_jobs
     from visrl.store import Store
 
-    stats = Store.open(workspace, create=False).stats()
+    store = Store.open(workspace, create=False)
+    dead = set(refresh_jobs(store))
+    stats = store.stats()
+    stats["failed_jobs"] = [
+        {"id": job["id"], "kind": job["kind"], "dead": job["id"] in dead, "ended_at": job["ended_at"],
+         "message": job["message"] or ""}
+        for job in store.jobs(limit=RECENT_JOBS) if job["status"] == "failed"]
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
@@ -139,6 +152,12 @@ def stats_command(workspace: str | None, as_json: bool) -> None:
         click.echo(f"  {name}: items {items}; rollouts {ds['rollouts']}; pairs {pairs}")
     jobs = ", ".join(f"{status} {n}" for status, n in stats["jobs"].items()) or "none"
     click.echo(f"  jobs: {jobs}; checkpoints: {stats['checkpoints']}")
+    for job in stats["failed_jobs"]:
+        lines = job["message"].strip().splitlines() or ["(no message)"]
+        state = "died (process gone; was marked running)" if job["dead"] else "failed"
+        click.echo(f"  job {job['id']} ({job['kind']}) {state} at {job['ended_at']}: {lines[0]}")
+        for line in lines[1:][-TAIL_LINES:]:
+            click.echo(f"    | {line}")
 
 
 @cli.command("demo")
