@@ -1,0 +1,208 @@
+"""Images of an import: resolved inside the images root, checked, and placed by content.
+
+Each image is checked when a record first names it: its size from the header against
+:data:`MAX_IMAGE_PIXELS` (a pixel bomb is refused before any decoding), then a full decode (a
+truncated file is refused with its record, not later in every generate run). It is placed at
+``images/<dataset>/<stem>-<sha256[:16]><ext>``: copied, never hard-linked (an edit of the source
+must not edit the workspace), and named by content (two datasets' ``a.png`` of the same byte size
+but other pixels never share a file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from visrl.errors import DataError
+from visrl.formats.records import os_reason, record_error, short_path, short_value
+from visrl.store import Store
+
+# A pixel budget per image, read from the header before any decoding: 64 M pixels (8192 x 8192)
+# decodes to 192 MB of RGB, above any photo a VLM sees (they are resized to ~1 M pixels) and far
+# below a decompression bomb (a 20000 x 20000 PNG of a few KB decodes to 1.2 GB).
+MAX_IMAGE_PIXELS = 64_000_000
+# The encoded file is read once to hash and decode it: 256 MB bounds that read.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+_DATASET_NAME = re.compile(r"[^\W_][\w.\-]{0,99}")  # starts with a letter or digit: never "." or ".."
+_SUFFIX = re.compile(r"\.[a-z0-9]{1,8}")
+
+
+def check_dataset_name(name: str) -> str:
+    """``name`` if it can name a dataset (and its folder ``images/<name>/``), else a DataError."""
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
+        raise DataError(f"dataset name {short_value(name)} may only hold letters, digits, '_', '-' and '.', "
+                        "must start with a letter or digit and have at most 100 characters; "
+                        "pass another --dataset")
+    return name
+
+
+@dataclass
+class PlacedImage:
+    source: Path
+    relative: str  # workspace-relative destination, POSIX: images/<dataset>/<stem>-<sha256[:16]><ext>
+    size: tuple[int, int]
+    sha256: str  # of the file's bytes as checked; placing verifies the copy against it
+
+
+class ImageSource:
+    """Resolves image entries of a file to checked files under ``root`` and their destinations.
+
+    ``root`` is the images root (``--images-root``, default: the JSON file's folder); an entry
+    that leaves it (``../x.png``, an absolute path elsewhere) is refused. Each image is checked
+    when first named: its size from the header against :data:`MAX_IMAGE_PIXELS`, then decoded
+    in full (a truncated file is refused with its record). Its destination is named by its
+    content hash, so two datasets' ``a.png`` of the same size but other pixels never meet.
+    """
+
+    def __init__(self, store: Store, root: Path, dataset: str, json_path: Path) -> None:
+        self.dataset = check_dataset_name(dataset)
+        self.json_path = json_path
+        self.workspace = store.workspace
+        self._seen: dict[str, PlacedImage] = {}
+        self._by_source: dict[Path, PlacedImage] = {}
+        try:
+            self.root = root.resolve()
+            is_dir = self.root.is_dir()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise DataError(f"images root {short_path(root)} cannot be used ({os_reason(exc)}); pass "
+                            "--images-root DIR") from None
+        if not is_dir:
+            raise DataError(f"images root {root} is not a folder; pass --images-root DIR")
+
+    def get(self, entry: Any, index: int, field_name: str) -> PlacedImage:
+        if not isinstance(entry, str) or not entry.strip():
+            raise record_error(self.json_path, index, field_name, f"an image path must be a non-empty string, got {short_value(entry)}")
+        if entry in self._seen:
+            return self._seen[entry]
+        source = self._resolve(entry, index, field_name)
+        placed = self._by_source.get(source)
+        if placed is None:
+            size, digest, fmt = self._inspect(source, entry, index, field_name)
+            suffix = source.suffix.lower() if _SUFFIX.fullmatch(source.suffix.lower()) else f".{fmt.lower()}"
+            # The stem keeps names readable; 80 characters + hash stays below NAME_MAX (255 bytes).
+            name = f"{source.stem[:80]}-{digest[:16]}{suffix}"
+            placed = PlacedImage(source, f"images/{self.dataset}/{name}", size, digest)
+            self._by_source[source] = placed
+        self._seen[entry] = placed
+        return placed
+
+    def _resolve(self, entry: str, index: int, field_name: str) -> Path:
+        """The entry's file, inside the images root; any path problem is a record error."""
+        def fail(problem: str) -> DataError:
+            return record_error(self.json_path, index, field_name, f"{short_value(entry, 80)} {problem}")
+
+        try:
+            source = (self.root / entry).resolve()
+            inside = source.is_relative_to(self.root)
+            is_file = inside and source.is_file()
+        except RuntimeError:  # Python 3.11 reports a symlink loop this way
+            raise fail("is a symlink loop; point it at a real image") from None
+        except (OSError, ValueError) as exc:  # NUL byte, name too long, ...
+            raise fail(f"is not a usable path ({os_reason(exc)}); fix the path") from None
+        if not inside:
+            raise fail(f"leaves the images root {self.root}; keep images under it or pass another "
+                       "--images-root")
+        if not is_file:
+            raise record_error(self.json_path, index, field_name,
+                               f"image {short_value(entry, 80)} not found under {self.root}; fix the path or pass --images-root")
+        return source
+
+    def _inspect(self, source: Path, entry: str, index: int, field_name: str) -> tuple[tuple[int, int], str, str]:
+        """(size, sha256, PIL format) of an image file, after a full decode within the budgets."""
+        def fail(problem: str) -> DataError:
+            return record_error(self.json_path, index, field_name, f"{short_value(entry, 80)} {problem}")
+
+        try:
+            if source.stat().st_size > MAX_IMAGE_BYTES:
+                raise fail(f"is larger than {MAX_IMAGE_BYTES // 2**20} MB; shrink the image")
+            data = source.read_bytes()
+        except OSError as exc:
+            raise fail(f"cannot be read ({os_reason(exc)})") from None
+        try:
+            with warnings.catch_warnings():
+                # PIL warns from 89 M pixels; our own budget below decides, with the record named.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+            with image:
+                size, fmt = image.size, image.format or "png"
+                if size[0] * size[1] > MAX_IMAGE_PIXELS:
+                    raise fail(f"is {size[0]}x{size[1]} pixels, over the limit of {MAX_IMAGE_PIXELS:,}; "
+                               "downscale it before importing")
+                image.load()  # the full decode: truncated or corrupt data fails here, not in a run
+        except DataError:
+            raise
+        except Image.DecompressionBombError as exc:  # PIL's own bomb check, before our size check
+            raise fail(f"is too large to decode ({exc}); downscale it before importing") from None
+        except UnidentifiedImageError:
+            raise fail("is not a readable image (unknown format)") from None
+        except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, struct.error...
+            raise fail(f"is not a readable image ({os_reason(exc)}); re-export or remove it") from None
+        return size, hashlib.sha256(data).hexdigest(), fmt
+
+    def place_all(self) -> list[Path]:
+        """Copy every image into the workspace; returns the files and folders created (for undo).
+
+        An existing destination is reused only when its bytes hash the same; a copy whose bytes
+        differ from what was checked (the source changed meanwhile) is refused.
+        """
+        created: list[Path] = []
+        try:
+            for placed in {p.relative: p for p in self._seen.values()}.values():
+                dest = self.workspace.root / placed.relative
+                if dest.exists():
+                    if _sha256_file(dest) != placed.sha256:
+                        raise DataError(f"{placed.relative} already exists in the workspace with other "
+                                        "content; import under another --dataset name")
+                    continue
+                if not dest.parent.exists():
+                    dest.parent.mkdir(parents=True)
+                    created.append(dest.parent)
+                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+                created.append(tmp)
+                if _copy_hashed(placed.source, tmp) != placed.sha256:
+                    raise DataError(f"{placed.source} changed while it was imported; import again")
+                os.replace(tmp, dest)  # a reader never sees a half-written image
+                created[-1] = dest
+        except BaseException:
+            remove_files(created)
+            raise
+        return created
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_hashed(source: Path, dest: Path) -> str:
+    """Copy ``source`` to ``dest`` (a new file, durable on return); the sha256 of what was copied."""
+    digest = hashlib.sha256()
+    with source.open("rb") as src, dest.open("xb") as out:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Undo what :meth:`ImageSource.place_all` created: files, then (empty) folders, newest first."""
+    for path in reversed(paths):
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
