@@ -282,7 +282,8 @@ class Store:
         Use as ``with store.acquire_lease(key): ...`` (released on exit, error or not). A lease
         whose owner process is gone (killed, crashed) is taken over; a live owner's lease is a
         :class:`JobError` naming its pid and start. Compare-and-set, with no transaction held
-        across statements: of two racing processes exactly one wins.
+        across statements: of two racing processes exactly one wins. Call it outside a
+        transaction (it commits its own write).
         """
         me = _lease_owner()
         for _ in range(5):  # each turn either wins, refuses, or saw the row change under it
