@@ -232,6 +232,70 @@ def test_utf8_bom_is_accepted(store: Store, tmp_path: Path) -> None:
     assert import_file(store, path, "vqa")["items"] == 1
 
 
+def test_a_failed_import_keeps_an_image_another_import_committed(store: Store, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copies a.png, B (same dataset, other split) reuses that copy and commits, then A fails on
+    its next image: A's undo must leave a.png, which B's item now uses."""
+    import visrl.formats.images as images
+
+    save_png(tmp_path / "a.png")
+    save_png(tmp_path / "b.png", colour=(1, 2, 3))
+    first = write_json(tmp_path / "first.json", [vqa("a.png"), vqa("b.png", id="b")])
+    second = write_json(tmp_path / "second.json", [vqa("a.png")])
+    real_copy = images._copy_hashed
+
+    def copy_then_interleave(source: Path, dest: Path) -> str:
+        if source.name == "b.png":
+            monkeypatch.setattr(images, "_copy_hashed", real_copy)
+            import_file(Store(store.workspace), second, "vqa", dataset="d", split="val")  # B commits
+            raise OSError(28, "No space left on device")
+        return real_copy(source, dest)
+
+    monkeypatch.setattr(images, "_copy_hashed", copy_then_interleave)
+    with pytest.raises(OSError, match="No space left"):
+        import_file(store, first, "vqa", dataset="d")
+    [item] = store.items("d")
+    assert item["split"] == "val" and store.workspace.absolute(item["image"]).is_file()
+    assert [p.name.split("-")[0] for p in (store.workspace.images_dir / "d").iterdir()] == ["a"]
+
+
+def test_concurrent_imports_of_one_dataset_and_another(tmp_path: Path) -> None:
+    """Three importers start together: two of one file into one dataset (one wins, the other is
+    told it was imported already, as one Error line), one into a dataset of its own."""
+    src = tmp_path / "src"
+    for i in range(20):
+        save_png(src / f"{i}.png", colour=(i * 10, 0, 0))
+    path = write_json(src / "d.json", [vqa(f"{i}.png", id=str(i)) for i in range(20)])
+    ws, ready = tmp_path / "ws", tmp_path / "ready"
+    ready.mkdir()
+    Store.open(ws)
+    script = textwrap.dedent(f"""
+        import os, pathlib, sys, time
+        from visrl.cli import main
+        ready = pathlib.Path({str(ready)!r})
+        (ready / str(os.getpid())).touch()
+        while len(list(ready.iterdir())) < 3:
+            time.sleep(0.001)
+        main(["import", {str(path)!r}, "-w", {str(ws)!r}, "--dataset", sys.argv[1]])
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-c", script, name], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env)
+             for name in ("same", "same", "other")]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    errors = [err for code, _, err in results if code]
+    assert codes == [0, 0, 1], results
+    assert errors[0].startswith("Error: d.json: record 0 (id '0') is already in dataset 'same'")
+    assert errors[0].count("\n") == 1
+    store = Store.open(ws)
+    assert [(d, store.db.execute("SELECT count(*) FROM items i JOIN datasets s ON s.id = i.dataset_id "
+                                 "WHERE s.name = ?", [d]).fetchone()[0]) for d in ("same", "other")] \
+        == [("same", 20), ("other", 20)]
+    assert all(store.workspace.absolute(item["image"]).is_file() for item in store.items())
+    assert integrity_ok(store)
+
+
 # ---------------------------------------------------------------------- run leases
 
 def test_second_generate_of_a_run_key_is_refused(store: Store) -> None:

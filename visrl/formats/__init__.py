@@ -19,10 +19,11 @@ image is an error, not "no box".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,25 +161,68 @@ class ImportPlan:
 
 
 def commit_import(store: Store, plan: ImportPlan) -> dict[str, Any]:
-    """Place the images and write dataset, items (and rollouts, pairs) in one transaction."""
+    """Place the images and write dataset, items (and rollouts, pairs) in one transaction.
+
+    The transaction takes SQLite's write lock first (``BEGIN IMMEDIATE``): a concurrent import
+    waits for it (busy timeout) instead of failing on a lock upgrade, then sees what the first
+    one wrote and reports a duplicate as a DataError. Placed images are undone under that lock,
+    and never a file that a committed item uses (another import may have reused it).
+    """
     if not plan.items:
         raise DataError(f"{plan.path.name}: no records to import")
-    _check_new_source_ids(store, plan)
-    created = plan.images.place_all()
+    _check_new_source_ids(store, plan)  # before copying anything; checked again under the lock
+    created: list[Path] = []
     try:
-        with store.atomic() as db:
-            rows = db.execute("SELECT id, format FROM datasets WHERE name = ?", [plan.dataset]).fetchall()
-            dataset_id = rows[0][0] if rows else store.add_dataset(plan.dataset, plan.format, str(plan.path))
-            ids = store.add_items(dataset_id, plan.items)
-            extra = plan.after_items(store, ids) if plan.after_items else {}
+        plan.images.place_all(created)
     except BaseException:
-        remove_files(created)
+        with _write_lock(store):
+            _undo_images(store, created)
         raise
+    with _write_lock(store):
+        try:
+            with store.atomic() as db:  # a savepoint: undone on error while the lock stays held
+                missing = plan.images.missing()
+                if missing:
+                    raise DataError(f"{missing[0]} was removed by another import that failed at the "
+                                    "same time; run this import again")
+                _check_new_source_ids(store, plan)
+                rows = db.execute("SELECT id, format FROM datasets WHERE name = ?", [plan.dataset]).fetchall()
+                dataset_id = rows[0][0] if rows else store.add_dataset(plan.dataset, plan.format, str(plan.path))
+                ids = store.add_items(dataset_id, plan.items)
+                extra = plan.after_items(store, ids) if plan.after_items else {}
+        except BaseException:
+            _undo_images(store, created)
+            raise
     splits: dict[str, int] = {}
     for item in plan.items:
         splits[item["split"]] = splits.get(item["split"], 0) + 1
     return {"dataset": plan.dataset, "format": plan.format, "path": str(plan.path),
             "items": len(ids), "splits": splits, "images": sum(p.is_file() for p in created), **extra}
+
+
+@contextlib.contextmanager
+def _write_lock(store: Store) -> Iterator[None]:
+    """One transaction that holds SQLite's write lock from its start (``BEGIN IMMEDIATE``)."""
+    conn = store.db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+
+
+def _undo_images(store: Store, created: list[Path]) -> None:
+    """Remove what this import placed, except files that committed items use (call under the lock)."""
+    root = store.workspace.root
+    files = [p.relative_to(root).as_posix() for p in created]
+    used: set[str] = set()
+    for start in range(0, len(files), 500):  # SQLite allows 999 parameters per statement
+        chunk = files[start:start + 500]
+        used.update(r[0] for r in store.db.execute(
+            f"SELECT image FROM items WHERE image IN ({', '.join('?' for _ in chunk)})", chunk))
+    remove_files(created, keep=lambda path: path.relative_to(root).as_posix() in used)
 
 
 def _check_new_source_ids(store: Store, plan: ImportPlan) -> None:

@@ -16,6 +16,7 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,34 +149,35 @@ class ImageSource:
             raise fail(f"is not a readable image ({os_reason(exc)}); re-export or remove it") from None
         return size, hashlib.sha256(data).hexdigest(), fmt
 
-    def place_all(self) -> list[Path]:
-        """Copy every image into the workspace; returns the files and folders created (for undo).
+    def place_all(self, created: list[Path]) -> None:
+        """Copy every image into the workspace, appending each file and folder made to ``created``
+        (the caller undoes them on failure, also when this raises part way).
 
         An existing destination is reused only when its bytes hash the same; a copy whose bytes
         differ from what was checked (the source changed meanwhile) is refused.
         """
-        created: list[Path] = []
-        try:
-            for placed in {p.relative: p for p in self._seen.values()}.values():
-                dest = self.workspace.root / placed.relative
-                if dest.exists():
-                    if _sha256_file(dest) != placed.sha256:
-                        raise DataError(f"{placed.relative} already exists in the workspace with other "
-                                        "content; import under another --dataset name")
-                    continue
-                if not dest.parent.exists():
-                    dest.parent.mkdir(parents=True)
-                    created.append(dest.parent)
-                tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-                created.append(tmp)
-                if _copy_hashed(placed.source, tmp) != placed.sha256:
-                    raise DataError(f"{placed.source} changed while it was imported; import again")
-                os.replace(tmp, dest)  # a reader never sees a half-written image
-                created[-1] = dest
-        except BaseException:
-            remove_files(created)
-            raise
-        return created
+        for placed in {p.relative: p for p in self._seen.values()}.values():
+            dest = self.workspace.root / placed.relative
+            if dest.exists():
+                if _sha256_file(dest) != placed.sha256:
+                    raise DataError(f"{placed.relative} already exists in the workspace with other "
+                                    "content; import under another --dataset name")
+                continue
+            try:
+                dest.parent.mkdir(parents=True)
+                created.append(dest.parent)
+            except FileExistsError:
+                pass
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            created.append(tmp)
+            if _copy_hashed(placed.source, tmp) != placed.sha256:
+                raise DataError(f"{placed.source} changed while it was imported; import again")
+            os.replace(tmp, dest)  # a reader never sees a half-written image
+            created[-1] = dest
+
+    def missing(self) -> list[str]:
+        """Destinations that are gone (another import's undo removed a file this one reused)."""
+        return [p.relative for p in self._seen.values() if not (self.workspace.root / p.relative).is_file()]
 
 
 def _sha256_file(path: Path) -> str:
@@ -198,11 +200,12 @@ def _copy_hashed(source: Path, dest: Path) -> str:
     return digest.hexdigest()
 
 
-def remove_files(paths: list[Path]) -> None:
-    """Undo what :meth:`ImageSource.place_all` created: files, then (empty) folders, newest first."""
+def remove_files(paths: list[Path], keep: Callable[[Path], bool] = lambda path: False) -> None:
+    """Undo what :meth:`ImageSource.place_all` created: files (unless ``keep(file)``), then
+    folders left empty, newest first."""
     for path in reversed(paths):
         if path.is_dir():
             with contextlib.suppress(OSError):
                 path.rmdir()
-        else:
+        elif not keep(path):
             path.unlink(missing_ok=True)
