@@ -408,6 +408,7 @@ def test_killed_generate_leaves_a_lease_that_the_resume_takes_over(tmp_path: Pat
     assert store.leases() == [] and integrity_ok(store)
 
 
+@pytest.mark.slow  # imports transformers and trl (~9 s here); the lease check itself is instant
 def test_second_training_run_of_an_output_folder_is_refused(store: Store, tmp_path: Path) -> None:
     from visrl.train.config import TrainConfig
     from visrl.train.run import train
