@@ -165,6 +165,9 @@ BAD_IMPORTS: dict[str, tuple[Any, list[str], str]] = {
     "1e400 in a box": (lambda t: _text(t / "d.json", json.dumps([vqa("ok.png")])[:-2]
                                        + ', "box": [1, 2, 1e400, 4]}]'), [],
                        "record 0, field 'box': box [1, 2, inf, 4] holds a NaN or infinite number"),
+    "NaN as the answer": (lambda t: _text(t / "d.json", json.dumps([vqa("ok.png")])[:-2]
+                                          .replace('"blue"', "NaN") + "}]"), [],
+                          "record 0, field 'answer': must be a non-empty string, got nan"),
     "symlink loop": (lambda t: write_json(t / "d.json", [vqa(_loop(t))]), [],
                      "record 0, field 'image': 'loop_a.png' is a symlink loop"),
     "NUL in the image path": (lambda t: write_json(t / "d.json", [vqa("ok\0.png")]), [],

@@ -13,6 +13,7 @@ meta). ``box_format`` is one of ``pixels`` (default; absolute pixels of the imag
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def _answers(path: Path, index: int, record: dict[str, Any]) -> tuple[str, list[
         if not isinstance(answers, list) or not answers:
             raise record_error(path, index, "answers", "must be a non-empty list of strings")
         answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
-        if not all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in answers):
+        if not all(_is_answer(a) for a in answers):
             raise record_error(path, index, "answers", "must be a list of strings")
         answers = [str(a).strip() for a in answers]
     answer = record.get("answer")
@@ -81,8 +82,15 @@ def _answers(path: Path, index: int, record: dict[str, Any]) -> tuple[str, list[
         if not answers:
             raise record_error(path, index, "answer", "missing: give 'answer' or 'answers'")
         answer = answers[0]
-    if not isinstance(answer, str | int | float) or isinstance(answer, bool) or not str(answer).strip():
+    if not _is_answer(answer) or not str(answer).strip():
         raise record_error(path, index, "answer", f"must be a non-empty string, got {answer!r}")
     answer = str(answer).strip()
     alternatives = list(dict.fromkeys(a for a in answers or [] if a and a != answer))
     return answer, alternatives
+
+
+def _is_answer(value: Any) -> bool:
+    """Text, or a number written as text ("7"); never a bool, NaN or infinity ("nan" is no answer)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, str | int) and not isinstance(value, bool)
