@@ -51,7 +51,8 @@ def import_command(args: tuple[str, ...], workspace: str | None, fmt: str | None
     """Import PATH (Visual-CoT, plain VQA JSON/JSONL, or LLaMA-Factory sharegpt ranking).
 
     All or nothing: a bad record stops the import with an error naming it, and the workspace is
-    left unchanged. Images are linked or copied into the workspace.
+    left unchanged. Images are decoded once to check them (at most 64 M pixels each) and copied
+    into the workspace under images/DATASET/, named by their content hash.
     """
     from visrl.formats import import_file
     from visrl.store import Store

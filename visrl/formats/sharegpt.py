@@ -9,7 +9,7 @@ uses both)::
      "rejected_step": {"from": "gpt", "value": "[0.60, 0.10, 0.80, 0.33]"},   # rejected box text
      "chosen":        {"from": "gpt", "value": "7"},       # answer on the chosen crop (optional)
      "rejected":      {"from": "gpt", "value": "3"},       # answer on the rejected crop (optional)
-     "images": ["images/demo/train_0.png"],
+     "images": ["images/demo/train_0-5c377ab0e97537c4.png"],
      "answer": "7",                                        # reference answer (optional)
      "bbox": "[0.11, 0.29, 0.32, 0.53]"}                   # annotated box text (optional)
 
