@@ -301,6 +301,12 @@ def test_concurrent_imports_of_one_dataset_and_another(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- run leases
 
+def test_leases_table_columns(store: Store) -> None:
+    assert store.db["leases"].columns_dict == {"key": str, "pid": int, "host": str, "proc_start": float,
+                                               "started_at": str, "job_id": int}
+    assert store.db["leases"].pks == ["key"]
+
+
 def test_second_generate_of_a_run_key_is_refused(store: Store) -> None:
     add_items(store, 2)
     cfg = config()

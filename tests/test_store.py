@@ -86,13 +86,14 @@ def test_wal_and_migrations(store: Store) -> None:
     assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     applied = store.db.execute(
         "SELECT migration_set, name FROM _sqlite_migrations ORDER BY rowid").fetchall()
-    assert applied == [("visrl", "m001_initial"), ("visrl", "m002_pair_desk_indexes")]
+    assert applied == [("visrl", "m001_initial"), ("visrl", "m002_pair_desk_indexes"),
+                       ("visrl", "m004_run_leases")]
     # Applying again (another process opening the file) changes nothing and records nothing.
     migrations.apply(store.db)
-    assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 2
+    assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 3
     assert migrations.pending(store.db) == []
     # A second Store on the same file sees the same database.
-    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 2
+    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 3
 
 
 def test_schema_tables_and_columns(store: Store) -> None:
