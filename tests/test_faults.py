@@ -459,6 +459,52 @@ def test_resume_skips_checkpoints_whose_save_was_killed(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir())[-1] == "checkpoint-x"  # nothing deleted
 
 
+class KilledMidSave(BaseException):
+    """Stands for kill -9 inside a checkpoint save: the files on disk are what a kill leaves."""
+
+
+@pytest.mark.slow
+def test_training_killed_while_writing_trainer_state_resumes_from_the_last_complete_one(
+        store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Save of checkpoint-2 dies half-way through trainer_state.json (weights, optimizer and RNG
+    state already written); ``resume_from_checkpoint: auto`` continues from checkpoint-1 and
+    finishes. bench/bench_faults.py does this with a real kill -9 at four points of the save."""
+    import torch
+    from test_train import stage2_rows, to_dataset
+    from transformers import TrainerState
+    from transformers.trainer_utils import get_last_checkpoint
+
+    import visrl.train.run as run
+    from visrl.tiny import build_tiny_model
+    from visrl.train.config import TrainConfig
+
+    torch.set_num_threads(1)
+    model = build_tiny_model(tmp_path / "tiny", preset="test", seed=0)
+    monkeypatch.setattr(run, "stage_rows", lambda cfg, store, ws: stage2_rows(4))
+    monkeypatch.setattr(run, "to_dataset", to_dataset)
+    real_save = TrainerState.save_to_json
+
+    def dies_at_step_2(self: Any, json_path: str) -> None:
+        if self.global_step == 2:
+            Path(json_path).write_text('{"global_st')
+            raise KilledMidSave
+        real_save(self, json_path)
+
+    cfg = TrainConfig(stage="visrl", model_name_or_path=str(model), output_dir="models/s2", max_steps=3,
+                      per_device_train_batch_size=2, save_steps=1, learning_rate=1e-3, lora_rank=4)
+    monkeypatch.setattr(TrainerState, "save_to_json", dies_at_step_2)
+    with pytest.raises(KilledMidSave):
+        run.train(cfg, store.workspace)
+    monkeypatch.setattr(TrainerState, "save_to_json", real_save)
+    out = store.workspace.models_dir / "s2"
+    assert Path(get_last_checkpoint(str(out))).name == "checkpoint-2"  # what HF alone would pick
+    assert Path(run.last_complete_checkpoint(out)).name == "checkpoint-1"
+    result = run.train(cfg, store.workspace)
+    assert result.global_step == 3 and not result.stopped
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and integrity_ok(store) and store.leases() == []
+
+
 # ---------------------------------------------------------------------- dead jobs in stats
 
 def test_stats_shows_a_dead_job_as_dead_with_its_log_tail(store: Store, tmp_path: Path,
