@@ -380,3 +380,95 @@ def test_generate_and_eval_forms_start_jobs_or_warn(ctx: Any, monkeypatch: pytes
     assert evaluate_tab.start_eval(ctx, 7, "models/x", "shapes", "test", 5, True) == 41
     kind, config = started[0]
     assert kind == "eval" and (config["model_name_or_path"], config["dataset"], config["limit"]) == ("models/x", "shapes", 5)
+
+
+# ---------------------------------------------------------------------- what the running app serves
+
+@pytest.fixture
+def served(ctx: Any) -> Any:
+    """The app launched on ``ctx``'s workspace on a free loopback port: (ctx, base url)."""
+    import socket
+
+    from visrl_app.app import launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    blocks = launch(ctx.workspace, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield ctx, f"http://127.0.0.1:{port}/"
+    finally:
+        blocks.close()
+
+
+def http_get(url: str, host: str | None = None) -> int:
+    """The status of a GET of ``url`` (with ``host`` as the Host header when given)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request("GET", path, headers={"Host": host} if host else {})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_file_route_serves_images_never_store_weights_logs_or_configs(served: Any) -> None:
+    ctx, url = served
+    root = ctx.root
+    review.accept(ctx.store, 1, 1)  # a write: the WAL exists
+    (root / "models" / "tiny").mkdir()
+    (root / "models" / "tiny" / "model.safetensors").write_bytes(b"\0" * 64)
+    (root / "runs" / "1").mkdir(parents=True)
+    (root / "runs" / "1" / "log.txt").write_text("step 1 loss 2.0\n")
+    (root / "configs").mkdir(exist_ok=True)
+    (root / "configs" / "train_sft.yaml").write_text("stage: sft\n")
+    (root / "images" / "store.png").symlink_to(root / "visrl.db")  # a link does not get around it
+    assert (root / "visrl.db-wal").is_file()
+    base = url + "gradio_api/file="
+    assert http_get(base + str(root / "images" / "item0.png")) == 200
+    refused = ["visrl.db", "visrl.db-wal", "visrl.db-shm", "models/tiny/model.safetensors",
+               "runs/1/log.txt", "configs/train_sft.yaml", "images/store.png", "images/../visrl.db"]
+    assert {name: http_get(base + str(root / name)) for name in refused} == dict.fromkeys(refused, 403)
+    assert http_get(url + "gradio_api/file/" + str(root / "visrl.db")) == 403  # the older route too
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    (None, 200), ("localhost", 200), ("127.0.0.1", 200), ("[::1]", 200), ("LOCALHOST", 200),
+    ("evil.example", 403), ("localhost.evil.example", 403), ("127.0.0.1.nip.io", 403), ("", 403),
+])
+def test_local_app_answers_only_loopback_hosts(served: Any, host: str | None, status: int) -> None:
+    _, url = served
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    header = None if host is None else (f"{host}:{port}" if host else "")
+    if host == "":
+        header = " "  # an empty Host header
+    assert http_get(url + "config", host=header) == status
+
+
+def test_no_decision_lost_after_a_file_fetch_and_another_process(served: Any) -> None:
+    """The sequence that lost decisions: the app is asked for visrl.db, another process (a CLI,
+    a job, Datasette) opens and closes the store, then the curator accepts pairs."""
+    import subprocess
+
+    from visrl_app import pairs_tab
+
+    ctx, url = served
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))["state"]  # connection open
+    assert http_get(url + "gradio_api/file=" + str(ctx.workspace.db_path)) == 403
+    count = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+             "print(c.execute(\"SELECT count(*) FROM pairs WHERE status = 'accepted'\").fetchone()[0]); c.close()")
+    other = subprocess.run([sys.executable, "-c", count, str(ctx.workspace.db_path)],
+                           capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == "0"
+    for _ in range(4):
+        state = view_dict(pairs_tab.act(ctx, "accept", state, *FILTERS))["state"]
+    assert review.status_counts(ctx.store)["accepted"] == 4
+    fresh = subprocess.run([sys.executable, "-c", count, str(ctx.workspace.db_path)],
+                           capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "4"  # every confirmed decision is in the file

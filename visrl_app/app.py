@@ -1,8 +1,15 @@
 """Assemble the tabs into one ``gr.Blocks`` and launch it safely.
 
-Safety defaults: binds 127.0.0.1; any other address needs ``auth`` (refused otherwise); serves
-files of the workspace only (``allowed_paths=[workspace]``); no run history in the browser and
-no API page link (pairs hold private data). Importing this module imports neither torch nor
+Safety defaults: binds 127.0.0.1; any other address needs ``auth`` (refused otherwise); a local
+app answers only requests whose ``Host`` is a loopback name (a DNS-rebinding page gets 403);
+serves only the workspace's ``images/`` (rendered crops and plots go through gradio's own temp
+folder), never the store, weights, logs or configs; no run history in the browser and no API page
+link (pairs hold private data).
+
+Why the store must never be served: gradio's file route opens and closes the file it serves, and
+closing *any* descriptor of ``visrl.db`` in the app process drops every POSIX lock the process
+holds on it (SQLite's own connections included). Another process then believes it is the last
+user, checkpoints and deletes the WAL the app is still writing, and confirmed decisions vanish. Importing this module imports neither torch nor
 transformers (the Chat and Evaluate tabs load them on first use).
 """
 
@@ -12,6 +19,7 @@ import ipaddress
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from a private desk
 
@@ -28,6 +36,8 @@ from visrl_app.train_tab import create_train_tab  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# SQLite's side files: the write-ahead log, its shared-memory index, a rollback journal.
+STORE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 def build_app(workspace: str | Path | Workspace) -> gr.Blocks:
@@ -80,10 +90,71 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def launch_kwargs(workspace: Workspace) -> dict[str, Any]:
-    """The privacy and asset settings every launch uses (tests launch with the same)."""
+def served_paths(workspace: Workspace) -> tuple[list[str], list[str]]:
+    """(allowed, blocked) folders and files for gradio's file route.
+
+    Allowed: ``images/`` only (pages show PIL renderings, which gradio writes to its own temp
+    folder and serves from there). Blocked, which wins over every allowed and temp folder: the
+    store and its side files, ``models/`` (weights), ``runs/`` (logs, job configs),
+    ``exports/`` and ``configs/``, even if a symlink in ``images/`` points at them.
+    """
+    root = workspace.root.resolve()
+    blocked = [str(root / f"{workspace.db_path.name}{suffix}") for suffix in STORE_SUFFIXES]
+    blocked += [str(root / name) for name in ("models", "runs", "exports", "configs")]
+    return [str(workspace.images_dir.resolve())], blocked
+
+
+def host_is_local(header: str | None) -> bool:
+    """True for a ``Host`` header naming loopback (localhost, 127.0.0.0/8, [::1]), any port.
+
+    A DNS-rebinding page reaches a loopback app under its own name (``evil.example:7860``), so
+    the name, not the port, is what tells a local user from a foreign page.
+    """
+    if not header:
+        return False
+    try:
+        name = urlsplit("//" + header).hostname
+    except ValueError:
+        return False
+    return bool(name) and is_local(name)
+
+
+class LoopbackHostOnly:
+    """ASGI middleware: 403 for an HTTP or websocket request whose ``Host`` is not loopback."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not host_is_local(host):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = b"unknown Host header: this app answers only on localhost"
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"text/plain"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def launch_kwargs(workspace: Workspace, host: str = "127.0.0.1") -> dict[str, Any]:
+    """The privacy and asset settings every launch uses (tests launch with the same).
+
+    A loopback ``host`` also gets :class:`LoopbackHostOnly`; an app on another address has a
+    password and whatever name the network gives it.
+    """
+    from starlette.middleware import Middleware
+
+    allowed, blocked = served_paths(workspace)
+    middleware = [Middleware(LoopbackHostOnly)] if is_local(host) else []
     return {
-        "allowed_paths": [str(workspace.root)],
+        "allowed_paths": allowed,
+        "blocked_paths": blocked,
+        "app_kwargs": {"middleware": middleware},
         "run_history": False,  # nothing recorded in the browser; the runs page is off
         "footer_links": ["gradio", "settings"],  # no link to the API page
         "head": "<script>" + (ASSETS / "keyboard.js").read_text(encoding="utf-8") + "</script>",
@@ -101,5 +172,5 @@ def launch(workspace: str | Path | Workspace, host: str = "127.0.0.1", port: int
     blocks = build_app(ws)
     blocks.queue(default_concurrency_limit=4)
     blocks.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=prevent_thread_lock,
-                  quiet=quiet, inbrowser=False, share=False, **launch_kwargs(ws))
+                  quiet=quiet, inbrowser=False, share=False, **launch_kwargs(ws, host))
     return blocks
