@@ -22,11 +22,20 @@ from visrl.workspace import Workspace
 
 _register()
 PY = sys.executable
+NO_ITEMS = "dataset 'empty' has no items in split 'test'; `visrl stats` lists the splits"
 
 
-def eval_config(tmp_path: Path, dataset: str = "nothing-here", **extra: Any) -> Path:
+def eval_config(tmp_path: Path, store: Store | None = None, dataset: str = "empty", **extra: Any) -> Path:
+    """An eval recipe that passes validation at start (a model folder with a config.json, a
+    dataset in the store) and fails in the child before loading a model: the split is empty."""
+    if store is not None:
+        model = store.workspace.models_dir / "unloaded"
+        model.mkdir(exist_ok=True)
+        (model / "config.json").write_text('{"model_type": "qwen2_vl"}')
+        if not store.db["datasets"].count_where("name = ?", [dataset]):
+            store.add_dataset(dataset, "vqa")
     path = tmp_path / "eval.yaml"
-    lines = ["model_name_or_path: models/none", f"dataset: {dataset}"]
+    lines = ["model_name_or_path: models/unloaded", f"dataset: {dataset}"]
     lines += [f"{k}: {v}" for k, v in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -183,20 +192,20 @@ def _exists(pid: int) -> bool:
 # ---------------------------------------------------------------------- real subprocess jobs
 
 def test_eval_job_that_fails_reports_its_error(tmp_path: Path, store: Store) -> None:
-    job = start_job(store.workspace, "eval", eval_config(tmp_path))
+    job = start_job(store.workspace, "eval", eval_config(tmp_path, store))
     row = store.job(job)
     assert row["status"] == "running" and row["pid"] and row["log_path"] == f"runs/{job}/log.txt"
-    assert json.loads(row["command"])[1:6] == ["-m", "visrl", "eval", str(eval_config(tmp_path)), "--workspace"]
+    assert json.loads(row["command"])[1:6] == ["-m", "visrl", "eval", str(eval_config(tmp_path, store)), "--workspace"]
     row = wait_for(lambda: (r := jobs.job_status(store.workspace, job))["status"] != "running" and r)
     assert (row["status"], row["exit_code"]) == ("failed", 1)
-    assert row["message"] == "no dataset named 'nothing-here' (datasets: none)"
+    assert row["message"] == NO_ITEMS
     wait_for(lambda: not _exists(row["pid"]))
     tail = jobs.log_tail(store.workspace, job)
-    assert tail.startswith("$ ") and "Error: no dataset named 'nothing-here'" in tail
+    assert tail.startswith("$ ") and f"Error: {NO_ITEMS}" in tail
 
 
 def test_killed_job_is_marked_failed_with_its_log_tail(tmp_path: Path, store: Store) -> None:
-    job = start_job(store.workspace, "eval", eval_config(tmp_path))
+    job = start_job(store.workspace, "eval", eval_config(tmp_path, store))
     pid = store.job(job)["pid"]
     os.killpg(pid, signal.SIGKILL)
     wait_for(lambda: refresh_jobs(store) == [job])
@@ -208,7 +217,7 @@ def test_killed_job_is_marked_failed_with_its_log_tail(tmp_path: Path, store: St
 
 def test_job_is_found_again_after_the_parent_restarts(tmp_path: Path, store: Store,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    job = start_job(store.workspace, "eval", eval_config(tmp_path))
+    job = start_job(store.workspace, "eval", eval_config(tmp_path, store))
     pid = store.job(job)["pid"]
     # A restarted app: no Popen objects, a fresh Store on the same workspace.
     monkeypatch.setattr(jobs, "_CHILDREN", {})
@@ -219,12 +228,12 @@ def test_job_is_found_again_after_the_parent_restarts(tmp_path: Path, store: Sto
     row = wait_for(lambda: (r := fresh.job(job))["status"] != "running" and r)
     # The child's own verdict stands (refresh did not overwrite it).
     assert (row["status"], row["exit_code"]) == ("failed", 1)
-    assert row["message"].startswith("no dataset named")
+    assert row["message"] == NO_ITEMS
     assert refresh_jobs(fresh) == [] and fresh.job(job)["status"] == "failed"
 
 
 def test_stop_before_the_stage_begins_counts_as_stopped(tmp_path: Path, store: Store) -> None:
-    job = start_job(store.workspace, "eval", eval_config(tmp_path))
+    job = start_job(store.workspace, "eval", eval_config(tmp_path, store))
     row = stop_job(store.workspace, job, timeout=30)
     assert row["status"] == "stopped", row
     with pytest.raises(JobError, match=f"job {job} is not running"):
@@ -234,7 +243,7 @@ def test_stop_before_the_stage_begins_counts_as_stopped(tmp_path: Path, store: S
 def test_jobs_cli_start_list_show_logs(tmp_path: Path, store: Store) -> None:
     root = str(store.workspace.root)
     runner = CliRunner()
-    result = runner.invoke(cli, ["jobs", "start", "eval", str(eval_config(tmp_path)), "-w", root,
+    result = runner.invoke(cli, ["jobs", "start", "eval", str(eval_config(tmp_path, store)), "-w", root,
                                  "--limit", "2"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("started job 1;")
@@ -245,9 +254,9 @@ def test_jobs_cli_start_list_show_logs(tmp_path: Path, store: Store) -> None:
     table = runner.invoke(cli, ["jobs", "list", "-w", root]).output
     assert "   1  eval      failed" in table
     shown = json.loads(runner.invoke(cli, ["jobs", "show", "1", "-w", root]).output)
-    assert shown["config"]["dataset"] == "nothing-here" and shown["metrics"] == {}
+    assert shown["config"]["dataset"] == "empty" and shown["metrics"] == {}
     logs = runner.invoke(cli, ["jobs", "logs", "1", "-w", root, "--follow"]).output
-    assert "Error: no dataset named" in logs
+    assert f"Error: {NO_ITEMS}" in logs
     stopped = runner.invoke(cli, ["jobs", "stop", "1", "-w", root])
     assert stopped.exit_code == 1 and "is not running (status failed)" in str(stopped.exception)
     bad = runner.invoke(cli, ["jobs", "start", "eval", str(eval_config(tmp_path)), "-w", root,
@@ -288,8 +297,210 @@ def test_stop_a_running_eval_job_mid_run(tmp_path: Path, store: Store) -> None:
 
 
 @pytest.mark.parametrize("args", [["jobs", "start"], ["jobs", "list"], ["jobs", "show"],
-                                  ["jobs", "logs"], ["jobs", "stop"], ["eval"], ["evals"]])
+                                  ["jobs", "logs"], ["jobs", "stop"], ["jobs", "kill"], ["eval"], ["evals"]])
 def test_commands_have_help(args: list[str]) -> None:
     result = CliRunner().invoke(cli, [*args, "--help"])
     assert result.exit_code == 0 and len(result.output.split("\n\n")[1].strip()) > 20
     assert "--job-id" not in result.output  # internal: only jobs pass it to their child
+
+
+# ---------------------------------------------------------------------- what a run needs (validation)
+
+def _model(ws: Workspace, name: str, config: str | None = '{"model_type": "qwen2_vl"}') -> None:
+    folder = ws.models_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        (folder / "config.json").write_text(config)
+
+
+@pytest.mark.parametrize(("kind", "recipe", "error"), [
+    ("eval", "model_name_or_path: models/base\ndataset: shapes\n", None),
+    ("eval", "model_name_or_path: models/gone\ndataset: shapes\n", "model_name_or_path 'models/gone' is not a folder"),
+    ("eval", "model_name_or_path: models/bare\ndataset: shapes\n", "models/bare.* has no config.json"),
+    ("eval", "model_name_or_path: models/llama\ndataset: shapes\n", "is a 'llama' model; VisRL supports"),
+    ("eval", "model_name_or_path: models/base\ndataset: nope\n", r"no dataset named 'nope' \(datasets: shapes\)"),
+    ("generate", "model_name_or_path: models/base\nadapter_name_or_path: models/base\ndataset: shapes\n",
+     "adapter_name_or_path 'models/base' is not a LoRA adapter folder"),
+    ("train", "stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/out\ndataset: shapes\n", None),
+    ("train", "stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/out\ndataset: exports/none\n",
+     "dataset folder 'exports/none' does not exist"),
+    ("train", "stage: sft\nmodel_name_or_path: models/base\noutput_dir: notes.txt\n", "output_dir 'notes.txt' is a file"),
+    ("eval", "model_name_or_path: models/base\ndataset: shapes\noutput_dir: /proc/visrl\n", "cannot be written"),
+])
+def test_validation_checks_what_the_run_needs(store: Store, kind: str, recipe: str, error: str | None) -> None:
+    from visrl.errors import VisRLError
+
+    ws = store.workspace
+    store.add_dataset("shapes", "vqa")
+    _model(ws, "base")
+    _model(ws, "bare", config=None)
+    _model(ws, "llama", '{"model_type": "llama"}')
+    (ws.root / "notes.txt").write_text("not a folder")
+    assert jobs.validate_text(kind, recipe)  # without a workspace: the keys and values only
+    if error is None:
+        assert jobs.validate_text(kind, recipe, ws)["model_name_or_path"] == "models/base"
+    else:
+        with pytest.raises(VisRLError, match=error):
+            jobs.validate_text(kind, recipe, ws)
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("stage: sft\nmodel_name_or_path: [a,\n", "recipe, line 3, column 1"),
+    ("stage: sft\n  output_dir: x\n", "recipe, line 2, column 13"),
+    ("stage: 'sft\n", "recipe, line 2, column 1"),
+])
+def test_yaml_errors_name_the_source_line_and_column(text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML") as caught:
+        jobs.validate_text("train", text)
+    assert str(caught.value).startswith(where + ":")
+    assert "/tmp" not in str(caught.value) and ".yaml" not in str(caught.value)
+
+
+def test_generate_config_carries_its_run_key(store: Store) -> None:
+    text = "model_name_or_path: models/base\ndataset: shapes\n"
+    key = jobs.validate_text("generate", text)["run_key"]
+    assert key.startswith("shapes-train-") and jobs.validate_text("generate", text)["run_key"] == key
+    assert jobs.validate_text("generate", text + "run_key: mine\n")["run_key"] == "mine"
+    assert jobs.job_target("generate", {"run_key": key}, store.workspace.root) == f"rollouts run {key}"
+    root = store.workspace.root
+    assert jobs.job_target("train", {"output_dir": "models/out/"}, root) == str(root.resolve() / "models" / "out")
+    assert jobs.job_target("eval", {"output_dir": None}, root) is None  # each eval job: runs/<id>/
+
+
+# ---------------------------------------------------------------------- one active job per output
+
+def test_rapid_double_start_into_one_folder_gives_one_job(tmp_path: Path, store: Store) -> None:
+    import threading
+
+    config = eval_config(tmp_path, store, output_dir="exports/shared-eval")
+    barrier = threading.Barrier(4)
+    started: list[int] = []
+    refused: list[str] = []
+
+    def click() -> None:
+        barrier.wait()
+        try:
+            started.append(start_job(store.workspace, "eval", config))
+        except JobError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=click) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(started) == 1 and len(refused) == 3, (started, refused)
+    [job] = started
+    assert all(message.startswith(f"job {job} (eval 'eval', ") and "shared-eval" in message
+               for message in refused)
+    assert [row["id"] for row in store.jobs()] == [job]
+    wait_for(lambda: jobs.job_status(store.workspace, job)["status"] == "failed")
+    other = eval_config(tmp_path, store)  # no output_dir: runs/<id>/, never shared
+    second = start_job(store.workspace, "eval", config)  # the folder is free again
+    third = start_job(store.workspace, "eval", other)
+    assert {second, third} == {job + 1, job + 2}
+    for j in (second, third):
+        wait_for(lambda j=j: jobs.job_status(store.workspace, j)["status"] == "failed")
+
+
+def test_a_queued_job_whose_starter_died_frees_its_folder(store: Store) -> None:
+    old = store.create_job("train", {"output_dir": "models/out"})
+    store.db["jobs"].update(old, {"created_at": "2000-01-01T00:00:00+00:00"})
+    fresh = store.create_job("train", {"output_dir": "models/out2"})
+    refresh_jobs(store)
+    assert store.job(old)["status"] == "failed" and "never started" in store.job(old)["message"]
+    assert store.job(fresh)["status"] == "queued"  # just created: its starter is spawning it
+    job = jobs.create_exclusive_job(store, "train", {"output_dir": "models/out"})
+    with pytest.raises(JobError, match=f"job {fresh} \\(train 'train', queued\\) is already writing"):
+        jobs.create_exclusive_job(store, "train", {"output_dir": str(store.workspace.root / "models" / "out2")})
+    assert store.job(job)["status"] == "queued"
+
+
+# ---------------------------------------------------------------------- stop once, kill on purpose
+
+SAVING_CHILD = """
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+count = 0
+def on_term(signum, frame):
+    global count
+    count += 1
+    out.write_text(str(count))
+signal.signal(signal.SIGTERM, on_term)
+out.write_text("0")
+while count == 0:
+    time.sleep(0.01)
+time.sleep(1.0)  # finish the current step
+out.write_text(out.read_text() + " saved")
+"""
+
+
+def _job_process(store: Store, code: str, mark: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, Any]:
+    """A job row whose process (its own session, like start_job's) runs ``code``."""
+    child = subprocess.Popen([PY, "-c", code, str(mark)], start_new_session=True)
+    monkeypatch.setitem(jobs._CHILDREN, child.pid, child)
+    job = store.create_job("train", {})
+    store.update_job(job, status="running", pid=child.pid, started_at=jobs.now())
+    wait_for(lambda: mark.is_file() and mark.read_text() == "0")
+    return job, child
+
+
+def test_stop_twice_signals_once_and_the_job_saves(tmp_path: Path, store: Store,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    mark = tmp_path / "signals.txt"
+    job, child = _job_process(store, SAVING_CHILD, mark, monkeypatch)
+    assert stop_job(store.workspace, job)["status"] == "stopping"
+    assert stop_job(store.workspace, job)["status"] == "stopping"  # the second click: nothing sent
+    row = stop_job(store.workspace, job, timeout=20)
+    assert (row["status"], row["exit_code"]) == ("stopped", 0)
+    assert mark.read_text() == "1 saved" and child.returncode == 0
+
+
+def test_kill_is_separate_and_immediate(tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    mark = tmp_path / "stubborn.txt"
+    code = ("import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "pathlib.Path(sys.argv[1]).write_text('0'); time.sleep(60)")
+    job, child = _job_process(store, code, mark, monkeypatch)
+    assert stop_job(store.workspace, job, timeout=0.5)["status"] == "stopping"  # ignores SIGTERM
+    row = jobs.kill_job(store.workspace, job)
+    assert (row["status"], row["exit_code"], row["message"]) == ("stopped", -9, "killed on request")
+    assert child.returncode == -9 and not _exists(child.pid)
+    with pytest.raises(JobError, match="is not running"):
+        jobs.kill_job(store.workspace, job)
+    refused = CliRunner().invoke(cli, ["jobs", "kill", str(job), "-w", str(store.workspace.root)], input="n\n")
+    assert refused.exit_code == 1 and "Kill job" in refused.output  # asked, answered no
+
+
+def test_reaping_from_many_threads_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr(jobs, "_CHILDREN", {})
+    monkeypatch.setattr(jobs, "_EXIT_CODES", {})
+    monkeypatch.setattr(sys, "getswitchinterval", sys.getswitchinterval)
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows quickly
+    errors: list[BaseException] = []
+    try:
+        for _ in range(5):
+            children = [subprocess.Popen(["/bin/sh", "-c", f"exit {i % 3}"]) for i in range(12)]
+            for child in children:
+                jobs._CHILDREN[child.pid] = child
+                wait_for(lambda c=child: _is_zombie(c.pid))
+            barrier = threading.Barrier(8)
+
+            def reap(barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                try:
+                    jobs._reap_children()
+                except BaseException as exc:  # noqa: BLE001  (any error is the failure)
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=reap) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert jobs._CHILDREN == {}
+            assert {c.pid: jobs._EXIT_CODES[c.pid] for c in children} == {c.pid: i % 3 for i, c in enumerate(children)}
+    finally:
+        sys.setswitchinterval(0.005)
+    assert errors == []

@@ -11,8 +11,9 @@ its jobs again):
 * :func:`start_job` (parent) creates the row and records pid, command, log path, ``running``.
 * :func:`run_stage` (child) marks the job running, turns SIGTERM into ``progress.stop_requested``
   and, when the stage function returns or raises, writes ``succeeded`` / ``stopped`` / ``failed``.
-* :func:`stop_job` marks ``stopping`` and sends SIGTERM to the process group; the child finishes
-  its current step, saves, and exits as ``stopped``.
+* :func:`stop_job` marks ``stopping`` and sends SIGTERM to the process group, once; the child
+  finishes its current step, saves, and exits as ``stopped``. :func:`kill_job` sends SIGKILL.
+* :func:`start_job` refuses a job whose output folder (or generation run) an active job writes.
 * :func:`refresh_jobs` (any process) marks a running job whose process is gone (killed,
   out of memory, crashed before its stage began) ``failed`` with the log tail as its message.
 """
@@ -26,6 +27,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,21 +35,27 @@ from pathlib import Path
 from typing import Any
 
 from visrl.errors import ConfigError, JobError
+from visrl.job_config import KINDS, job_target, validate_config, validate_text  # noqa: F401  (re-exported)
 from visrl.progress import Progress
 from visrl.store import Store, now
 from visrl.workspace import Workspace
 
-KINDS: tuple[str, ...] = ("generate", "train", "merge", "eval")
 ACTIVE: tuple[str, ...] = ("queued", "running", "stopping")
 LOG_NAME = "log.txt"
 # A process created more than this many seconds after the job started is another process that
 # got the recycled pid (start_job stamps started_at right after the spawn; clocks are 1 s coarse).
 PID_REUSE_SLACK_S = 5.0
+# A queued row gets its pid within a second of its creation (start_job spawns right away); one
+# still without a pid after this long belongs to a starter that died before spawning.
+QUEUED_STALE_S = 120.0
 
 # Children this process started: Popen keeps their exit codes and reaps them (no zombies in a
 # long-lived parent such as the app). Jobs started by another process are looked up by pid.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 _EXIT_CODES: dict[int, int] = {}  # pid -> exit code of children reaped before their job was read
+# The app polls from several gradio worker threads: registering and reaping children is one
+# critical section (two threads reaping the same child raised KeyError).
+_CHILDREN_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -84,61 +92,22 @@ def build_command(kind: str, config_path: str | Path, root: str | Path, job_id: 
     return command + stage
 
 
-def validate_config(kind: str, config_path: str | Path) -> dict[str, Any]:
-    """Parse ``config_path`` with the stage's config class (errors before anything starts)."""
-    from visrl.config import read_yaml, to_dict
-
-    if kind not in KINDS:
-        raise JobError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
-    data = read_yaml(config_path)
-    loader = _config_loader(kind)
-    if loader is None:  # the stage's module is not importable here: the child will report it
-        return data
-    return to_dict(loader(config_path))
-
-
-# Where each stage's config loader lives: (module, name) candidates, first found wins. A name is
-# a dataclass (loaded with visrl.config.load_config) or a function ``path -> config``.
-_CONFIG_LOADERS: dict[str, tuple[tuple[str, str], ...]] = {
-    "generate": (("visrl.generate", "GenerateConfig"),),
-    "eval": (("visrl.evaluate", "EvalConfig"),),
-    "train": (("visrl.train.config", "load_train_config"), ("visrl.train", "load_train_config"),
-              ("visrl.train.config", "TrainConfig"), ("visrl.train", "TrainConfig")),
-    "merge": (("visrl.train.config", "load_merge_config"), ("visrl.train.merge", "MergeConfig"),
-              ("visrl.train.config", "MergeConfig"), ("visrl.train", "MergeConfig")),
-}
-
-
-def _config_loader(kind: str) -> Callable[[str | Path], Any] | None:
-    import dataclasses
-    import importlib
-
-    from visrl.config import load_config
-
-    for module_name, name in _CONFIG_LOADERS.get(kind, ()):
-        try:
-            target = getattr(importlib.import_module(module_name), name, None)
-        except ImportError:
-            continue
-        if target is None:
-            continue
-        if dataclasses.is_dataclass(target):
-            return lambda p, cls=target: load_config(cls, p)
-        return target
-    return None
-
-
 def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: str | Path,
               launcher: Launcher | str | None = None, extra_args: Sequence[str] = (),
               name: str = "") -> int:
-    """Validate the config, create the job row and spawn the stage; returns the job id."""
+    """Validate the config and what it needs, create the job row and spawn the stage.
+
+    Returns the job id. Refused (JobError naming it) while another active job writes the same
+    output folder or generation run: the check and the new row are one write transaction, so
+    two quick clicks from two tabs cannot both pass.
+    """
     if isinstance(launcher, str):
         launcher = Launcher(launcher)
     config_path = Path(config_path).expanduser().resolve()
-    config = validate_config(kind, config_path)
     store = Store.open(workspace)
     ws = store.workspace
-    job_id = store.create_job(kind, config, config_path=str(config_path), name=name or kind)
+    config = validate_config(kind, config_path, ws)
+    job_id = create_exclusive_job(store, kind, config, config_path=str(config_path), name=name or kind)
     log_path = ws.run_dir(job_id) / LOG_NAME
     command = build_command(kind, config_path, ws.root, job_id, launcher, extra_args)
     with open(log_path, "ab") as log:
@@ -152,10 +121,42 @@ def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: 
             store.update_job(job_id, status="failed", message=f"could not start: {exc}",
                              exit_code=-1, ended_at=now(), command=json.dumps(command))
             raise JobError(f"could not start job {job_id}: {exc}") from None
-    _CHILDREN[child.pid] = child
-    _EXIT_CODES.pop(child.pid, None)  # a recycled pid: the old code belongs to another job
+    with _CHILDREN_LOCK:
+        _CHILDREN[child.pid] = child
+        _EXIT_CODES.pop(child.pid, None)  # a recycled pid: the old code belongs to another job
     store.update_job(job_id, status="running", pid=child.pid, command=json.dumps(command),
                      log_path=ws.relative(log_path), started_at=now(), heartbeat_at=now())
+    return job_id
+
+
+def create_exclusive_job(store: Store, kind: str, config: dict[str, Any], config_path: str = "",
+                         name: str = "") -> int:
+    """Create a ``queued`` job row unless an active job writes the same :func:`job_target`.
+
+    The read of the active jobs and the insert run under one ``BEGIN IMMEDIATE`` (SQLite's
+    write lock, waited for up to the store's 30 s busy timeout), so of two concurrent starts
+    into one folder exactly one gets a row; the other gets a JobError naming the running job.
+    """
+    refresh_jobs(store)  # a dead job must not hold its folder
+    root = store.workspace.root
+    target = job_target(kind, config, root)
+    conn = store.db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if target is not None:
+            rows = conn.execute("SELECT id, kind, name, status, config FROM jobs WHERE status IN "
+                                f"({', '.join('?' for _ in ACTIVE)}) ORDER BY id", ACTIVE).fetchall()
+            for job_id, other_kind, other_name, status, text in rows:
+                with contextlib.suppress(TypeError, ValueError):
+                    if job_target(other_kind, json.loads(text or "{}"), root) == target:
+                        raise JobError(
+                            f"job {job_id} ({other_kind} {other_name!r}, {status}) is already writing "
+                            f"{target}; wait for it or stop it, or choose another output folder")
+        job_id = store.create_job(kind, config, config_path=config_path, name=name or kind)
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
     return job_id
 
 
@@ -240,10 +241,11 @@ def process_state(pid: int | None, started_at: str | None = None) -> tuple[bool,
     if pid is None:
         return False, None
     _reap_children()
-    if pid in _EXIT_CODES:
-        return False, _EXIT_CODES[pid]
-    if pid in _CHILDREN:
-        return True, None
+    with _CHILDREN_LOCK:
+        if pid in _EXIT_CODES:
+            return False, _EXIT_CODES[pid]
+        if pid in _CHILDREN:
+            return True, None
     with contextlib.suppress(ChildProcessError):  # our child, but started before a "restart"
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -261,12 +263,16 @@ def process_state(pid: int | None, started_at: str | None = None) -> tuple[bool,
 
 
 def _reap_children() -> None:
-    """Collect the exit codes of our finished children (finished jobs must not stay zombies)."""
-    for pid, child in list(_CHILDREN.items()):
-        code = child.poll()
-        if code is not None:
-            _EXIT_CODES[pid] = code
-            del _CHILDREN[pid]
+    """Collect the exit codes of our finished children (finished jobs must not stay zombies).
+
+    Safe under threads: one thread at a time polls and moves a child to ``_EXIT_CODES``.
+    """
+    with _CHILDREN_LOCK:
+        for pid, child in list(_CHILDREN.items()):
+            code = child.poll()
+            if code is not None:
+                _EXIT_CODES[pid] = code
+                _CHILDREN.pop(pid, None)
 
 
 def refresh_jobs(store: Store) -> list[int]:
@@ -291,15 +297,23 @@ def refresh_jobs(store: Store) -> list[int]:
                 [status, code if code is not None else -1, message, now(), job["id"]])
         if cursor.rowcount:
             failed.append(job["id"])
+    stale = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=QUEUED_STALE_S)).isoformat(timespec="seconds")
+    with store.atomic() as db:
+        cursor = db.execute(
+            "UPDATE jobs SET status = 'failed', exit_code = -1, ended_at = ?, message = "
+            "'never started: the process starting it ended before it spawned the job' "
+            "WHERE status = 'queued' AND pid IS NULL AND created_at < ?", [now(), stale])
     return failed
 
 
 def stop_job(workspace: str | Path | Workspace | None, job_id: int, force: bool = False,
              timeout: float = 0.0, grace: float = 10.0) -> dict[str, Any]:
-    """Ask job ``job_id`` to stop (SIGTERM to its process group); returns its row.
+    """Ask job ``job_id`` to stop (SIGTERM to its process group, once); returns its row.
 
-    ``timeout`` > 0 waits that long for it to exit. ``force`` waits ``grace`` seconds, then
-    kills the group (SIGKILL) and marks the job ``stopped``.
+    One-shot: only the call that moves the job from running to ``stopping`` signals it; a
+    second stop of a stopping job sends nothing (the stage treats a second SIGTERM as "kill
+    now, without saving"). ``timeout`` > 0 waits that long for it to exit. ``force`` waits
+    ``grace`` seconds, then kills the group (:func:`kill_job`).
     """
     store = Store.open(workspace)
     refresh_jobs(store)
@@ -307,19 +321,34 @@ def stop_job(workspace: str | Path | Workspace | None, job_id: int, force: bool 
     if job["status"] not in ACTIVE:
         raise JobError(f"job {job_id} is not running (status {job['status']})")
     pid = job["pid"]
-    with store.atomic() as db:  # conditional: the job may have ended since it was read
-        db.execute("UPDATE jobs SET status = 'stopping', message = 'stop requested' "
-                   "WHERE id = ? AND status IN ('queued', 'running')", [job_id])
-    _signal_group(pid, signal.SIGTERM)
+    with store.atomic() as db:  # conditional: the job may have ended or been stopped since it was read
+        cursor = db.execute("UPDATE jobs SET status = 'stopping', message = 'stop requested' "
+                            "WHERE id = ? AND status IN ('queued', 'running')", [job_id])
+    if cursor.rowcount:
+        _signal_group(pid, signal.SIGTERM)
     wait = grace if force else timeout
     if wait > 0 and not _wait_exit(pid, job["started_at"], wait) and force:
-        _signal_group(pid, signal.SIGKILL)
-        _wait_exit(pid, job["started_at"], 5.0)
-        with store.atomic() as db:
-            db.execute(
-                "UPDATE jobs SET status = 'stopped', exit_code = ?, message = ?, ended_at = ? "
-                "WHERE id = ? AND status IN ('running', 'stopping')",
-                [-signal.SIGKILL, f"killed after {grace:g} s without stopping", now(), job_id])
+        return kill_job(store.workspace, job_id, reason=f"killed after {grace:g} s without stopping")
+    refresh_jobs(store)
+    return store.job(job_id)
+
+
+def kill_job(workspace: str | Path | Workspace | None, job_id: int,
+             reason: str = "killed on request") -> dict[str, Any]:
+    """Kill job ``job_id``'s process group now (SIGKILL: nothing since its last checkpoint is
+    saved) and mark it ``stopped`` with ``reason``; returns its row."""
+    store = Store.open(workspace)
+    refresh_jobs(store)
+    job = store.job(job_id)
+    if job["status"] not in ACTIVE:
+        raise JobError(f"job {job_id} is not running (status {job['status']})")
+    _signal_group(job["pid"], signal.SIGKILL)
+    _wait_exit(job["pid"], job["started_at"], 5.0)
+    with store.atomic() as db:
+        db.execute(
+            "UPDATE jobs SET status = 'stopped', exit_code = ?, message = ?, ended_at = ? "
+            "WHERE id = ? AND status IN ('queued', 'running', 'stopping')",
+            [-signal.SIGKILL, reason, now(), job_id])
     refresh_jobs(store)
     return store.job(job_id)
 

@@ -1,4 +1,4 @@
-"""CLI commands: ``visrl jobs start|list|show|logs|stop`` (background stage runs)."""
+"""CLI commands: ``visrl jobs start|list|show|logs|stop|kill`` (background stage runs)."""
 
 from __future__ import annotations
 
@@ -93,8 +93,24 @@ def logs(job_id: int, workspace: str | None, follow: bool, lines: int) -> None:
 @click.option("--grace", type=float, default=10.0, show_default=True, help="Seconds to wait with --force.")
 @click.option("--wait", type=float, default=0.0, help="Seconds to wait for the job to exit.")
 def stop(job_id: int, workspace: str | None, force: bool, grace: float, wait: float) -> None:
-    """Ask a job to stop: it finishes its current step, saves, and exits."""
+    """Ask a job to stop: it finishes its current step, saves, and exits.
+
+    Asking again while it is stopping sends nothing more; `visrl jobs kill` kills it now."""
     from visrl.jobs import stop_job
 
     job = stop_job(workspace, job_id, force=force, timeout=wait, grace=grace)
     click.echo(f"job {job_id}: {job['status']}")
+
+
+@jobs.command("kill")
+@click.argument("job_id", type=int)
+@workspace_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def kill(job_id: int, workspace: str | None, yes: bool) -> None:
+    """Kill a job now (SIGKILL): work since its last checkpoint is lost. Prefer `stop`."""
+    from visrl.jobs import kill_job
+
+    if not yes:
+        click.confirm(f"Kill job {job_id} without saving?", abort=True, err=True)
+    job = kill_job(workspace, job_id)
+    click.echo(f"job {job_id}: {job['status']} ({job['message']})")

@@ -1,0 +1,192 @@
+"""What a background job's recipe must hold before it starts, and what it writes.
+
+:func:`validate_config` (a file) and :func:`validate_text` (YAML typed in the app) parse a
+recipe with its stage's config class; given the workspace they also check what the run will
+need, so a mistake is reported in a second instead of minutes into a child process:
+
+* the model (and adapter) folder exists and its ``config.json`` names a supported family;
+* the dataset exists in the store (or, for training, is an exported folder that exists);
+* the output folder can be created and written.
+
+:func:`job_target` names what a job writes (a folder, or for generation the store's rollout
+run), so :mod:`visrl.jobs` can refuse a second active job into the same place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from visrl.errors import ConfigError, JobError, VisRLError
+from visrl.workspace import Workspace
+
+KINDS: tuple[str, ...] = ("generate", "train", "merge", "eval")
+# kind -> (module, config dataclass)
+CONFIG_CLASSES: dict[str, tuple[str, str]] = {
+    "generate": ("visrl.generate", "GenerateConfig"),
+    "eval": ("visrl.evaluate", "EvalConfig"),
+    "train": ("visrl.train.config", "TrainConfig"),
+    "merge": ("visrl.train.merge", "MergeConfig"),
+}
+# kind -> the field naming the folder a run writes (generation writes rollouts to the store)
+OUTPUT_FIELDS: dict[str, str] = {"train": "output_dir", "merge": "export_dir", "eval": "output_dir"}
+MAX_RECIPE_CHARS = 200_000  # a recipe is a few hundred lines; a paste of megabytes is a mistake
+
+
+def config_class(kind: str) -> type:
+    if kind not in KINDS:
+        raise JobError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
+    module, name = CONFIG_CLASSES[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+def parse_recipe(text: str, source: str = "recipe") -> dict[str, Any]:
+    """The YAML mapping in ``text``; errors name ``source`` with the line and column (1-based)."""
+    import yaml
+
+    if len(text) > MAX_RECIPE_CHARS:
+        raise ConfigError(f"{source} is {len(text):,} characters; a recipe holds at most {MAX_RECIPE_CHARS:,}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{source}{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def validate_config(kind: str, config_path: str | Path,
+                    workspace: str | Path | Workspace | None = None) -> dict[str, Any]:
+    """The recipe in ``config_path`` as a plain mapping, checked; see :func:`validate_text`."""
+    from visrl.config import read_yaml
+
+    cls = config_class(kind)
+    return _checked(kind, cls, read_yaml(config_path), str(config_path), workspace)
+
+
+def validate_text(kind: str, text: str, workspace: str | Path | Workspace | None = None,
+                  source: str = "recipe") -> dict[str, Any]:
+    """Parse ``text`` as a ``kind`` recipe with its config class; with ``workspace`` also check
+    that its model, dataset and output folder are there (ConfigError / NotFoundError if not).
+
+    Generation's mapping carries its effective ``run_key`` (the store run it writes).
+    """
+    cls = config_class(kind)
+    return _checked(kind, cls, parse_recipe(text, source), source, workspace)
+
+
+def _checked(kind: str, cls: type, data: dict[str, Any], source: str,
+             workspace: str | Path | Workspace | None) -> dict[str, Any]:
+    from visrl.config import from_dict, to_dict
+
+    cfg = from_dict(cls, data, source=source)
+    config = to_dict(cfg)
+    if kind == "generate":
+        from visrl.generate import run_key_for
+
+        config["run_key"] = cfg.run_key or run_key_for(cfg)
+    if workspace is not None:
+        ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+        check_needs(kind, cfg, ws)
+    return config
+
+
+# ---------------------------------------------------------------------- what the run needs
+
+def check_needs(kind: str, cfg: Any, ws: Workspace) -> None:
+    """Raise a user error naming the first thing ``cfg`` needs that ``ws`` lacks."""
+    if getattr(cfg, "backend", "local") == "local":
+        _check_model(ws, "model_name_or_path", cfg.model_name_or_path)
+    if getattr(cfg, "adapter_name_or_path", None):
+        _check_adapter(ws, cfg.adapter_name_or_path)
+    if kind in ("generate", "eval"):
+        _check_dataset(ws, cfg.dataset)
+    elif kind == "train" and cfg.dataset:
+        if any(sep in cfg.dataset for sep in ("/", "\\", ".")):  # an exported folder (train/data.py)
+            if not _absolute(ws, cfg.dataset).is_dir():
+                raise ConfigError(f"dataset folder {cfg.dataset!r} does not exist "
+                                  f"(relative paths are looked up in {ws.root})")
+        else:
+            _check_dataset(ws, cfg.dataset)
+    output = OUTPUT_FIELDS.get(kind)
+    if output and getattr(cfg, output, None):
+        _check_writable(ws, output, getattr(cfg, output))
+
+
+def _absolute(ws: Workspace, path: str) -> Path:
+    return Path(path).expanduser() if Path(path).expanduser().is_absolute() else ws.root / path
+
+
+def _check_model(ws: Workspace, key: str, path: str) -> None:
+    from visrl.models import detect_family, split_adapter
+
+    folder = _absolute(ws, path)
+    if not folder.is_dir():
+        raise ConfigError(f"{key} {path!r} is not a folder (relative paths are looked up in {ws.root}); "
+                          "pick a model under models/ or a trained checkpoint")
+    base, _ = split_adapter(folder, None)
+    try:
+        detect_family(_absolute(ws, str(base)))
+    except VisRLError as exc:
+        raise ConfigError(f"{key} {path!r}: {exc}") from None
+
+
+def _check_adapter(ws: Workspace, path: str) -> None:
+    folder = _absolute(ws, path)
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise ConfigError(f"adapter_name_or_path {path!r} is not a LoRA adapter folder (no {config.name}; "
+                          f"relative paths are looked up in {ws.root})")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {config}: {exc}") from None
+
+
+def _check_dataset(ws: Workspace, name: str) -> None:
+    from visrl.store import Store
+
+    Store(ws).dataset(name)  # NotFoundError listing the datasets there are
+
+
+def _check_writable(ws: Workspace, key: str, path: str) -> None:
+    folder = _absolute(ws, path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{key} {path!r} is a file, not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    # A real write (a temporary file, removed at once): permission bits say nothing for root,
+    # read-only mounts or /proc.
+    try:
+        if not existing.is_dir():
+            raise OSError(f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key} {path!r} cannot be written: {exc}") from None
+
+
+# ---------------------------------------------------------------------- what a job writes
+
+def job_target(kind: str, config: dict[str, Any], root: Path) -> str | None:
+    """The place job ``kind`` with validated ``config`` writes: a resolved folder, or
+    ``rollouts run KEY`` for generation; None when every job gets its own (eval without
+    ``output_dir`` writes ``runs/<job>/``)."""
+    if kind == "generate":
+        key = config.get("run_key")
+        return f"rollouts run {key}" if key else None
+    field = OUTPUT_FIELDS.get(kind)
+    value = config.get(field) if field else None
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return str((path if path.is_absolute() else root / path).resolve())
