@@ -267,6 +267,35 @@ def test_cli_generate_as_job_reports_progress(store: Store, tmp_path: Path,
     assert {r["job_id"] for r in store.rollouts()} == {job_id}
 
 
+def test_job_counts_only_new_work_and_says_what_it_made(store: Store, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl.cli import main
+
+    add_items(store, 3)
+    monkeypatch.setattr(gen, "load_reasoner", lambda ws, cfg: ScriptedReasoner())
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "fake", "dataset": "toy", "attempts": 1, "limit": 2}))
+    first = store.create_job("generate", {}, str(path))
+    main(["generate", str(path), "--workspace", str(store.workspace.root), "--job-id", str(first)])
+    pairs = store.db["pairs"].count
+    assert store.job(first)["message"].startswith(f"{pairs} new pairs from 2 new items (")
+    path.write_text(path.read_text().replace("limit: 2", "limit: 3"))  # one more item
+    second = store.create_job("generate", {}, str(path))
+    main(["generate", str(path), "--workspace", str(store.workspace.root), "--job-id", str(second)])
+    job = store.job(second)
+    assert (job["step"], job["total"]) == (1, 1)  # the bar counts the new item, not the 2 done
+    again = store.create_job("generate", {}, str(path))
+    main(["generate", str(path), "--workspace", str(store.workspace.root), "--job-id", str(again)])
+    job = store.job(again)
+    assert (job["status"], job["total"]) == ("succeeded", 0)
+    assert job["message"].startswith("nothing to do: all 3 items already have every attempt in run toy-train-")
+    done = gen.plan_run(store, gen.GenerateConfig(model_name_or_path="fake", dataset="toy", attempts=1))
+    assert done.pending == [] and done.summary() == job["message"]
+    more = gen.GenerateConfig(model_name_or_path="fake", dataset="toy", attempts=2, run_key=done.run_key)
+    plan = gen.plan_run(store, more)  # the same run, one more attempt per item
+    assert [plan.todo[i["id"]] for i in plan.items] == [[1], [1], [1]] and len(plan.pending) == 3
+
+
 def test_model_judges_run_concurrently_and_are_cached(store: Store) -> None:
     from test_judges import FakeJudgeServer
 

@@ -179,16 +179,11 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
     store = Store.open(workspace)
     ws = store.workspace
     answer_judge, crop_judge = make_judges(cfg.answer_judge, cfg.crop_judge, cfg.judge_options())
-    run_key = cfg.run_key or run_key_for(cfg)
-    items = store.items(cfg.dataset, cfg.split, limit=cfg.limit)
-    done = store.done_attempts(run_key)
-    todo = {item["id"]: [a for a in range(cfg.attempts) if not _attempt_done(done, item["id"], a)]
-            for item in items}
-    pending = [item for item in items if todo[item["id"]]]
-    if progress is not None:
-        progress.set_total(len(items))
-        progress.update(step=len(items) - len(pending), force=True,
-                        message=f"run {run_key}: {len(pending)} of {len(items)} items to generate")
+    plan = plan_run(store, cfg)
+    run_key, items, todo, pending = plan.run_key, plan.items, plan.todo, plan.pending
+    if progress is not None:  # the bar counts new work only: items done by earlier runs are not progress
+        progress.set_total(len(pending))
+        progress.update(step=0, force=True, message=plan.summary())
     if pending and reasoner is None:
         reasoner = load_reasoner(ws, cfg)
     start = time.monotonic()
@@ -210,6 +205,10 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
     judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers)
     pairs = build_pairs(store, cfg.pairs_config(), run_key=run_key, source=run_key)
     seconds = time.monotonic() - start
+    if progress is not None and not progress.stop_requested:  # the job's last word, shown in the app
+        progress.message(plan.summary() if not pending else
+                         f"{pairs.pairs_added} new pairs from {counts['items']} new items "
+                         f"({pairs.pairs_total} pairs in run {run_key})")
     return GenerateReport(
         run_key=run_key, items=len(items), items_done_before=len(items) - len(pending),
         items_generated=counts["items"], rollouts=counts["rollouts"], failed=counts["failed"],
@@ -219,6 +218,39 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
         items_per_s=round(counts["items"] / max(seconds, 1e-9), 3),
         rollouts_per_s=round(counts["rollouts"] / max(seconds, 1e-9), 3),
         stopped=counts["items"] < len(pending))
+
+
+@dataclass
+class RunPlan:
+    """What a generation run would do now: its run key, the selected items, and the attempts
+    still missing per item id (a resumed or repeated run skips what is stored)."""
+
+    run_key: str
+    items: list[dict[str, Any]]
+    todo: dict[int, list[int]]
+
+    @property
+    def pending(self) -> list[dict[str, Any]]:
+        return [item for item in self.items if self.todo[item["id"]]]
+
+    def summary(self) -> str:
+        n, new = len(self.items), len(self.pending)
+        if not n:
+            return "nothing to do: the dataset split has no items"
+        if not new:
+            return (f"nothing to do: all {n} items already have every attempt in run {self.run_key}; "
+                    "raise the item limit, or change the model, attempts, sampling or seed for a new run")
+        return f"{new} of {n} items to generate in run {self.run_key} ({n - new} done before)"
+
+
+def plan_run(store: Store, cfg: GenerateConfig) -> RunPlan:
+    """The :class:`RunPlan` of ``cfg`` against the store (reads only)."""
+    run_key = cfg.run_key or run_key_for(cfg)
+    items = store.items(cfg.dataset, cfg.split, limit=cfg.limit)
+    done = store.done_attempts(run_key)
+    todo = {item["id"]: [a for a in range(cfg.attempts) if not _attempt_done(done, item["id"], a)]
+            for item in items}
+    return RunPlan(run_key, items, todo)
 
 
 def _attempt_done(done: set[tuple[int, int, str]], item_id: int, attempt: int) -> bool:
