@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,13 @@ def test_build_app_has_every_tab(ctx: Any) -> None:
             "pairs-save-boxes", "pairs-save-answers", "train-start", "train-stop", "chat-ask"} <= ids
 
 
+def model_folder(ctx: Any, name: str) -> None:
+    """A folder validation accepts as a model (config.json of a supported family); nothing loads it."""
+    folder = ctx.root / "models" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "qwen2_vl"}')
+
+
 def test_train_recipe_validation(ctx: Any) -> None:
     from visrl_app import train_tab
 
@@ -199,11 +207,30 @@ def test_train_recipe_validation(ctx: Any) -> None:
     files = train_tab.recipe_files(ctx, stage)
     assert files and files[0].endswith("train_sft.yaml")
     text = train_tab.read_recipe(files[0])
-    assert train_tab.validate(ctx, stage, text) == "✅ valid train recipe"
+    with pytest.warns(UserWarning, match="model_name_or_path 'models/tiny-demo' is not a folder"):
+        train_tab.validate(ctx, stage, text)  # the demo recipe names a model this workspace lacks
+    model_folder(ctx, "tiny-demo")
+    with pytest.warns(UserWarning, match=r"no dataset named 'demo' \(datasets: shapes\)"):
+        train_tab.validate(ctx, stage, text)
+    text = text.replace("dataset: demo", "dataset: shapes")
+    assert train_tab.validate(ctx, stage, text) == "✅ valid train recipe · writes `models/tiny-demo-sft`"
     with pytest.warns(UserWarning, match="unknown key.*lerning_rate"):
         verdict = train_tab.validate(ctx, stage, text + "\nlerning_rate: 0.1\n")
-    assert "lerning_rate" in verdict
-    assert not list((ctx.root / "runs" / "app-configs").glob("check-*"))  # checks leave no files
+    assert verdict.startswith("train recipe: unknown key(s) lerning_rate")  # no temporary file's path
+    with pytest.warns(UserWarning, match="not valid YAML"):
+        verdict = train_tab.validate(ctx, stage, "stage: sft\nmodel_name_or_path: [models/x\n")
+    assert verdict.startswith("train recipe, line 3, column 1: not valid YAML")
+    running = ctx.store.create_job("train", {"output_dir": "models/tiny-demo-sft"}, name="sft")
+    ctx.store.update_job(running, status="running", pid=os.getpid(), started_at=jobs_now())
+    with pytest.warns(UserWarning, match=f"job {running} \\(train 'sft', running\\) is already writing"):
+        train_tab.validate(ctx, stage, text)
+    assert not (ctx.root / "runs" / "app-configs").exists()  # checks leave no files
+
+
+def jobs_now() -> str:
+    from visrl.store import now
+
+    return now()
 
 
 def test_model_choices_and_generate_config(ctx: Any) -> None:
@@ -252,14 +279,26 @@ def test_job_view_progress_metrics_and_history(ctx: Any) -> None:
 def test_evaluation_table_and_comparison(ctx: Any) -> None:
     from visrl_app import evaluate_tab
 
-    ctx.store.add_evaluation({"accuracy": 0.5, "iou": 0.25, "note": "x"}, "models/a", None, "shapes", "test", 10)
-    ctx.store.add_evaluation({"accuracy": 0.75}, "models/a", "models/a-sft", "shapes", "test", 10)
+    ctx.store.add_evaluation({"n": 10, "answer_acc": 0.5, "acc50": 0.25, "mean_iou": 0.3, "seconds": 4.0,
+                              "note": "x"}, "models/a", None, "shapes", "test", 10)
+    ctx.store.add_evaluation({"n": 10, "answer_acc": 0.75, "acc50": 0.25, "seconds": 2.5},
+                             "models/a", "models/a-sft", "shapes", "test", 10)
     table = evaluate_tab.evaluation_table(ctx)
-    assert list(table.columns)[-2:] == ["accuracy", "iou"]
-    assert table["accuracy"].tolist() == [0.5, 0.75]
-    frame = evaluate_tab.comparison_frame(ctx, "accuracy")
-    assert frame.to_dict("records") == [{"checkpoint": "#1 models/a", "value": 0.5},
-                                        {"checkpoint": "#2 models/a-sft", "value": 0.75}]
+    # n once, the useful metrics first, readable headers
+    assert list(table.columns) == ["id", "model", "data", "n", "Acc@0.5", "answer acc", "mean IoU",
+                                   "seconds", "created"]
+    assert table["answer acc"].tolist() == [0.5, 0.75] and table["model"].tolist()[1] == "models/a + models/a-sft"
+    table_out, metric, baseline, plot, note = evaluate_tab.refresh(ctx, None, None)
+    assert (metric.value, baseline.value) == ("acc50", 1)  # Acc@0.5 first; the oldest is the baseline
+    assert plot.y_lim == [0, 1]  # a 0.25 bar has a quarter of the height, not zero
+    frame = evaluate_tab.comparison_frame(ctx, "answer_acc", baseline=1)
+    assert frame.to_dict("records") == [
+        {"evaluation": "#1 models/a", "value": 0.5, "vs baseline": "baseline"},
+        {"evaluation": "#2 models/a-sft", "value": 0.75, "vs baseline": "better"}]
+    assert "#2 models/a-sft: 0.750 (**+0.250**)" in evaluate_tab.comparison_note(ctx, "answer_acc", 1)
+    assert evaluate_tab.comparison_note(ctx, "answer_acc", 2).endswith("#1 models/a: 0.500 (**-0.250**)")
+    assert evaluate_tab.comparison_plot(ctx, "seconds", 1).y_lim == [0, None]  # not a rate: open top, still 0
+    assert evaluate_tab.comparison_frame(ctx, "acc50", 1)["vs baseline"].tolist() == ["baseline", "same"]
 
 
 def test_chat_streams_box_crop_and_answer(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -340,7 +379,12 @@ def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
 
     from visrl_app import job_panel, train_tab
 
-    text = "stage: sft\nmodel_name_or_path: models/missing\noutput_dir: models/out\ndataset: shapes\nmax_steps: 2\n"
+    text = "stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/out\ndataset: shapes\nmax_steps: 2\n"
+    with pytest.warns(UserWarning, match="model_name_or_path 'models/base' is not a folder"):
+        assert train_tab.start_training(ctx, None, "sft", text) is None
+    assert ctx.store.jobs() == []  # refused before a row or a process
+    model_folder(ctx, "base")
+    text = text.replace("dataset: shapes", "dataset: shapes\nsplit: holdout")  # passes checks, fails in the child
     job_id = train_tab.start_training(ctx, None, "sft", text)
     assert isinstance(job_id, int)
     job = ctx.store.job(job_id)
@@ -351,7 +395,8 @@ def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
         time.sleep(0.3)
         job_panel.job_view(ctx, ("train",), job_id)  # polls refresh_jobs like the timer does
     status, bar, log, history, _ = job_panel.job_view(ctx, ("train",), job_id)
-    assert "**failed**" in status and "data-status='failed'" in bar  # no such model
+    assert "**failed**" in status and "data-status='failed'" in bar
+    assert "no items with a ground-truth box in split 'holdout'" in status
     assert "-m visrl train" in log.splitlines()[0]  # the log starts with the command it ran
     assert history[0][:4] == [job_id, "train", "sft", "failed"]
     with pytest.warns(UserWarning, match="unknown key"):
@@ -472,3 +517,95 @@ def test_no_decision_lost_after_a_file_fetch_and_another_process(served: Any) ->
     fresh = subprocess.run([sys.executable, "-c", count, str(ctx.workspace.db_path)],
                            capture_output=True, text=True, check=True)
     assert fresh.stdout.strip() == "4"  # every confirmed decision is in the file
+
+
+# ---------------------------------------------------------------------- job controls and curves
+
+def test_controls_follow_the_watched_job(ctx: Any) -> None:
+    from visrl_app import job_panel
+
+    job = ctx.store.create_job("train", {}, name="sft")
+    ctx.store.update_job(job, status="running", pid=os.getpid(), started_at=jobs_now())
+
+    def buttons() -> tuple[Any, ...]:
+        return job_panel.panel_view(ctx, ("train",), job)[-3:]
+
+    start, stop, kill = buttons()
+    assert (start.interactive, stop.interactive, stop.value, kill.visible) == (False, True, "Stop job", True)
+    ctx.store.update_job(job, status="stopping")
+    start, stop, kill = buttons()
+    assert (start.interactive, stop.interactive, stop.value, kill.visible) == (False, False, "Stopping…", True)
+    message = job_panel.stop(ctx, job)  # a second click while stopping: no signal, says so
+    assert message.startswith(f"job {job} is already stopping") and ctx.store.job(job)["status"] == "stopping"
+    ctx.store.update_job(job, status="stopped")
+    start, stop, kill = buttons()
+    assert (start.interactive, stop.interactive, kill.visible) == (True, False, False)
+    start, stop, kill = job_panel.panel_view(ctx, ("train",), None)[-3:]
+    assert (start.interactive, stop.interactive) == (True, False)  # nothing watched: free to start
+
+
+def test_kill_needs_a_confirmation_about_one_job(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl import jobs
+    from visrl_app import job_panel
+
+    killed: list[int] = []
+    monkeypatch.setattr(jobs, "kill_job", lambda ws, job_id: killed.append(job_id) or {"status": "stopped"})
+    job = ctx.store.create_job("train", {}, name="sft")
+    ctx.store.update_job(job, status="running", pid=os.getpid(), started_at=jobs_now())
+    row, pending, question = job_panel.ask_kill(ctx, job)
+    assert row.visible and pending == job and f"Kill job {job} (train) now?" in question
+    assert killed == []  # asking kills nothing
+    row, pending, message = job_panel.kill(ctx, pending)
+    assert killed == [job] and not row.visible and pending is None and "killed" in message
+    ctx.store.update_job(job, status="stopped")
+    with pytest.warns(UserWarning, match="no running job to kill"):
+        row, pending, _ = job_panel.ask_kill(ctx, job)
+    assert not row.visible and pending is None
+
+
+def test_loss_curve_spans_a_resumed_job_and_overlays_runs(ctx: Any) -> None:
+    from visrl_app import curves
+
+    config = {"output_dir": "models/out", "logging_steps": 5}
+    first = ctx.store.create_job("train", config, name="sft")
+    for step in (5, 10, 15, 20):
+        ctx.store.add_metrics(first, step, {"loss": 2.0 - step / 20})
+    other = ctx.store.create_job("train", {"output_dir": "models/other", "logging_steps": 5}, name="dpo")
+    ctx.store.add_metrics(other, 5, {"loss": 0.7})
+    resumed = ctx.store.create_job("train", config, name="sft")  # resumed from checkpoint-15
+    for step in (20, 25):
+        ctx.store.add_metrics(resumed, step, {"loss": 1.0 - step / 100})
+    frame = curves.loss_frame(ctx, resumed)
+    assert frame["step"].tolist() == [5, 10, 15, 20, 25]  # one curve; step 20 from the resumed job
+    assert frame["value"].tolist() == [1.75, 1.5, 1.25, 0.8, 0.75] and set(frame["name"]) == {"loss"}
+    fresh = ctx.store.create_job("train", config, name="sft")  # from scratch into the same folder
+    ctx.store.add_metrics(fresh, 5, {"loss": 3.0})
+    assert curves.loss_frame(ctx, fresh)["step"].tolist() == [5]
+    both = curves.loss_frame(ctx, fresh, overlay=[other])
+    assert both.to_dict("records") == [{"step": 5, "value": 3.0, "name": f"#{fresh} loss"},
+                                       {"step": 5, "value": 0.7, "name": f"#{other} loss"}]
+    assert [value for _, value in curves.overlay_choices(ctx)] == [fresh, resumed, other, first]
+
+
+def test_generate_form_says_nothing_to_do_and_defaults_to_new_items(ctx: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl_app import generate_tab, job_panel
+
+    model_folder(ctx, "base")
+    form = ["models/base", "shapes", "train", 2, 1, 1.0, "exact", "iou", "", ""]
+    assert generate_tab.readiness(ctx, *form).startswith("Ready: 2 of 2 items to generate in run shapes-train-")
+    run_key = generate_tab.run_plan(ctx, generate_tab.compose_config(ctx, *form)).run_key
+    for item in ctx.store.items("shapes", "train", limit=2):  # an earlier identical run did these
+        for kind in ("policy", "negative"):
+            ctx.store.add_rollout({"item_id": item["id"], "attempt": 0, "kind": kind, "run_key": run_key,
+                                   "box": None, "answer": "red"})
+    assert generate_tab.readiness(ctx, *form).startswith("⚠️ nothing to do: all 2 items already have every attempt")
+    started: list[Any] = []
+    monkeypatch.setattr(job_panel, "start", lambda *args, **kw: started.append(args) or 9)
+    with pytest.warns(UserWarning, match="nothing to do"):
+        assert generate_tab.start_generation(ctx, None, *form) is None
+    assert started == []
+    assert generate_tab.useful_limit(ctx, *form) == 4  # the next items of the split (4 in all)
+    form[3] = 4
+    assert generate_tab.readiness(ctx, *form).startswith("Ready: 2 of 4 items to generate")
+    assert generate_tab.start_generation(ctx, None, *form) == 9 and len(started) == 1

@@ -138,26 +138,41 @@ def create_exclusive_job(store: Store, kind: str, config: dict[str, Any], config
     into one folder exactly one gets a row; the other gets a JobError naming the running job.
     """
     refresh_jobs(store)  # a dead job must not hold its folder
-    root = store.workspace.root
-    target = job_target(kind, config, root)
     conn = store.db.conn
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if target is not None:
-            rows = conn.execute("SELECT id, kind, name, status, config FROM jobs WHERE status IN "
-                                f"({', '.join('?' for _ in ACTIVE)}) ORDER BY id", ACTIVE).fetchall()
-            for job_id, other_kind, other_name, status, text in rows:
-                with contextlib.suppress(TypeError, ValueError):
-                    if job_target(other_kind, json.loads(text or "{}"), root) == target:
-                        raise JobError(
-                            f"job {job_id} ({other_kind} {other_name!r}, {status}) is already writing "
-                            f"{target}; wait for it or stop it, or choose another output folder")
+        _refuse_busy(store, kind, config)
         job_id = store.create_job(kind, config, config_path=config_path, name=name or kind)
     except BaseException:
         conn.rollback()
         raise
     conn.commit()
     return job_id
+
+
+def check_output_free(store: Store, kind: str, config: dict[str, Any]) -> None:
+    """JobError naming the active job that writes ``config``'s output (a read-only early check;
+    :func:`create_exclusive_job` is the one that holds)."""
+    refresh_jobs(store)
+    _refuse_busy(store, kind, config)
+
+
+def _refuse_busy(store: Store, kind: str, config: dict[str, Any]) -> None:
+    root = store.workspace.root
+    target = job_target(kind, config, root)
+    if target is None:
+        return
+    rows = store.db.conn.execute(
+        f"SELECT id, kind, name, status, config FROM jobs WHERE status IN ({', '.join('?' for _ in ACTIVE)}) "
+        "ORDER BY id", ACTIVE).fetchall()
+    for job_id, other_kind, other_name, status, text in rows:
+        try:
+            other = job_target(other_kind, json.loads(text or "{}"), root)
+        except (TypeError, ValueError):  # a row written by hand: it claims nothing
+            continue
+        if other == target:
+            raise JobError(f"job {job_id} ({other_kind} {other_name!r}, {status}) is already writing "
+                           f"{target}; wait for it or stop it, or choose another output folder")
 
 
 # ---------------------------------------------------------------------- inside the child

@@ -14,7 +14,14 @@ from visrl_app.context import AppContext, model_choices, model_dropdown, resolve
 from visrl_app.generate_tab import split_choices
 
 KINDS = ("eval",)
-BASE_COLUMNS = ["id", "model", "adapter", "dataset", "split", "n", "created"]
+BASE_COLUMNS = ["id", "model", "data", "n"]
+# The metrics that answer "is it better?" first: detection accuracy, then answer accuracy.
+PREFERRED = ("acc50", "answer_acc", "direct_answer_acc", "mean_iou", "parse_rate")
+LABELS = {"acc50": "Acc@0.5", "answer_acc": "answer acc", "direct_answer_acc": "direct answer acc",
+          "mean_iou": "mean IoU", "parse_rate": "box parse rate", "n_box": "n with box",
+          "seconds": "seconds", "items_per_s": "items/s"}
+RATES = frozenset(PREFERRED)  # fractions in [0, 1]: their axis is fixed to 0-1
+OWN_COLUMNS = ("n",)  # shown once, as the table's n column
 
 
 def base_recipe(ctx: AppContext) -> dict[str, Any]:
@@ -39,47 +46,113 @@ def start_eval(ctx: AppContext, job_id: int | None, *form: Any) -> int | None:
 
 
 def metric_names(evaluations: list[dict[str, Any]]) -> list[str]:
-    names: list[str] = []
+    """Numeric metric keys: the :data:`PREFERRED` ones first, then the rest as first seen."""
+    seen: list[str] = []
     for row in evaluations:
         for key, value in (row["metrics"] or {}).items():
-            if isinstance(value, (int, float)) and key not in names:
-                names.append(key)
-    return names
+            if isinstance(value, (int, float)) and key not in seen and key not in OWN_COLUMNS:
+                seen.append(key)
+    return [m for m in PREFERRED if m in seen] + [m for m in seen if m not in PREFERRED]
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric)
+
+
+def evaluation_label(row: dict[str, Any]) -> str:
+    """``#id model`` (the adapter when there is one), at most 48 characters."""
+    return f"#{row['id']} {(row['adapter'] or row['model'])[-44:]}"
 
 
 def evaluation_table(ctx: AppContext) -> Any:
-    """One row per stored evaluation, one column per numeric metric."""
+    """One row per stored evaluation: who, on what, n once, then one column per metric."""
     import pandas as pd
 
     evaluations = ctx.store.evaluations()
     names = metric_names(evaluations)
-    rows = [[e["id"], e["model"], e["adapter"] or "", e["dataset"], e["split"], e["n"], e["created_at"],
-             *(_round(e["metrics"].get(name)) for name in names)] for e in evaluations]
-    return pd.DataFrame(rows, columns=[*BASE_COLUMNS, *names])
+    rows = [[e["id"], e["model"] + (f" + {e['adapter']}" if e["adapter"] else ""),
+             f"{e['dataset']}/{e['split']}", e["n"], *(_round(e["metrics"].get(name)) for name in names),
+             e["created_at"]] for e in evaluations]
+    return pd.DataFrame(rows, columns=[*BASE_COLUMNS, *(label(n) for n in names), "created"])
 
 
 def _round(value: Any) -> Any:
-    return round(value, 4) if isinstance(value, float) else value
+    return round(value, 3) if isinstance(value, float) else value
 
 
-def comparison_frame(ctx: AppContext, metric: str | None) -> Any:
-    """(checkpoint label, value) of ``metric`` per evaluation, for the bar plot."""
+def comparison_frame(ctx: AppContext, metric: str | None, baseline: int | None = None) -> Any:
+    """(evaluation label, value, how it compares with ``baseline``'s value) per evaluation."""
     import pandas as pd
 
+    evaluations = ctx.store.evaluations()
+    base = next((e["metrics"].get(metric) for e in evaluations if e["id"] == baseline), None) if metric else None
     rows = []
-    for e in ctx.store.evaluations():
+    for e in evaluations:
         value = (e["metrics"] or {}).get(metric) if metric else None
         if isinstance(value, (int, float)):
-            label = f"#{e['id']} {e['adapter'] or e['model']}"
-            rows.append({"checkpoint": label[-48:], "value": float(value)})
-    return pd.DataFrame(rows, columns=["checkpoint", "value"])
+            rows.append({"evaluation": evaluation_label(e), "value": float(value),
+                         "vs baseline": _versus(e["id"], float(value), baseline, base)})
+    return pd.DataFrame(rows, columns=["evaluation", "value", "vs baseline"])
 
 
-def refresh(ctx: AppContext, metric: str | None) -> tuple[Any, Any, Any]:
+def _versus(eval_id: int, value: float, baseline: int | None, base: Any) -> str:
+    if not isinstance(base, (int, float)):
+        return "no baseline"
+    if eval_id == baseline:
+        return "baseline"
+    return "better" if value > base + 1e-9 else ("worse" if value < base - 1e-9 else "same")
+
+
+def comparison_note(ctx: AppContext, metric: str | None, baseline: int | None) -> str:
+    """Each evaluation's ``metric`` and its difference to the baseline's, as one line."""
+    evaluations = ctx.store.evaluations()
+    base_row = next((e for e in evaluations if e["id"] == baseline), None)
+    base = base_row["metrics"].get(metric) if base_row and metric else None
+    if not isinstance(base, (int, float)):
+        return "Pick a baseline evaluation to see each one's difference to it."
+    parts = []
+    for e in evaluations:
+        value = e["metrics"].get(metric)
+        if isinstance(value, (int, float)) and e["id"] != baseline:
+            parts.append(f"{evaluation_label(e)}: {value:.3f} (**{value - base:+.3f}**)")
+    head = f"**{label(metric)}** vs baseline {evaluation_label(base_row)} ({base:.3f})"
+    return head + (": " + " · ".join(parts) if parts else ": no other evaluation yet")
+
+
+def comparison_plot(ctx: AppContext, metric: str | None, baseline: int | None) -> Any:
+    """The bar plot of ``metric``; bars start at 0 (rates on a fixed 0-1 axis)."""
+    return gr.BarPlot(comparison_frame(ctx, metric, baseline), y_title=label(metric) if metric else "value",
+                      y_lim=[0, 1] if metric in RATES else [0, None])
+
+
+def baseline_choices(ctx: AppContext) -> list[tuple[str, int]]:
+    return [(evaluation_label(e), e["id"]) for e in ctx.store.evaluations()]
+
+
+def refresh(ctx: AppContext, metric: str | None, baseline: int | None) -> tuple[Any, ...]:
+    """(table, metric picker, baseline picker, plot, note): the first preferred metric and the
+    oldest evaluation (usually the base model) unless the user picked others."""
     names = metric_names(ctx.store.evaluations())
     metric = metric if metric in names else (names[0] if names else None)
-    return (evaluation_table(ctx), gr.Dropdown(choices=names, value=metric),
-            comparison_frame(ctx, metric))
+    choices = baseline_choices(ctx)
+    ids = [value for _, value in choices]
+    baseline = baseline if baseline in ids else (ids[0] if ids else None)
+    return (evaluation_table(ctx), gr.Dropdown(choices=[(label(n), n) for n in names], value=metric),
+            gr.Dropdown(choices=choices, value=baseline), comparison_plot(ctx, metric, baseline),
+            comparison_note(ctx, metric, baseline))
+
+
+def readiness(ctx: AppContext, *form: Any) -> str:
+    """One line under the form: what a start would run, or what is missing (nothing starts)."""
+    try:
+        config = compose_config(ctx, *form)
+        job_panel.check(ctx, "eval", config)
+    except VisRLError as exc:
+        return f"⚠️ {exc}"
+    n = len(ctx.store.items(config["dataset"], config["split"], limit=config["limit"]))
+    if not n:
+        return f"⚠️ {config['dataset']}/{config['split']} has no items: pick another split"
+    return f"Ready: {n} items of {config['dataset']}/{config['split']}."
 
 
 def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
@@ -95,27 +168,39 @@ def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
         split = gr.Dropdown(splits, value="test" if "test" in splits else splits[0], label="Split", scale=1)
         limit = gr.Number(recipe.get("limit") or 40, label="Items (0 = all)", precision=0, scale=1)
         direct = gr.Checkbox(value=recipe.get("direct_baseline", True), label="Direct baseline", scale=1)
-    start_button = gr.Button("Run evaluation", variant="primary", elem_id="eval-start")
-    monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "eval")
+    with gr.Row():
+        ready = gr.Markdown(elem_id="eval-ready")
+        start_button = gr.Button("Run evaluation", variant="primary", elem_id="eval-start", scale=0, min_width=200)
+    monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "eval", start_button)
     gr.Markdown("### Evaluations")
     table = gr.Dataframe(evaluation_table(ctx), interactive=False, elem_id="eval-table", wrap=True)
     with gr.Row():
-        metric = gr.Dropdown([], label="Compare checkpoints on", scale=1, elem_id="eval-metric")
+        metric = gr.Dropdown([], label="Compare on", scale=2, elem_id="eval-metric")
+        baseline = gr.Dropdown([], label="Baseline", scale=2, elem_id="eval-baseline")
         again = gr.Button("↻ Refresh", scale=0, min_width=90)
-    plot = gr.BarPlot(comparison_frame(ctx, None), x="checkpoint", y="value", title="Metric per checkpoint",
-                      elem_id="eval-plot", height=280)
+    plot = gr.BarPlot(comparison_frame(ctx, None), x="evaluation", y="value", color="vs baseline",
+                      title="Per evaluation (bars start at 0)", elem_id="eval-plot", height=300,
+                      y_lim=[0, 1], sort=None,
+                      color_map={"baseline": "#64748b", "better": "#16a34a", "worse": "#dc2626",
+                                 "same": "#2563eb", "no baseline": "#2563eb"})
+    note = gr.Markdown(elem_id="eval-note")
     form = [model, dataset, split, limit, direct]
     view = functools.partial(refresh, ctx)
-    start_button.click(functools.partial(start_eval, ctx), [job_state, *form], [job_state],
-                       api_visibility="undocumented").then(
-        monitor["view"], [job_state], monitor["outputs"], api_visibility="undocumented")
-    metric.change(functools.partial(comparison_frame, ctx), [metric], [plot], api_visibility="undocumented")
-    again.click(view, [metric], [table, metric, plot], api_visibility="undocumented")
+    outputs = [table, metric, baseline, plot, note]
+    job_panel.wire_start(start_button, functools.partial(start_eval, ctx), [job_state, *form], job_state, monitor)
+    check = functools.partial(readiness, ctx)
+    for part in form:
+        part.change(check, form, [ready], api_visibility="undocumented", show_progress="hidden")
+    compare = [metric, baseline]
+    for part in compare:
+        part.input(lambda m, b: (comparison_plot(ctx, m, b), comparison_note(ctx, m, b)), compare,
+                   [plot, note], api_visibility="undocumented")
+    again.click(view, compare, outputs, api_visibility="undocumented")
     # A finished eval job adds a row; re-reading every 10 s is enough for minutes-long evaluations.
-    gr.Timer(10.0).tick(view, [metric], [table, metric, plot], api_visibility="undocumented",
-                          show_progress="hidden")
+    gr.Timer(10.0).tick(view, compare, outputs, api_visibility="undocumented", show_progress="hidden")
 
-    def load(current: str | None) -> tuple[Any, ...]:
-        return (*job_panel.load_latest(ctx, KINDS), *view(None), model_dropdown(ctx, current))
-    return {"load": load, "load_inputs": [model],
-            "load_outputs": [job_state, *monitor["outputs"], table, metric, plot, model]}
+    def load(current: str | None, *rest: Any) -> tuple[Any, ...]:
+        return (*job_panel.load_latest(ctx, KINDS), *view(None, None), model_dropdown(ctx, current),
+                readiness(ctx, current, *rest))
+    return {"load": load, "load_inputs": form,
+            "load_outputs": [job_state, *monitor["outputs"], *outputs, model, ready]}

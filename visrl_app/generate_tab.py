@@ -15,7 +15,7 @@ import gradio as gr
 from visrl.config import read_yaml
 from visrl.errors import VisRLError
 from visrl_app import job_panel
-from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model
+from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
 
 KINDS = ("generate",)
 ANSWER_JUDGES = ("auto", "exact", "f1", "anls", "number", "model")  # visrl.judges.ANSWER_JUDGES
@@ -50,7 +50,52 @@ def compose_config(ctx: AppContext, model: str, dataset: str, split: str, limit:
 
 
 def start_generation(ctx: AppContext, job_id: int | None, *form: Any) -> int | None:
-    return job_panel.start_from_form(ctx, "generate", lambda: compose_config(ctx, *form), job_id, "generation")
+    """Start the form's run, unless it has nothing to do (then say why and start nothing)."""
+    try:
+        config = compose_config(ctx, *form)
+        plan = run_plan(ctx, config)
+    except VisRLError as exc:
+        warn(str(exc))
+        return job_id
+    if not plan.pending:
+        warn(plan.summary())
+        return job_id
+    return job_panel.start_from_form(ctx, "generate", lambda: config, job_id, "generation")
+
+
+def run_plan(ctx: AppContext, config: dict[str, Any]) -> Any:
+    """The :class:`visrl.generate.RunPlan` of a composed config (validated, with what it needs)."""
+    from visrl.config import from_dict
+    from visrl.generate import GenerateConfig, plan_run
+
+    validated = job_panel.check(ctx, "generate", config)
+    return plan_run(ctx.store, from_dict(GenerateConfig, validated, source="generate recipe"))
+
+
+def readiness(ctx: AppContext, *form: Any) -> str:
+    """One line under the form: how many items a start would generate, or why nothing."""
+    try:
+        plan = run_plan(ctx, compose_config(ctx, *form))
+    except VisRLError as exc:
+        return f"⚠️ {exc}"
+    return ("Ready: " if plan.pending else "⚠️ ") + plan.summary()
+
+
+def useful_limit(ctx: AppContext, *form: Any) -> Any:
+    """The form's item limit, moved past the items an earlier identical run already covers.
+
+    On the demo the default form equals the build's first run, which would do nothing: the
+    next ``limit`` items of the split are the useful default.
+    """
+    limit = form[3]
+    try:
+        plan = run_plan(ctx, compose_config(ctx, *form))
+    except VisRLError:
+        return limit
+    if plan.pending or not limit:
+        return limit
+    total = len(ctx.store.items(form[1], form[2] or "train"))
+    return min(total, len(plan.items) + int(limit)) if total > len(plan.items) else limit
 
 
 def split_choices(ctx: AppContext) -> list[str]:
@@ -84,15 +129,25 @@ def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
         crop_judge = gr.Dropdown(list(CROP_JUDGES), value=recipe.get("crop_judge", "iou"), label="Crop judge")
         judge_url = gr.Textbox(label="Judge endpoint (model judges)", placeholder="http://127.0.0.1:8000/v1")
         judge_model = gr.Textbox(label="Judge model name")
-    start_button = gr.Button("Start generation", variant="primary", elem_id="generate-start")
-    monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "generate")
+    with gr.Row():
+        ready = gr.Markdown(elem_id="generate-ready")
+        start_button = gr.Button("Start generation", variant="primary", elem_id="generate-start", scale=0,
+                                 min_width=200)
+    monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "generate", start_button)
     form = [model, dataset, split, limit, attempts, temperature, answer_judge, crop_judge,
             judge_url, judge_model]
-    start_button.click(functools.partial(start_generation, ctx), [job_state, *form], [job_state],
-                       api_visibility="undocumented").then(
-        monitor["view"], [job_state], monitor["outputs"], api_visibility="undocumented")
+    job_panel.wire_start(start_button, functools.partial(start_generation, ctx), [job_state, *form],
+                         job_state, monitor)
     refresh.click(functools.partial(model_dropdown, ctx), [model], [model], api_visibility="undocumented")
+    check = functools.partial(readiness, ctx)
+    for part in form:
+        part.change(check, form, [ready], api_visibility="undocumented", show_progress="hidden")
 
-    def load(current: str | None) -> tuple[Any, ...]:
-        return (*job_panel.load_latest(ctx, KINDS), model_dropdown(ctx, current))
-    return {"load": load, "load_inputs": [model], "load_outputs": [job_state, *monitor["outputs"], model]}
+    def load(*values: Any) -> tuple[Any, ...]:
+        chosen = model_dropdown(ctx, values[0])
+        current = (chosen.value, *values[1:])
+        limit_value = useful_limit(ctx, *current)
+        current = (*current[:3], limit_value, *current[4:])
+        return (*job_panel.load_latest(ctx, KINDS), chosen, limit_value, readiness(ctx, *current))
+    return {"load": load, "load_inputs": form,
+            "load_outputs": [job_state, *monitor["outputs"], model, limit, ready]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import html
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import yaml
 
 from visrl import jobs
 from visrl.errors import VisRLError
+from visrl_app import curves
 from visrl_app.context import AppContext, warn
 
 POLL_S = 2.0  # a job step takes seconds; polling faster only loads the store
@@ -35,10 +37,27 @@ def write_config(ctx: AppContext, kind: str, text: str) -> Path:
 
 
 def start(ctx: AppContext, kind: str, config: str | dict[str, Any], name: str = "") -> int:
-    """Write ``config`` (YAML text or a mapping) and start the job; ConfigError if it is invalid."""
-    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+    """Check ``config`` (YAML text or a mapping) and what it needs, write it and start the job.
+
+    The text is checked before it is written, so an error names the "recipe" with its line and
+    column, not a file under runs/app-configs/. JobError while another job writes its output.
+    """
+    text = recipe_text(config)
+    check(ctx, kind, text)
     path = write_config(ctx, kind, text)
     return jobs.start_job(ctx.workspace, kind, path, name=name or kind)
+
+
+def recipe_text(config: str | dict[str, Any]) -> str:
+    return config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+
+
+def check(ctx: AppContext, kind: str, config: str | dict[str, Any]) -> dict[str, Any]:
+    """The validated recipe: keys and values, the model, dataset and output folder it needs,
+    and no active job writing its output (a user error says which, else the mapping)."""
+    validated = jobs.validate_text(kind, recipe_text(config), ctx.workspace, source=f"{kind} recipe")
+    jobs.check_output_free(ctx.store, kind, validated)
+    return validated
 
 
 def start_from_form(ctx: AppContext, kind: str, compose: Any, job_id: int | None, what: str) -> int | None:
@@ -103,19 +122,13 @@ def history_rows(ctx: AppContext, kinds: tuple[str, ...]) -> list[list[Any]]:
             for j in ctx.store.jobs(limit=50) if j["kind"] in kinds]
 
 
-def metrics_frame(ctx: AppContext, job_id: int | None, contains: str = "loss") -> Any:
-    """Long-format metrics of a job (step, value, name) whose name contains ``contains``."""
-    import pandas as pd  # gradio depends on pandas; imported here to keep start-up lean
-
-    rows = [] if job_id is None else [
-        {"step": r["step"], "value": r["value"], "name": r["name"]}
-        for r in ctx.store.metrics(job_id) if contains in r["name"]]
-    return pd.DataFrame(rows, columns=["step", "value", "name"])
-
-
 def job_view(ctx: AppContext, kinds: tuple[str, ...], job_id: int | None,
-             log_lines: int = 60) -> tuple[Any, ...]:
-    """(status markdown, progress html, log tail, history rows, loss frame) of ``job_id``."""
+             log_lines: int = 60, overlay: Sequence[int] = ()) -> tuple[Any, ...]:
+    """(status markdown, progress html, log tail, history rows, loss frame) of ``job_id``.
+
+    The loss frame follows a resumed job back through the jobs it continues and adds the
+    ``overlay`` jobs' curves (:func:`visrl_app.curves.loss_frame`).
+    """
     job = None
     if job_id is not None:
         try:
@@ -124,44 +137,132 @@ def job_view(ctx: AppContext, kinds: tuple[str, ...], job_id: int | None,
             job = None
     log = jobs.log_tail(ctx.workspace, job_id, lines=log_lines) if job else ""
     return (status_markdown(job), progress_html(job), log, history_rows(ctx, kinds),
-            metrics_frame(ctx, job_id))
+            curves.loss_frame(ctx, job_id if job else None, overlay))
 
 
 def stop(ctx: AppContext, job_id: int | None) -> str:
+    """Ask the job to stop once (it saves at the end of its step); a repeat changes nothing."""
     if job_id is None:
         return warn("no job to stop")
     try:
+        before = ctx.store.job(job_id)["status"]
         job = jobs.stop_job(ctx.workspace, job_id, timeout=1.0)
     except VisRLError as exc:
         return warn(str(exc))
+    if before == "stopping":
+        return (f"job {job_id} is already stopping: it saves at the end of its current step. "
+                "Kill it only if it hangs.")
     return f"stop requested: job {job_id} is {job['status']}"
 
 
+def ask_kill(ctx: AppContext, job_id: int | None) -> tuple[Any, Any, str]:
+    """Show the kill confirmation for the watched job (row, the job it is about, question)."""
+    job = ctx.store.job(job_id) if job_id is not None else None
+    if job is None or job["status"] not in jobs.ACTIVE:
+        return gr.Row(visible=False), None, warn("no running job to kill")
+    question = (f"**Kill job {job_id} ({job['kind']}) now?** It gets no chance to save: work since "
+                "its last checkpoint is lost. Stop is the safe way.")
+    return gr.Row(visible=True), job_id, question
+
+
+def kill(ctx: AppContext, job_id: int | None) -> tuple[Any, None, str]:
+    """Kill the job the confirmation was about (not whichever is watched by now)."""
+    hidden = gr.Row(visible=False)
+    if job_id is None:
+        return hidden, None, ""
+    try:
+        job = jobs.kill_job(ctx.workspace, job_id)
+    except VisRLError as exc:
+        return hidden, None, warn(str(exc))
+    return hidden, None, f"job {job_id} killed: {job['status']}"
+
+
+def controls(job: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+    """(start, stop, kill) buttons for the watched job: Start is off while it runs, Stop is
+    off once it is stopping (one request is enough), Kill is there only while it is active."""
+    status = job["status"] if job else None
+    active = status in jobs.ACTIVE
+    return (gr.Button(interactive=not active),
+            gr.Button(interactive=status in ("queued", "running"),
+                      value="Stopping…" if status == "stopping" else "Stop job"),
+            gr.Button(visible=active))
+
+
+def panel_view(ctx: AppContext, kinds: tuple[str, ...], job_id: int | None,
+               overlay: Sequence[int] | None = None) -> tuple[Any, ...]:
+    """:func:`job_view`'s outputs and the :func:`controls` of the same job."""
+    job = None
+    if job_id is not None:
+        try:
+            job = ctx.store.job(job_id)
+        except VisRLError:
+            job = None
+    return (*job_view(ctx, kinds, job_id, overlay=overlay or ()), *controls(job))
+
+
 def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.State,
-                       prefix: str, plot: bool = False) -> dict[str, Any]:
-    """Status line, progress bar, stop button, log tail, optional loss plot and history table."""
+                       prefix: str, start_button: gr.Button, plot: bool = False) -> dict[str, Any]:
+    """Status line, progress bar, stop and kill buttons, log tail, optional loss plot and history.
+
+    ``start_button`` is disabled while the watched job runs (and at once on a click, before
+    the server answers); :func:`visrl.jobs.start_job` refuses a second job into the same output
+    folder whatever the page shows.
+    """
     status = gr.Markdown(elem_id=f"{prefix}-status")
     with gr.Row():
         bar = gr.HTML(progress_html(None), elem_id=f"{prefix}-progress", scale=4)
-        stop_button = gr.Button("Stop job", variant="stop", elem_id=f"{prefix}-stop", scale=1)
-    loss = gr.LinePlot(metrics_frame(ctx, None), x="step", y="value", color="name", title="Loss",
-                       visible=plot, elem_id=f"{prefix}-loss", height=260)
+        stop_button = gr.Button("Stop job", variant="stop", elem_id=f"{prefix}-stop", scale=1,
+                                interactive=False)
+        kill_button = gr.Button("Kill…", variant="secondary", elem_id=f"{prefix}-kill", scale=0,
+                                min_width=80, visible=False)
+    pending_kill = gr.State(None)
+    with gr.Row(visible=False, elem_id=f"{prefix}-kill-confirm") as confirm_row:
+        question = gr.Markdown(elem_id=f"{prefix}-kill-question")
+        confirm = gr.Button("Yes, kill it", variant="stop", elem_id=f"{prefix}-kill-yes", scale=0, min_width=120)
+        cancel = gr.Button("Cancel", elem_id=f"{prefix}-kill-cancel", scale=0, min_width=90)
+    with gr.Row(visible=plot):
+        loss = gr.LinePlot(curves.loss_frame(ctx, None), x="step", y="value", color="name", title="Loss",
+                           elem_id=f"{prefix}-loss", height=260, scale=4)
+        overlay = gr.Dropdown(curves.overlay_choices(ctx) if plot else [], multiselect=True, value=[],
+                              label="Overlay runs", elem_id=f"{prefix}-overlay", scale=1, min_width=180)
     log = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True,
                      elem_id=f"{prefix}-log", elem_classes=["visrl-mono"])
     with gr.Accordion("Job history", open=False):
         history = gr.Dataframe(headers=HISTORY_COLUMNS, value=history_rows(ctx, kinds),
                                interactive=False, elem_id=f"{prefix}-history", wrap=True)
-    outputs = [status, bar, log, history, loss]
-    view = functools.partial(job_view, ctx, kinds)
+    outputs = [status, bar, log, history, loss, start_button, stop_button, kill_button]
+    view = functools.partial(panel_view, ctx, kinds)
+    watched = [job_state, overlay]
     timer = gr.Timer(POLL_S)
-    timer.tick(view, [job_state], outputs, api_visibility="undocumented", show_progress="hidden")
-    stop_button.click(functools.partial(stop, ctx), [job_state], [status],
-                      api_visibility="undocumented").then(view, [job_state], outputs,
-                                                           api_visibility="undocumented")
-    return {"outputs": outputs, "view": view, "timer": timer}
+    timer.tick(view, watched, outputs, api_visibility="undocumented", show_progress="hidden")
+    overlay.input(view, watched, outputs, api_visibility="undocumented")
+    overlay.focus(lambda: gr.Dropdown(choices=curves.overlay_choices(ctx)), None, [overlay],
+                  api_visibility="undocumented", queue=False)
+    # Disabled at once, in the browser: a second click must not reach the server as a second stop.
+    stop_button.click(lambda: gr.Button(interactive=False), None, [stop_button], queue=False,
+                      api_visibility="undocumented").then(
+        functools.partial(stop, ctx), [job_state], [status], api_visibility="undocumented").then(
+        view, watched, outputs, api_visibility="undocumented")
+    kill_button.click(functools.partial(ask_kill, ctx), [job_state], [confirm_row, pending_kill, question],
+                      api_visibility="undocumented")
+    confirm.click(functools.partial(kill, ctx), [pending_kill], [confirm_row, pending_kill, status],
+                  api_visibility="undocumented").then(view, watched, outputs, api_visibility="undocumented")
+    cancel.click(lambda: (gr.Row(visible=False), None), None, [confirm_row, pending_kill],
+                 api_visibility="undocumented", queue=False)
+    return {"outputs": outputs, "view": view, "watched": watched, "timer": timer}
+
+
+def wire_start(start_button: gr.Button, start_fn: Any, inputs: list[Any], job_state: gr.State,
+               monitor: dict[str, Any]) -> None:
+    """Start button: disabled at once (a double click sends one start), then ``start_fn``,
+    then the panel shows the new job (and enables Start again if nothing runs)."""
+    start_button.click(lambda: gr.Button(interactive=False), None, [start_button], queue=False,
+                       api_visibility="undocumented").then(
+        start_fn, inputs, [job_state], api_visibility="undocumented").then(
+        monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
 
 
 def load_latest(ctx: AppContext, kinds: tuple[str, ...]) -> tuple[Any, ...]:
     """On page load: watch the newest running job of these kinds again (survives reloads)."""
     job_id = latest_job(ctx, kinds)
-    return (job_id, *job_view(ctx, kinds, job_id))
+    return (job_id, *panel_view(ctx, kinds, job_id))

@@ -1,7 +1,8 @@
 """The Train tab: pick a stage, edit its YAML recipe, validate, start, watch, stop.
 
-The recipe is validated with the stage's config class (``visrl.jobs.validate_config``) before
-anything starts; errors show as a warning. The job is ``visrl train|merge CONFIG`` in its own
+The recipe text is validated with the stage's config class and against the workspace (model
+folder, dataset, output folder free and writable: ``visrl.jobs.validate_text``) before anything
+starts; errors name the "train recipe" with line and column and show as a warning. The job is ``visrl train|merge CONFIG`` in its own
 process; the progress bar, ETA, log tail and loss plot come from the store, so a reloaded page
 finds a running job again.
 """
@@ -47,17 +48,17 @@ def read_recipe(path: str | None) -> str:
 
 
 def validate(ctx: AppContext, stage: str, text: str) -> str:
-    """Check the YAML with the stage's config class; returns a one-line verdict."""
+    """Check the YAML text (no file is written) with the stage's config class and against the
+    workspace: the model, the dataset, the output folder. Returns a one-line verdict."""
     kind = STAGES[stage][0]
-    path = job_panel.write_config(ctx, f"check-{kind}", text)
     try:
-        jobs.validate_config(kind, path)
+        config = job_panel.check(ctx, kind, text)
     except VisRLError as exc:
         return warn(str(exc))
-    finally:
-        path.unlink(missing_ok=True)
     gr.Info("the recipe is valid")
-    return f"✅ valid {kind} recipe"
+    output = jobs.job_target(kind, config, ctx.root)
+    return f"✅ valid {kind} recipe" + (f" · writes `{ctx.workspace.relative(output)}`"
+                                       if output and ctx.workspace.contains(output) else "")
 
 
 def start_training(ctx: AppContext, job_id: int | None, stage: str, text: str) -> int | None:
@@ -91,19 +92,19 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
     code = gr.Code(read_recipe(files[0] if files else None), language="yaml", label="Config (editable)",
                    elem_id="train-config", lines=14, max_lines=24, interactive=True)
     with gr.Row():
-        check = gr.Button("Validate", elem_id="train-validate")
-        start_button = gr.Button("Start training", variant="primary", elem_id="train-start")
-    verdict = gr.Markdown(elem_id="train-verdict")
-    monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "train", plot=True)
+        verdict = gr.Markdown(elem_id="train-verdict")
+        check = gr.Button("Validate", elem_id="train-validate", scale=0, min_width=120)
+        start_button = gr.Button("Start training", variant="primary", elem_id="train-start", scale=0,
+                                 min_width=200)
+    monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "train", start_button, plot=True)
     history = monitor["outputs"][3]
     stage.change(functools.partial(load_recipe, ctx), [stage], [recipe, code], api_visibility="undocumented")
     recipe.change(read_recipe, [recipe], [code], api_visibility="undocumented")
     check.click(functools.partial(validate, ctx), [stage, code], [verdict], api_visibility="undocumented")
-    start_button.click(functools.partial(start_training, ctx), [job_state, stage, code], [job_state],
-                       api_visibility="undocumented").then(
-        monitor["view"], [job_state], monitor["outputs"], api_visibility="undocumented")
+    job_panel.wire_start(start_button, functools.partial(start_training, ctx), [job_state, stage, code],
+                         job_state, monitor)
     history.select(watch_selected, [history], [job_state],
                    api_visibility="undocumented").then(
-        monitor["view"], [job_state], monitor["outputs"], api_visibility="undocumented")
+        monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
     return {"load": functools.partial(job_panel.load_latest, ctx, KINDS), "load_inputs": [],
             "load_outputs": [job_state, *monitor["outputs"]]}
