@@ -22,12 +22,14 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from visrl.errors import ConfigError, VisRLError, WorkspaceError
+from visrl.progress import Progress
 from visrl.schema import migrations
 from visrl.store import Store, now
 from visrl.workspace import DB_NAME, Workspace
@@ -49,6 +51,7 @@ DEMO_DATA: dict[str, Any] = {"detail": "pattern", "pattern_size": 13, "pattern_l
                              "object_size": (80, 96), "distinct_colours": True, "dataset_name": "visrl_demo"}
 
 Say = Callable[[str], None]
+SAY_EVERY_S = 10.0  # generating the first pairs takes minutes: a line every 10 s shows it moves
 
 
 def create_demo_workspace(root: str | Path, force: bool = False, n_pairs_items: int = 40,
@@ -170,11 +173,10 @@ def first_pairs(store: Store, n_items: int, say: Say) -> int:
         return 0
     try:
         from visrl.generate import run_generate
-        from visrl.progress import Progress
 
         cfg = demo_generate_config(n_items)
-        say(f"generating the first pairs on {n_items} train items (a minute or two on a CPU) ...")
-        report = run_generate(store.workspace, cfg, progress=Progress(desc="demo pairs"))
+        say(f"generating the first pairs on {n_items} train items (the longest step: minutes on a small CPU) ...")
+        report = run_generate(store.workspace, cfg, progress=_SaidProgress(say, desc="demo pairs"))
     except (ImportError, ConfigError) as exc:
         say(f"skipped generating pairs: {exc}")
         return 0
@@ -183,3 +185,19 @@ def first_pairs(store: Store, n_items: int, say: Say) -> int:
         return 0
     say(f"{report.rollouts} rollouts, {report.pairs_total} pairs in {report.seconds:.0f} s")
     return report.pairs_total
+
+
+
+class _SaidProgress(Progress):
+    """A Progress that also says ``k/n items`` through ``say`` every :data:`SAY_EVERY_S` seconds
+    (the first-start page shows these lines; the terminal's tqdm bar is not seen there)."""
+
+    def __init__(self, say: Say, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._say, self._said_at = say, time.monotonic()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        if self.total and time.monotonic() - self._said_at >= SAY_EVERY_S:
+            self._said_at = time.monotonic()
+            self._say(f"generating pairs: {self.step}/{self.total} items")

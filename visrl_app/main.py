@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from visrl.errors import VisRLError, WorkspaceError
 
+BUILD_TIME = "a few minutes on a small CPU"  # measured: see README ("First start")
 
-def ensure_workspace(workspace: str | None) -> Path:
-    """The folder to open; with none given, the demo workspace, created on first start."""
+
+# Runs the build, given as ``build(say)``, e.g. behind a "building…" page (visrl_app.first_start).
+Builder = Callable[[Path, Callable[[Callable[[str], None]], Any]], None]
+
+
+def ensure_workspace(workspace: str | None, builder: Builder | None = None) -> Path:
+    """The folder to open; with none given, the demo workspace, created on first start.
+
+    ``builder`` runs the build (the CLI serves a progress page meanwhile); without one it runs
+    here, printing its steps.
+    """
     from visrl.workspace import DB_NAME, demo_root, resolve_root
 
     if workspace:
@@ -25,8 +37,14 @@ def ensure_workspace(workspace: str | None) -> Path:
         raise WorkspaceError(f"no demo workspace at {root} and this install cannot build one; "
                              "pass --workspace DIR") from None
     if not (root / COMPLETE).is_file():  # first start, or a build that was cut off: (re)build it
-        click.echo(f"Creating the demo workspace in {root} (first start only, ~30 s) ...", err=True)
-        create_demo_workspace(root, progress=lambda line: click.echo(line, err=True))
+        def build(say: Callable[[str], None]) -> None:
+            create_demo_workspace(root, progress=say)
+
+        if builder is not None:
+            builder(root, build)
+        else:
+            click.echo(f"Creating the demo workspace in {root} (first start only, {BUILD_TIME}) ...", err=True)
+            build(lambda line: click.echo(line, err=True))
     return root
 
 
@@ -41,11 +59,21 @@ def ensure_workspace(workspace: str | None) -> Path:
               help="Require this login (needed for any non-local --host).")
 def cli(workspace: str | None, host: str, port: int | None, auth: str | None) -> None:
     """Curate preference pairs, launch training, evaluate, and chat with the focus crop."""
-    from visrl_app.app import check_bind, launch, parse_auth
+    from visrl_app.app import check_bind, host_is_local, is_local, launch, parse_auth
+    from visrl_app.first_start import build_with_page, pick_port
 
     credentials = parse_auth(auth)
     check_bind(host, credentials)  # before any work: a refused start must be quick and clear
-    launch(ensure_workspace(workspace), host=host, port=port, auth=credentials)
+    chosen = {"port": port}
+
+    def with_page(root: Path, build: Callable[[Callable[[str], None]], Any]) -> None:
+        # Listen first: the address answers with the build's progress, then with the app.
+        chosen["port"] = pick_port(host, port)
+        build_with_page(root, build, host, chosen["port"], host_ok=host_is_local if is_local(host) else None,
+                        echo=lambda line: click.echo(line, err=True))
+
+    root = ensure_workspace(workspace, with_page)
+    launch(root, host=host, port=chosen["port"], auth=credentials)
 
 
 def main(argv: list[str] | None = None) -> None:
