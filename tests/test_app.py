@@ -285,11 +285,11 @@ def test_evaluation_table_and_comparison(ctx: Any) -> None:
                              "models/a", "models/a-sft", "shapes", "test", 10)
     table = evaluate_tab.evaluation_table(ctx)
     # n once, the useful metrics first, readable headers
-    assert list(table.columns) == ["id", "model", "data", "n", "Acc@0.5", "answer acc", "mean IoU",
-                                   "seconds", "created"]
+    assert list(table.columns) == ["id", "model", "data", "n", "Acc@0.5", "answer acc", "mean IoU", "created"]
     assert table["answer acc"].tolist() == [0.5, 0.75] and table["model"].tolist()[1] == "models/a + models/a-sft"
     table_out, metric, baseline, plot, note = evaluate_tab.refresh(ctx, None, None)
     assert (metric.value, baseline.value) == ("acc50", 1)  # Acc@0.5 first; the oldest is the baseline
+    assert [value for _, value in metric.choices] == ["acc50", "answer_acc", "mean_iou", "seconds"]  # n: a column
     assert plot.y_lim == [0, 1]  # a 0.25 bar has a quarter of the height, not zero
     frame = evaluate_tab.comparison_frame(ctx, "answer_acc", baseline=1)
     assert frame.to_dict("records") == [

@@ -211,6 +211,29 @@ def test_bad_recipe_shows_a_warning(app: dict[str, Any], page: Any) -> None:
     assert page.get_by_text("lerning_rate").count() >= 1  # also in the warning toast
 
 
+def test_double_click_on_start_makes_one_job(app: dict[str, Any], page: Any) -> None:
+    from visrl.store import Store
+
+    model = app["root"] / "models" / "base"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    # Valid for the checks at start; the job then fails fast in its child (no items in the split).
+    recipe = "stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/double\ndataset: shapes\nsplit: holdout\n"
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-config .cm-content", timeout=10_000)
+    set_code(page, "#train-config", recipe)
+    store = Store(app["workspace"])
+    before = len(store.jobs(kind="train"))
+    page.locator("#train-start").dblclick()
+    page.locator("#train-start").click(force=True, no_wait_after=True)  # and a third, disabled or not
+    wait_for(lambda: len(store.jobs(kind="train")) > before, what="a train job row")
+    time.sleep(3)  # any second start would have its row by now
+    rows = [j for j in store.jobs(kind="train") if "models/double" in (j["config"] or "")]
+    assert len(rows) == 1, rows
+    wait_for(lambda: store.job(rows[0]["id"])["status"] not in ("queued", "running"), timeout=90,
+             what="the job to end")
+
+
 @pytest.mark.slow
 def test_training_job_shows_progress_and_stops(app: dict[str, Any], page: Any) -> None:
     from visrl import tiny

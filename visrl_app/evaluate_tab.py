@@ -17,11 +17,16 @@ KINDS = ("eval",)
 BASE_COLUMNS = ["id", "model", "data", "n"]
 # The metrics that answer "is it better?" first: detection accuracy, then answer accuracy.
 PREFERRED = ("acc50", "answer_acc", "direct_answer_acc", "mean_iou", "parse_rate")
-LABELS = {"acc50": "Acc@0.5", "answer_acc": "answer acc", "direct_answer_acc": "direct answer acc",
-          "mean_iou": "mean IoU", "parse_rate": "box parse rate", "n_box": "n with box",
+LABELS = {"acc50": "Acc@0.5", "answer_acc": "answer acc", "direct_answer_acc": "direct acc",
+          "mean_iou": "mean IoU", "parse_rate": "parse rate", "n_box": "n boxed",
           "seconds": "seconds", "items_per_s": "items/s"}
 RATES = frozenset(PREFERRED)  # fractions in [0, 1]: their axis is fixed to 0-1
 OWN_COLUMNS = ("n",)  # shown once, as the table's n column
+# In the picker, not the table: seconds = n / items_per_s, and n_box is n for boxed data.
+TABLE_ONLY_IN_PLOT = ("seconds", "n_box")
+# Pixel widths that fit id, model, data, n, 6 metrics and the date in a 1024 px window (~960 px).
+WIDTHS = {"id": 40, "model": 170, "data": 100, "n": 44, "created": 100}
+METRIC_WIDTH = 78
 
 
 def base_recipe(ctx: AppContext) -> dict[str, Any]:
@@ -69,11 +74,17 @@ def evaluation_table(ctx: AppContext) -> Any:
     import pandas as pd
 
     evaluations = ctx.store.evaluations()
-    names = metric_names(evaluations)
+    names = [n for n in metric_names(evaluations) if n not in TABLE_ONLY_IN_PLOT]
     rows = [[e["id"], e["model"] + (f" + {e['adapter']}" if e["adapter"] else ""),
              f"{e['dataset']}/{e['split']}", e["n"], *(_round(e["metrics"].get(name)) for name in names),
-             e["created_at"]] for e in evaluations]
+             (e["created_at"] or "")[:16].replace("T", " ")] for e in evaluations]
     return pd.DataFrame(rows, columns=[*BASE_COLUMNS, *(label(n) for n in names), "created"])
+
+
+def table(ctx: AppContext) -> Any:
+    """:func:`evaluation_table` with column widths that keep it inside the page."""
+    frame = evaluation_table(ctx)
+    return gr.Dataframe(frame, column_widths=[f"{WIDTHS.get(c, METRIC_WIDTH)}px" for c in frame.columns])
 
 
 def _round(value: Any) -> Any:
@@ -115,7 +126,8 @@ def comparison_note(ctx: AppContext, metric: str | None, baseline: int | None) -
         value = e["metrics"].get(metric)
         if isinstance(value, (int, float)) and e["id"] != baseline:
             parts.append(f"{evaluation_label(e)}: {value:.3f} (**{value - base:+.3f}**)")
-    head = f"**{label(metric)}** vs baseline {evaluation_label(base_row)} ({base:.3f})"
+    # "Acc@0.5" would render as an e-mail link in Markdown: the entity keeps it text.
+    head = f"**{label(metric).replace('@', '&#64;')}** vs baseline {evaluation_label(base_row)} ({base:.3f})"
     return head + (": " + " · ".join(parts) if parts else ": no other evaluation yet")
 
 
@@ -137,7 +149,7 @@ def refresh(ctx: AppContext, metric: str | None, baseline: int | None) -> tuple[
     choices = baseline_choices(ctx)
     ids = [value for _, value in choices]
     baseline = baseline if baseline in ids else (ids[0] if ids else None)
-    return (evaluation_table(ctx), gr.Dropdown(choices=[(label(n), n) for n in names], value=metric),
+    return (table(ctx), gr.Dropdown(choices=[(label(n), n) for n in names], value=metric),
             gr.Dropdown(choices=choices, value=baseline), comparison_plot(ctx, metric, baseline),
             comparison_note(ctx, metric, baseline))
 
@@ -173,7 +185,7 @@ def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
         start_button = gr.Button("Run evaluation", variant="primary", elem_id="eval-start", scale=0, min_width=200)
     monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "eval", start_button)
     gr.Markdown("### Evaluations")
-    table = gr.Dataframe(evaluation_table(ctx), interactive=False, elem_id="eval-table", wrap=True)
+    shown = gr.Dataframe(evaluation_table(ctx), interactive=False, elem_id="eval-table", wrap=True)
     with gr.Row():
         metric = gr.Dropdown([], label="Compare on", scale=2, elem_id="eval-metric")
         baseline = gr.Dropdown([], label="Baseline", scale=2, elem_id="eval-baseline")
@@ -186,7 +198,7 @@ def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
     note = gr.Markdown(elem_id="eval-note")
     form = [model, dataset, split, limit, direct]
     view = functools.partial(refresh, ctx)
-    outputs = [table, metric, baseline, plot, note]
+    outputs = [shown, metric, baseline, plot, note]
     job_panel.wire_start(start_button, functools.partial(start_eval, ctx), [job_state, *form], job_state, monitor)
     check = functools.partial(readiness, ctx)
     for part in form:

@@ -144,8 +144,11 @@ def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
         part.change(check, form, [ready], api_visibility="undocumented", show_progress="hidden")
 
     def load(*values: Any) -> tuple[Any, ...]:
-        chosen = model_dropdown(ctx, values[0])
-        current = (chosen.value, *values[1:])
+        choices = model_choices(ctx)  # re-read: a checkpoint trained since start shows up
+        known = [value for _, value in choices]
+        picked = values[0] if values[0] in known else (known[0] if known else None)
+        chosen = gr.Dropdown(choices=choices, value=picked)
+        current = (picked, *values[1:])
         limit_value = useful_limit(ctx, *current)
         current = (*current[:3], limit_value, *current[4:])
         return (*job_panel.load_latest(ctx, KINDS), chosen, limit_value, readiness(ctx, *current))
