@@ -609,3 +609,21 @@ def test_generate_form_says_nothing_to_do_and_defaults_to_new_items(ctx: Any,
     form[3] = 4
     assert generate_tab.readiness(ctx, *form).startswith("Ready: 2 of 4 items to generate")
     assert generate_tab.start_generation(ctx, None, *form) == 9 and len(started) == 1
+
+
+def test_every_page_load_handler_runs_through_gradio(ctx: Any) -> None:
+    """Each tab's load, run the way gradio runs it on a page load (process_api: preprocess, call,
+    postprocess), with the form's defaults; a load that raises leaves 'Error' in every output."""
+    import asyncio
+
+    from gradio.state_holder import SessionState
+
+    from visrl_app.app import build_app
+
+    model_folder(ctx, "base")
+    blocks = build_app(ctx.workspace)
+    loads = [fn for fn in blocks.fns.values() if any(target[1] == "load" for target in fn.targets)]
+    assert len(loads) == 5  # Pairs, Generate, Train, Evaluate, Chat
+    for fn in loads:
+        out = asyncio.run(blocks.process_api(fn, [block.value for block in fn.inputs], state=SessionState(blocks)))
+        assert len(out["data"]) == len(fn.outputs)
