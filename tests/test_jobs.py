@@ -504,3 +504,13 @@ def test_reaping_from_many_threads_at_once(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         sys.setswitchinterval(0.005)
     assert errors == []
+
+
+def test_seed_style_recipes_validate_like_their_stage_loads_them(store: Store) -> None:
+    train = "stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/out\ntemplate: qwen2_vl\ncutoff_len: 512\n"
+    assert jobs.validate_text("train", train)["max_length"] == 512  # LLaMA-Factory keys mapped
+    merge = ("model_name_or_path: models/base\nadapter_name_or_path: models/lora\nexport_dir: models/merged\n"
+             "template: qwen2_vl\nexport_device: cpu\n")
+    assert jobs.validate_text("merge", merge)["export_dir"] == "models/merged"
+    with pytest.raises(ConfigError, match="unknown key.*tempate"):
+        jobs.validate_text("train", train.replace("template", "tempate"))

@@ -89,7 +89,7 @@ def _checked(kind: str, cls: type, data: dict[str, Any], source: str,
              workspace: str | Path | Workspace | None) -> dict[str, Any]:
     from visrl.config import from_dict, to_dict
 
-    cfg = from_dict(cls, data, source=source)
+    cfg = from_dict(cls, _translated(kind, cls, data, source), source=source)
     config = to_dict(cfg)
     if kind == "generate":
         from visrl.generate import run_key_for
@@ -99,6 +99,20 @@ def _checked(kind: str, cls: type, data: dict[str, Any], source: str,
         ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         check_needs(kind, cfg, ws)
     return config
+
+
+def _translated(kind: str, cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """Training and merge recipes may be LLaMA-Factory / VisRL-seed YAMLs: their keys are mapped
+    the way ``load_train_config`` / ``load_merge_config`` map them, so a recipe the stage
+    accepts is never refused here."""
+    if kind not in ("train", "merge"):
+        return data
+    from visrl.train import config as train_config
+
+    if kind == "train":
+        return train_config.translate_foreign_keys(data, source=source)
+    return train_config.translate_foreign_keys(data, source=source, cls=cls, aliases={},
+                                               ignored=train_config.MERGE_FOREIGN_IGNORED)
 
 
 # ---------------------------------------------------------------------- what the run needs
