@@ -219,7 +219,7 @@ def test_train_recipe_validation(ctx: Any) -> None:
     assert verdict.startswith("train recipe: unknown key(s) lerning_rate")  # no temporary file's path
     with pytest.warns(UserWarning, match="not valid YAML"):
         verdict = train_tab.validate(ctx, stage, "stage: sft\nmodel_name_or_path: [models/x\n")
-    assert verdict.startswith("train recipe, line 3, column 1: not valid YAML")
+    assert verdict.startswith("train recipe is not valid YAML at line 3, column 1")
     running = ctx.store.create_job("train", {"output_dir": "models/tiny-demo-sft"}, name="sft")
     ctx.store.update_job(running, status="running", pid=os.getpid(), started_at=jobs_now())
     with pytest.warns(UserWarning, match=f"job {running} \\(train 'sft', running\\) is already writing"):

@@ -345,14 +345,14 @@ def test_validation_checks_what_the_run_needs(store: Store, kind: str, recipe: s
 
 
 @pytest.mark.parametrize(("text", "where"), [
-    ("stage: sft\nmodel_name_or_path: [a,\n", "recipe, line 3, column 1"),
-    ("stage: sft\n  output_dir: x\n", "recipe, line 2, column 13"),
-    ("stage: 'sft\n", "recipe, line 2, column 1"),
+    ("stage: sft\nmodel_name_or_path: [a,\n", "at line 3, column 1"),
+    ("stage: sft\n  output_dir: x\n", "at line 2, column 13"),
+    ("stage: 'sft\n", "at line 2, column 1"),
 ])
 def test_yaml_errors_name_the_source_line_and_column(text: str, where: str) -> None:
     with pytest.raises(ConfigError, match="not valid YAML") as caught:
         jobs.validate_text("train", text)
-    assert str(caught.value).startswith(where + ":")
+    assert str(caught.value).startswith(f"recipe is not valid YAML {where}:")
     assert "/tmp" not in str(caught.value) and ".yaml" not in str(caught.value)
 
 

@@ -33,7 +33,6 @@ CONFIG_CLASSES: dict[str, tuple[str, str]] = {
 }
 # kind -> the field naming the folder a run writes (generation writes rollouts to the store)
 OUTPUT_FIELDS: dict[str, str] = {"train": "output_dir", "merge": "export_dir", "eval": "output_dir"}
-MAX_RECIPE_CHARS = 200_000  # a recipe is a few hundred lines; a paste of megabytes is a mistake
 
 
 def config_class(kind: str) -> type:
@@ -41,28 +40,6 @@ def config_class(kind: str) -> type:
         raise JobError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
     module, name = CONFIG_CLASSES[kind]
     return getattr(importlib.import_module(module), name)
-
-
-def parse_recipe(text: str, source: str = "recipe") -> dict[str, Any]:
-    """The YAML mapping in ``text``; errors name ``source`` with the line and column (1-based)."""
-    import yaml
-
-    if len(text) > MAX_RECIPE_CHARS:
-        raise ConfigError(f"{source} is {len(text):,} characters; a recipe holds at most {MAX_RECIPE_CHARS:,}")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = " ".join(part for part in (exc.context, exc.problem) if part)
-        raise ConfigError(f"{source}{where}: not valid YAML: {what}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must hold a mapping of keys to values, not {type(data).__name__}")
-    return data
 
 
 def validate_config(kind: str, config_path: str | Path,
@@ -81,8 +58,10 @@ def validate_text(kind: str, text: str, workspace: str | Path | Workspace | None
 
     Generation's mapping carries its effective ``run_key`` (the store run it writes).
     """
+    from visrl.config import parse_yaml  # bounded; errors name ``source`` with line and column
+
     cls = config_class(kind)
-    return _checked(kind, cls, parse_recipe(text, source), source, workspace)
+    return _checked(kind, cls, parse_yaml(text, source), source, workspace)
 
 
 def _checked(kind: str, cls: type, data: dict[str, Any], source: str,
