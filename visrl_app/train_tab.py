@@ -2,9 +2,9 @@
 
 The recipe text is validated with the stage's config class and against the workspace (model
 folder, dataset, output folder free and writable: ``visrl.jobs.validate_text``) before anything
-starts; errors name the "train recipe" with line and column and show as a warning. The job is ``visrl train|merge CONFIG`` in its own
-process; the progress bar, ETA, log tail and loss plot come from the store, so a reloaded page
-finds a running job again.
+starts; errors name the "train recipe" with line and column and show as a warning. The job is
+``visrl train|merge CONFIG`` in its own process; the progress bar, ETA, log tail and loss plot
+come from the store, so a reloaded page finds a running job again.
 """
 
 from __future__ import annotations
