@@ -248,9 +248,11 @@ def test_training_job_shows_progress_and_stops(app: dict[str, Any], page: Any) -
     page.get_by_role("tab", name="Train").click()
     page.wait_for_selector("#train-config .cm-content", timeout=10_000)
     set_code(page, "#train-config", recipe)
-    page.locator("#train-start").click()
     store = Store(app["workspace"])
-    job = wait_for(lambda: next(iter(store.jobs(kind="train")), None), what="a train job row")
+    earlier = {j["id"] for j in store.jobs(kind="train")}  # other tests' jobs in this module's app
+    page.locator("#train-start").click()
+    job = wait_for(lambda: next((j for j in store.jobs(kind="train") if j["id"] not in earlier), None),
+                   what="a train job row")
     wait_for(lambda: (store.job(job["id"])["step"] or 0) >= 2, timeout=120, what="two training steps")
     wait_for(lambda: "step " in page.locator("#train-progress").inner_text()
              and "step 0" not in page.locator("#train-progress").inner_text(), what="progress on the page")
