@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from visrl.errors import DataError
-from visrl.images import MAX_IMAGE_PIXELS, open_bounded, peek_image
+from visrl.images import MAX_IMAGE_PIXELS, open_bounded, orientation, peek_image, upright
+from visrl.serve_request import decode_data_url
 
 
 def _png(size: tuple[int, int], mode: str = "L") -> bytes:
@@ -66,3 +69,47 @@ def test_extreme_aspect_refused() -> None:
 def test_unreadable_images(raw: bytes, message: str) -> None:
     with pytest.raises(DataError, match=message):
         open_bounded(raw)
+
+
+def _phone_jpeg(turn: int) -> bytes:
+    """A 64x48 photo (red top-left quarter on blue) stored as a phone does for EXIF orientation
+    ``turn``: the pixels turned back by the inverse of what a viewer applies."""
+    upright = Image.new("RGB", (64, 48), (20, 40, 220))
+    upright.paste((230, 20, 20), (0, 0, 32, 24))
+    inverse = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270,
+               5: Image.Transpose.TRANSPOSE}[turn]
+    exif = Image.Exif()
+    exif[0x0112] = turn
+    buffer = io.BytesIO()
+    upright.transpose(inverse).save(buffer, "JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def _red_top_left(image: Image.Image) -> bool:
+    red, blue = image.getpixel((8, 8)), image.getpixel((56, 40))
+    return red[0] > 200 > red[2] + 150 and blue[2] > 200 > blue[0] + 150
+
+
+@pytest.mark.parametrize("turn", [3, 5, 6, 8])
+def test_a_phone_photo_is_opened_upright(tmp_path: Path, turn: int) -> None:
+    """infer, serve and the Chat tab see the photo as a viewer shows it, not its stored pixels."""
+    raw = _phone_jpeg(turn)
+    path = tmp_path / "p.jpg"
+    path.write_bytes(raw)
+    for source in (path, raw, io.BytesIO(raw), Image.open(path)):
+        image = open_bounded(source, max_pixels=64 * 48)
+        assert image.size == (64, 48) and _red_top_left(image)
+        assert orientation(image) == 1  # the tag is gone: turning it again changes nothing
+        assert upright(image).size == (64, 48) and _red_top_left(upright(image))
+    served = decode_data_url("data:image/jpeg;base64," + base64.b64encode(raw).decode())  # visrl serve
+    assert served.size == (64, 48) and _red_top_left(served)
+
+
+@pytest.mark.parametrize("tag", [1, 0, 9, 65535])
+def test_an_upright_or_meaningless_orientation_leaves_the_image_as_stored(tag: Any) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buffer, "JPEG", exif=exif)
+    image = Image.open(buffer)
+    assert orientation(image) == 1 and upright(image) is image and open_bounded(buffer).size == (64, 48)
