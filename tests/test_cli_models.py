@@ -86,13 +86,16 @@ def test_infer_text_with_config_and_default_crop(tiny_ws: Path, image_file: Path
     (["infer", "--model", "{tmp}", "--image", "{image}", "--question", "q"],
      "Error: {tmp} is not a model folder: it has no config.json"),
     (["infer", "--image", "{image}", "--question", "q"], "Error: name the model: --model PATH"),
+    # the image is read (upright, within 64 M pixels) before any model loads: its error comes first
+    (["infer", "--model", "{tmp}/not-a-model", "--image", "{this}", "--question", "q"],
+     "Error: --image {this}: not a readable image"),
     (["models", "info", "{tmp}/nothing"], "Error: model folder {tmp}/nothing does not exist"),
     (["models", "build-tiny", "{tmp}/x", "--preset", "huge"], "Invalid value for '--preset'"),
     (["serve", "{tmp}/missing.yaml"], "Error: config file not found: {tmp}/missing.yaml"),
 ])
 def test_errors_are_one_line(args: list[str], message: str, image_file: Path, tmp_path: Path,
                              capsys: pytest.CaptureFixture[str]) -> None:
-    fill = {"tmp": str(tmp_path), "image": str(image_file)}
+    fill = {"tmp": str(tmp_path), "image": str(image_file), "this": __file__}  # this file: not an image
     with pytest.raises(SystemExit) as exit_info:
         main([a.format(**fill) for a in args])
     assert exit_info.value.code in (1, 2)

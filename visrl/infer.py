@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from visrl.boxes import BOX_FORMATS
-from visrl.errors import ConfigError, DataError
+from visrl.errors import ConfigError
+from visrl.images import FILE_MAX_PIXELS, open_bounded
 from visrl.policy import check_range
 
 
@@ -51,21 +50,22 @@ def run_infer(cfg: InferConfig, image_path: str | Path, question: str, crop_out:
               workspace: str | Path | None = None) -> dict[str, Any]:
     """Box, crop (saved to ``crop_out``), answer for one image; the result as a JSON-ready dict.
 
-    ``box`` is pixels of the original image, or None when the model's box text did not parse (the
-    answer is then given on the whole image, which is what ``crop_out`` holds).
+    The image is read upright (:func:`visrl.images.upright`): ``image_size`` and ``box`` are of the
+    photo as a viewer shows it. ``box`` is pixels of the original image, or None when the model's
+    box text did not parse (the answer is then given on the whole image, which is what
+    ``crop_out`` holds).
     """
     from visrl.models import load_model
     from visrl.policy import resolve_model_path
     from visrl.reasoning import Reasoner, Sampling
     from visrl.workspace import Workspace, resolve_root
 
+    # Read (upright, within the import's pixel budget) before the model loads: a bad image fails in
+    # milliseconds, and a phone photo is seen as its viewer shows it, like an imported one.
+    image = open_bounded(Path(image_path), max_pixels=FILE_MAX_PIXELS, where=f"--image {image_path}")
     ws = Workspace(resolve_root(workspace))  # only to resolve models/...; nothing is created
     loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
                         adapter=resolve_model_path(ws, cfg.adapter_name_or_path), dtype=cfg.dtype, device=cfg.device)
-    try:
-        image = Image.open(image_path).convert("RGB")
-    except OSError as exc:
-        raise DataError(f"cannot read the image {image_path}: {exc}") from None
     reasoner = Reasoner(loaded, box_format=cfg.box_format, crop_margin=cfg.crop_margin,
                         full_max_pixels=cfg.full_max_pixels, crop_min_pixels=cfg.crop_min_pixels)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
