@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
+from visrl.boxes import crop_box
 from visrl.cli import _register, cli, main
+from visrl.store import Store
 from visrl.synthetic import SyntheticConfig, write_benchmark
 
 DATA_COMMANDS = ("import", "export", "datasets", "stats", "demo")
@@ -87,6 +90,28 @@ def test_errors_are_one_line_with_exit_1(tmp_path: Path, bench: dict[str, Path],
     with pytest.raises(SystemExit) as exit_info:
         main(["stats", "-w", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 1 and "no workspace at" in capsys.readouterr().err
+
+
+def test_import_stores_a_phone_photo_upright(tmp_path: Path) -> None:
+    """A PNG with EXIF orientation 6 (a phone held upright) and a VQA box drawn on the photo as a
+    viewer shows it: stored upright, losslessly (the same pixels), the box cropping the marker."""
+    upright = Image.new("RGB", (60, 40), (20, 40, 220))
+    upright.paste((230, 20, 20), (6, 4, 18, 12))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a viewer turns the stored pixels 90 degrees clockwise
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif)
+    record = {"image": "phone.png", "question": "q?", "answer": "a", "box": [0.1, 0.1, 0.3, 0.3],
+              "box_format": "normalized"}
+    (tmp_path / "d.json").write_text(json.dumps([record]))
+    ws = tmp_path / "w"
+    assert "1 new images" in run("import", "vqa", str(tmp_path / "d.json"), "-w", str(ws)).output
+    store = Store.open(ws)
+    [item] = store.items("d")
+    assert (item["width"], item["height"]) == (60, 40) and item["image"].endswith(".png")
+    with Image.open(store.workspace.absolute(item["image"])) as stored:
+        assert stored.getexif().get(0x0112) is None
+        assert stored.convert("RGB").tobytes() == upright.tobytes()
+        assert crop_box(stored.convert("RGB"), store.item_box(item)).tobytes() == upright.crop((6, 4, 18, 12)).tobytes()
 
 
 @pytest.mark.parametrize("args, message", [

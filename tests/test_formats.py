@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageStat
 
 from visrl.boxes import Box, crop_box, format_box, iou, to_viscot
 from visrl.errors import DataError
-from visrl.formats import detect_format, import_file, read_records
+from visrl.formats import ImageSource, detect_format, import_file, read_records
 from visrl.generate import references
 from visrl.prompts import BOX_PROMPT
 from visrl.review import PairFilter, count_pairs, page_pairs
@@ -144,6 +144,100 @@ def test_two_turn_record_is_an_item_without_box(store: Store, tmp_path: Path) ->
     import_file(store, write_json(tmp_path / "two.json", [record]), "viscot")
     [item] = store.items("two")
     assert (item["question"], item["answer"], item["gt_box"]) == ("How many?", "2", None)
+
+
+# ---------------------------------------------------------------------- phone photos (EXIF orientation)
+
+UPRIGHT = (64, 48)  # as a viewer shows the photo; sides on 16-pixel JPEG blocks (4:2:0 MCUs)
+MARKER = Box(8, 8, 24, 24)  # a red square at the top left of the upright photo, on block edges
+RED, BLUE = (230, 20, 20), (20, 40, 220)
+# What a camera stores for orientation k, made from the upright photo: the inverse of the turn a
+# viewer applies (6 = "turn 90 degrees clockwise to view": stored turned 90 counter-clockwise).
+TO_STORED = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+             7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def phone_photo(path: Path, turn: int) -> Path:
+    """A JPEG whose viewer shows UPRIGHT with the MARKER, stored as a phone does for ``turn``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    upright = Image.new("RGB", UPRIGHT, BLUE)
+    upright.paste(RED, tuple(int(v) for v in MARKER.as_list()))
+    method = TO_STORED[turn]
+    stored = upright if method is None else upright.transpose(method)
+    exif = Image.Exif()
+    exif[0x0112] = turn
+    stored.save(path, "JPEG", quality=95, exif=exif)
+    return path
+
+
+def near(image: Image.Image, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> bool:
+    """The mean colour of ``box`` is ``colour`` within JPEG's error (30 levels; the other colour
+    is 200 away)."""
+    mean = ImageStat.Stat(image.convert("RGB").crop(box)).mean
+    return all(abs(m - c) < 30 for m, c in zip(mean, colour, strict=True))
+
+
+@pytest.mark.parametrize("turn", range(1, 9))
+def test_phone_photo_is_stored_upright_and_boxes_read_against_it(store: Store, tmp_path: Path, turn: int) -> None:
+    source = phone_photo(tmp_path / "phone" / "p.jpg", turn)
+    with Image.open(source) as raw:
+        assert raw.size == (UPRIGHT if turn <= 4 else UPRIGHT[::-1])  # 5..8 store the sides swapped
+    records = [viscot_record("phone/p.jpg", UPRIGHT, MARKER, qid=0, width=64, height=48),  # ### pixel box
+               viscot_record("phone/p.jpg", UPRIGHT, MARKER, qid=1, pixel_suffix=False)]  # square-padded
+    summary = import_file(store, write_json(tmp_path / "v.json", records), "viscot", dataset="phone")
+    assert summary["images"] == 1
+    pixel_item, normalized_item = store.items("phone")
+    assert (pixel_item["width"], pixel_item["height"]) == UPRIGHT and store.item_box(pixel_item) == MARKER
+    assert iou(store.item_box(normalized_item), MARKER) > 0.98
+    stored = store.workspace.root / pixel_item["image"]
+    data = stored.read_bytes()
+    assert pixel_item["image"] == f"images/phone/p-{hashlib.sha256(data).hexdigest()[:16]}.jpg"
+    assert (data == source.read_bytes()) == (turn == 1)  # upright already: copied byte for byte
+    with Image.open(stored) as image:
+        assert image.format == "JPEG" and image.size == UPRIGHT
+        assert image.getexif().get(0x0112) == (1 if turn == 1 else None)  # no viewer turns it again
+        crop = crop_box(image.convert("RGB"), store.item_box(pixel_item))
+        assert near(crop, (0, 0, *crop.size), RED)
+        assert near(image, (40, 24, 64, 48), BLUE) and near(image, (0, 32, 8, 48), BLUE)
+
+
+def test_turned_photo_is_encoded_the_same_every_time(store: Store, tmp_path: Path) -> None:
+    """Named by the bytes it is stored as: a second import of the same photo reuses the file."""
+    phone_photo(tmp_path / "p.jpg", 6)
+    record = {"image": "p.jpg", "question": "q?", "answer": "a", "box": list(MARKER.as_list())}
+    path = write_json(tmp_path / "d.json", [record])
+    assert import_file(store, path, "vqa", dataset="d", split="train")["images"] == 1
+    assert import_file(store, path, "vqa", dataset="d", split="val")["images"] == 0
+    first, second = store.items("d")
+    assert first["image"] == second["image"] and store.item_box(second) == MARKER
+
+
+def test_record_with_the_stored_size_of_a_turned_photo_is_told_the_convention(store: Store, tmp_path: Path) -> None:
+    phone_photo(tmp_path / "p.jpg", 6)
+    record = {"image": "p.jpg", "question": "q?", "answer": "a", "width": 48, "height": 64}
+    before = snapshot(store)
+    with pytest.raises(DataError, match=r"record 0, field 'width': the record says 48x64 but the image is 64x48 "
+                                        r"upright \(its EXIF orientation 6 turns the stored pixels"):
+        import_file(store, write_json(tmp_path / "d.json", [record]), "vqa")
+    assert snapshot(store) == before
+
+
+def test_turned_photo_changed_before_it_is_placed_is_refused(store: Store, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    source = phone_photo(tmp_path / "p.jpg", 6)
+    real_place_all = ImageSource.place_all
+
+    def edit_then_place(self: ImageSource, created: list[Path]) -> None:
+        phone_photo(source, 8)  # rewritten between the check and the placing
+        real_place_all(self, created)
+
+    monkeypatch.setattr(ImageSource, "place_all", edit_then_place)
+    record = {"image": "p.jpg", "question": "q?", "answer": "a"}
+    before = snapshot(store)
+    with pytest.raises(DataError, match=r"p.jpg changed while it was imported; import again"):
+        import_file(store, write_json(tmp_path / "d.json", [record]), "vqa")
+    assert snapshot(store) == before
 
 
 # ---------------------------------------------------------------------- plain VQA

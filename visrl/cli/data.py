@@ -52,7 +52,9 @@ def import_command(args: tuple[str, ...], workspace: str | None, fmt: str | None
 
     All or nothing: a bad record stops the import with an error naming it, and the workspace is
     left unchanged. Images are decoded once to check them (at most 64 M pixels each) and copied
-    into the workspace under images/DATASET/, named by their content hash.
+    into the workspace under images/DATASET/, named by their content hash. A phone photo with an
+    EXIF orientation is stored upright (re-encoded, the tag removed): sizes and boxes in the file
+    refer to the photo as a viewer or annotation tool shows it.
     """
     from visrl.formats import import_file
     from visrl.store import Store

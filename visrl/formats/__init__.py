@@ -13,6 +13,9 @@ Every importer follows one contract, implemented here:
    step 2 are removed again: the store and the images folder are as before.
 
 Boxes are converted at this edge into the internal convention (pixels of the original image).
+The image is the upright one, as a browser or an annotation tool shows it: a phone photo's EXIF
+orientation is applied when it is placed, so its size and every box of its record (pixel,
+normalized, square-padded Visual-CoT) are read against the turned photo, not its stored pixels.
 Unlike model output, input data is parsed strictly: an inverted box, a NaN, or a box outside the
 image is an error, not "no box".
 """
@@ -57,14 +60,17 @@ _QWEN2 = re.compile(rf"^\s*<\|box_start\|>\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s
 _IMAGE_TAG = re.compile(r"<image>\s*")
 
 
-def check_declared_size(path: Path, index: int, record: dict[str, Any], size: tuple[int, int],
+def check_declared_size(path: Path, index: int, record: dict[str, Any], placed: PlacedImage,
                         what: str = "the image") -> None:
-    """A record's ``width``/``height``, when given, must be the image's real size."""
+    """A record's ``width``/``height``, when given, must be the image's upright size (as a viewer
+    shows it; for a photo with an EXIF orientation, not the size of its stored pixels)."""
     if "width" in record or "height" in record:
-        declared = (record.get("width"), record.get("height"))
+        declared, size = (record.get("width"), record.get("height")), placed.size
         if declared != size:
+            turned = (f" upright (its EXIF orientation {placed.orientation} turns the stored pixels; sizes "
+                      "and boxes refer to the photo as a viewer shows it)" if placed.orientation != 1 else "")
             raise record_error(path, index, "width", f"the record says {declared[0]}x{declared[1]} "
-                               f"but {what} is {size[0]}x{size[1]}; fix the size or the image")
+                               f"but {what} is {size[0]}x{size[1]}{turned}; fix the size or the image")
 
 
 def check_keys(path: Path, index: int, record: dict[str, Any], required: tuple[str, ...],

@@ -13,7 +13,8 @@ uses both)::
      "answer": "7",                                        # reference answer (optional)
      "bbox": "[0.11, 0.29, 0.32, 0.53]"}                   # annotated box text (optional)
 
-Boxes are texts in ``box_format`` (default ``viscot``). Importing makes one item per distinct
+Boxes are texts in ``box_format`` (default ``viscot``), of the upright image as a viewer shows it
+(a phone photo's EXIF orientation applied; :mod:`visrl.formats.images`). Importing makes one item per distinct
 (image, question), two rollouts (kind ``import``) per record and one pending pair.
 """
 

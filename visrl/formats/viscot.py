@@ -14,7 +14,9 @@ A record (as written by Visual-CoT's tools/convert_data_to_llava_format.py, and 
 
 The ground-truth box is the ``###`` pixel box when an image entry carries one (exact pixels),
 else the second turn's normalized box, converted with the square padding (never per axis).
-A two-turn record (question, answer) is an item without a box.
+A two-turn record (question, answer) is an item without a box. Boxes and ``width``/``height``
+are of the upright image, as a viewer shows it (a phone photo's EXIF orientation applied, as
+annotation tools do; :mod:`visrl.formats.images`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def viscot_item(path: Path, index: int, record: dict[str, Any], images: ImageSou
     entry, pixel_box_value = _image_entry(path, index, record["image"])
     placed = images.get(entry, index, "image")
     size = placed.size
-    check_declared_size(path, index, record, size, repr(entry))
+    check_declared_size(path, index, record, placed, repr(entry))
     question, box_text, answer = _turns(path, index, record["conversations"])
     gt_box = None
     if pixel_box_value is not None:

@@ -8,7 +8,9 @@
 ``answer`` or ``answers`` (or both) must be present; with only ``answers`` the first is the
 reference, the rest are alternatives that the answer judge also accepts (stored in the item's
 meta). ``box_format`` is one of ``pixels`` (default; absolute pixels of the image), ``viscot``,
-``normalized``, ``qwen2``, ``qwen3`` (see :mod:`visrl.boxes`).
+``normalized``, ``qwen2``, ``qwen3`` (see :mod:`visrl.boxes`). Boxes and ``width``/``height`` are
+of the upright image, as a viewer shows it (a phone photo's EXIF orientation applied, as
+annotation tools do; :mod:`visrl.formats.images`).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def vqa_item(path: Path, index: int, record: dict[str, Any], images: ImageSource
     check_keys(path, index, record, REQUIRED, OPTIONAL)
     placed = images.get(record["image"], index, "image")
     size = placed.size
-    check_declared_size(path, index, record, size)
+    check_declared_size(path, index, record, placed)
     question = record["question"]
     if not isinstance(question, str) or not question.strip():
         raise record_error(path, index, "question", "must be a non-empty string")
