@@ -354,7 +354,8 @@ def judge_rollouts(store: Store, run_key: str, answer_judge: Judge, crop_judge: 
             else:
                 results[(rollout["id"], judge.key)] = (cached, None)
     images: dict[int, Image.Image] = {}
-    needs_image = any(isinstance(j, ModelJudge) for _, j in tasks)  # only judge models look
+    # Only judges that look at pixels (remote judge models, visrl.crop_judge) get images and crops.
+    needs_image = any(getattr(j, "needs_image", isinstance(j, ModelJudge)) for _, j in tasks)
     inputs = {r["id"]: _judge_input(ws, items[r["item_id"]], r, images if needs_image else None)
               for r in rollouts}
     with ThreadPoolExecutor(max_workers=workers) as pool:

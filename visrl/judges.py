@@ -18,7 +18,8 @@ Answer judges (``answer_judge`` in the generate config):
 ``model``   a judge model behind an OpenAI-compatible endpoint, :data:`ANSWER_PROMPT`.
 Crop judges (``crop_judge``): ``iou`` (IoU with the annotated box), ``iou_threshold`` (1 when that
 IoU >= ``iou_threshold``, else 0), ``model`` (:data:`CROP_PROMPT`, sees the image and the crop),
-``none``.
+``policy`` (a local model folder, ``judge_model``, asked whether the crop shows the question's
+object: :mod:`visrl.crop_judge`; reads no annotated box), ``none``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from visrl.boxes import Box, iou
 from visrl.errors import ConfigError, RemoteError, RemoteRefused
 
 ANSWER_JUDGES = ("auto", "exact", "f1", "anls", "number", "model")
-CROP_JUDGES = ("none", "iou", "iou_threshold", "model")
+CROP_JUDGES = ("none", "iou", "iou_threshold", "model", "policy")
 RETRIES = 3  # attempts per judge-model call; waits 0.5 s, 1 s between them
 
 ANSWER_PROMPT = (
@@ -302,6 +303,13 @@ def make_judges(answer_judge: str, crop_judge: str, opts: JudgeOptions) -> tuple
         raise ConfigError(f"unknown answer_judge {answer_judge!r}; use one of {', '.join(ANSWER_JUDGES)}")
     if crop_judge not in CROP_JUDGES:
         raise ConfigError(f"unknown crop_judge {crop_judge!r}; use one of {', '.join(CROP_JUDGES)}")
+    if crop_judge == "policy":  # a local model folder (judge_model): no server needed
+        from visrl.crop_judge import make_policy_crop_judge
+
+        if answer_judge == "model":
+            raise ConfigError("crop_judge: policy reads judge_model as a local model folder, so the "
+                              "answer judge cannot be 'model' too; use a rule-based answer_judge")
+        return RuleAnswerJudge(answer_judge, opts), make_policy_crop_judge(opts.model)
     if "model" in (answer_judge, crop_judge) and not (opts.base_url and opts.model):
         raise ConfigError("a 'model' judge needs judge_base_url and judge_model (an OpenAI-compatible "
                           "server, e.g. `visrl serve` or vLLM)")

@@ -1,0 +1,138 @@
+"""A crop judge that is a model: a local VLM asked "Does this image show the {object}?".
+
+VisRL's point is that the reinforcement stage needs no region annotations: a rollout's crop is
+judged by a model, not by IoU with an annotated box. :class:`PolicyCropJudge` (``crop_judge:
+policy`` in a generate config) shows a local model the crop alone with :data:`CROP_CHECK_PROMPT`
+and scores it P(yes) / (P(yes) + P(no)) of the reply's first token: a number in [0, 1] that is
+smooth enough for the method's 0.8 / 0.2 pair thresholds. ``judge_model`` names the model folder
+(usually the policy's own SFT warm-up, as in the paper's self-evolution; or a separate small
+judge). The judge reads the question and the crop, never the item's annotated box.
+
+:func:`object_phrase` takes the object from the question ("What pattern is on the red circle?"
+-> "red circle"); a question without a "the X" phrase before its end is asked about whole
+(:data:`WHOLE_QUESTION_PROMPT`). The model must have learned to answer the check: the demo recipe
+(``scripts/train_demo_model.py``, ``check_fraction``) trains it on crops of annotated boxes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visrl.errors import ConfigError
+from visrl.judges import JudgeInput, Judgement
+
+CROP_CHECK_PROMPT = "Does this image show the {object}? Answer yes or no."
+WHOLE_QUESTION_PROMPT = "Does this image show what this question asks about: {question} Answer yes or no."
+YES, NO = "yes", "no"
+# "... on the red circle?" / "... inside the green square?": up to 3 words after the last "the".
+_OBJECT = re.compile(r"\bthe\s+((?:[\w-]+\s+){0,2}[\w-]+)\s*[?.!]?\s*$", re.I)
+
+
+def object_phrase(question: str) -> str | None:
+    """The object a question names at its end ("red circle"), or None when it names none."""
+    match = _OBJECT.search(question.strip())
+    return match.group(1).lower() if match else None
+
+
+def check_prompt(question: str) -> str:
+    """The yes/no question put to the judge about a crop for ``question``."""
+    phrase = object_phrase(question)
+    if phrase is None:
+        return WHOLE_QUESTION_PROMPT.format(question=question.strip())
+    return CROP_CHECK_PROMPT.format(object=phrase)
+
+
+def check_messages(question: str) -> list[dict[str, Any]]:
+    """The judge's conversation: the crop (one image) and the yes/no question."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": check_prompt(question)}]}]
+
+
+@dataclass
+class PolicyCropJudge:
+    """``crop_judge: policy``: a local VLM's P(yes) that the crop shows the question's object.
+
+    ``model_path`` (and optional ``adapter``) is loaded on the first call, once; calls from the
+    generate step's judge threads share it under a lock. Subclasses (tests) override
+    :meth:`yes_no_logits` alone.
+    """
+
+    model_path: str
+    adapter: str | None = None
+    _loaded: Any = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    needs_image = True  # the generate step loads the item image and crops it for this judge
+
+    def __post_init__(self) -> None:
+        if not Path(self.model_path).is_dir():
+            raise ConfigError(f"crop_judge: policy needs judge_model to be a local model folder; "
+                              f"{self.model_path!r} is not a folder")
+
+    @property
+    def key(self) -> str:
+        # The model folder and the prompt identify the judge; a retrained model in the same folder
+        # is told apart by its weights' size and time (cached judgements must not carry over).
+        weights = Path(self.model_path, "model.safetensors")
+        stamp = f"{weights.stat().st_size}:{int(weights.stat().st_mtime)}" if weights.is_file() else ""
+        digest = hashlib.sha1(f"{Path(self.model_path).resolve()}|{self.adapter}|{stamp}|"
+                              f"{CROP_CHECK_PROMPT}".encode()).hexdigest()[:8]
+        return f"crop:policy:{Path(self.model_path).name}:{digest}"
+
+    def __call__(self, inp: JudgeInput) -> Judgement | None:
+        if inp.crop is None:
+            return Judgement(0.0, "failed rollout: no crop to judge")
+        yes, no = self.yes_no_logits(inp.crop, inp.question)
+        score = p_yes(yes, no)
+        return Judgement(round(score, 4), f"P(yes)={score:.3f} to {check_prompt(inp.question)!r}")
+
+    def yes_no_logits(self, crop: Any, question: str) -> tuple[float, float]:
+        """The model's next-token logits of "yes" and "no" after the check prompt on ``crop``."""
+        import torch
+
+        with self._lock:
+            loaded = self._load()
+            processor, model = loaded.processor, loaded.model
+            text = processor.apply_chat_template(check_messages(question), tokenize=False,
+                                                 add_generation_prompt=True)
+            enc = processor(text=[text], images=[crop.convert("RGB")], return_tensors="pt").to(loaded.device)
+            if "pixel_values" in enc:
+                enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+            with torch.inference_mode():
+                logits = model(**enc).logits[0, -1].float()
+            yes_id, no_id = answer_token_ids(processor.tokenizer)
+            return float(logits[yes_id]), float(logits[no_id])
+
+    def _load(self) -> Any:
+        if self._loaded is None:
+            from visrl.models import load_model
+
+            self._loaded = load_model(self.model_path, adapter=self.adapter)
+        return self._loaded
+
+
+def answer_token_ids(tokenizer: Any) -> tuple[int, int]:
+    """The first token of "yes" and of "no" (the reply's first step decides between them)."""
+    yes, no = tokenizer.encode(YES, add_special_tokens=False), tokenizer.encode(NO, add_special_tokens=False)
+    if not yes or not no or yes[0] == no[0]:
+        raise ConfigError("the judge model's tokenizer cannot tell 'yes' from 'no' by the first token")
+    return yes[0], no[0]
+
+
+def p_yes(yes_logit: float, no_logit: float) -> float:
+    """P(yes) renormalised over {yes, no}: a logistic of the logit difference."""
+    import math
+
+    diff = max(-60.0, min(60.0, yes_logit - no_logit))  # exp() of more overflows nothing useful
+    return 1.0 / (1.0 + math.exp(-diff))
+
+
+def make_policy_crop_judge(model: str | None, adapter: str | None = None) -> PolicyCropJudge:
+    """The judge for ``crop_judge: policy``; ``model`` is the generate config's ``judge_model``."""
+    if not model:
+        raise ConfigError("crop_judge: policy needs judge_model: the local model folder that judges "
+                          "crops (e.g. the SFT warm-up the policy starts from)")
+    return PolicyCropJudge(model, adapter)
