@@ -142,3 +142,37 @@ def test_untrained_model_skips_generation(tmp_path: Path, monkeypatch: pytest.Mo
     root = build(tmp_path / "demo", n_pairs_items=5)
     assert built == [root / "models" / "tiny-demo"] and generate_calls == []
     assert Store(Workspace.open(root)).checkpoints()[0]["base"] == "tiny:demo"
+
+
+def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_model: Path,
+                                                        generate_calls: list[Any]) -> None:
+    (fake_model / "training_report.json").write_text(json.dumps({"evaluation": {
+        "split": "test", "n": 200, "acc@0.5": 0.255, "mean_iou": 0.252, "parse_rate": 1.0,
+        "two_step_acc": 0.51, "true_crop_acc": 1.0, "direct_acc": 0.315}}))
+    arm = {"acc50": {"mean": 0.3, "std": 0.02}, "answer_acc": {"mean": 0.55, "std": 0.01}}
+    (fake_model / "learning_benchmark.json").write_text(json.dumps({
+        "config": {"test_items": 200}, "seeds": [{}, {}, {}],
+        "summary": {"base": arm, "control": arm, "visrl": {**arm, "acc50": {"mean": 0.4, "std": 0.03}},
+                    "other": arm}}))
+    root = build(tmp_path / "demo", n_pairs_items=0)
+    store = Store(Workspace.open(root))
+    card, control, visrl = store.evaluations()
+    [checkpoint] = store.checkpoints()
+    assert (card["model"], card["checkpoint_id"], card["split"], card["n"]) == ("models/tiny-demo", checkpoint["id"], "test", 200)
+    assert card["metrics"] == {"acc50": 0.255, "mean_iou": 0.252, "parse_rate": 1.0, "answer_acc": 0.51,
+                               "direct_answer_acc": 0.315, "true_crop_answer_acc": 1.0,
+                               "source": "data/demo-model/MODEL_CARD.md"}
+    assert control["model"] == "learning benchmark (3 seeds): warm-up + SFT continued (control)"
+    assert visrl["model"] == "learning benchmark (3 seeds): warm-up + VisRL (model crop judge)"
+    assert (visrl["metrics"]["acc50"], visrl["metrics"]["acc50_std"], visrl["n"]) == (0.4, 0.03, 200)
+    assert visrl["checkpoint_id"] is None  # no checkpoint: Chat keeps the shipped model
+    assert json.loads((root / demo.COMPLETE).read_text())["evaluations"] == 3
+
+
+def test_unreadable_reports_seed_nothing_and_lose_nothing(tmp_path: Path, fake_model: Path,
+                                                          generate_calls: list[Any]) -> None:
+    (fake_model / "training_report.json").write_text("{not json")
+    (fake_model / "learning_benchmark.json").write_text(json.dumps({"summary": {"visrl": "oops"}}))
+    root = build(tmp_path / "demo", n_pairs_items=0)
+    store = Store(Workspace.open(root))
+    assert store.evaluations() == [] and store.stats()["datasets"]["demo"]["items"]["train"] == 4

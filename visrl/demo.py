@@ -8,7 +8,10 @@
 2. the model at :data:`DEMO_MODEL` (the path every ``configs/demo`` recipe names): a copy of the
    shipped ``data/demo-model`` when it holds weights, else a freshly built random tiny model,
    registered as a checkpoint;
-3. with the shipped (trained) model, a first generation run (``configs/demo/generate.yaml`` on
+3. the shipped model's numbers (its card's test evaluation, ``training_report.json``) and the
+   learning benchmark's arms (:data:`BENCH_FILE`, written by ``bench/learning.py``) as
+   stored evaluations, so the Evaluate tab shows before/after without running anything;
+4. with the shipped (trained) model, a first generation run (``configs/demo/generate.yaml`` on
    the first ``n_pairs_items`` train items), so the Pairs tab has content on first start.
 
 A marker file written last tells a complete workspace from one a crash left half-built: the
@@ -40,6 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_MODEL = ROOT / "data" / "demo-model"
 GENERATE_CONFIG = ROOT / "configs" / "demo" / "generate.yaml"
 MODEL_REPORT = SHIPPED_MODEL / "training_report.json"  # its config.data: = the task it learned
+BENCH_FILE = "learning_benchmark.json"  # bench/learning.py's output, shipped beside the model
+MAX_REPORT_BYTES = 2 * 2**20  # both reports are a few kB; a larger file is not ours: skip it
+# The card's metric names -> visrl.evaluate's (the Evaluate tab compares them side by side).
+CARD_METRICS = {"acc@0.5": "acc50", "mean_iou": "mean_iou", "parse_rate": "parse_rate",
+                "two_step_acc": "answer_acc", "direct_acc": "direct_answer_acc",
+                "true_crop_acc": "true_crop_answer_acc"}
+BENCH_ARMS = {"warmup": "SFT warm-up (few boxes)", "control": "warm-up + SFT continued (control)",
+              "visrl": "warm-up + VisRL (model crop judge)", "visrl_iou": "VisRL with IoU crop judge (ablation)"}
 DEMO_DATASET = "demo"
 DEMO_MODEL = "models/tiny-demo"  # workspace-relative; configs/demo/*.yaml name this folder
 COMPLETE = ".demo-complete"  # written last: the workspace is whole
@@ -76,6 +87,7 @@ def create_demo_workspace(root: str | Path, force: bool = False, n_pairs_items: 
     summary: dict[str, Any] = {"created_at": now()}
     summary["items"] = import_benchmark(store, {**demo_data(), **(data or {})}, say)
     summary["model"] = install_model(store, say)
+    summary["evaluations"] = seed_evaluations(store, say) if summary["model"] else 0
     if summary["model"] and not (SHIPPED_MODEL / "model.safetensors").is_file():
         # A random model parses no boxes (measured: 0 of 288 samples, ~4 min for 24 items on 2
         # cores), so it would only delay the first start for zero pairs.
@@ -149,6 +161,52 @@ def install_model(store: Store, say: Say) -> str | None:
         base = "tiny:demo"
     store.add_checkpoint(DEMO_MODEL, base=base, stage="sft", config={"source": base})
     return DEMO_MODEL
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """A shipped JSON report, or None (with no error) when it is missing, too large or unreadable."""
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
+            return None
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def seed_evaluations(store: Store, say: Say) -> int:
+    """Store the shipped model's card evaluation and the learning benchmark's arms; returns how
+    many. Only with the shipped weights: a random model's workspace gets none."""
+    if not (SHIPPED_MODEL / "model.safetensors").is_file():
+        return 0
+    rows: list[tuple[str, dict[str, Any], int, str]] = []  # (model label, metrics, n, split)
+    card = (read_report(SHIPPED_MODEL / MODEL_REPORT.name) or {}).get("evaluation")
+    if isinstance(card, dict):
+        metrics = {new: card[old] for old, new in CARD_METRICS.items() if _number(card.get(old))}
+        rows.append((DEMO_MODEL, {**metrics, "source": "data/demo-model/MODEL_CARD.md"},
+                     int(card.get("n") or 0), str(card.get("split") or "test")))
+    bench = read_report(SHIPPED_MODEL / BENCH_FILE) or {}
+    n_seeds = len(bench.get("seeds") or [])
+    n_test = int((bench.get("config") or {}).get("test_items") or 0)
+    for arm, values in (bench.get("summary") or {}).items():
+        if arm not in BENCH_ARMS or not isinstance(values, dict):
+            continue
+        metrics = {k: v["mean"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("mean"))}
+        metrics |= {f"{k}_std": v["std"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("std"))}
+        label = f"learning benchmark ({n_seeds} seed{'s' * (n_seeds != 1)}): {BENCH_ARMS[arm]}"
+        rows.append((label, {**metrics, "source": "data/demo-model/learning_benchmark.json"}, n_test, "test"))
+    checkpoint = next((c["id"] for c in store.checkpoints() if c["path"] == DEMO_MODEL), None)
+    with store.atomic():
+        for model, metrics, n, split in rows:
+            store.add_evaluation(metrics, model=model, adapter=None, dataset=DEMO_DATASET, split=split, n=n,
+                                 checkpoint_id=checkpoint if model == DEMO_MODEL else None)
+    say(f"stored {len(rows)} evaluations: the shipped model's card and the learning benchmark's arms")
+    return len(rows)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def demo_generate_config(n_items: int) -> Any:
