@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from visrl.boxes import Box, crop_box
-from visrl.crop_judge import PolicyCropJudge, check_prompt, object_phrase, p_yes
+from visrl.crop_judge import NAME_PROMPT, PolicyCropJudge, check_prompt, object_phrase, p_yes
 from visrl.errors import ConfigError
 from visrl.judges import JudgeInput, JudgeOptions, make_judges
 
@@ -22,7 +23,7 @@ RED, BLUE = (215, 40, 40), (45, 85, 215)
 
 
 @pytest.mark.parametrize(("question", "phrase", "prompt"), [
-    ("What pattern is on the red circle?", "red circle", "Does this image show the red circle? Answer yes or no."),
+    ("What pattern is on the red circle?", "red circle", NAME_PROMPT),
     ("What is the pattern inside the Green Square?", "green square", None),
     ("How many people are there?", None,
      "Does this image show what this question asks about: How many people are there? Answer yes or no."),
@@ -53,9 +54,10 @@ def test_make_judges_builds_the_policy_judge_and_checks_its_folder(tmp_path: Pat
 
 class ColourScriptedJudge(PolicyCropJudge):
     """The real judge and the real tiny Qwen3-VL and processor, whose forward pass alone is
-    scripted: the next-token logit of "yes" is +3 when the image it was given is mostly red, -3
-    otherwise ("no" stays 0). Everything else (prompt, chat template, processor, token ids, the
-    score) is the production path."""
+    scripted from the image it is given: when it is mostly red, every row's logit of the token
+    that follows in the input is +10 (the reply is what the model would say), else -10; and the
+    last row's logit of "yes" is +3, else -3. Everything else (prompts, chat template,
+    processor, token ids, the score) is the production path."""
 
     def _load(self) -> Any:
         if self._loaded is None:
@@ -74,6 +76,7 @@ def scripted_class(base: type, tokenizer: Any) -> type:
     from visrl.crop_judge import answer_token_ids
 
     yes_id, _ = answer_token_ids(tokenizer)
+    sure = 10.0
 
     class Scripted(base):  # type: ignore[misc, valid-type]
         prompts: list[str] = []
@@ -87,7 +90,9 @@ def scripted_class(base: type, tokenizer: Any) -> type:
             # pixel_values: (patches, 3 x 2 x 16 x 16), channels first, normalised to [-1, 1].
             channels = pixel_values.reshape(pixel_values.shape[0], 3, -1).mean(dim=(0, 2))
             red = bool(channels[0] > channels[1] + 0.3 and channels[0] > channels[2] + 0.3)
-            logits = torch.zeros(1, input_ids.shape[1], self.config.text_config.vocab_size)
+            length = input_ids.shape[1]
+            logits = torch.zeros(1, length, self.config.text_config.vocab_size)
+            logits[0, torch.arange(length - 1), input_ids[0, 1:]] = sure if red else -sure
             logits[0, -1, yes_id] = 3.0 if red else -3.0
             return SimpleNamespace(logits=logits)
 
@@ -114,12 +119,17 @@ def test_policy_judge_scores_a_crop_that_shows_the_object_above_one_that_does_no
     misses = JudgeInput(question, ["vertical"], "vertical", box=Box(298, 198, 392, 292), image=image,
                         crop=crop_box(image, Box(298, 198, 392, 292)))
     good, bad = judge(shows), judge(misses)
-    assert good.score == pytest.approx(0.9526, abs=1e-4)  # 1 / (1 + e^-3)
-    assert bad.score == pytest.approx(0.0474, abs=1e-4)
-    assert "red circle" in good.detail
+    vocab = judge._loaded.model.config.text_config.vocab_size
+    # Each reply token: softmax of +10 against vocab - 1 zeros (or of -10); the geometric mean.
+    assert good.score == pytest.approx(math.exp(10) / (math.exp(10) + vocab - 1), abs=1e-4)
+    assert bad.score == pytest.approx(math.exp(-10) / (math.exp(-10) + vocab - 1), abs=1e-6)
+    assert good.score > 0.95 and bad.score < 1e-3 and "'red circle'" in good.detail
     recorded = type(judge._loaded.model).prompts
-    assert "Does this image show the red circle? Answer yes or no." in recorded[-1]
+    assert recorded[-1].endswith(f"{NAME_PROMPT}<|im_end|>\n<|im_start|>assistant\nred circle")
     assert recorded[-1].count("<|image_pad|>") >= 4  # the crop (alone) went in as the image
+    # A question that names no object is put whole, as yes/no: P(yes) = 1 / (1 + e^-3) on red.
+    whole = judge(JudgeInput("How many people are there?", ["2"], "2", image=image, crop=shows.crop))
+    assert whole.score == pytest.approx(0.9526, abs=1e-4) and "Answer yes or no." in recorded[-1]
     # The annotated box is not read: the same rollout with a different (or no) gt box scores the same.
     assert judge(JudgeInput(**{**shows.__dict__, "gt_box": Box(300, 200, 390, 290)})).score == good.score
     # A failed rollout (no crop) scores 0 without touching the model.
