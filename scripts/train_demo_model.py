@@ -34,8 +34,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from visrl.boxes import Box, crop_box, format_box, iou, parse_box  # noqa: E402
+from visrl.boxes import Box, crop_box, format_box, iou, parse_box, random_negative_box  # noqa: E402
 from visrl.config import load_config  # noqa: E402
+from visrl.crop_judge import NOTHING, check_messages  # noqa: E402
 from visrl.errors import ConfigError  # noqa: E402
 from visrl.prompts import box_prompt, direct_prompt, two_step_conversation  # noqa: E402
 from visrl.synthetic import SyntheticConfig, render_item  # noqa: E402
@@ -61,6 +62,18 @@ class DemoTrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     direct_fraction: float = field(default=0.25, metadata={
         "help": "Share of rows that are direct (full image -> answer) instead of two-step."})
+    check_fraction: float = field(default=0.0, metadata={
+        "help": "Share of crop-naming rows (a crop -> 'Which object does this image show?' -> 'red "
+                "circle' or 'nothing'; half the named object's crop, a quarter another object's, a "
+                "quarter a box off it): what the model needs to be the crop judge (visrl.crop_judge)."})
+    colour_fraction: float = field(default=0.0, metadata={
+        "help": "Share of binding rows 'What colour is the object at [box]?' (full image -> colour)."})
+    data_split: str = field(default="train", metadata={
+        "help": "Seeded stream the training scenes come from ('train'; the learning benchmark's "
+                "small boxed set uses its own, 'warmup', disjoint from the workspace's items)."})
+    boxed_items: int = field(default=0, metadata={
+        "help": "0: fresh scenes every step; N: cycle over scenes 0..N-1 of data_split (a small "
+                "annotated set, as the method's SFT warm-up assumes)."})
     threads: int = field(default=2, metadata={"help": "torch CPU threads of the main process."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
     workers: int = field(default=0, metadata={
@@ -72,6 +85,17 @@ class DemoTrainConfig:
     eval_batch: int = field(default=25, metadata={"help": "Items per generation batch in evaluations."})
     model: dict[str, Any] = field(default_factory=dict, metadata={"help": "TinyQwen3Spec fields."})
     data: dict[str, Any] = field(default_factory=dict, metadata={"help": "SyntheticConfig fields."})
+
+    def __post_init__(self) -> None:
+        shares = {"direct_fraction": self.direct_fraction, "check_fraction": self.check_fraction,
+                  "colour_fraction": self.colour_fraction}
+        for name, value in shares.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+        if sum(shares.values()) > 1.0:
+            raise ConfigError(f"direct, check and colour fractions add up to more than 1: {shares}")
+        if self.boxed_items < 0:
+            raise ConfigError(f"boxed_items must be >= 0 (0: fresh scenes), got {self.boxed_items}")
 
 
 ANSWER_TOKENS = 8  # the longest demo answer ("checkered") is 3 tokens, plus <|im_end|> and slack
@@ -95,13 +119,71 @@ def assistant_labels(ids: list[int], start: list[int], end: int) -> list[int]:
     return labels
 
 
-def make_row(scene: Any, direct: bool) -> tuple[list[dict], list[Any]]:
-    """(messages, images) of one training conversation."""
-    if direct:
+ROW_KINDS = ("two_step", "direct", "check", "colour")
+COLOUR_QUESTION = "What colour is the object at {box}?"
+
+
+def row_kind(rng: random.Random, cfg: DemoTrainConfig) -> str:
+    """Which kind of row a draw gives, by the config's shares (the rest are two-step rows)."""
+    r = rng.random()
+    for kind, share in (("direct", cfg.direct_fraction), ("check", cfg.check_fraction),
+                        ("colour", cfg.colour_fraction)):
+        if r < share:
+            return kind
+        r -= share
+    return "two_step"
+
+
+def make_row(scene: Any, direct: bool | str, rng: random.Random | None = None) -> tuple[list[dict], list[Any]]:
+    """(messages, images) of one training conversation; ``direct`` is a bool (direct or two-step)
+    or one of :data:`ROW_KINDS`."""
+    kind = direct if isinstance(direct, str) else ("direct" if direct else "two_step")
+    if kind == "direct":
         return [*direct_prompt(scene.question), _assistant(scene.answer)], [scene.image]
+    if kind == "check":
+        return check_row(scene, rng or random.Random(0))
+    if kind == "colour":
+        obj = scene.objects[(rng or random.Random(0)).randrange(len(scene.objects))]
+        question = COLOUR_QUESTION.format(box=format_box(obj.box, "viscot", scene.size))
+        return [_user_text(question, images=1), _assistant(obj.colour)], [scene.image]
     box = scene.target_object.box
     text = format_box(box, "viscot", scene.size)
     return two_step_conversation(scene.question, text, scene.answer), [scene.image, crop_box(scene.image, box)]
+
+
+def check_row(scene: Any, rng: random.Random) -> tuple[list[dict], list[Any]]:
+    """A crop-naming row: half the named object's crop, a quarter another object's, a quarter a
+    box of similar size off the named object (the generate step's random boxes); the reply names
+    the object the crop holds (IoU > 0.5 with its box) or says there is none."""
+    target = scene.target_object.box
+    r = rng.random()
+    others = [o.box for k, o in enumerate(scene.objects) if k != scene.target]
+    if r < 0.5 or (r < 0.75 and not others):
+        box = jitter_box(target, scene.size, rng)
+    elif r < 0.75:
+        box = jitter_box(others[rng.randrange(len(others))], scene.size, rng)
+    else:
+        box = random_negative_box(target, scene.size, rng)
+    return [*check_messages(scene.question), _assistant(crop_name(scene, box))], [crop_box(scene.image, box)]
+
+
+def crop_name(scene: Any, box: Box) -> str:
+    """'red circle' for the object a box holds (IoU > 0.5), else 'nothing'."""
+    best = max(scene.objects, key=lambda o: iou(box, o.box))
+    return f"{best.colour} {best.shape}" if iou(box, best.box) > 0.5 else NOTHING
+
+
+def jitter_box(box: Box, size: tuple[int, int], rng: random.Random, share: float = 0.1) -> Box:
+    """``box`` with each side moved by up to ``share`` of its width/height (sampled boxes are not
+    exact); clamped to the image."""
+    dx, dy = box.width * share, box.height * share
+    moved = Box(box.x1 + rng.uniform(-dx, dx), box.y1 + rng.uniform(-dy, dy),
+                box.x2 + rng.uniform(-dx, dx), box.y2 + rng.uniform(-dy, dy)).clamp(size)
+    return moved or box
+
+
+def _user_text(text: str, images: int) -> dict:
+    return {"role": "user", "content": [*({"type": "image"} for _ in range(images)), {"type": "text", "text": text}]}
 
 
 def _assistant(text: str) -> dict:
@@ -152,12 +234,15 @@ class TrainBatches:
     def __len__(self) -> int:
         return self.cfg.steps
 
+    def _scene_index(self, draw: int) -> int:
+        return draw % self.cfg.boxed_items if self.cfg.boxed_items else draw
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         step = index + 1
         rng = random.Random(f"{self.cfg.seed}/{step}")
         first = index * self.cfg.batch_size
-        rows = [make_row(render_item(self.data, "train", first + j), rng.random() < self.cfg.direct_fraction)
-                for j in range(self.cfg.batch_size)]
+        rows = [make_row(render_item(self.data, self.cfg.data_split, self._scene_index(first + j)),
+                         row_kind(rng, self.cfg), rng) for j in range(self.cfg.batch_size)]
         batch = collate(self.processor, rows)
         batch["position_ids"] = rope_positions(self.model_config, batch)
         return batch
@@ -259,6 +344,33 @@ def evaluate_model(model: Any, processor: Any, data: SyntheticConfig, split: str
     return {k: round(v / n, 4) for k, v in sums.items()}
 
 
+def evaluate_checks(model: Any, processor: Any, data: SyntheticConfig, split: str, n: int,
+                    batch: int = 25) -> dict[str, float]:
+    """The binding skills on items 0..n-1 of ``split`` (greedy): ``check_acc``, the crop judge's
+    reading: the object named on the named object's crop and on another object's crop, half
+    each; ``colour_acc``, the colour of the object at the named object's box."""
+    was_training = model.training
+    model.eval()
+    right = {"check_acc": 0.0, "colour_acc": 0.0}
+    for lo in range(0, n, batch):
+        scenes = [render_item(data, split, i) for i in range(lo, min(n, lo + batch))]
+        crops, expected = [], []
+        for i, s in enumerate(scenes, start=lo):
+            others = [o for k, o in enumerate(s.objects) if k != s.target]
+            shown = others[i % len(others)] if others and i % 2 == 1 else s.target_object
+            crops.append(crop_box(s.image, shown.box))
+            expected.append(f"{shown.colour} {shown.shape}")
+        checks = generate(model, processor, [check_messages(s.question) for s in scenes], [[c] for c in crops],
+                          ANSWER_TOKENS)
+        colour_qs = [[_user_text(COLOUR_QUESTION.format(box=format_box(s.target_object.box, "viscot", s.size)), 1)]
+                     for s in scenes]
+        colours = generate(model, processor, colour_qs, [[s.image] for s in scenes], ANSWER_TOKENS)
+        right["check_acc"] += sum(c.strip() == e for c, e in zip(checks, expected, strict=True))
+        right["colour_acc"] += sum(c.strip() == s.target_object.colour for c, s in zip(colours, scenes, strict=True))
+    model.train(was_training)
+    return {k: round(v / n, 4) for k, v in right.items()}
+
+
 def pick_device(name: str) -> str:
     import torch
 
@@ -329,6 +441,8 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
         if cfg.eval_every and step % cfg.eval_every == 0:
             t = time.time()
             metrics = evaluate_model(model, processor, data, "val", min(cfg.n_eval, 50), cfg.eval_batch)
+            if cfg.check_fraction or cfg.colour_fraction:
+                metrics.update(evaluate_checks(model, processor, data, "val", min(cfg.n_eval, 50), cfg.eval_batch))
             eval_seconds += time.time() - t
             history.append({"step": step, "seconds": round(elapsed), "loss": round(loss.item(), 4), **metrics})
             print("val", json.dumps(history[-1]), flush=True)
