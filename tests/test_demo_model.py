@@ -101,3 +101,44 @@ def test_tiny_qwen3_builds_reloads_and_trains_on_assistant_turns(tmp_path: Path)
 def test_assistant_labels_cover_each_answer_and_its_end() -> None:
     labels = recipe().assistant_labels([1, 7, 8, 5, 9, 2, 1, 7, 8, 6, 9], start=[7, 8], end=9)
     assert labels == [-100, -100, -100, 5, 9, -100, -100, -100, -100, 6, 9]
+
+
+def test_binding_rows_name_the_object_their_crop_or_box_holds() -> None:
+    import random
+
+    from visrl.boxes import iou
+    from visrl.crop_judge import NAME_PROMPT
+    from visrl.synthetic import SyntheticConfig, render_item
+
+    module = recipe()
+    data = SyntheticConfig(detail="pattern", object_size=(80, 96), distinct_colours=True)
+    replies: dict[str, int] = {}
+    for index in range(40):
+        scene = render_item(data, "train", index)
+        messages, images = module.make_row(scene, "check", random.Random(index))
+        assert messages[0]["content"][1]["text"] == NAME_PROMPT and len(images) == 1
+        reply = messages[-1]["content"][0]["text"]
+        named = [o for o in scene.objects if f"{o.colour} {o.shape}" == reply]
+        # The crop's size tells which object it is: the named one's box, give or take 10% a side.
+        assert reply == "nothing" or (named and abs(images[0].width - named[0].box.width) <= 0.25 * named[0].box.width)
+        replies[reply] = replies.get(reply, 0) + 1
+        messages, images = module.make_row(scene, "colour", random.Random(index))
+        asked = module.parse_box(messages[0]["content"][1]["text"].split(" at ")[1].rstrip("?"), "viscot", scene.size)
+        [obj] = [o for o in scene.objects if iou(asked, o.box) > 0.9]
+        assert messages[-1]["content"][0]["text"] == obj.colour and images == [scene.image]
+    assert replies.get("nothing", 0) >= 3 and len(replies) >= 10  # empty crops and many objects
+
+
+def test_row_shares_are_validated_and_drawn() -> None:
+    import random
+
+    module = recipe()
+    with pytest.raises(module.ConfigError, match="add up to more than 1"):
+        module.DemoTrainConfig(direct_fraction=0.5, check_fraction=0.4, colour_fraction=0.2)
+    with pytest.raises(module.ConfigError, match="boxed_items"):
+        module.DemoTrainConfig(boxed_items=-1)
+    cfg = module.DemoTrainConfig(direct_fraction=0.1, check_fraction=0.3, colour_fraction=0.2)
+    rng = random.Random(0)
+    kinds = [module.row_kind(rng, cfg) for _ in range(4000)]
+    shares = {k: kinds.count(k) / len(kinds) for k in module.ROW_KINDS}
+    assert shares == pytest.approx({"direct": 0.1, "check": 0.3, "colour": 0.2, "two_step": 0.4}, abs=0.03)
