@@ -65,6 +65,9 @@ def test_demo_tabs_render_with_generated_pairs(demo_app: dict[str, Any], page: A
         page.wait_for_selector(marker, state="visible", timeout=10_000)
         time.sleep(0.5)
         screenshot(page, f"demo-{tab.lower()}", demo_app["root"])
+    # Before/after without running anything: the card's numbers and the benchmark's arms.
+    table = page.locator("#eval-table").inner_text()
+    assert "models/tiny-demo" in table and "learning benchmark" in table and "VisRL" in table
 
 
 def test_demo_chat_runs_the_shipped_model(demo_app: dict[str, Any], page: Any) -> None:

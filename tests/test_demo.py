@@ -151,7 +151,7 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
         "two_step_acc": 0.51, "true_crop_acc": 1.0, "direct_acc": 0.315}}))
     arm = {"acc50": {"mean": 0.3, "std": 0.02}, "answer_acc": {"mean": 0.55, "std": 0.01}}
     (fake_model / "learning_benchmark.json").write_text(json.dumps({
-        "config": {"test_items": 200}, "seeds": [{}, {}, {}],
+        "config": {"test_items": 200}, "seeds": [{"generate": {"pairs": n}} for n in (10, 20, 30)],
         "summary": {"base": arm, "control": arm, "visrl": {**arm, "acc50": {"mean": 0.4, "std": 0.03}},
                     "other": arm}}))
     root = build(tmp_path / "demo", n_pairs_items=0)
@@ -165,6 +165,7 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
     assert control["model"] == "learning benchmark (3 seeds): warm-up + SFT continued (control)"
     assert visrl["model"] == "learning benchmark (3 seeds): warm-up + VisRL (model crop judge)"
     assert (visrl["metrics"]["acc50"], visrl["metrics"]["acc50_std"], visrl["n"]) == (0.4, 0.03, 200)
+    assert visrl["metrics"]["pairs"] == 20 and "pairs" not in control["metrics"]
     assert visrl["checkpoint_id"] is None  # no checkpoint: Chat keeps the shipped model
     assert json.loads((root / demo.COMPLETE).read_text())["evaluations"] == 3
 

@@ -194,6 +194,9 @@ def seed_evaluations(store: Store, say: Say) -> int:
             continue
         metrics = {k: v["mean"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("mean"))}
         metrics |= {f"{k}_std": v["std"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("std"))}
+        pairs = [_pairs(seed, arm) for seed in bench.get("seeds") or [] if isinstance(seed, dict)]
+        if pairs and all(_number(n) for n in pairs):  # a VisRL arm: how many pairs it trained on
+            metrics["pairs"] = sum(pairs) / len(pairs)
         label = f"learning benchmark ({n_seeds} seed{'s' * (n_seeds != 1)}): {BENCH_ARMS[arm]}"
         rows.append((label, {**metrics, "source": "data/demo-model/learning_benchmark.json"}, n_test, "test"))
     checkpoint = next((c["id"] for c in store.checkpoints() if c["path"] == DEMO_MODEL), None)
@@ -203,6 +206,12 @@ def seed_evaluations(store: Store, say: Say) -> int:
                                  checkpoint_id=checkpoint if model == DEMO_MODEL else None)
     say(f"stored {len(rows)} evaluations: the shipped model's card and the learning benchmark's arms")
     return len(rows)
+
+
+def _pairs(seed: dict[str, Any], arm: str) -> Any:
+    """The pairs a seed's VisRL arm trained on (None for the other arms)."""
+    gen = {"visrl": seed.get("generate"), "visrl_iou": seed.get("generate_iou")}.get(arm)
+    return gen.get("pairs") if isinstance(gen, dict) else None
 
 
 def _number(value: Any) -> bool:
