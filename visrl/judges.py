@@ -18,8 +18,8 @@ Answer judges (``answer_judge`` in the generate config):
 ``model``   a judge model behind an OpenAI-compatible endpoint, :data:`ANSWER_PROMPT`.
 Crop judges (``crop_judge``): ``iou`` (IoU with the annotated box), ``iou_threshold`` (1 when that
 IoU >= ``iou_threshold``, else 0), ``model`` (:data:`CROP_PROMPT`, sees the image and the crop),
-``policy`` (a local model folder, ``judge_model``, asked whether the crop shows the question's
-object: :mod:`visrl.crop_judge`; reads no annotated box), ``none``.
+``policy`` (a local model folder, ``judge_model``, scored by how likely it names the question's
+object when shown the crop: :mod:`visrl.crop_judge`; reads no annotated box), ``none``.
 """
 
 from __future__ import annotations
