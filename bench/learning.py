@@ -133,7 +133,7 @@ def generate_pairs(ws: Path, model: str, n_items: int, seed: int, crop_judge: st
     from visrl.pairs import build_pairs
     from visrl.store import Store
 
-    judge = {"crop_judge": "policy", "judge_model": str(ws / model)} if crop_judge == "policy" else {
+    judge = {"crop_judge": "policy", "judge_model": model} if crop_judge == "policy" else {
         "crop_judge": "iou_threshold", "iou_threshold": 0.5}
     cfg = load_config(GenerateConfig, CONFIGS / "generate.yaml", {
         "model_name_or_path": model, "adapter_name_or_path": None, "split": "train",

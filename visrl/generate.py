@@ -71,7 +71,9 @@ class GenerateConfig(PolicyConfig):
         "help": "iou | iou_threshold | model | none; IoU judges apply only to items with an annotated box."})
     judge_base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible endpoint of the judge model (for 'model' judges)."})
-    judge_model: str | None = field(default=None, metadata={"help": "Judge model name on that endpoint."})
+    judge_model: str | None = field(default=None, metadata={
+        "help": "Judge model name on that endpoint; with crop_judge: policy, a local model folder "
+                "(workspace-relative paths allowed) that judges crops (visrl.crop_judge)."})
     judge_api_key_env: str | None = field(default=None, metadata={
         "help": "NAME of the environment variable holding the judge server's API key (e.g. JUDGE_API_KEY); "
                 "never the key itself. null = no key."})
@@ -178,7 +180,10 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
                   job_id: int | None, reasoner: Any) -> GenerateReport:
     store = Store.open(workspace)
     ws = store.workspace
-    answer_judge, crop_judge = make_judges(cfg.answer_judge, cfg.crop_judge, cfg.judge_options())
+    opts = cfg.judge_options()
+    if cfg.crop_judge == "policy":  # a local judge model: a relative path names a workspace folder
+        opts.model = resolve_model_path(ws, opts.model)
+    answer_judge, crop_judge = make_judges(cfg.answer_judge, cfg.crop_judge, opts)
     plan = plan_run(store, cfg)
     run_key, items, todo, pending = plan.run_key, plan.items, plan.todo, plan.pending
     if progress is not None:  # the bar counts new work only: items done by earlier runs are not progress
