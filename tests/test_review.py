@@ -284,10 +284,15 @@ def test_edit_answer(store: Store, pairs: list[int]) -> None:
 
 def test_undo_restores_and_is_audited(store: Store, pairs: list[int]) -> None:
     original = review.get_pair(store, 2)
-    review.accept(store, 2, 1)
-    review.swap(store, 2, 2)
-    review.edit_answer(store, 2, 3, "chosen", "five")
+    review.accept(store, 2, 1, reviewer="bo")
+    review.swap(store, 2, 2, reviewer="bo")
+    review.edit_answer(store, 2, 3, "chosen", "five", reviewer="bo")
     assert review.get_pair(store, 2)["chosen_answer"] == "five"
+    # Only the reviewer who made a change can undo it; the refusal says whose change it is.
+    with pytest.raises(ConflictError, match=r"pair 2's latest change is bo's edit_chosen_answer "
+                                            r"\(chosen_answer two -> five\) at .*; only bo can undo it"):
+        review.undo(store, 2, 4, reviewer="ana")
+    assert review.get_pair(store, 2)["version"] == 4
 
     p = review.undo(store, 2, 4, reviewer="bo")  # undoes the edit
     assert (p["chosen_answer"], p["rejected_answer"], p["edited"], p["status"], p["version"]) == (
@@ -297,18 +302,18 @@ def test_undo_restores_and_is_audited(store: Store, pairs: list[int]) -> None:
         "undo", rows[2]["id"], "bo")
     assert json.loads(rows[-1]["after"]) == {"chosen_answer": "two", "edited": 0}
 
-    p = review.undo(store, 2, 5)  # undo of undo walks further back: undoes the swap
+    p = review.undo(store, 2, 5, reviewer="bo")  # undo of undo walks further back: undoes the swap
     assert (p["chosen_answer"], p["rejected_answer"], p["margin"], p["status"], p["version"]) == (
         "three", "two", original["margin"], "accepted", 6)
     assert p["chosen_rollout_id"] == original["chosen_rollout_id"]
-    p = review.undo(store, 2, 6)  # undoes the accept
+    p = review.undo(store, 2, 6, reviewer="bo")  # undoes the accept
     assert {k: p[k] for k in original if k not in ("version", "updated_at")} == {
         k: original[k] for k in original if k not in ("version", "updated_at")}
     assert p["version"] == 7
     assert [a for a, *_ in audit(store, 2)] == ["accept", "swap", "edit_chosen_answer", "undo", "undo", "undo"]
     assert [u for *_, u in audit(store, 2)] == [None, None, None, 3, 2, 1]
     with pytest.raises(DataError, match="pair 2 has nothing to undo"):
-        review.undo(store, 2, 7)
+        review.undo(store, 2, 7, reviewer="bo")
     assert len(review.reviews(store, 2)) == 6
 
 
@@ -347,3 +352,45 @@ def test_actions_on_missing_pair(store: Store, pairs: list[int]) -> None:
     with pytest.raises(NotFoundError, match="no pair with id 42"):
         review.accept(store, 42, 1)
     assert store.db["reviews"].count == 0
+
+
+def test_two_writers_on_200_pairs_lose_nothing(store: Store) -> None:
+    """Two reviewers (threads, each with its own connection) act on the same 200 pairs at once:
+    per pair exactly one wins, the other always gets ConflictError (never "database is locked"),
+    and every winner's change is in the file."""
+    import threading
+
+    make_pairs(store, [("shapes", f"Question {n}?", 0.9, 0.1, "a", "b", None, None) for n in range(200)])
+    barrier = threading.Barrier(2)
+    outcome: dict[str, dict[int, str]] = {"accept": {}, "reject": {}}
+    errors: list[BaseException] = []
+
+    def reviewer(action: str) -> None:
+        mine = Store(store.workspace)  # its own Store: its own connection, as another process has
+        for pair_id in range(1, 201):
+            version = review.get_pair(mine, pair_id)["version"]
+            barrier.wait(timeout=30)
+            try:
+                getattr(review, action)(mine, pair_id, version, reviewer=action)
+                outcome[action][pair_id] = "won"
+            except ConflictError:
+                outcome[action][pair_id] = "conflict"
+            except BaseException as exc:  # noqa: BLE001 - any other error fails the test below
+                errors.append(exc)
+                outcome[action][pair_id] = repr(exc)
+
+    threads = [threading.Thread(target=reviewer, args=(a,)) for a in ("accept", "reject")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    for pair_id in range(1, 201):
+        results = {outcome["accept"][pair_id], outcome["reject"][pair_id]}
+        assert results == {"won", "conflict"}, (pair_id, results)
+        winner = "accept" if outcome["accept"][pair_id] == "won" else "reject"
+        pair = review.get_pair(store, pair_id)
+        assert (pair["status"], pair["version"]) == ({"accept": "accepted", "reject": "rejected"}[winner], 2)
+        assert [(r["reviewer"], r["action"]) for r in review.reviews(store, pair_id)] == [(winner, winner)]
+    assert status_counts(store)["pending"] == 0
+    assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -22,7 +22,7 @@ from typing import Any
 from sqlite_utils import Database
 
 from visrl.boxes import Box
-from visrl.errors import DataError, JobError, NotFoundError, WorkspaceError
+from visrl.errors import ConflictError, DataError, JobError, NotFoundError, WorkspaceError
 from visrl.schema import migrations
 from visrl.workspace import Workspace
 
@@ -87,6 +87,39 @@ class Store:
     def atomic(self) -> Iterator[Database]:
         with self.db.atomic() as db:
             yield db
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Database]:
+        """A transaction that holds the write lock from its first statement (``BEGIN IMMEDIATE``).
+
+        For read-check-write actions (review actions check a pair's ``version`` first): a deferred
+        ``BEGIN`` reads a snapshot, and when another writer commits in between, the upgrade to a
+        write fails at once with "database is locked" (SQLite cannot wait: the snapshot is stale).
+        Taking the lock up front makes a second writer wait (busy timeout, 30 s) and then read the
+        committed state, so a stale version is a clean :class:`ConflictError`. Nested inside another
+        transaction it is a savepoint of that one. A lock not obtained within the busy timeout
+        raises :class:`ConflictError` too (the caller can retry), never ``OperationalError``.
+        """
+        db = self.db
+        if db.conn.in_transaction:
+            with db.atomic():
+                yield db
+            return
+        try:
+            db.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise ConflictError(f"the workspace database is busy ({exc}: another process held the "
+                                "write lock for over 30 s); try again") from None
+        try:
+            yield db
+        except BaseException:
+            db.rollback()
+            raise
+        try:
+            db.conn.execute("COMMIT")
+        except BaseException:
+            db.rollback()
+            raise
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
