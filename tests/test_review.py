@@ -129,10 +129,22 @@ def test_review_priority(margin: float, crop: float | None, iou: float | None, e
     (PairFilter(search="%_o"), [3]),  # LIKE's wildcards are searched for literally
     (PairFilter(search="_"), [3]),
     (PairFilter(search="5_%"), []),  # as wildcards this would match "50%"
+    (PairFilter(search="ye"), [4]),  # shorter than a trigram: LIKE
+    (PairFilter(search='"50%'), []),  # a quote is literal text, not FTS syntax
+    (PairFilter(search="ARROW point"), [6]),
+    (PairFilter(search="olour is the sq"), [4]),
 ])
-def test_filters(store: Store, pairs: list[int], flt: PairFilter, expected: list[int]) -> None:
+def test_filters(store: Store, pairs: list[int], flt: PairFilter, expected: list[int],
+                 monkeypatch: pytest.MonkeyPatch) -> None:
     assert [p["id"] for p in page_pairs(store, flt)] == expected
     assert count_pairs(store, flt) == len(expected)
+    # The Python check that keeps the desk's count current agrees with the SQL, pair by pair.
+    assert [i for i in PRIORITY_ORDER if flt.accepts(review.get_pair(store, i))] == expected
+    assert [i for i in PRIORITY_ORDER if review.matches(store, flt, i)] == expected
+    assert walk(store, flt) == expected
+    assert walk(store, flt, backwards=True) == expected[::-1]
+    # A search walks a window of candidates, then asks the full-text index: both ways agree.
+    monkeypatch.setattr(review, "SCAN_CANDIDATES", 1)
     assert walk(store, flt) == expected
     assert walk(store, flt, backwards=True) == expected[::-1]
 

@@ -87,13 +87,13 @@ def test_wal_and_migrations(store: Store) -> None:
     applied = store.db.execute(
         "SELECT migration_set, name FROM _sqlite_migrations ORDER BY rowid").fetchall()
     assert applied == [("visrl", "m001_initial"), ("visrl", "m002_pair_desk_indexes"),
-                       ("visrl", "m004_run_leases")]
+                       ("visrl", "m003_desk_counts_search_team"), ("visrl", "m004_run_leases")]
     # Applying again (another process opening the file) changes nothing and records nothing.
     migrations.apply(store.db)
-    assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 3
+    assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 4
     assert migrations.pending(store.db) == []
     # A second Store on the same file sees the same database.
-    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 3
+    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 4
 
 
 def test_schema_tables_and_columns(store: Store) -> None:
@@ -107,7 +107,10 @@ def test_schema_tables_and_columns(store: Store) -> None:
         "margin": float, "priority": float, "status": str, "version": int, "edited": int, "source": str,
         "created_at": str, "updated_at": str}
     assert list(db["reviews"].columns_dict) == [
-        "id", "pair_id", "reviewer", "action", "before", "after", "undoes", "created_at"]
+        "id", "pair_id", "reviewer", "action", "before", "after", "undoes", "created_at", "batch"]
+    assert db["pair_counts"].pks == ["dataset_id", "status"] and db["review_counts"].pks == ["reviewer", "action"]
+    assert db["pair_claims"].columns_dict == {"pair_id": int, "reviewer": str, "expires_at": float}
+    assert {"items_fts", "pairs_fts"} <= set(db.table_names())
     indexes = {tuple(i.columns) for i in db["pairs"].indexes}
     assert ("status", "priority", "id") in indexes and ("dataset_id", "status", "priority", "id") in indexes
     assert {tuple(i.columns) for i in db["rollouts"].indexes if i.unique} == {
