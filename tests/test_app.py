@@ -16,6 +16,7 @@ from visrl.store import Store
 from visrl.workspace import Workspace
 
 FILTERS = ("pending", "any", None, None, "", "oldest")  # status, dataset, min/max margin, search, sort
+NO_EDITS = (None, None, None)  # annotator value, chosen answer, rejected answer: nothing edited
 
 
 def seed_pairs(root: Path, n: int = 4, size: tuple[int, int] = (320, 240)) -> Workspace:
@@ -54,7 +55,7 @@ def ctx(tmp_path: Path) -> Any:
 
 def view_dict(outputs: tuple[Any, ...]) -> dict[str, Any]:
     names = ["annotated", "chosen_crop", "rejected_crop", "info", "chosen_answer", "rejected_answer",
-             "progress", "ticket", "state"]
+             "progress", "ticket", "history", "state"]
     return dict(zip(names, outputs, strict=True))
 
 
@@ -69,15 +70,20 @@ def test_import_app_does_not_import_torch() -> None:
 def test_first_pair_view_shows_boxes_crops_and_progress(ctx: Any) -> None:
     from visrl_app import pairs_tab, render
 
-    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))
     first = review.get_pair(ctx.store, view["state"]["pair_id"])
     assert view["state"]["version"] == 1 and first["id"] == 1  # sort "oldest"
     boxes = view["annotated"]["boxes"]
     assert [(b["label"], b["color"]) for b in boxes] == [("chosen", render.GREEN), ("rejected", render.RED)]
-    assert [boxes[0][k] for k in ("xmin", "ymin", "xmax", "ymax")] == [22, 58, 82, 122]
-    assert view["annotated"]["image"].size == (320, 240)
+    # The displayed image has rows added above it so a label over a box at the top edge shows;
+    # boxes move down by as many rows (24 CSS px at 420/240 scale: 14 image rows).
+    pad = view["state"]["pad"]
+    assert pad == 14 == render.label_pad((320, 240))
+    assert [boxes[0][k] for k in ("xmin", "ymin", "xmax", "ymax")] == [22, 58 + pad, 82, 122 + pad]
+    assert view["annotated"]["image"].size == (320, 240 + pad)
+    assert view["annotated"]["image"].getpixel((5, 2)) == (241, 245, 249)  # the label band
     # the dashed blue gt box is drawn on the displayed image (at its top-left corner: x=20, y=60)
-    assert view["annotated"]["image"].getpixel((21, 60)) == render.BLUE
+    assert view["annotated"]["image"].getpixel((21, 60 + pad)) == render.BLUE
     assert view["chosen_crop"].size == (60, 64) and view["rejected_crop"].size == (100, 80)
     assert view["chosen_answer"] == "red" and view["rejected_answer"] == "grey"
     assert "Reviewed 0 / 4" in view["progress"] and "pending 4" in view["progress"]
@@ -87,11 +93,11 @@ def test_first_pair_view_shows_boxes_crops_and_progress(ctx: Any) -> None:
 def test_accept_advances_and_records_version(ctx: Any) -> None:
     from visrl_app import pairs_tab
 
-    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))["state"]
-    view = view_dict(pairs_tab.act(ctx, "accept", state, *FILTERS))
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))["state"]
+    view = view_dict(pairs_tab.act(ctx, "accept", state, *NO_EDITS, *FILTERS))
     assert review.get_pair(ctx.store, 1)["status"] == "accepted"
     assert view["state"]["pair_id"] == 2  # moved on to the next pending pair
-    view = view_dict(pairs_tab.act(ctx, "reject", view["state"], *FILTERS))
+    view = view_dict(pairs_tab.act(ctx, "reject", view["state"], *NO_EDITS, *FILTERS))
     assert review.get_pair(ctx.store, 2)["status"] == "rejected"
     assert "Reviewed 2 / 4" in view["progress"]
 
@@ -99,27 +105,27 @@ def test_accept_advances_and_records_version(ctx: Any) -> None:
 def test_swap_undo_and_navigation(ctx: Any) -> None:
     from visrl_app import pairs_tab
 
-    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))["state"]
-    view = view_dict(pairs_tab.act(ctx, "swap", state, *FILTERS))
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))["state"]
+    view = view_dict(pairs_tab.act(ctx, "swap", state, *NO_EDITS, *FILTERS))
     assert view["state"] == {**view["state"], "pair_id": 1, "version": 2}
     assert view["chosen_answer"] == "grey"
-    view = view_dict(pairs_tab.act(ctx, "undo", view["state"], *FILTERS))
+    view = view_dict(pairs_tab.act(ctx, "undo", view["state"], *NO_EDITS, *FILTERS))
     assert view["chosen_answer"] == "red" and view["state"]["version"] == 3
-    nxt = view_dict(pairs_tab.navigate(ctx, False, view["state"], *FILTERS))
+    nxt = view_dict(pairs_tab.navigate(ctx, False, view["state"], *NO_EDITS, *FILTERS))
     assert nxt["state"]["pair_id"] == 2
-    back = view_dict(pairs_tab.navigate(ctx, True, nxt["state"], *FILTERS))
+    back = view_dict(pairs_tab.navigate(ctx, True, nxt["state"], *NO_EDITS, *FILTERS))
     assert back["state"]["pair_id"] == 1
     # at the start, "previous" stays on the first pair
-    assert view_dict(pairs_tab.navigate(ctx, True, back["state"], *FILTERS))["state"]["pair_id"] == 1
+    assert view_dict(pairs_tab.navigate(ctx, True, back["state"], *NO_EDITS, *FILTERS))["state"]["pair_id"] == 1
 
 
 def test_conflict_warns_and_reloads(ctx: Any) -> None:
     from visrl_app import pairs_tab
 
-    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))["state"]
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))["state"]
     review.reject(ctx.store, 1, 1, reviewer="someone-else")
     with pytest.warns(UserWarning, match="changed by someone else"):
-        view = view_dict(pairs_tab.act(ctx, "accept", state, *FILTERS))
+        view = view_dict(pairs_tab.act(ctx, "accept", state, *NO_EDITS, *FILTERS))
     assert review.get_pair(ctx.store, 1)["status"] == "rejected"
     assert view["state"]["pair_id"] == 1 and view["state"]["version"] == 2  # reloaded
 
@@ -127,32 +133,141 @@ def test_conflict_warns_and_reloads(ctx: Any) -> None:
 def test_save_boxes_reads_labels_and_pixels(ctx: Any) -> None:
     from visrl_app import pairs_tab
 
-    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))
+    pad = view["state"]["pad"]
     boxes = [{**b} for b in view["annotated"]["boxes"]]
-    boxes[1].update(xmin=10, ymin=20, xmax=110, ymax=140)  # the rejected box, dragged
+    boxes[1].update(xmin=10, ymin=20 + pad, xmax=110, ymax=140 + pad)  # the rejected box, dragged
     view = view_dict(pairs_tab.save_boxes(ctx, view["state"], {"image": None, "boxes": boxes}, *FILTERS))
     pair = review.get_pair(ctx.store, 1)
     assert review.pair_boxes(pair)["rejected"] == Box(10, 20, 110, 140)
     assert review.pair_boxes(pair)["chosen"] == Box(22, 58, 82, 122)  # unchanged: not re-saved
     assert pair["version"] == 2 and pair["edited"] == 1 and "saved rejected box" in view["ticket"]
-    bad = [{**boxes[0], "label": "rejected"}, boxes[1]]
-    with pytest.warns(UserWarning, match="two boxes are labelled 'rejected'"):
-        pairs_tab.save_boxes(ctx, view["state"], {"boxes": bad}, *FILTERS)
+    three = [{**boxes[0], "xmin": x} for x in (1, 2, 3)]
+    with pytest.warns(UserWarning, match="3 boxes are labelled 'chosen'; delete the extra ones"):
+        pairs_tab.save_boxes(ctx, view["state"], {"boxes": three}, *FILTERS)
     assert review.get_pair(ctx.store, 1)["version"] == 2
+
+
+@pytest.mark.parametrize("case", ["replace", "deleted side", "rotated", "top edge"])
+def test_new_deleted_rotated_and_edge_boxes(ctx: Any, case: str) -> None:
+    """A new box (the annotator labels it "chosen") replaces the chosen box, or takes the side
+    whose box was deleted; boxes drawn on a rotated view are stored unrotated; a box dragged
+    into the label band above the image is clamped onto the image."""
+    from visrl_app import pairs_tab
+
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))
+    pad = view["state"]["pad"]
+    chosen, rejected = view["annotated"]["boxes"]
+    new = {"xmin": 100, "ymin": 100 + pad, "xmax": 150, "ymax": 160 + pad, "label": "chosen"}
+    value: dict[str, Any] = {"boxes": [chosen, rejected, new]}
+    expected = {"chosen": Box(100, 100, 150, 160), "rejected": Box(200, 150, 300, 230)}
+    if case == "deleted side":
+        value = {"boxes": [chosen, new]}
+        expected = {"chosen": Box(22, 58, 82, 122), "rejected": Box(100, 100, 150, 160)}
+    elif case == "rotated":  # one clockwise quarter turn of the 320 x (240 + pad) view: x' = H - y, y' = x
+        height = 240 + pad
+        turned = [{"label": b["label"], "xmin": height - b["ymax"], "ymin": b["xmin"], "xmax": height - b["ymin"],
+                   "ymax": b["xmax"]} for b in (chosen, {**rejected, "xmin": 190})]
+        value = {"boxes": turned, "orientation": 1}
+        expected = {"chosen": Box(22, 58, 82, 122), "rejected": Box(190, 150, 300, 230)}
+    elif case == "top edge":
+        value = {"boxes": [{**chosen, "ymin": 3}, rejected]}
+        expected = {"chosen": Box(22, 0, 82, 122), "rejected": Box(200, 150, 300, 230)}
+    pairs_tab.save_boxes(ctx, view["state"], value, *FILTERS)
+    boxes = review.pair_boxes(review.get_pair(ctx.store, 1))
+    assert {side: boxes[side] for side in expected} == expected
+
+
+def test_edits_are_saved_before_moving_on(ctx: Any) -> None:
+    from visrl_app import pairs_tab
+
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))
+    edits = (view["annotated"], "crimson", "grey")  # typed an answer, boxes untouched
+    view = view_dict(pairs_tab.navigate(ctx, False, view["state"], *edits, *FILTERS))
+    assert review.get_pair(ctx.store, 1)["chosen_answer"] == "crimson"
+    assert view["state"]["pair_id"] == 2 and "saved chosen answer" in view["ticket"]
+    # Accept with a typed answer: the edit and the accept are both stored, in that order.
+    view = view_dict(pairs_tab.act(ctx, "accept", view["state"], None, "ruby", None, *FILTERS))
+    assert [r["action"] for r in review.reviews(ctx.store, 2)] == ["edit_chosen_answer", "accept"]
+    assert review.get_pair(ctx.store, 2)["chosen_answer"] == "ruby" and view["state"]["pair_id"] == 3
+    # An edit that cannot be stored keeps the desk on the pair, with the edit, and warns.
+    with pytest.warns(UserWarning, match="an answer cannot be empty"):
+        stay = view_dict(pairs_tab.navigate(ctx, False, view["state"], None, "   ", None, *FILTERS))
+    assert stay["state"]["pair_id"] == 3 and stay["chosen_answer"] == {"__type__": "update"}
+    assert review.reviews(ctx.store, 3) == []
+
+
+def test_undo_discards_unsaved_edits_then_reverts_only_this_tab(ctx: Any) -> None:
+    from visrl_app import pairs_tab
+
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state("ana"), *NO_EDITS, *FILTERS))
+    view = view_dict(pairs_tab.act(ctx, "swap", view["state"], *NO_EDITS, *FILTERS))
+    undo = view_dict(pairs_tab.act(ctx, "undo", view["state"], None, "typed, not saved", None, *FILTERS))
+    assert "undid your unsaved edits to pair 1" in undo["ticket"] and undo["chosen_answer"] == "grey"
+    assert review.get_pair(ctx.store, 1)["version"] == 2  # the swap stands
+    undo = view_dict(pairs_tab.act(ctx, "undo", undo["state"], *NO_EDITS, *FILTERS))
+    assert "undid ana's swap" in undo["ticket"] and undo["chosen_answer"] == "red"
+    # Another tab (same reviewer) accepts pair 1; a freshly loaded tab has nothing to undo.
+    review.accept(ctx.store, 1, 3, reviewer="ana")
+    fresh = view_dict(pairs_tab.load(ctx, pairs_tab.empty_state("ana"), *FILTERS))
+    with pytest.warns(UserWarning, match="nothing of yours to undo in this tab"):
+        pairs_tab.act(ctx, "undo", fresh["state"], *NO_EDITS, *FILTERS)
+    assert review.get_pair(ctx.store, 1)["status"] == "accepted"
+
+
+def test_reviewer_claims_history_and_jump(ctx: Any) -> None:
+    from types import SimpleNamespace
+
+    from visrl_app import pairs_tab
+
+    assert ctx.user  # --user, $VISRL_USER or the OS login
+    ana = view_dict(pairs_tab.load(ctx, pairs_tab.empty_state(), *FILTERS, request=SimpleNamespace(username="ana")))
+    bo = view_dict(pairs_tab.load(ctx, pairs_tab.empty_state(), *FILTERS, request=SimpleNamespace(username="bo")))
+    assert (ana["state"]["reviewer"], bo["state"]["reviewer"]) == ("ana", "bo")
+    assert (ana["state"]["pair_id"], bo["state"]["pair_id"]) == (1, 2)  # pair 1 is on ana's screen
+    ana = view_dict(pairs_tab.act(ctx, "accept", ana["state"], *NO_EDITS, *FILTERS))
+    assert ana["state"]["pair_id"] == 3  # 2 is on bo's screen
+    assert review.reviews(ctx.store, 1)[0]["reviewer"] == "ana"
+    assert "ana: 1 accept" in ana["progress"]
+    bo = view_dict(pairs_tab.act(ctx, "reject", bo["state"], *NO_EDITS, *FILTERS))
+    assert "Team: ana 1 accepted, 0 rejected" in bo["progress"]
+    jumped = view_dict(pairs_tab.jump(ctx, bo["state"], *NO_EDITS, "#1", *FILTERS))
+    assert jumped["state"]["pair_id"] == 1 and "jumped to pair 1" in jumped["ticket"]
+    assert "| ana | accept (status pending -> accepted) |" in jumped["history"]
+    with pytest.warns(UserWarning, match="no pair with id 99"):
+        pairs_tab.jump(ctx, bo["state"], *NO_EDITS, "99", *FILTERS)
+
+
+def test_bulk_preview_confirm_and_undo(ctx: Any) -> None:
+    from visrl_app import pairs_tab
+
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state("ana"), *NO_EDITS, *FILTERS))["state"]
+    with pytest.warns(UserWarning, match="preview the bulk action"):
+        pairs_tab.bulk(ctx, "confirm", state, "accept", *FILTERS)
+    message, state = pairs_tab.bulk_preview(ctx, state, "accept", *FILTERS)
+    assert "**4** pairs match the filters" in message
+    with pytest.warns(UserWarning, match="preview the bulk action"):  # another action than previewed
+        pairs_tab.bulk(ctx, "confirm", state, "reject", *FILTERS)
+    *outputs, message = pairs_tab.bulk(ctx, "confirm", state, "accept", *FILTERS)
+    assert "Done: **4** pairs" in message and review.status_counts(ctx.store)["accepted"] == 4
+    view = view_dict(tuple(outputs))
+    assert view["state"]["pair_id"] is None and "pending 0" in view["progress"]
+    *outputs, message = pairs_tab.bulk(ctx, "undo", view["state"], "accept", *FILTERS)
+    assert "**4** pairs reverted" in message and review.status_counts(ctx.store)["pending"] == 4
 
 
 def test_save_answers_and_filters(ctx: Any) -> None:
     from visrl_app import pairs_tab
 
-    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))
     view = view_dict(pairs_tab.save_answers(ctx, view["state"], "red", "blue", *FILTERS))
     assert review.get_pair(ctx.store, 1)["rejected_answer"] == "blue"
     assert review.get_pair(ctx.store, 1)["chosen_answer"] == "red"
-    searched = view_dict(pairs_tab.show_first(ctx, view["state"], "any", "shapes", None, None, "square 3", "priority"))
+    searched = view_dict(pairs_tab.show_first(ctx, view["state"], *NO_EDITS, "any", "shapes", None, None, "square 3", "priority"))
     assert searched["state"]["pair_id"] == 4
-    narrow = view_dict(pairs_tab.show_first(ctx, view["state"], "any", "any", 0.85, None, "", "priority"))
+    narrow = view_dict(pairs_tab.show_first(ctx, view["state"], *NO_EDITS, "any", "any", 0.85, None, "", "priority"))
     assert narrow["state"]["pair_id"] == 2  # margins 1.0, 0.9, 0.8, 0.7: >= 0.85 -> pairs 1, 2; priority: smaller margin first
-    empty = view_dict(pairs_tab.show_first(ctx, view["state"], "accepted", "any", None, None, "", "priority"))
+    empty = view_dict(pairs_tab.show_first(ctx, view["state"], *NO_EDITS, "accepted", "any", None, None, "", "priority"))
     assert empty["state"]["pair_id"] is None and "No pairs" in empty["info"]
 
 

@@ -13,7 +13,9 @@ the count, and share one ``batch`` id in the audit so :func:`undo_batch` reverts
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +31,25 @@ BULK_ACTIONS = {"accept": "accepted", "reject": "rejected", "reset": "pending"}
 ACTIONS = {"accept": review.accept, "reject": review.reject, "swap": review.swap,
            "reset": review.reset, "undo": review.undo}
 ADVANCE_AFTER = {"accept", "reject"}  # a decided pair moves the desk on to the next one
+
+
+def default_reviewer() -> str:
+    """Who acts when nobody logged in: ``$VISRL_USER``, else the OS login name, else "local"."""
+    name = os.environ.get("VISRL_USER", "").strip()
+    if not name:
+        try:
+            name = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry (some containers)
+            name = ""
+    return name or "local"
+
+
+def check_reviewer(name: str) -> str:
+    """A reviewer name as stored on audit rows: 1-64 printable characters, no surrounding spaces."""
+    name = (name or "").strip()
+    if not name or len(name) > 64 or not name.isprintable():
+        raise DataError(f"reviewer name {name[:80]!r} must be 1-64 printable characters")
+    return name
 
 
 @dataclass

@@ -40,9 +40,10 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 STORE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
-def build_app(workspace: str | Path | Workspace) -> gr.Blocks:
-    """The app for ``workspace`` (a folder or an opened Workspace); launch with :func:`launch`."""
-    ctx = AppContext.open(workspace)
+def build_app(workspace: str | Path | Workspace, user: str | None = None) -> gr.Blocks:
+    """The app for ``workspace`` (a folder or an opened Workspace); launch with :func:`launch`.
+    ``user`` names the reviewer on audit rows when there is no login (see AppContext)."""
+    ctx = AppContext.open(workspace, user)
     with gr.Blocks(title="VisRL", analytics_enabled=False) as blocks:
         gr.Markdown(f"## VisRL · workspace `{ctx.root}`", elem_id="visrl-header")
         with gr.Tabs():
@@ -165,11 +166,11 @@ def launch_kwargs(workspace: Workspace, host: str = "127.0.0.1") -> dict[str, An
 
 def launch(workspace: str | Path | Workspace, host: str = "127.0.0.1", port: int | None = None,
            auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False,
-           quiet: bool = False) -> gr.Blocks:
+           quiet: bool = False, user: str | None = None) -> gr.Blocks:
     """Build and serve the app. Raises ConfigError for a non-local host without ``auth``."""
     check_bind(host, auth)
     ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
-    blocks = build_app(ws)
+    blocks = build_app(ws, user)
     blocks.queue(default_concurrency_limit=4)
     blocks.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=prevent_thread_lock,
                   quiet=quiet, inbrowser=False, share=False, **launch_kwargs(ws, host))

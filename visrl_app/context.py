@@ -21,13 +21,19 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass(frozen=True)
 class AppContext:
+    """``user``: the reviewer named on audit rows when the app runs without a login (``--user``,
+    else ``$VISRL_USER``, else the OS login); under ``--auth`` each browser's login name wins."""
+
     workspace: Workspace
     store: Store
+    user: str = "local"
 
     @classmethod
-    def open(cls, workspace: str | Path | Workspace) -> AppContext:
+    def open(cls, workspace: str | Path | Workspace, user: str | None = None) -> AppContext:
+        from visrl.desk import default_reviewer
+
         ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
-        return cls(ws, Store(ws))
+        return cls(ws, Store(ws), user or default_reviewer())
 
     @property
     def root(self) -> Path:

@@ -57,13 +57,19 @@ def ensure_workspace(workspace: str | None, builder: Builder | None = None) -> P
 @click.option("--port", type=int, default=None, help="Port (default: gradio's, 7860 or the next free).")
 @click.option("--auth", default=None, metavar="USER:PASSWORD", envvar="VISRL_APP_AUTH",
               help="Require this login (needed for any non-local --host).")
-def cli(workspace: str | None, host: str, port: int | None, auth: str | None) -> None:
+@click.option("--user", default=None, envvar="VISRL_USER", metavar="NAME",
+              help="Reviewer name on audit rows when there is no login (default: $VISRL_USER, else "
+                   "your OS login); under --auth each browser's login name is used.")
+def cli(workspace: str | None, host: str, port: int | None, auth: str | None, user: str | None) -> None:
     """Curate preference pairs, launch training, evaluate, and chat with the focus crop."""
     from visrl_app.app import check_bind, host_is_local, is_local, launch, parse_auth
     from visrl_app.first_start import build_with_page, pick_port
 
     credentials = parse_auth(auth)
     check_bind(host, credentials)  # before any work: a refused start must be quick and clear
+    from visrl.desk import check_reviewer
+
+    reviewer = check_reviewer(user) if user is not None else None  # before any work, like check_bind
     chosen = {"port": port}
 
     def with_page(root: Path, build: Callable[[Callable[[str], None]], Any]) -> None:
@@ -73,7 +79,7 @@ def cli(workspace: str | None, host: str, port: int | None, auth: str | None) ->
                         echo=lambda line: click.echo(line, err=True))
 
     root = ensure_workspace(workspace, with_page)
-    launch(root, host=host, port=chosen["port"], auth=credentials)
+    launch(root, host=host, port=chosen["port"], auth=credentials, user=reviewer)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,15 @@
 """The Pairs tab: the curation desk for generated preference pairs.
 
-The pair on screen and its ``version`` live in ``gr.State`` (one per browser); every action is a
-:mod:`visrl.review` call with that version, so a pair changed in another tab or by another
-reviewer raises :class:`~visrl.errors.ConflictError`, shown as a warning, and the pair reloads.
-Handlers are plain functions of ``(ctx, state, ...)`` so tests drive them without a browser.
+The pair on screen, its ``version``, the reviewer and this tab's own actions live in ``gr.State``
+(kept on the server, one per browser); every action is a :mod:`visrl.desk` / :mod:`visrl.review`
+call with that version, so a pair changed in another tab or by another reviewer raises
+:class:`~visrl.errors.ConflictError`, shown as a warning, and the pair reloads.
+
+Edits on screen (a dragged box, a typed answer) are saved before any action or navigation takes
+the pair off the screen (autosave); edits that cannot be saved keep the desk on the pair with a
+warning. Undo first discards unsaved edits, then reverts this tab's own actions, newest first,
+saying what it reverted. Handlers are plain functions of ``(ctx, state, ...)`` so tests drive
+them without a browser.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import gradio as gr
 from gradio_image_annotation import image_annotator
 from PIL import Image
 
-from visrl import review
+from visrl import desk, review
 from visrl.boxes import Box
-from visrl.errors import ConflictError, DataError, VisRLError
-from visrl_app import render
+from visrl.errors import ConflictError, VisRLError
+from visrl_app import pairs_team, render
 from visrl_app.context import AppContext, warn
+from visrl_app.pairs_edits import pending_edits
 from visrl_app.pairs_export import create_export_panel
 
 ANY = "any"
@@ -32,16 +39,20 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
     "undo": ("U", "Undo"), "reset": ("P", "Back to pending"), "save_boxes": ("B", "Save boxes"),
     "save_answers": ("W", "Save answers"), "prev": ("K / ←", "Previous"), "next": ("J / →", "Next"),
 }
-BOX_TOLERANCE_PX = 0.75  # the annotator rounds to whole pixels; smaller moves are no edit
-
-
-def empty_state() -> dict[str, Any]:
-    """Per-browser desk state: the pair on screen, its version, an action counter, and this
-    session's actions as [pair id, version after] (what Undo reverts, newest last)."""
-    return {"pair_id": None, "version": None, "n": 0, "history": []}
-
-
 HISTORY_LIMIT = 200  # undo depth per browser session
+NO_EDITS = (None, None, None)  # (annotator value, chosen answer, rejected answer): nothing on screen
+
+
+def empty_state(reviewer: str | None = None) -> dict[str, Any]:
+    """Per-browser desk state: the pair on screen, its version, an action counter, this session's
+    actions as [pair id, version after] (what Undo reverts, newest last), the reviewer, the
+    matching count with the filter it counts, and the rows added above the image for labels."""
+    return {"pair_id": None, "version": None, "n": 0, "history": [], "reviewer": reviewer,
+            "count": None, "pad": 0}
+
+
+def reviewer_of(ctx: AppContext, state: dict[str, Any]) -> str:
+    return state.get("reviewer") or ctx.user
 
 
 def make_filter(ctx: AppContext, status: str | None, dataset: str | None, min_margin: float | None,
@@ -54,31 +65,65 @@ def make_filter(ctx: AppContext, status: str | None, dataset: str | None, min_ma
         search=(search or "").strip() or None)
 
 
+def _count_key(flt: review.PairFilter) -> str:
+    return repr({**flt.__dict__, "viewer": None})
+
+
 # ---------------------------------------------------------------------- the view
 
 def pair_view(ctx: AppContext, pair: dict[str, Any] | None, state: dict[str, Any],
-              flt: review.PairFilter, note: str = "") -> tuple[Any, ...]:
+              flt: review.PairFilter, note: str = "", progress: desk.Progress | None = None,
+              claim: bool = True) -> tuple[Any, ...]:
     """Every output of the desk for ``pair`` (None: nothing matches the filter)."""
     state = {**state, "n": state.get("n", 0) + 1}
-    progress = progress_text(ctx, flt)
+    reviewer = reviewer_of(ctx, state)
+    if progress is None:
+        cached = state.get("count")
+        matching = cached[1] if cached and cached[0] == _count_key(flt) else None
+        progress = desk.progress(ctx.store, flt, reviewer, matching)
+    state["count"] = [_count_key(flt), progress.matching]
+    progress_md = progress.line(reviewer) + team_line(ctx, reviewer)
     if pair is None:
-        state.update(pair_id=None, version=None)
+        state.update(pair_id=None, version=None, pad=0)
         ticket = f"No pair matches the filters. · #{state['n']}" + (f" · {note}" if note else "")
         return (None, None, None, "### No pairs\nNothing matches these filters.", "", "",
-                progress, ticket, state)
-    state.update(pair_id=pair["id"], version=pair["version"])
+                progress_md, ticket, "", state)
+    if claim:
+        holder = desk.claim(ctx.store, pair["id"], reviewer)
+        if holder:
+            note = f"{holder} has this pair open too" + (f" · {note}" if note else "")
     image = Image.open(ctx.workspace.absolute(pair["image"])).convert("RGB")
     boxes = review.pair_boxes(pair)
     shown = render.draw_dashed_box(image, boxes["gt"], render.BLUE) if boxes["gt"] else image
-    annot_boxes = [render.annotator_box(boxes[side], side, color)
+    pad = render.label_pad(image.size)
+    state.update(pair_id=pair["id"], version=pair["version"], pad=pad)
+    annot_boxes = [render.annotator_box(render.shift(boxes[side], pad), side, color)
                    for side, color in (("chosen", render.GREEN), ("rejected", render.RED))
                    if boxes[side] is not None]
-    annotated = {"image": shown, "boxes": annot_boxes}
+    annotated = {"image": render.pad_top(shown, pad), "boxes": annot_boxes}
     ticket = (f"pair {pair['id']} · v{pair['version']} · {pair['status']} · #{state['n']}"
               + (f" · {note}" if note else ""))
     return (annotated, render.side_crop(image, boxes["chosen"]), render.side_crop(image, boxes["rejected"]),
             info_markdown(pair), pair["chosen_answer"] or "", pair["rejected_answer"] or "",
-            progress, ticket, state)
+            progress_md, ticket, pairs_team.history_markdown(ctx, pair["id"]), state)
+
+
+def stay(state: dict[str, Any], message: str) -> tuple[Any, ...]:
+    """Leave the pair and the edits on screen as they are and warn (an edit that cannot be saved
+    must not vanish by navigating away)."""
+    state = {**state, "n": state.get("n", 0) + 1}
+    ticket = f"pair {state.get('pair_id')} · v{state.get('version')} · #{state['n']} · {warn(message)}"
+    keep = gr.update()
+    return (keep, keep, keep, keep, keep, keep, keep, ticket, keep, state)
+
+
+def team_line(ctx: AppContext, reviewer: str) -> str:
+    others = {who: counts for who, counts in desk.team_progress(ctx.store).items() if who != reviewer}
+    if not others:
+        return ""
+    return "  \nTeam: " + " · ".join(
+        f"{who} {counts.get('accept', 0)} accepted, {counts.get('reject', 0)} rejected"
+        for who, counts in sorted(others.items()))
 
 
 def _fmt(value: float | None) -> str:
@@ -110,34 +155,77 @@ def info_markdown(pair: dict[str, Any]) -> str:
     ])
 
 
-def progress_text(ctx: AppContext, flt: review.PairFilter) -> str:
-    counts = review.status_counts(ctx.store, flt.dataset)
-    total = sum(counts.values())
-    reviewed = counts["accepted"] + counts["rejected"]
-    matching = review.count_pairs(ctx.store, flt)
-    return (f"**Reviewed {reviewed} / {total}** · accepted {counts['accepted']} · rejected "
-            f"{counts['rejected']} · pending {counts['pending']} · {matching} match the filters")
+# ---------------------------------------------------------------------- edits on screen
+
+def save_edits(ctx: AppContext, state: dict[str, Any], annotated: dict[str, Any] | None,
+               chosen: str | None, rejected: str | None) -> tuple[dict[str, Any], str]:
+    """Store the edits on screen for the pair in ``state``; returns the new state and a note.
+
+    Raises :class:`VisRLError` when they cannot be stored (the caller keeps them on screen).
+    """
+    pair_id = state.get("pair_id")
+    if pair_id is None or (annotated, chosen, rejected) == NO_EDITS:
+        return state, ""
+    pair = review.get_pair(ctx.store, pair_id)
+    edits = pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0)
+    if not edits:
+        return state, ""
+    if pair["version"] != state["version"]:
+        raise ConflictError(f"pair {pair_id} was changed elsewhere while you edited it (you have version "
+                            f"{state['version']}, the store has {pair['version']}); your edits are still on "
+                            "screen: copy what you need, then press Undo (U) to discard them and reload")
+    reviewer = reviewer_of(ctx, state)
+    history = list(state.get("history") or [])
+    with ctx.store.write():  # all edits of one save together, or none
+        for kind, side, value in edits:
+            edit = review.edit_box if kind == "box" else review.edit_answer
+            pair = edit(ctx.store, pair_id, pair["version"], side, value, reviewer=reviewer)
+            history.append([pair_id, pair["version"]])
+    done = " and ".join(f"{side} {kind}" for kind, side, _ in edits)
+    return {**state, "version": pair["version"], "history": history[-HISTORY_LIMIT:]}, f"saved {done}"
 
 
 # ---------------------------------------------------------------------- handlers
 
-def show_first(ctx: AppContext, state: dict[str, Any], *filters: Any) -> tuple[Any, ...]:
+def _with_saved_edits(handler: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+    """Run ``handler(ctx, state, note, flt, sort, ...)`` after saving the edits on screen; when
+    they cannot be saved, stay on the pair with the edits and a warning."""
+    def run(ctx: AppContext, state: dict[str, Any], annotated: Any, chosen: Any, rejected: Any,
+            *filters: Any) -> tuple[Any, ...]:
+        *flt_args, sort = filters[-6:]
+        try:
+            flt = make_filter(ctx, *flt_args)
+            state, note = save_edits(ctx, state, annotated, chosen, rejected)
+        except VisRLError as exc:
+            return stay(state, str(exc))
+        flt.viewer = reviewer_of(ctx, state)
+        return handler(ctx, state, note, flt, sort, *filters[:-6])
+    # Not functools.wraps: gradio reads the signature (and __wrapped__'s) to count the inputs.
+    run.__doc__, run.__name__ = handler.__doc__, getattr(handler, "__name__", "handler")
+    return run
+
+
+@_with_saved_edits
+def show_first(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter,
+               sort: str) -> tuple[Any, ...]:
     """The first pair of the filtered, sorted list (filters changed, or the page opened)."""
-    *flt_args, sort = filters
-    flt = make_filter(ctx, *flt_args)
-    return pair_view(ctx, review.next_pair(ctx.store, flt, sort), state, flt)
+    return pair_view(ctx, review.next_pair(ctx.store, flt, sort), {**state, "count": None}, flt, note)
 
 
-def navigate(ctx: AppContext, backwards: bool, state: dict[str, Any], *filters: Any) -> tuple[Any, ...]:
-    """Next (or previous) pair after the one on screen; stays put at either end."""
-    *flt_args, sort = filters
-    flt = make_filter(ctx, *flt_args)
+def _navigate(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter, sort: str,
+              backwards: bool) -> tuple[Any, ...]:
     current = state.get("pair_id")
     pair = review.next_pair(ctx.store, flt, sort, after=current, backwards=backwards)
-    note = ""
     if pair is None and current is not None:
-        pair, note = _reload(ctx, current), ("first pair" if backwards else "last pair")
+        pair, end = _reload(ctx, current), ("first pair" if backwards else "last pair")
+        note = f"{note} · {end}" if note else end
     return pair_view(ctx, pair, state, flt, note)
+
+
+def navigate(ctx: AppContext, backwards: bool, state: dict[str, Any], annotated: Any, chosen: Any,
+             rejected: Any, *filters: Any) -> tuple[Any, ...]:
+    """Next (or previous) pair after the one on screen, edits saved first; stays put at either end."""
+    return _with_saved_edits(_navigate)(ctx, state, annotated, chosen, rejected, backwards, *filters)
 
 
 def _reload(ctx: AppContext, pair_id: int | None) -> dict[str, Any] | None:
@@ -149,106 +237,128 @@ def _reload(ctx: AppContext, pair_id: int | None) -> dict[str, Any] | None:
         return None
 
 
-ACTIONS: dict[str, Callable[..., dict[str, Any]]] = {
-    "accept": review.accept, "reject": review.reject, "swap": review.swap,
-    "undo": review.undo, "reset": review.reset,
-}
-ADVANCE_AFTER = {"accept", "reject"}  # a decided pair moves the desk on to the next one
+@_with_saved_edits
+def jump(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter, sort: str,
+         target: Any) -> tuple[Any, ...]:
+    """Show pair ``target`` (an id typed by the user), whatever the filters."""
+    try:
+        pair_id = int(float(str(target).strip().lstrip("#")))
+        pair = review.get_pair(ctx.store, pair_id)
+    except (TypeError, ValueError):
+        return stay(state, f"type a pair id (a whole number), not {str(target)[:40]!r}")
+    except VisRLError as exc:
+        return stay(state, str(exc))
+    return pair_view(ctx, pair, state, flt, f"{note} · jumped to pair {pair_id}" if note else f"jumped to pair {pair_id}")
 
 
-def act(ctx: AppContext, action: str, state: dict[str, Any], *filters: Any) -> tuple[Any, ...]:
+def act(ctx: AppContext, action: str, state: dict[str, Any], annotated: Any, chosen: Any, rejected: Any,
+        *filters: Any) -> tuple[Any, ...]:
     """Apply review ``action`` to the pair on screen with the version held in ``state``.
 
-    Undo reverts this session's latest action (the desk moved on after an accept: undo brings
-    that pair back); with no action in this session it reverts the pair on screen.
+    Undo first discards edits not yet saved; otherwise it reverts this session's latest action
+    (the desk moved on after an accept: undo brings that pair back) and never another tab's.
+    Other actions save the edits on screen first.
     """
-    *flt_args, sort = filters
-    flt = make_filter(ctx, *flt_args)
+    if action == "undo":
+        return _undo(ctx, state, annotated, chosen, rejected, *filters)
+    return _with_saved_edits(functools.partial(_act, action=action))(
+        ctx, state, annotated, chosen, rejected, *filters)
+
+
+def _act(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter, sort: str,
+         action: str) -> tuple[Any, ...]:
     history = list(state.get("history") or [])
     pair_id, version = state.get("pair_id"), state.get("version")
-    if action == "undo" and history:
-        pair_id, version = history.pop()
     if pair_id is None:
         return pair_view(ctx, None, state, flt, warn("no pair on screen"))
+    cached = state.get("count")
+    matching = cached[1] if cached and cached[0] == _count_key(flt) else None
     try:
-        pair = ACTIONS[action](ctx.store, pair_id, version)
+        step = desk.act(ctx.store, action, pair_id, version, flt, sort, reviewer_of(ctx, state), matching)
     except VisRLError as exc:
         return pair_view(ctx, _reload(ctx, pair_id), {**state, "history": history}, flt, warn(str(exc)))
-    if action == "undo":
-        # later undos of the same pair must quote the version this undo produced
-        history = [[pid, pair["version"] if pid == pair_id else v] for pid, v in history]
-    else:
-        history = [*history, [pair_id, pair["version"]]][-HISTORY_LIMIT:]
-    note = f"{action} pair {pair_id}"
-    if action in ADVANCE_AFTER:
-        pair = review.next_pair(ctx.store, flt, sort, after=pair_id) or pair
-    return pair_view(ctx, pair, {**state, "history": history}, flt, note)
+    history = [*history, [pair_id, step.acted["version"]]][-HISTORY_LIMIT:]
+    note = f"{note} · {step.note}" if note else step.note
+    return pair_view(ctx, step.shown, {**state, "history": history}, flt, note, step.progress, claim=False)
 
 
-def read_annotator_boxes(value: dict[str, Any] | None) -> dict[str, Box]:
-    """{"chosen": Box, "rejected": Box} from the annotator's value (labels decide the side)."""
-    found: dict[str, Box] = {}
-    for raw in (value or {}).get("boxes") or []:
-        label = (raw.get("label") or "").strip().lower()
-        if label not in ("chosen", "rejected"):
-            raise DataError(f"a box is labelled {raw.get('label')!r}; label each box 'chosen' or "
-                            "'rejected' (double-click it) and save again")
-        if label in found:
-            raise DataError(f"two boxes are labelled {label!r}; delete one and save again")
-        found[label] = Box(float(raw["xmin"]), float(raw["ymin"]), float(raw["xmax"]), float(raw["ymax"]))
-    return found
-
-
-def _changed(a: Box | None, b: Box) -> bool:
-    return a is None or any(abs(x - y) > BOX_TOLERANCE_PX for x, y in zip(a.as_list(), b.as_list(), strict=True))
+def _undo(ctx: AppContext, state: dict[str, Any], annotated: Any, chosen: Any, rejected: Any,
+          *filters: Any) -> tuple[Any, ...]:
+    *flt_args, sort = filters
+    flt = make_filter(ctx, *flt_args)
+    flt.viewer = reviewer_of(ctx, state)
+    history = list(state.get("history") or [])
+    pair_id = state.get("pair_id")
+    pair = _reload(ctx, pair_id)
+    if pair is not None:
+        try:
+            unsaved = bool(pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0))
+        except VisRLError:
+            unsaved = True  # boxes that cannot even be read are unsaved edits too
+        if unsaved:
+            return pair_view(ctx, pair, state, flt, f"undid your unsaved edits to pair {pair_id}")
+    if not history:
+        return pair_view(ctx, pair, state, flt,
+                         warn("nothing of yours to undo in this tab (Undo reverts only what you did here)"))
+    target_id, version = history.pop()
+    try:
+        step = desk.act(ctx.store, "undo", target_id, version, flt, sort, reviewer_of(ctx, state))
+    except VisRLError as exc:
+        return pair_view(ctx, _reload(ctx, target_id), {**state, "history": history}, flt, warn(str(exc)))
+    # later undos of the same pair must quote the version this undo produced
+    history = [[pid, step.acted["version"] if pid == target_id else v] for pid, v in history]
+    return pair_view(ctx, step.shown, {**state, "history": history, "count": None}, flt, step.note)
 
 
 def save_boxes(ctx: AppContext, state: dict[str, Any], annotated: dict[str, Any] | None,
                *filters: Any) -> tuple[Any, ...]:
     """Store the boxes read back from the annotator (pixels of the original image)."""
-    def change(pair: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        stored, done = review.pair_boxes(pair), []
-        for side, box in read_annotator_boxes(annotated).items():
-            if _changed(stored[side], box):
-                pair = review.edit_box(ctx.store, pair["id"], pair["version"], side, box)
-                done.append(side)
-        return pair, done
-    return _edit(ctx, state, filters, change, "box")
+    return _save(ctx, state, (annotated, None, None), "box", *filters)
 
 
 def save_answers(ctx: AppContext, state: dict[str, Any], chosen: str, rejected: str,
                  *filters: Any) -> tuple[Any, ...]:
     """Store edited answers (only the sides whose text changed)."""
-    def change(pair: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        done = []
-        for side, text in (("chosen", chosen), ("rejected", rejected)):
-            if (text or "").strip() != (pair[f"{side}_answer"] or "").strip():
-                pair = review.edit_answer(ctx.store, pair["id"], pair["version"], side, text or "")
-                done.append(side)
-        return pair, done
-    return _edit(ctx, state, filters, change, "answer")
+    return _save(ctx, state, (None, chosen, rejected), "answer", *filters)
 
 
-def _edit(ctx: AppContext, state: dict[str, Any], filters: tuple[Any, ...],
-          change: Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]], what: str) -> tuple[Any, ...]:
-    flt = make_filter(ctx, *filters[:-1])
-    pair_id = state.get("pair_id")
-    if pair_id is None:
+def _save(ctx: AppContext, state: dict[str, Any], edits: tuple[Any, Any, Any], what: str,
+          *filters: Any) -> tuple[Any, ...]:
+    *flt_args, sort = filters
+    flt = make_filter(ctx, *flt_args)
+    if state.get("pair_id") is None:
         return pair_view(ctx, None, state, flt, warn("no pair on screen"))
     try:
-        pair = review.get_pair(ctx.store, pair_id)
-        if pair["version"] != state["version"]:
-            raise ConflictError(f"pair {pair_id} was changed elsewhere (you have version "
-                                f"{state['version']}, the store has {pair['version']}); reloaded it, "
-                                "redo your edit")
-        pair, done = change(pair)
+        state, note = save_edits(ctx, state, *edits)
     except VisRLError as exc:
-        return pair_view(ctx, _reload(ctx, pair_id), state, flt, warn(str(exc)))
-    note = f"saved {' and '.join(done)} {what}" if done else f"no {what} changed"
-    history = list(state.get("history") or [])
-    # one entry per stored edit (two sides = two reviews), so Undo reverts them one by one
-    history += [[pair["id"], pair["version"] - i] for i in reversed(range(len(done)))]
-    return pair_view(ctx, pair, {**state, "history": history[-HISTORY_LIMIT:]}, flt, note)
+        return pair_view(ctx, _reload(ctx, state["pair_id"]), state, flt, warn(str(exc)))
+    return pair_view(ctx, _reload(ctx, state["pair_id"]), state, flt, note or f"no {what} changed")
+
+
+def load(ctx: AppContext, state: dict[str, Any], *filters: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
+    """Page opened: the reviewer is the login name under ``--auth``, else the app's ``--user``."""
+    user = getattr(request, "username", None) if request is not None else None
+    fresh = empty_state(user or state.get("reviewer") or ctx.user)
+    return show_first(ctx, fresh, *NO_EDITS, *filters)
+
+
+def bulk(ctx: AppContext, step: str, state: dict[str, Any], action: str, *filters: Any) -> tuple[Any, ...]:
+    """Bulk ``step`` ("confirm" or "undo") on the filtered set; the desk then shows the filter's
+    first pair. Outputs: the desk's, then the bulk message."""
+    *flt_args, sort = filters
+    flt = make_filter(ctx, *flt_args)
+    reviewer = reviewer_of(ctx, state)
+    if step == "confirm":
+        message, state = pairs_team.bulk_confirm(ctx, state, action, flt, reviewer)
+    else:
+        message, state = pairs_team.bulk_undo(ctx, state, reviewer)
+    flt.viewer = reviewer
+    return (*pair_view(ctx, review.next_pair(ctx.store, flt, sort), state, flt), message)
+
+
+def bulk_preview(ctx: AppContext, state: dict[str, Any], action: str, *filters: Any) -> tuple[str, dict[str, Any]]:
+    flt = make_filter(ctx, *filters[:-1])
+    return pairs_team.bulk_preview(ctx, state, action, flt, reviewer_of(ctx, state))
 
 
 # ---------------------------------------------------------------------- layout
@@ -261,27 +371,49 @@ def dataset_choices(ctx: AppContext) -> list[str]:
     return [ANY, *(d["name"] for d in ctx.store.datasets())]
 
 
+DIRTY_MARKER = ("<span id='pairs-dirty' title='Saved automatically by your next action or move; "
+                "Undo (U) discards them'>● unsaved edits</span>")
+
+
 def _pair_panel() -> tuple[Any, ...]:
-    """The image with draggable boxes, the pair's facts, both crops and both answers."""
-    with gr.Row():
-        with gr.Column(scale=3):
+    """The image with draggable boxes beside both answers, the pair's facts, crops and history."""
+    with gr.Row(elem_id="pairs-panel"):
+        with gr.Column(scale=3, min_width=380):
             annotator = image_annotator(
-                None, label="Image — drag a box to fix it, then Save boxes (B)",
+                None, label="Image — drag a box to fix it (saved on your next action); wheel zooms",
                 label_list=["chosen", "rejected"],
                 label_colors=[render.GREEN, render.RED], sources=[], image_type="pil",
-                show_clear_button=False, show_download_button=False, use_default_label=True,
-                box_min_size=4, handle_size=6, boxes_alpha=0.12, elem_id="pairs-annotator", height=480)
-            gr.Markdown("<span style='color:#22c55e'>■</span> chosen (drag to fix) · "
-                        "<span style='color:#ef4444'>■</span> rejected (drag to fix) · "
-                        "<span style='color:#2563eb'>┅</span> dashed blue: annotated box (reference only)")
-        with gr.Column(scale=2):
+                show_clear_button=False, show_download_button=False, show_remove_button=True,
+                use_default_label=True, box_min_size=4, handle_size=6, boxes_alpha=0.12,
+                elem_id="pairs-annotator", height=420)
+            gr.Markdown("<span style='color:#22c55e'>■</span> chosen · "
+                        "<span style='color:#ef4444'>■</span> rejected · "
+                        "<span style='color:#2563eb'>┅</span> annotated (reference only) · a new box "
+                        "replaces its side's box; select a box and press Del to remove it",
+                        elem_id="pairs-legend")
+        with gr.Column(scale=2, min_width=300):
+            chosen_answer = gr.Textbox(label="Chosen answer", lines=2, max_lines=6, elem_id="pairs-chosen-answer")
+            rejected_answer = gr.Textbox(label="Rejected answer", lines=2, max_lines=6,
+                                         elem_id="pairs-rejected-answer")
             info = gr.Markdown(elem_id="pairs-info")
             with gr.Row():
-                chosen_crop = gr.Image(label="Chosen crop", type="pil", interactive=False, height=180)
-                rejected_crop = gr.Image(label="Rejected crop", type="pil", interactive=False, height=180)
-            chosen_answer = gr.Textbox(label="Chosen answer", lines=2, elem_id="pairs-chosen-answer")
-            rejected_answer = gr.Textbox(label="Rejected answer", lines=2, elem_id="pairs-rejected-answer")
-    return annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer
+                chosen_crop = gr.Image(label="Chosen crop", type="pil", interactive=False, height=150, buttons=[])
+                rejected_crop = gr.Image(label="Rejected crop", type="pil", interactive=False, height=150,
+                                         buttons=[])
+            history = gr.Markdown(elem_id="pairs-history")
+    return annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history
+
+
+def _bulk_panel() -> tuple[Any, ...]:
+    with gr.Accordion("Bulk action on the filtered set", open=False, elem_id="pairs-bulk"):
+        with gr.Row(equal_height=True):
+            action = gr.Dropdown([(label.capitalize(), name) for name, label in pairs_team.BULK_LABELS.items()],
+                                 value="accept", label="Action", scale=1)
+            preview = gr.Button("Preview count", elem_id="pairs-bulk-preview", scale=1)
+            confirm = gr.Button("Confirm", variant="primary", elem_id="pairs-bulk-confirm", scale=1)
+            undo = gr.Button("Undo my last bulk action", elem_id="pairs-bulk-undo", scale=1)
+        message = gr.Markdown(elem_id="pairs-bulk-message")
+    return action, preview, confirm, undo, message
 
 
 def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
@@ -289,44 +421,59 @@ def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
     state = gr.State(empty_state())
     with gr.Column(elem_id="pairs-desk"):
         with gr.Row(equal_height=True):
-            status = gr.Dropdown(STATUS_CHOICES, value="pending", label="Status", scale=1)
-            dataset = gr.Dropdown(dataset_choices(ctx), value=ANY, label="Dataset", scale=1)
+            status = gr.Dropdown(STATUS_CHOICES, value="pending", label="Status", scale=1, min_width=110)
+            dataset = gr.Dropdown(dataset_choices(ctx), value=ANY, label="Dataset", scale=1, min_width=110)
             # Margins (chosen - rejected answer score) lie in [-1, 1]; the ends mean "no limit".
-            min_margin = gr.Slider(-1, 1, value=-1, step=0.05, label="Min margin", scale=1)
-            max_margin = gr.Slider(-1, 1, value=1, step=0.05, label="Max margin", scale=1)
-            search = gr.Textbox(label="Search question / answers", scale=2)
-            sort = gr.Dropdown(list(review.SORTS), value="priority", label="Sort", scale=1,
-                               info="priority: worth a human's time first")
+            min_margin = gr.Slider(-1, 1, value=-1, step=0.05, label="Min margin", scale=1, min_width=120)
+            max_margin = gr.Slider(-1, 1, value=1, step=0.05, label="Max margin", scale=1, min_width=120)
+            search = gr.Textbox(label="Search question / answers", scale=2, min_width=140)
+            sort = gr.Dropdown(list(review.SORTS), value="priority", label="Sort", scale=1, min_width=110)
+            target = gr.Textbox(label="Go to pair #", scale=1, min_width=90, elem_id="pairs-jump")
         progress = gr.Markdown(elem_id="pairs-progress")
-        gr.Markdown(shortcut_legend(), elem_id="pairs-keys")
-        with gr.Row():
+        with gr.Row(elem_id="pairs-buttons"):
             buttons = {name: gr.Button(f"{label} ({key.split(' ')[0]})", elem_id=f"pairs-{name.replace('_', '-')}",
-                                       variant=_variant(name), size="sm", min_width=90)
+                                       variant=_variant(name), size="sm", min_width=80)
                        for name, (key, label) in SHORTCUTS.items()}
-        ticket = gr.Markdown(elem_id="pairs-ticket")
-        annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer = _pair_panel()
+        with gr.Row(elem_id="pairs-status-line"):
+            ticket = gr.Markdown(elem_id="pairs-ticket")
+            gr.HTML(DIRTY_MARKER, elem_id="pairs-dirty-box")
+        annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history = _pair_panel()
+        bulk_action, bulk_go, bulk_confirm, bulk_undo, bulk_message = _bulk_panel()
         create_export_panel(ctx, dataset)
 
     filters = [status, dataset, min_margin, max_margin, search, sort]
+    edits = [annotator, chosen_answer, rejected_answer]
     outputs = [annotator, chosen_crop, rejected_crop, info, chosen_answer, rejected_answer,
-               progress, ticket, state]
+               progress, ticket, history, state]
     # Review actions run one at a time (they take milliseconds), in the order they were triggered.
     common = {"outputs": outputs, "trigger_mode": "multiple", "api_visibility": "undocumented",
               "concurrency_id": "pairs-review", "concurrency_limit": 1}
-    reset_view = functools.partial(show_first, ctx)
     for name in ("accept", "reject", "swap", "undo", "reset"):
-        buttons[name].click(functools.partial(act, ctx, name), [state, *filters], **common)
-    buttons["next"].click(functools.partial(navigate, ctx, False), [state, *filters], **common)
-    buttons["prev"].click(functools.partial(navigate, ctx, True), [state, *filters], **common)
+        buttons[name].click(functools.partial(act, ctx, name), [state, *edits, *filters], **common)
+    buttons["next"].click(functools.partial(navigate, ctx, False), [state, *edits, *filters], **common)
+    buttons["prev"].click(functools.partial(navigate, ctx, True), [state, *edits, *filters], **common)
     buttons["save_boxes"].click(functools.partial(save_boxes, ctx), [state, annotator, *filters], **common)
     buttons["save_answers"].click(functools.partial(save_answers, ctx),
                                   [state, chosen_answer, rejected_answer, *filters], **common)
+    first = functools.partial(show_first, ctx)
     for component in (status, dataset, sort):
-        component.change(reset_view, [state, *filters], **common)
+        component.change(first, [state, *edits, *filters], **common)
     for component in (min_margin, max_margin):
-        component.release(reset_view, [state, *filters], **common)
-    search.submit(reset_view, [state, *filters], **common)
-    return {"state": state, "filters": filters, "outputs": outputs, "load": reset_view,
+        component.release(first, [state, *edits, *filters], **common)
+    search.submit(first, [state, *edits, *filters], **common)
+    target.submit(functools.partial(jump, ctx), [state, *edits, target, *filters], **common)
+    bulk_go.click(functools.partial(bulk_preview, ctx), [state, bulk_action, *filters], [bulk_message, state],
+                  api_visibility="undocumented", concurrency_id="pairs-review")
+    bulk_confirm.click(functools.partial(bulk, ctx, "confirm"), [state, bulk_action, *filters],
+                       [*outputs, bulk_message], api_visibility="undocumented", concurrency_id="pairs-review")
+    bulk_undo.click(functools.partial(bulk, ctx, "undo"), [state, bulk_action, *filters],
+                    [*outputs, bulk_message], api_visibility="undocumented", concurrency_id="pairs-review")
+
+    def on_load(state: dict[str, Any], status: Any, dataset: Any, min_margin: Any, max_margin: Any,
+                search: Any, sort: Any, request: gr.Request) -> tuple[Any, ...]:
+        return load(ctx, state, status, dataset, min_margin, max_margin, search, sort, request=request)
+
+    return {"state": state, "filters": filters, "outputs": outputs, "load": on_load,
             "dataset": dataset, "buttons": buttons, "annotator": annotator}
 
 

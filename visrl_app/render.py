@@ -63,3 +63,49 @@ def annotator_box(box: Box, label: str, color: tuple[int, int, int]) -> dict:
     """A box in gradio_image_annotation's value format (absolute pixels, RGB tuple colour)."""
     return {"xmin": round(box.x1), "ymin": round(box.y1), "xmax": round(box.x2),
             "ymax": round(box.y2), "label": label, "color": color}
+
+
+LABEL_CSS_PX = 24  # the annotator writes a box's label in a ~20 px band above the box (CSS pixels)
+DISPLAY_PX = (640, 420)  # about the annotator's canvas on a 1440 px wide screen (CSS pixels)
+
+
+def label_pad(size: tuple[int, int]) -> int:
+    """Image rows to add above the image so a label above a box at y = 0 stays visible.
+
+    The annotator scales the image to its canvas (``DISPLAY_PX``, fit inside): a label band of
+    ``LABEL_CSS_PX`` CSS pixels is that many image pixels divided by the scale.
+    """
+    width, height = size
+    scale = min(DISPLAY_PX[0] / width, DISPLAY_PX[1] / height)
+    return max(4, min(height, round(LABEL_CSS_PX / scale)))
+
+
+def pad_top(image: Image.Image, pad: int, color: tuple[int, int, int] = (241, 245, 249)) -> Image.Image:
+    """``image`` with ``pad`` rows of ``color`` above it (boxes shown on it move down by ``pad``)."""
+    out = Image.new("RGB", (image.width, image.height + pad), color)
+    out.paste(image.convert("RGB"), (0, pad))
+    return out
+
+
+def unrotate(box: Box, orientation: int, size: tuple[int, int]) -> Box:
+    """A box read from the annotator after its rotate buttons turned the view ``orientation``
+    quarter turns clockwise, back in the unrotated image of ``size`` (width, height) pixels.
+
+    The annotator draws a clockwise quarter turn as x' = H - y, y' = x (canvas translate(H, 0),
+    rotate(pi/2)); its boxes come back in that rotated frame.
+    """
+    width, height = size
+    x1, y1, x2, y2 = box.as_list()
+    turns = orientation % 4
+    if turns == 1:
+        return Box(y1, height - x2, y2, height - x1)
+    if turns == 2:
+        return Box(width - x2, height - y2, width - x1, height - y1)
+    if turns == 3:
+        return Box(width - y2, x1, width - y1, x2)
+    return box
+
+
+def shift(box: Box, dy: float) -> Box:
+    """``box`` moved ``dy`` pixels down (onto, or back off, an image padded by :func:`pad_top`)."""
+    return Box(box.x1, box.y1 + dy, box.x2, box.y2 + dy)
