@@ -228,3 +228,24 @@ def _bulk_status(action: str) -> str:
     if action not in BULK_ACTIONS:
         raise DataError(f"bulk action must be one of {', '.join(BULK_ACTIONS)}, not {action!r}")
     return BULK_ACTIONS[action]
+
+
+# ---------------------------------------------------------------------- scripted (the CLI)
+
+def apply(store: Store, action: str, pair_id: int, reviewer: str, version: int | None = None,
+          side: str | None = None, box: Any = None, answer: str | None = None) -> dict[str, Any]:
+    """One review action as ``visrl review`` runs it: accept, reject, reset, swap, undo,
+    edit-box (``side``, ``box``: a Box in original-image pixels), edit-answer (``side``, ``answer``).
+
+    ``version`` None means the pair's current version (scripted curation); a change by someone
+    else between that read and the write is still a :class:`ConflictError`.
+    """
+    if version is None:
+        version = review.get_pair(store, pair_id)["version"]
+    if action == "edit-box":
+        return review.edit_box(store, pair_id, version, side or "", box, reviewer=reviewer)  # type: ignore[arg-type]
+    if action == "edit-answer":
+        return review.edit_answer(store, pair_id, version, side or "", answer or "", reviewer=reviewer)  # type: ignore[arg-type]
+    if action not in ACTIONS:
+        raise DataError(f"unknown action {action!r}; use one of {', '.join([*ACTIONS, 'edit-box', 'edit-answer'])}")
+    return ACTIONS[action](store, pair_id, version, reviewer=reviewer)

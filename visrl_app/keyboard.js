@@ -46,4 +46,40 @@
     pump();
   });
   window.visrlShortcutQueue = () => queue.length + (busy ? 1 : 0);
+
+  // Unsaved edits: a typed answer or a touched box marks the desk dirty (a marker shows, and
+  // leaving or reloading the page asks first). Every desk action saves the edits on screen
+  // before it moves on, so the next ticket (the server's answer) clears the mark.
+  let dirty = false;
+  let lastTicket = null;
+  const setDirty = (value) => {
+    dirty = value;
+    document.body.classList.toggle("visrl-dirty", value);
+  };
+  const inDesk = (el, id) => el && el.closest && el.closest("#" + id);
+  document.addEventListener("input", (event) => {
+    if (inDesk(event.target, "pairs-chosen-answer") || inDesk(event.target, "pairs-rejected-answer")) setDirty(true);
+  }, true);
+  let boxPointer = false;
+  document.addEventListener("pointerdown", (event) => {
+    boxPointer = Boolean(inDesk(event.target, "pairs-annotator") && event.target.tagName === "CANVAS");
+  }, true);
+  document.addEventListener("pointerup", () => {
+    if (boxPointer) setDirty(true);
+    boxPointer = false;
+  }, true);
+  document.addEventListener("keydown", (event) => {
+    if (inDesk(event.target, "pairs-annotator") && (event.key === "Delete" || event.key === "Backspace")) setDirty(true);
+  }, true);
+  setInterval(() => {
+    const now = ticket();
+    if (lastTicket !== null && now !== lastTicket) setDirty(false);
+    lastTicket = now;
+  }, 100);
+  window.addEventListener("beforeunload", (event) => {
+    if (!dirty) return;
+    event.preventDefault();
+    event.returnValue = "";
+  });
+  window.visrlDirty = () => dirty;
 })();

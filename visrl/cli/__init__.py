@@ -29,7 +29,7 @@ workspace_option = click.option(
 def _register() -> None:
     # Imported for their side effect of adding commands to ``cli``; each module imports only
     # click and lightweight visrl modules at top level, so `visrl --help` stays fast.
-    from visrl.cli import data, evaluate, generate, jobs, models, train  # noqa: F401
+    from visrl.cli import data, evaluate, generate, jobs, models, review, train  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
