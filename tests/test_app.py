@@ -75,16 +75,18 @@ def test_first_pair_view_shows_boxes_crops_and_progress(ctx: Any) -> None:
     assert view["state"]["version"] == 1 and first["id"] == 1  # sort "oldest"
     boxes = view["annotated"]["boxes"]
     assert [(b["label"], b["color"]) for b in boxes] == [("chosen", render.GREEN), ("rejected", render.RED)]
-    # The displayed image has rows added above it so a label over a box at the top edge shows;
-    # boxes move down by as many rows (24 CSS px at 420/240 scale: 14 image rows).
-    pad = view["state"]["pad"]
-    assert pad == 14 == render.label_pad((320, 240))
-    assert [boxes[0][k] for k in ("xmin", "ymin", "xmax", "ymax")] == [22, 58 + pad, 82, 122 + pad]
-    assert view["annotated"]["image"].size == (320, 240 + pad)
-    assert view["annotated"]["image"].getpixel((5, 2)) == (241, 245, 249)  # the label band
+    # The image is shown resized to fit 640x440 (here x1.83) with a 24-row band above it, so a
+    # label over a box at the top edge shows; boxes are sent in those display pixels.
+    scale, pad = view["state"]["scale"], view["state"]["pad"]
+    assert (round(scale, 4), pad) == (round(440 / 240, 4), 24) == (round(render.display_geometry((320, 240))[0], 4), 24)
+    assert [boxes[0][k] for k in ("xmin", "ymin", "xmax", "ymax")] == [
+        round(22 * scale), round(58 * scale + pad), round(82 * scale), round(122 * scale + pad)]
+    shown = Image.open(view["annotated"]["image"])  # a file: gradio serves it without re-encoding
+    assert shown.size == (round(320 * scale), round(240 * scale) + pad)
+    assert shown.getpixel((5, 2)) == (241, 245, 249)  # the label band
     # the dashed blue gt box is drawn on the displayed image (at its top-left corner: x=20, y=60)
-    assert view["annotated"]["image"].getpixel((21, 60 + pad)) == render.BLUE
-    assert view["chosen_crop"].size == (60, 64) and view["rejected_crop"].size == (100, 80)
+    assert shown.getpixel((round(21 * scale), round(60 * scale) + pad))[2] > 150
+    assert Image.open(view["chosen_crop"]).size == (60, 64) and Image.open(view["rejected_crop"]).size == (100, 80)
     assert view["chosen_answer"] == "red" and view["rejected_answer"] == "grey"
     assert "Reviewed 0 / 4" in view["progress"] and "pending 4" in view["progress"]
     assert "What colour is square 0?" in view["info"]
@@ -130,16 +132,25 @@ def test_conflict_warns_and_reloads(ctx: Any) -> None:
     assert view["state"]["pair_id"] == 1 and view["state"]["version"] == 2  # reloaded
 
 
+def shown(box: Box, state: dict[str, Any], label: str) -> dict[str, Any]:
+    """``box`` (original pixels) as the annotator would send it back: display pixels, rounded."""
+    from visrl_app import render
+
+    d = render.to_display(box, state["scale"], state["pad"])
+    return {"xmin": round(d.x1), "ymin": round(d.y1), "xmax": round(d.x2), "ymax": round(d.y2), "label": label}
+
+
 def test_save_boxes_reads_labels_and_pixels(ctx: Any) -> None:
     from visrl_app import pairs_tab
 
     view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))
-    pad = view["state"]["pad"]
+    state = view["state"]
     boxes = [{**b} for b in view["annotated"]["boxes"]]
-    boxes[1].update(xmin=10, ymin=20 + pad, xmax=110, ymax=140 + pad)  # the rejected box, dragged
-    view = view_dict(pairs_tab.save_boxes(ctx, view["state"], {"image": None, "boxes": boxes}, *FILTERS))
+    boxes[1] = shown(Box(10, 20, 110, 140), state, "rejected")  # the rejected box, dragged
+    view = view_dict(pairs_tab.save_boxes(ctx, state, {"image": None, "boxes": boxes}, *FILTERS))
     pair = review.get_pair(ctx.store, 1)
-    assert review.pair_boxes(pair)["rejected"] == Box(10, 20, 110, 140)
+    # display pixels are 1/1.83 original pixels: the box comes back within 0.3 px
+    assert review.pair_boxes(pair)["rejected"].as_list() == pytest.approx([10, 20, 110, 140], abs=0.3)
     assert review.pair_boxes(pair)["chosen"] == Box(22, 58, 82, 122)  # unchanged: not re-saved
     assert pair["version"] == 2 and pair["edited"] == 1 and "saved rejected box" in view["ticket"]
     three = [{**boxes[0], "xmin": x} for x in (1, 2, 3)]
@@ -156,26 +167,28 @@ def test_new_deleted_rotated_and_edge_boxes(ctx: Any, case: str) -> None:
     from visrl_app import pairs_tab
 
     view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))
-    pad = view["state"]["pad"]
+    state = view["state"]
     chosen, rejected = view["annotated"]["boxes"]
-    new = {"xmin": 100, "ymin": 100 + pad, "xmax": 150, "ymax": 160 + pad, "label": "chosen"}
+    new = shown(Box(100, 100, 150, 160), state, "chosen")
     value: dict[str, Any] = {"boxes": [chosen, rejected, new]}
     expected = {"chosen": Box(100, 100, 150, 160), "rejected": Box(200, 150, 300, 230)}
     if case == "deleted side":
         value = {"boxes": [chosen, new]}
         expected = {"chosen": Box(22, 58, 82, 122), "rejected": Box(100, 100, 150, 160)}
-    elif case == "rotated":  # one clockwise quarter turn of the 320 x (240 + pad) view: x' = H - y, y' = x
-        height = 240 + pad
+    elif case == "rotated":  # one clockwise quarter turn of the displayed image: x' = H - y, y' = x
+        height = Image.open(view["annotated"]["image"]).height
+        moved = shown(Box(190, 150, 300, 230), state, "rejected")
         turned = [{"label": b["label"], "xmin": height - b["ymax"], "ymin": b["xmin"], "xmax": height - b["ymin"],
-                   "ymax": b["xmax"]} for b in (chosen, {**rejected, "xmin": 190})]
+                   "ymax": b["xmax"]} for b in (chosen, moved)]
         value = {"boxes": turned, "orientation": 1}
         expected = {"chosen": Box(22, 58, 82, 122), "rejected": Box(190, 150, 300, 230)}
     elif case == "top edge":
         value = {"boxes": [{**chosen, "ymin": 3}, rejected]}
         expected = {"chosen": Box(22, 0, 82, 122), "rejected": Box(200, 150, 300, 230)}
-    pairs_tab.save_boxes(ctx, view["state"], value, *FILTERS)
+    pairs_tab.save_boxes(ctx, state, value, *FILTERS)
     boxes = review.pair_boxes(review.get_pair(ctx.store, 1))
-    assert {side: boxes[side] for side in expected} == expected
+    for side, box in expected.items():  # display pixels are 1/1.83 original pixels: within 0.3
+        assert boxes[side].as_list() == pytest.approx(box.as_list(), abs=0.3), side
 
 
 def test_edits_are_saved_before_moving_on(ctx: Any) -> None:

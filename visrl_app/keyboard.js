@@ -54,7 +54,9 @@
   let lastTicket = null;
   const setDirty = (value) => {
     dirty = value;
-    document.body.classList.toggle("visrl-dirty", value);
+    // On the desk, not <body>: gradio scopes the app's CSS to its own container.
+    const desk = document.querySelector("#pairs-desk");
+    if (desk) desk.classList.toggle("visrl-dirty", value);
   };
   const inDesk = (el, id) => el && el.closest && el.closest("#" + id);
   document.addEventListener("input", (event) => {

@@ -20,12 +20,11 @@ from typing import Any
 
 import gradio as gr
 from gradio_image_annotation import image_annotator
-from PIL import Image
 
 from visrl import desk, review
 from visrl.boxes import Box
 from visrl.errors import ConflictError, VisRLError
-from visrl_app import pairs_team, render
+from visrl_app import desk_images, pairs_team, render
 from visrl_app.context import AppContext, warn
 from visrl_app.pairs_edits import pending_edits
 from visrl_app.pairs_export import create_export_panel
@@ -46,9 +45,9 @@ NO_EDITS = (None, None, None)  # (annotator value, chosen answer, rejected answe
 def empty_state(reviewer: str | None = None) -> dict[str, Any]:
     """Per-browser desk state: the pair on screen, its version, an action counter, this session's
     actions as [pair id, version after] (what Undo reverts, newest last), the reviewer, the
-    matching count with the filter it counts, and the rows added above the image for labels."""
+    matching count with the filter it counts, and how the image is displayed (render.display_geometry)."""
     return {"pair_id": None, "version": None, "n": 0, "history": [], "reviewer": reviewer,
-            "count": None, "pad": 0}
+            "count": None, "pad": 0, "scale": 1.0}
 
 
 def reviewer_of(ctx: AppContext, state: dict[str, Any]) -> str:
@@ -92,18 +91,16 @@ def pair_view(ctx: AppContext, pair: dict[str, Any] | None, state: dict[str, Any
         holder = desk.claim(ctx.store, pair["id"], reviewer)
         if holder:
             note = f"{holder} has this pair open too" + (f" · {note}" if note else "")
-    image = Image.open(ctx.workspace.absolute(pair["image"])).convert("RGB")
     boxes = review.pair_boxes(pair)
-    shown = render.draw_dashed_box(image, boxes["gt"], render.BLUE) if boxes["gt"] else image
-    pad = render.label_pad(image.size)
-    state.update(pair_id=pair["id"], version=pair["version"], pad=pad)
-    annot_boxes = [render.annotator_box(render.shift(boxes[side], pad), side, color)
+    shown, chosen_crop, rejected_crop, scale, pad = desk_images.pair_images(ctx, pair)
+    state.update(pair_id=pair["id"], version=pair["version"], pad=pad, scale=scale)
+    annot_boxes = [render.annotator_box(render.to_display(boxes[side], scale, pad), side, color)
                    for side, color in (("chosen", render.GREEN), ("rejected", render.RED))
                    if boxes[side] is not None]
-    annotated = {"image": render.pad_top(shown, pad), "boxes": annot_boxes}
+    annotated = {"image": shown, "boxes": annot_boxes}
     ticket = (f"pair {pair['id']} · v{pair['version']} · {pair['status']} · #{state['n']}"
               + (f" · {note}" if note else ""))
-    return (annotated, render.side_crop(image, boxes["chosen"]), render.side_crop(image, boxes["rejected"]),
+    return (annotated, chosen_crop, rejected_crop,
             info_markdown(pair), pair["chosen_answer"] or "", pair["rejected_answer"] or "",
             progress_md, ticket, pairs_team.history_markdown(ctx, pair["id"]), state)
 
@@ -167,7 +164,7 @@ def save_edits(ctx: AppContext, state: dict[str, Any], annotated: dict[str, Any]
     if pair_id is None or (annotated, chosen, rejected) == NO_EDITS:
         return state, ""
     pair = review.get_pair(ctx.store, pair_id)
-    edits = pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0)
+    edits = pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0, state.get("scale") or 1.0)
     if not edits:
         return state, ""
     if pair["version"] != state["version"]:
@@ -209,7 +206,10 @@ def _with_saved_edits(handler: Callable[..., tuple[Any, ...]]) -> Callable[..., 
 def show_first(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter,
                sort: str) -> tuple[Any, ...]:
     """The first pair of the filtered, sorted list (filters changed, or the page opened)."""
-    return pair_view(ctx, review.next_pair(ctx.store, flt, sort), {**state, "count": None}, flt, note)
+    pair = review.next_pair(ctx.store, flt, sort)
+    if pair is not None:
+        desk_images.prefetch(ctx, flt, sort, pair["id"])
+    return pair_view(ctx, pair, {**state, "count": None}, flt, note)
 
 
 def _navigate(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter, sort: str,
@@ -219,6 +219,8 @@ def _navigate(ctx: AppContext, state: dict[str, Any], note: str, flt: review.Pai
     if pair is None and current is not None:
         pair, end = _reload(ctx, current), ("first pair" if backwards else "last pair")
         note = f"{note} · {end}" if note else end
+    if pair is not None:
+        desk_images.prefetch(ctx, flt, sort, pair["id"])
     return pair_view(ctx, pair, state, flt, note)
 
 
@@ -279,6 +281,8 @@ def _act(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilt
         return pair_view(ctx, _reload(ctx, pair_id), {**state, "history": history}, flt, warn(str(exc)))
     history = [*history, [pair_id, step.acted["version"]]][-HISTORY_LIMIT:]
     note = f"{note} · {step.note}" if note else step.note
+    if step.shown is not None:
+        desk_images.prefetch(ctx, flt, sort, step.shown["id"])
     return pair_view(ctx, step.shown, {**state, "history": history}, flt, note, step.progress, claim=False)
 
 
@@ -292,7 +296,8 @@ def _undo(ctx: AppContext, state: dict[str, Any], annotated: Any, chosen: Any, r
     pair = _reload(ctx, pair_id)
     if pair is not None:
         try:
-            unsaved = bool(pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0))
+            unsaved = bool(pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0,
+                                         state.get("scale") or 1.0))
         except VisRLError:
             unsaved = True  # boxes that cannot even be read are unsaved edits too
         if unsaved:
@@ -371,16 +376,14 @@ def dataset_choices(ctx: AppContext) -> list[str]:
     return [ANY, *(d["name"] for d in ctx.store.datasets())]
 
 
-DIRTY_MARKER = ("<span id='pairs-dirty' title='Saved automatically by your next action or move; "
-                "Undo (U) discards them'>● unsaved edits</span>")
-
-
 def _pair_panel() -> tuple[Any, ...]:
     """The image with draggable boxes beside both answers, the pair's facts, crops and history."""
     with gr.Row(elem_id="pairs-panel"):
         with gr.Column(scale=3, min_width=380):
             annotator = image_annotator(
-                None, label="Image — drag a box to fix it (saved on your next action); wheel zooms",
+                # No block label: gradio draws it over the canvas's top rows, where the label of
+                # a box at the image's top edge goes.
+                None, label="Image", show_label=False,
                 label_list=["chosen", "rejected"],
                 label_colors=[render.GREEN, render.RED], sources=[], image_type="pil",
                 show_clear_button=False, show_download_button=False, show_remove_button=True,
@@ -388,8 +391,9 @@ def _pair_panel() -> tuple[Any, ...]:
                 elem_id="pairs-annotator", height=420)
             gr.Markdown("<span style='color:#22c55e'>■</span> chosen · "
                         "<span style='color:#ef4444'>■</span> rejected · "
-                        "<span style='color:#2563eb'>┅</span> annotated (reference only) · a new box "
-                        "replaces its side's box; select a box and press Del to remove it",
+                        "<span style='color:#2563eb'>┅</span> annotated (reference only) · drag a box "
+                        "to fix it (saved by your next action) · a new box replaces its side's box · "
+                        "select a box and press Del to remove it · mouse wheel zooms",
                         elem_id="pairs-legend")
         with gr.Column(scale=2, min_width=300):
             chosen_answer = gr.Textbox(label="Chosen answer", lines=2, max_lines=6, elem_id="pairs-chosen-answer")
@@ -434,9 +438,9 @@ def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
             buttons = {name: gr.Button(f"{label} ({key.split(' ')[0]})", elem_id=f"pairs-{name.replace('_', '-')}",
                                        variant=_variant(name), size="sm", min_width=80)
                        for name, (key, label) in SHORTCUTS.items()}
-        with gr.Row(elem_id="pairs-status-line"):
-            ticket = gr.Markdown(elem_id="pairs-ticket")
-            gr.HTML(DIRTY_MARKER, elem_id="pairs-dirty-box")
+        # keyboard.js marks #pairs-desk "visrl-dirty" while edits are unsaved; style.css then
+        # appends "● unsaved edits" to this line.
+        ticket = gr.Markdown(elem_id="pairs-ticket")
         annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history = _pair_panel()
         bulk_action, bulk_go, bulk_confirm, bulk_undo, bulk_message = _bulk_panel()
         create_export_panel(ctx, dataset)

@@ -65,19 +65,37 @@ def annotator_box(box: Box, label: str, color: tuple[int, int, int]) -> dict:
             "ymax": round(box.y2), "label": label, "color": color}
 
 
-LABEL_CSS_PX = 24  # the annotator writes a box's label in a ~20 px band above the box (CSS pixels)
-DISPLAY_PX = (640, 420)  # about the annotator's canvas on a 1440 px wide screen (CSS pixels)
+LABEL_PX = 24  # the annotator writes a box's label in a ~20 px band above the box (screen pixels)
+DISPLAY_PX = (640, 440)  # the image is shown at most this size (fits beside the answers at 1440x900)
+MAX_UPSCALE = 3.0  # small images (224 px scenes) are enlarged up to 3x so boxes can be grabbed
 
 
-def label_pad(size: tuple[int, int]) -> int:
-    """Image rows to add above the image so a label above a box at y = 0 stays visible.
+def display_geometry(size: tuple[int, int]) -> tuple[float, int]:
+    """(scale, pad) for showing an image of ``size`` pixels in the desk's annotator.
 
-    The annotator scales the image to its canvas (``DISPLAY_PX``, fit inside): a label band of
-    ``LABEL_CSS_PX`` CSS pixels is that many image pixels divided by the scale.
+    The image is resized by ``scale`` to fit ``DISPLAY_PX`` (the annotator itself only shrinks
+    images to its width, so a tall image would push the page down and a small one stay tiny),
+    then ``pad`` rows are added above it so the label over a box at y = 0 stays visible. Boxes
+    shown are ``box * scale`` moved down by ``pad``; :func:`from_display` undoes it.
     """
     width, height = size
-    scale = min(DISPLAY_PX[0] / width, DISPLAY_PX[1] / height)
-    return max(4, min(height, round(LABEL_CSS_PX / scale)))
+    scale = min(DISPLAY_PX[0] / width, DISPLAY_PX[1] / height, MAX_UPSCALE)
+    return scale, LABEL_PX
+
+
+def to_display(box: Box, scale: float, pad: int) -> Box:
+    return Box(box.x1 * scale, box.y1 * scale + pad, box.x2 * scale, box.y2 * scale + pad)
+
+
+def from_display(box: Box, scale: float, pad: int) -> Box:
+    return Box(box.x1 / scale, (box.y1 - pad) / scale, box.x2 / scale, (box.y2 - pad) / scale)
+
+
+def display_image(image: Image.Image, scale: float, pad: int) -> Image.Image:
+    """``image`` resized by ``scale`` with ``pad`` rows above it (see :func:`display_geometry`)."""
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    shown = image.convert("RGB") if size == image.size else image.convert("RGB").resize(size, Image.LANCZOS)
+    return pad_top(shown, pad)
 
 
 def pad_top(image: Image.Image, pad: int, color: tuple[int, int, int] = (241, 245, 249)) -> Image.Image:
@@ -104,8 +122,3 @@ def unrotate(box: Box, orientation: int, size: tuple[int, int]) -> Box:
     if turns == 3:
         return Box(width - y2, x1, width - y1, x2)
     return box
-
-
-def shift(box: Box, dy: float) -> Box:
-    """``box`` moved ``dy`` pixels down (onto, or back off, an image padded by :func:`pad_top`)."""
-    return Box(box.x1, box.y1 + dy, box.x2, box.y2 + dy)
