@@ -146,3 +146,56 @@ def test_label_at_the_top_edge_shows_and_jump(desk_app: dict[str, Any], desk_pag
     covering = page.evaluate("([x, y]) => document.elementFromPoint(x, y).tagName", [top["x"] + 60, top["y"] + 8])
     assert covering == "CANVAS"
     assert "| setup | edit_chosen_box" in page.locator("#pairs-history").inner_text().replace("\t", " | ")
+
+
+@pytest.mark.slow  # ~60-90 s: 220 key presses through two browsers
+def test_two_reviewers_on_200_pairs_lose_nothing(tmp_path: Path, chromium: Any) -> None:
+    """Two logged-in reviewers press Accept as fast as they can over the same 200 pairs: every
+    decision is in the file once, under the login of who made it, and no pair was served to both
+    (the pair on one screen is claimed)."""
+    from test_app import seed_pairs
+
+    from visrl import review
+    from visrl_app.app import build_app, launch_kwargs
+
+    ws = seed_pairs(tmp_path / "ws", n=200, size=(160, 120))
+    seeded = store_of({"workspace": ws})
+    # seed_pairs walks its squares right by 40 px per item: keep the boxes on these small images
+    seeded.db.execute("UPDATE pairs SET chosen_box = '[10, 10, 60, 60]', rejected_box = '[80, 40, 150, 110]'")
+    port = free_port()
+    blocks = build_app(ws)
+    blocks.queue(default_concurrency_limit=4)
+    blocks.launch(server_port=port, prevent_thread_lock=True, quiet=True,
+                  auth=[("ana", "pw-ana"), ("bo", "pw-bo")], **launch_kwargs(ws))
+    pages = []
+    try:
+        for user in ("ana", "bo"):
+            page = chromium.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("input").first.fill(user)
+            page.locator("input[type=password]").fill(f"pw-{user}")
+            page.locator("button").filter(has_text="Login").click()
+            page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=60_000)
+            pages.append(page)
+        for page in pages:
+            page.locator("body").click(position={"x": 5, "y": 5})
+        for _ in range(110):  # both queues fill at once; keyboard.js replays each in order
+            for page in pages:
+                page.keyboard.press("a")
+        store = store_of({"workspace": ws})
+        wait_for(lambda: all(page.evaluate("window.visrlShortcutQueue()") == 0 for page in pages),
+                 timeout=240, what="both reviewers' key presses")
+        counts = review.status_counts(store)
+        rows = store.db.execute("SELECT pair_id, reviewer, action FROM reviews").fetchall()
+        accepts = [r for r in rows if r[2] == "accept"]
+        assert counts["accepted"] == len(accepts) == len({r[0] for r in accepts})  # once each, none lost
+        assert {r[1] for r in accepts} == {"ana", "bo"}
+        assert counts["accepted"] + counts["pending"] == 200 and counts["accepted"] >= 150
+        conflicts = sum(page.locator("#pairs-ticket").inner_text().count("changed by someone else") for page in pages)
+        assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        print(f"accepted {counts['accepted']}: ana {sum(r[1] == 'ana' for r in accepts)}, "
+              f"bo {sum(r[1] == 'bo' for r in accepts)}; conflicts on screen at the end: {conflicts}")
+    finally:
+        for page in pages:
+            page.close()
+        blocks.close()

@@ -230,6 +230,8 @@ def test_accept_reject(store: Store, pairs: list[int], action: Any, status: str)
     assert (row["reviewer"], row["action"], row["undoes"]) == ("ana", action.__name__, None)
     assert (json.loads(row["before"]), json.loads(row["after"])) == ({"status": "pending"}, {"status": status})
     assert review.reviews(store, 1) == []  # other pairs untouched
+    # The same decision again changes nothing: no new version, no audit row.
+    assert action(store, 2, 2, reviewer="ana") == after and len(review.reviews(store, 2)) == 1
     back = review.reset(store, 2, 2)
     assert (back["status"], back["version"]) == ("pending", 3)
     assert audit(store, 2)[-1] == ("reset", {"status": status}, {"status": "pending"}, None)

@@ -440,6 +440,8 @@ def _apply(store: Store, pair_id: int, version: int, reviewer: str, action: str,
                 f"has {pair['version']}, updated {pair['updated_at']}); reload it and redo your change")
         after = change(pair)
         before = {key: pair[key] for key in after}
+        if before == after:  # e.g. Accept on an accepted pair: nothing to store or audit
+            return pair
         db["pairs"].update(pair_id, {**after, "version": version + 1, "updated_at": now()})
         db["reviews"].insert({"pair_id": pair_id, "reviewer": reviewer, "action": action,
                               "before": json.dumps(before), "after": json.dumps(after),

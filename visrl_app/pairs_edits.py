@@ -75,7 +75,10 @@ def pending_edits(pair: dict[str, Any], annotated: dict[str, Any] | None, chosen
         stored = review.pair_boxes(pair)
         size = (pair["width"], pair["height"])
         for side, box in read_annotator_boxes(annotated, stored, pad, size, scale).items():
-            if _changed(stored[side], box, scale):
+            # The annotator keeps boxes inside the image: a stored box that leaves it (imported
+            # data) comes back clamped without anyone touching it.
+            on_image = stored[side].clamp(size) if stored[side] is not None else None
+            if _changed(stored[side], box, scale) and (on_image is None or _changed(on_image, box, scale)):
                 # dragged into the label band above the image: clamp onto the image
                 clamped = box.clamp(size) if box.is_valid() else None
                 edits.append(("box", side, clamped if clamped is not None and clamped.is_valid() else box))

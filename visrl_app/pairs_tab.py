@@ -109,6 +109,7 @@ def stay(state: dict[str, Any], message: str) -> tuple[Any, ...]:
     """Leave the pair and the edits on screen as they are and warn (an edit that cannot be saved
     must not vanish by navigating away)."""
     state = {**state, "n": state.get("n", 0) + 1}
+    message = f"{message} (Undo (U) discards your unsaved edits)" if "Undo (U)" not in message else message
     ticket = f"pair {state.get('pair_id')} · v{state.get('version')} · #{state['n']} · {warn(message)}"
     keep = gr.update()
     return (keep, keep, keep, keep, keep, keep, keep, ticket, keep, state)
@@ -279,7 +280,8 @@ def _act(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilt
         step = desk.act(ctx.store, action, pair_id, version, flt, sort, reviewer_of(ctx, state), matching)
     except VisRLError as exc:
         return pair_view(ctx, _reload(ctx, pair_id), {**state, "history": history}, flt, warn(str(exc)))
-    history = [*history, [pair_id, step.acted["version"]]][-HISTORY_LIMIT:]
+    if step.acted["version"] != version:  # a no-op (Accept on an accepted pair) is not undoable
+        history = [*history, [pair_id, step.acted["version"]]][-HISTORY_LIMIT:]
     note = f"{note} · {step.note}" if note else step.note
     if step.shown is not None:
         desk_images.prefetch(ctx, flt, sort, step.shown["id"])
