@@ -143,10 +143,14 @@ def test_filters(store: Store, pairs: list[int], flt: PairFilter, expected: list
     assert [i for i in PRIORITY_ORDER if review.matches(store, flt, i)] == expected
     assert walk(store, flt) == expected
     assert walk(store, flt, backwards=True) == expected[::-1]
-    # A search walks a window of candidates, then asks the full-text index: both ways agree.
+    # A search walks a window of candidates, then asks the full-text index: both ways agree,
+    # and so does a search the count marked as rare (it skips the window).
     monkeypatch.setattr(review, "SCAN_CANDIDATES", 1)
     assert walk(store, flt) == expected
     assert walk(store, flt, backwards=True) == expected[::-1]
+    monkeypatch.setattr(review, "SCAN_CANDIDATES", 1000)
+    monkeypatch.setattr(review, "_MATCH_COUNTS", {flt.search: 0} if flt.search else {})
+    assert walk(store, flt) == expected
 
 
 def test_filter_errors(store: Store, pairs: list[int]) -> None:

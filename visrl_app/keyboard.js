@@ -1,7 +1,8 @@
 // VisRL curation desk shortcuts. Presses queue up and are replayed one at a time: each click
-// waits until the desk's ticket line (#pairs-ticket) changes, i.e. the previous action's answer
-// (with the pair's new version) is on screen, so fast repeated presses are never dropped and
-// never act on a stale version.
+// waits until the desk's ticket line (#pairs-ticket) shows a new view number ("#12"), i.e. the
+// previous action's answer (with the pair's new version) is on screen, so fast repeated presses
+// are never dropped and never act on a stale version. The number, not any text change: while a
+// request runs gradio writes a timer ("0.6s") into the same block.
 (() => {
   const KEYS = {
     a: "pairs-accept", r: "pairs-reject", s: "pairs-swap", u: "pairs-undo", p: "pairs-reset",
@@ -12,8 +13,20 @@
   let busy = false;
   const ticket = () => {
     const el = document.querySelector("#pairs-ticket");
-    return el ? el.textContent : "";
+    const match = el ? el.textContent.match(/#(\d+)/) : null;
+    return match ? match[1] : "";
   };
+  // The view number rides along with every desk event (hidden #pairs-view textbox): inputs that
+  // belong to an older view than the server's (a click while a request ran) are not saved.
+  const syncView = () => {
+    const box = document.querySelector("#pairs-view textarea, #pairs-view input");
+    const now = ticket();
+    if (!box || box.value === now) return;
+    box.value = now;
+    box.dispatchEvent(new Event("input", { bubbles: true }));
+  };
+  new MutationObserver(syncView).observe(document.documentElement, { subtree: true, childList: true,
+                                                                      characterData: true });
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
   async function pump() {
     if (busy) return;

@@ -338,7 +338,7 @@ def _save(ctx: AppContext, state: dict[str, Any], edits: tuple[Any, Any, Any], w
     try:
         state, note = save_edits(ctx, state, *edits)
     except VisRLError as exc:
-        return pair_view(ctx, _reload(ctx, state["pair_id"]), state, flt, warn(str(exc)))
+        return stay(state, str(exc))  # the edits stay on screen to be fixed
     return pair_view(ctx, _reload(ctx, state["pair_id"]), state, flt, note or f"no {what} changed")
 
 
@@ -366,6 +366,29 @@ def bulk(ctx: AppContext, step: str, state: dict[str, Any], action: str, *filter
 def bulk_preview(ctx: AppContext, state: dict[str, Any], action: str, *filters: Any) -> tuple[str, dict[str, Any]]:
     flt = make_filter(ctx, *filters[:-1])
     return pairs_team.bulk_preview(ctx, state, action, flt, reviewer_of(ctx, state))
+
+
+def current_view(handler: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+    """``handler(state, annotated, chosen, rejected, ...)`` fed the edits on screen only if they
+    belong to the view the server last sent (``view`` == ``state["n"]``, kept by keyboard.js).
+
+    A click made while the previous request ran carries the inputs of the pair shown before it
+    (measured: rapid presses saved pair 8's boxes and answers onto pairs 7, 6, 5); those are not
+    edits of the pair now in ``state`` and must not be saved onto it.
+    """
+    def run(state: dict[str, Any], view: Any, annotated: Any, chosen: Any, rejected: Any,
+            *rest: Any) -> tuple[Any, ...]:
+        if str(view or "") != str(state.get("n")):
+            annotated, chosen, rejected = NO_EDITS
+        return handler(state, annotated, chosen, rejected, *rest)
+    return run
+
+
+def _save_all(ctx: AppContext, what: str, state: dict[str, Any], annotated: Any, chosen: Any,
+              rejected: Any, *filters: Any) -> tuple[Any, ...]:
+    if what == "box":
+        return save_boxes(ctx, state, annotated, *filters)
+    return save_answers(ctx, state, chosen, rejected, *filters)
 
 
 # ---------------------------------------------------------------------- layout
@@ -447,27 +470,29 @@ def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
         bulk_action, bulk_go, bulk_confirm, bulk_undo, bulk_message = _bulk_panel()
         create_export_panel(ctx, dataset)
 
+    view = gr.Textbox(value="", elem_id="pairs-view", show_label=False, container=False)
     filters = [status, dataset, min_margin, max_margin, search, sort]
-    edits = [annotator, chosen_answer, rejected_answer]
+    edits = [view, annotator, chosen_answer, rejected_answer]
     outputs = [annotator, chosen_crop, rejected_crop, info, chosen_answer, rejected_answer,
                progress, ticket, history, state]
     # Review actions run one at a time (they take milliseconds), in the order they were triggered.
     common = {"outputs": outputs, "trigger_mode": "multiple", "api_visibility": "undocumented",
               "concurrency_id": "pairs-review", "concurrency_limit": 1}
     for name in ("accept", "reject", "swap", "undo", "reset"):
-        buttons[name].click(functools.partial(act, ctx, name), [state, *edits, *filters], **common)
-    buttons["next"].click(functools.partial(navigate, ctx, False), [state, *edits, *filters], **common)
-    buttons["prev"].click(functools.partial(navigate, ctx, True), [state, *edits, *filters], **common)
-    buttons["save_boxes"].click(functools.partial(save_boxes, ctx), [state, annotator, *filters], **common)
-    buttons["save_answers"].click(functools.partial(save_answers, ctx),
-                                  [state, chosen_answer, rejected_answer, *filters], **common)
-    first = functools.partial(show_first, ctx)
+        buttons[name].click(current_view(functools.partial(act, ctx, name)), [state, *edits, *filters], **common)
+    buttons["next"].click(current_view(functools.partial(navigate, ctx, False)), [state, *edits, *filters], **common)
+    buttons["prev"].click(current_view(functools.partial(navigate, ctx, True)), [state, *edits, *filters], **common)
+    buttons["save_boxes"].click(current_view(functools.partial(_save_all, ctx, "box")), [state, *edits, *filters],
+                                **common)
+    buttons["save_answers"].click(current_view(functools.partial(_save_all, ctx, "answer")),
+                                  [state, *edits, *filters], **common)
+    first = current_view(functools.partial(show_first, ctx))
     for component in (status, dataset, sort):
         component.change(first, [state, *edits, *filters], **common)
     for component in (min_margin, max_margin):
         component.release(first, [state, *edits, *filters], **common)
     search.submit(first, [state, *edits, *filters], **common)
-    target.submit(functools.partial(jump, ctx), [state, *edits, target, *filters], **common)
+    target.submit(current_view(functools.partial(jump, ctx)), [state, *edits, target, *filters], **common)
     bulk_go.click(functools.partial(bulk_preview, ctx), [state, bulk_action, *filters], [bulk_message, state],
                   api_visibility="undocumented", concurrency_id="pairs-review")
     bulk_confirm.click(functools.partial(bulk, ctx, "confirm"), [state, bulk_action, *filters],
