@@ -755,3 +755,31 @@ def test_every_page_load_handler_runs_through_gradio(ctx: Any) -> None:
     for fn in loads:
         out = asyncio.run(blocks.process_api(fn, [block.value for block in fn.inputs], state=SessionState(blocks)))
         assert len(out["data"]) == len(fn.outputs)
+def test_inputs_of_an_older_view_are_not_saved(ctx: Any) -> None:
+    """A click made while the previous request ran carries the previous pair's inputs: the
+    action happens, those inputs are not stored onto the pair now on screen."""
+    import functools
+
+    from visrl_app import pairs_tab
+
+    view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state("ana"), *NO_EDITS, *FILTERS))
+    accept = pairs_tab.current_view(functools.partial(pairs_tab.act, ctx, "accept"))
+    stale = view_dict(accept(view["state"], "0", None, "typed on another pair", None, *FILTERS))
+    assert [r["action"] for r in review.reviews(ctx.store, 1)] == ["accept"]
+    assert review.get_pair(ctx.store, 1)["chosen_answer"] == "red"
+    n = stale["state"]["n"]
+    accept(stale["state"], str(n), None, "crimson", None, *FILTERS)  # the view on screen: saved
+    assert [r["action"] for r in review.reviews(ctx.store, 2)] == ["edit_chosen_answer", "accept"]
+
+
+def test_app_user_names_the_reviewer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl_app.context import AppContext
+    from visrl_app.main import main
+
+    ws = seed_pairs(tmp_path / "ws", n=1)
+    assert AppContext.open(ws, user="ana").user == "ana"
+    monkeypatch.setenv("VISRL_USER", "bo")
+    assert AppContext.open(ws).user == "bo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--workspace", str(ws.root), "--user", " ", "--port", "1"])
+    assert exit_info.value.code == 2

@@ -78,7 +78,9 @@ def pair_view(ctx: AppContext, pair: dict[str, Any] | None, state: dict[str, Any
     reviewer = reviewer_of(ctx, state)
     if progress is None:
         cached = state.get("count")
-        matching = cached[1] if cached and cached[0] == _count_key(flt) else None
+        # a status/dataset count is exact and cheap (pair_counts): recount it; a search or margin
+        # count is carried (it moves with this tab's actions; others' show on the next filter change)
+        matching = cached[1] if cached and cached[0] == _count_key(flt) and not flt.counted else None
         progress = desk.progress(ctx.store, flt, reviewer, matching)
     state["count"] = [_count_key(flt), progress.matching]
     progress_md = progress.line(reviewer) + team_line(ctx, reviewer)
