@@ -25,8 +25,15 @@
     box.value = now;
     box.dispatchEvent(new Event("input", { bubbles: true }));
   };
-  new MutationObserver(syncView).observe(document.documentElement, { subtree: true, childList: true,
-                                                                      characterData: true });
+  // Watch only the ticket (gradio re-renders thousands of nodes per answer elsewhere); it is
+  // created after this script runs, so attach once it exists.
+  const attach = setInterval(() => {
+    const el = document.querySelector("#pairs-ticket");
+    if (!el) return;
+    clearInterval(attach);
+    new MutationObserver(syncView).observe(el, { subtree: true, childList: true, characterData: true });
+    syncView();
+  }, 50);
   const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
   async function pump() {
     if (busy) return;

@@ -416,6 +416,10 @@ def _pair_panel() -> tuple[Any, ...]:
                 show_clear_button=False, show_download_button=False, show_remove_button=True,
                 use_default_label=True, box_min_size=4, handle_size=6, boxes_alpha=0.12,
                 elem_id="pairs-annotator", height=420)
+            # The desk reads back only boxes and never uses the image a browser sends (it shows
+            # the stored one): skip decoding it, 10-45 ms per key press. (A subclass would need
+            # its own frontend: gradio finds a custom component's JS by its class name.)
+            annotator.preprocess_image = lambda image: None
             gr.Markdown("<span style='color:#22c55e'>■</span> chosen · "
                         "<span style='color:#ef4444'>■</span> rejected · "
                         "<span style='color:#2563eb'>┅</span> annotated (reference only) · drag a box "
@@ -478,8 +482,10 @@ def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
     outputs = [annotator, chosen_crop, rejected_crop, info, chosen_answer, rejected_answer,
                progress, ticket, history, state]
     # Review actions run one at a time (they take milliseconds), in the order they were triggered.
+    # No progress overlay: a key press takes milliseconds, and the overlay on ten outputs cost
+    # the browser more than the answer did.
     common = {"outputs": outputs, "trigger_mode": "multiple", "api_visibility": "undocumented",
-              "concurrency_id": "pairs-review", "concurrency_limit": 1}
+              "concurrency_id": "pairs-review", "concurrency_limit": 1, "show_progress": "hidden"}
     for name in ("accept", "reject", "swap", "undo", "reset"):
         buttons[name].click(current_view(functools.partial(act, ctx, name)), [state, *edits, *filters], **common)
     buttons["next"].click(current_view(functools.partial(navigate, ctx, False)), [state, *edits, *filters], **common)
