@@ -134,11 +134,16 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--presses", type=int, default=200)
+    parser.add_argument("--keep", default=None, help="Workspace folder to fill once and reuse (the 1M fill "
+                        "takes 10-20 min here); a reused one has the previous run's decisions in it.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="visrl-bench-store-") as tmp:
-        store = Store.open(Path(tmp) / "w")
+        root = Path(args.keep) if args.keep else Path(tmp) / "w"
+        reuse = (root / "visrl.db").is_file()
+        store = Store.open(root)
         start = time.perf_counter()
-        fill(store, args.pairs, args.items)
+        if not reuse:
+            fill(store, args.pairs, args.items)
         fill_s = time.perf_counter() - start
         results = {name: timed(fn, args.repeat) for name, fn in cases(store, args.pairs).items()}
         presses = {
@@ -157,7 +162,8 @@ def main() -> None:
             "WHERE p.status = 'pending' ORDER BY p.priority DESC, p.id ASC LIMIT 1").fetchall()
         db_mb = store.path.stat().st_size / 1e6
     width = max(len(name) for name in results)
-    print(f"{args.pairs:,} pairs, {args.items:,} items; filled in {fill_s:.1f} s; db {db_mb:.1f} MB")
+    print(f"{args.pairs:,} pairs, {args.items:,} items; {'reused' if reuse else 'filled in'} {fill_s:.1f} s; "
+          f"db {db_mb:.1f} MB")
     print(f"{'query':<{width}}  {'median ms':>9}  {'max ms':>8}")
     for name, r in results.items():
         print(f"{name:<{width}}  {r['median_ms']:>9.2f}  {r['max_ms']:>8.2f}")
