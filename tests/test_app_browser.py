@@ -142,8 +142,14 @@ def test_dragged_box_is_saved_in_original_pixels(app: dict[str, Any], page: Any)
     time.sleep(0.3)
     area = canvas.bounding_box()  # re-read after scrolling
     size = canvas.evaluate("c => [c.width, c.height]")  # drawing buffer (CSS px at DPR 1)
-    scale = min(size[0] / 800, size[1] / 600)
-    off_x, off_y = (size[0] - 800 * scale) / 2, (size[1] - 600 * scale) / 2
+    # The desk shows the image resized (display_geometry) with a label band above it; the
+    # annotator then only shrinks it to the canvas width, centred, top-aligned.
+    from visrl_app.render import display_geometry
+
+    shown, pad = display_geometry((800, 600))
+    fit = min(1.0, size[0] / round(800 * shown))
+    scale = shown * fit  # canvas pixels per original pixel
+    off_x, off_y = (size[0] - round(800 * shown) * fit) / 2, pad * fit
     cx, cy = before.center
     start = (area["x"] + off_x + cx * scale, area["y"] + off_y + cy * scale)
     page.mouse.move(*start)
@@ -153,7 +159,7 @@ def test_dragged_box_is_saved_in_original_pixels(app: dict[str, Any], page: Any)
     page.mouse.up()
     time.sleep(0.3)
     page.locator("body").click(position={"x": 5, "y": 5})
-    page.keyboard.press("b")
+    page.keyboard.press("b")  # (any action or move would save it too)
     after = wait_for(lambda: review.pair_boxes(review.get_pair(store, pair_id))["rejected"] != before
                      and review.pair_boxes(review.get_pair(store, pair_id))["rejected"],
                      what="the dragged box saved")
