@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,30 @@ def test_team_progress(store: Store, pairs: list[int]) -> None:
     desk.bulk_apply(store, PairFilter(dataset="other"), "reject", "ana", expect=2)
     assert desk.team_progress(store) == {"ana": {"accept": 1, "reject": 2}, "bo": {"reject": 1, "undo": 1}}
     assert desk.reviewer_counts(store, "carl") == {}
+
+
+def test_existing_workspace_is_upgraded(tmp_path: Path) -> None:
+    """A workspace made before m003 gets its counts, search index and review counts filled."""
+    from sqlite_utils import Database
+
+    from visrl.schema import migrations
+    from visrl.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "old")
+    db = Database(ws.db_path)
+    migrations.apply(db, stop_before="m003_desk_counts_search_team")
+    db["datasets"].insert({"id": 1, "name": "old", "format": "vqa", "source": "", "created_at": "t"})
+    db["items"].insert_all([{"id": i, "dataset_id": 1, "split": "train", "source_id": str(i), "image": f"{i}.png",
+                             "width": 10, "height": 10, "question": q, "created_at": "t"}
+                            for i, q in ((1, "Where is the okapi?"), (2, "What colour?"))])
+    db["pairs"].insert_all([{"id": i, "item_id": i, "dataset_id": 1, "chosen_answer": a, "rejected_answer": "no",
+                             "margin": 0.5, "priority": 0.5, "status": s, "version": 1, "edited": 0}
+                            for i, a, s in ((1, "left", "accepted"), (2, "crimson", "pending"))])
+    db["reviews"].insert({"pair_id": 1, "reviewer": "ana", "action": "accept", "before": "{}", "after": "{}",
+                          "created_at": "t"})
+    db.close()
+    store = Store(ws)
+    assert status_counts(store) == {"pending": 1, "accepted": 1, "rejected": 0}
+    assert [p["id"] for p in review.page_pairs(store, PairFilter(status=None, search="okapi"))] == [1]
+    assert [p["id"] for p in review.page_pairs(store, PairFilter(status=None, search="CRIMSON"))] == [2]
+    assert desk.team_progress(store) == {"ana": {"accept": 1}}
