@@ -632,7 +632,7 @@ def test_no_decision_lost_after_a_file_fetch_and_another_process(served: Any) ->
     from visrl_app import pairs_tab
 
     ctx, url = served
-    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *FILTERS))["state"]  # connection open
+    state = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state(), *NO_EDITS, *FILTERS))["state"]  # connection open
     assert http_get(url + "gradio_api/file=" + str(ctx.workspace.db_path)) == 403
     count = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
              "print(c.execute(\"SELECT count(*) FROM pairs WHERE status = 'accepted'\").fetchone()[0]); c.close()")
@@ -640,7 +640,7 @@ def test_no_decision_lost_after_a_file_fetch_and_another_process(served: Any) ->
                            capture_output=True, text=True, check=True)
     assert other.stdout.strip() == "0"
     for _ in range(4):
-        state = view_dict(pairs_tab.act(ctx, "accept", state, *FILTERS))["state"]
+        state = view_dict(pairs_tab.act(ctx, "accept", state, *NO_EDITS, *FILTERS))["state"]
     assert review.status_counts(ctx.store)["accepted"] == 4
     fresh = subprocess.run([sys.executable, "-c", count, str(ctx.workspace.db_path)],
                            capture_output=True, text=True, check=True)
