@@ -223,18 +223,23 @@ def _first_list(text: str) -> list[float] | None:
 # ---------------------------------------------------------------- crops and negatives
 
 def crop_box(image: Image.Image, box: Box, min_size: int = 8, margin: float = 0.0) -> Image.Image:
-    """Crop ``box`` out of ``image`` (pixels of that image), clamped to it.
+    """Crop ``box`` out of ``image`` (pixels of that image), clamped to it (see :func:`crop_rect`)."""
+    return image.crop(crop_rect(image.size, box, min_size, margin))
+
+
+def crop_rect(size: Size, box: Box, min_size: int = 8, margin: float = 0.0) -> tuple[int, int, int, int]:
+    """The integer rectangle (left, top, right, bottom) :func:`crop_box` cuts from a ``size`` image.
 
     ``margin`` widens each side by that fraction of the box's size (0.1 = 10%). The crop is at
     least ``min_size`` pixels on each side (grown around the box centre, within the image), so a
     degenerate box still gives a usable image.
     """
-    w, h = image.size
+    w, h = size
     mx, my = box.width * margin, box.height * margin
     x1, y1, x2, y2 = box.x1 - mx, box.y1 - my, box.x2 + mx, box.y2 + my
     x1, x2 = _grow_span(x1, x2, min(min_size, w), w)
     y1, y2 = _grow_span(y1, y2, min(min_size, h), h)
-    return image.crop((int(math.floor(x1)), int(math.floor(y1)), int(math.ceil(x2)), int(math.ceil(y2))))
+    return int(math.floor(x1)), int(math.floor(y1)), int(math.ceil(x2)), int(math.ceil(y2))
 
 
 def _grow_span(lo: float, hi: float, minimum: float, extent: float) -> tuple[float, float]:
