@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -11,6 +12,7 @@ from PIL import Image
 from visrl.boxes import BOX_FORMATS, Box
 from visrl.contract import CONTRACT_FILE, TwoStepContract, fit_size, read_contract, write_contract
 from visrl.errors import ConfigError
+from visrl.reasoning import TwoStep
 
 CAP_1280 = 1280 * 28 * 28  # ~1280 visual tokens of Qwen2/2.5-VL (28 px per merged token side)
 
@@ -79,8 +81,9 @@ def test_override_ignores_unset_keys_and_names_unknown_ones() -> None:
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"box_format": "yolo"}, "box_format 'yolo' unknown"),
-    ({"crop_margin": -0.1}, r"crop_margin must be a fraction in \[0, 1\], got -0.1"),
-    ({"image_max_pixels": 0}, "image_max_pixels must be a positive number of pixels or null, got 0"),
+    ({"crop_margin": -0.1}, r"crop_margin must be in \[0.0, 10.0\], got -0.1"),
+    ({"crop_margin": float("nan")}, r"crop_margin must be in \[0.0, 10.0\], got nan"),
+    ({"image_max_pixels": 0}, "image_max_pixels must be at least 1 pixel or null, got 0"),
     ({"image_min_pixels": 100, "image_max_pixels": 50}, r"image_min_pixels \(100\) must not exceed"),
 ])
 def test_bad_values_are_named(values: dict, message: str) -> None:
@@ -99,3 +102,119 @@ def test_checkpoint_record_round_trips_and_adapter_wins(tmp_path: Path) -> None:
     assert read_contract(base, adapter) == written
     assert read_contract(base) == TwoStepContract(box_format="viscot")
     assert read_contract(tmp_path / "none", default_box_format="qwen3") == TwoStepContract(box_format="qwen3")
+
+
+# ---------------------------------------------------------------------- one box through every stage
+
+ROUND_SIZE = (640, 480)
+ROUND_CAP = 256 * 28 * 28  # 200,704 px: Qwen2.5-VL's frame for 640x480 becomes 504x364, not the original
+GOOD, FAR = Box(64, 48, 320, 288), Box(400, 300, 600, 460)  # pixels of the original image; IoU 0
+
+
+def model_text(fmt: str, box: Box, size: tuple[int, int]) -> str:
+    """What a model of each family writes for ``box``, computed here from DESIGN.md's definitions
+    (not by the code under test); qwen2_5 from transformers' own ``smart_resize``."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    w, h = size
+    if fmt == "viscot":  # normalized to the image padded to a square
+        side = max(w, h)
+        ox, oy = (side - w) // 2, (side - h) // 2
+        values = [(box.x1 + ox) / side, (box.y1 + oy) / side, (box.x2 + ox) / side, (box.y2 + oy) / side]
+        return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
+    if fmt == "normalized":
+        return "[" + ", ".join(f"{v:.3f}" for v in (box.x1 / w, box.y1 / h, box.x2 / w, box.y2 / h)) + "]"
+    thousandths = [round(box.x1 / w * 1000), round(box.y1 / h * 1000), round(box.x2 / w * 1000), round(box.y2 / h * 1000)]
+    if fmt == "qwen2":
+        return "<|box_start|>({},{}),({},{})<|box_end|>".format(*thousandths)
+    if fmt == "qwen3":
+        return json.dumps({"bbox_2d": thousandths})
+    rh, rw = smart_resize(h, w, factor=28, min_pixels=3136, max_pixels=ROUND_CAP)
+    return json.dumps({"bbox_2d": [round(box.x1 * rw / w), round(box.y1 * rh / h),
+                                   round(box.x2 * rw / w), round(box.y2 * rh / h)]})
+
+
+class ScriptedPolicy(TwoStep):
+    """A real two-step policy whose generation is scripted: it writes the good box, then the far
+    one, in its family's text, and answers "7" when the crop it is shown is the good box's crop
+    (as the contract cuts it), else "3". Parsing, random boxes and crops are the production code."""
+
+    def __init__(self, contract: TwoStepContract) -> None:
+        self.contract = contract
+        self.crop_sizes: list[tuple[int, int]] = []
+
+    def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
+        fmt = self.contract.box_format
+        if len(conversations[0]) == 1:
+            texts = [model_text(fmt, GOOD, ROUND_SIZE), model_text(fmt, FAR, ROUND_SIZE)]
+            return [texts[: sampling.n] for _ in conversations]
+        good = self.contract.crop_region(GOOD, ROUND_SIZE)
+        out = []
+        for conversation in conversations:
+            crop = conversation[2]["content"][0]["image"]
+            self.crop_sizes.append(crop.size)
+            near = abs(crop.width - good.width) <= 4 and abs(crop.height - good.height) <= 4  # text precision
+            out.append(["7" if near else "3"])
+        return out
+
+
+def _close(a: Box | None, b: Box, tolerance: float) -> bool:
+    return a is not None and max(abs(x - y) for x, y in zip(a.as_list(), b.as_list(), strict=True)) <= tolerance
+
+
+@pytest.mark.parametrize("fmt", BOX_FORMATS)
+def test_one_box_round_trips_item_generate_pair_export_parse(fmt: str, store: Any, tmp_path: Path) -> None:
+    from visrl.formats.export import export
+    from visrl.formats.trl import dpo_rows, sft_rows
+    from visrl.generate import GenerateConfig, run_generate
+    from visrl.store import box_from_json
+
+    contract = TwoStepContract(box_format=fmt, crop_margin=0.1, image_max_pixels=ROUND_CAP)
+    # Text precision, in px of the original: 1/1000 of 640 (viscot, normalized, qwen2/3) or one px
+    # of the 504x364 frame (qwen2_5: 640/504 = 1.27 px).
+    tolerance = 1.0 if fmt != "qwen2_5" else 640 / 504
+    ws = store.workspace
+    Image.new("RGB", ROUND_SIZE, (90, 120, 30)).save(ws.images_dir / "photo.png")
+    dataset = store.add_dataset("photos", "test")
+    store.add_items(dataset, [{"split": "train", "source_id": "0", "image": "images/photo.png",
+                               "width": ROUND_SIZE[0], "height": ROUND_SIZE[1], "question": "What is it?",
+                               "answer": "7", "gt_box": GOOD}])
+    policy = ScriptedPolicy(contract)
+    cfg = GenerateConfig(model_name_or_path="scripted", dataset="photos", attempts=1, crop_judge="iou")
+    report = run_generate(ws, cfg, reasoner=policy)
+    # generate: the policy's text parsed into the original frame; the far box kept as the negative
+    rollouts = {r["kind"]: r for r in store.rollouts(run_key=report.run_key)}
+    assert set(rollouts) == {"policy", "negative"} and report.pairs == 1
+    assert _close(box_from_json(rollouts["policy"]["box"]), GOOD, tolerance)
+    assert _close(box_from_json(rollouts["negative"]["box"]), FAR, tolerance)
+    assert rollouts["policy"]["answer"] == "7" and rollouts["negative"]["answer"] == "3"
+    stored = contract.crop_region(box_from_json(rollouts["policy"]["box"]), ROUND_SIZE)
+    assert (stored.width, stored.height) in policy.crop_sizes  # the margin crop, as the contract cuts it
+    # pair -> stage-2 training row: the box texts are the model's own, each crop is its side's
+    [row] = dpo_rows(store, ws, statuses=("pending",), stage=2, contract=contract)
+    chosen_text = row["chosen"][0]["content"][0]["text"]
+    rejected_text = row["rejected"][0]["content"][0]["text"]
+    assert chosen_text == model_text(fmt, GOOD, ROUND_SIZE)
+    assert rejected_text == model_text(fmt, FAR, ROUND_SIZE)
+    assert _close(contract.parse(chosen_text, ROUND_SIZE), GOOD, tolerance)
+    for side, kind in (("chosen", "policy"), ("rejected", "negative")):  # the stored box's crop
+        cut = contract.crop_region(box_from_json(rollouts[kind]["box"]), ROUND_SIZE)
+        assert row[f"{side}_answer_images"][1].size == (cut.width, cut.height)
+    # item -> SFT row -> parse
+    [sft] = sft_rows(store, ws, contract=contract)
+    assert sft["messages"][1]["content"][0]["text"] == model_text(fmt, GOOD, ROUND_SIZE)
+    # export (LLaMA-Factory) -> parse
+    out = export(store, ws, "llamafactory", tmp_path / "lf", statuses=("pending",), contract=contract)
+    [record] = json.loads((Path(out["path"]) / "pairs.json").read_text())
+    exported = json.dumps(record)
+    assert json.dumps(model_text(fmt, GOOD, ROUND_SIZE))[1:-1] in exported
+    # the frame the texts are in is the one the processor really resizes the row's image to
+    if fmt == "qwen2_5":
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        processor = Qwen2VLImageProcessorPil()  # Qwen2.5-VL's shipped budget, then the contract's cap
+        contract.apply_budget(processor)
+        grid = processor(images=[row["images"][0]])["image_grid_thw"][0].tolist()
+        assert (grid[2] * 14, grid[1] * 14) == contract.input_size(ROUND_SIZE) == (504, 364)

@@ -14,38 +14,44 @@ from visrl.config import load_config
 from visrl.errors import ConfigError, DataError
 from visrl.evaluate import EvalConfig, Prediction, compare_table, metrics_table, run_eval, summarize
 from visrl.progress import Progress
-from visrl.reasoning import TwoStepResult
+from visrl.prompts import DIRECT_SUFFIX
+from visrl.reasoning import Sampling, TwoStep
 from visrl.store import Store
 
 _register()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ScriptedReasoner:
-    """Answers from a script keyed by question: (box or None, answer, direct answer)."""
+class ScriptedReasoner(TwoStep):
+    """A real two-step policy whose model is a script keyed by question: (box or None, answer,
+    direct answer). Only :meth:`generate` is scripted: the box is written as the contract's text
+    and parsed back, the crop cut and the prompts built by the production code."""
 
     def __init__(self, script: dict[str, tuple[list[float] | None, str, str]],
                  progress: Progress | None = None, stop_after_calls: int | None = None) -> None:
         self.script, self.progress, self.stop_after_calls = script, progress, stop_after_calls
-        self.calls = 0
+        self.calls = 0  # box steps, i.e. two_step batches
         self.sampling: list[Any] = []
 
-    def two_step(self, images: list[Image.Image], questions: list[str], sampling: Any,
-                 progress: bool = False) -> list[list[TwoStepResult]]:
-        self.calls += 1
-        self.sampling.append(sampling)
-        if self.stop_after_calls is not None and self.calls >= self.stop_after_calls:
-            self.progress.stop_requested = True
+    def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
         out = []
-        for question in questions:
-            box, answer, _ = self.script[question]
-            parsed = Box.from_list(box) if box else None
-            out.append([TwoStepResult(question, "[box]" if box else "garbage", parsed, None,
-                                   answer if parsed else None)])
+        for conversation in conversations:
+            text = conversation[0]["content"][1]["text"]
+            full = conversation[0]["content"][0]["image"]
+            question = text.split(" ")[0]
+            box, answer, direct = self.script[question]
+            if len(conversation) == 3:  # the answer step, after a box that parsed or not
+                out.append([answer])
+            elif text.endswith(DIRECT_SUFFIX):
+                out.append([direct])
+            else:
+                out.append([self.contract.format(Box.from_list(box), full.size) if box else "garbage"])
+        if len(conversations[0]) == 1 and not conversations[0][0]["content"][1]["text"].endswith(DIRECT_SUFFIX):
+            self.calls += 1
+            self.sampling.append(sampling)
+            if self.stop_after_calls is not None and self.calls >= self.stop_after_calls:
+                self.progress.stop_requested = True
         return out
-
-    def direct(self, images: list[Image.Image], questions: list[str], sampling: Any) -> list[str]:
-        return [self.script[q][2] for q in questions]
 
 
 # (gt box, predicted box, reference, two-step answer, direct answer)
@@ -80,7 +86,7 @@ def config(**kw: Any) -> EvalConfig:
 def test_metrics_are_exact(store: Store) -> None:
     script = add_cases(store)
     reasoner = ScriptedReasoner(script)
-    report = run_eval(store.workspace, config(), reasoner=reasoner, sampling="greedy")
+    report = run_eval(store.workspace, config(), reasoner=reasoner)
     m = report.metrics
     assert (m["n"], m["n_box"]) == (5, 4)
     assert m["acc50"] == 0.25
@@ -88,14 +94,15 @@ def test_metrics_are_exact(store: Store) -> None:
     assert m["parse_rate"] == 0.8
     assert m["answer_acc"] == 0.6
     assert m["direct_answer_acc"] == 0.4
-    assert reasoner.calls == 3 and reasoner.sampling == ["greedy"] * 3  # batches of 2
+    # batches of 2, greedy: one box per item, answered once
+    assert reasoner.calls == 3 and reasoner.sampling == [Sampling(max_new_tokens=64)] * 3
 
 
 def test_outputs_and_stored_evaluation(store: Store) -> None:
     add_cases(store)
     ckpt = store.add_checkpoint("runs/7/adapter", base="models/m", stage="dpo1")
     cfg = config(adapter_name_or_path=str(store.workspace.root / "runs/7/adapter"))
-    report = run_eval(store.workspace, cfg, reasoner=ScriptedReasoner(_script()), sampling="greedy")
+    report = run_eval(store.workspace, cfg, reasoner=ScriptedReasoner(_script()))
     out = Path(report.output_dir)
     assert out.parent == store.workspace.exports_dir and out.name.startswith("eval-")
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -119,8 +126,7 @@ def test_stop_request_ends_early_and_stores_nothing(store: Store) -> None:
     progress = Progress(bar=False)
     reasoner = ScriptedReasoner(_script(), progress=progress, stop_after_calls=1)
     out = store.workspace.root / "my-eval"
-    report = run_eval(store.workspace, config(output_dir="my-eval"), progress, reasoner=reasoner,
-                      sampling="greedy")
+    report = run_eval(store.workspace, config(output_dir="my-eval"), progress, reasoner=reasoner)
     assert report.stopped and report.n == 2 and report.evaluation_id is None
     assert store.evaluations() == []
     assert json.loads((out / "metrics.json").read_text())["stopped"] is True
@@ -130,7 +136,7 @@ def test_no_direct_baseline_and_job_output_dir(store: Store) -> None:
     add_cases(store)
     job = store.create_job("eval", {})
     report = run_eval(store.workspace, config(direct_baseline=False), job_id=job,
-                      reasoner=ScriptedReasoner(_script()), sampling="greedy")
+                      reasoner=ScriptedReasoner(_script()))
     assert report.metrics["direct_answer_acc"] is None
     assert Path(report.output_dir) == store.workspace.run_dir(job)
     assert store.evaluations()[0]["job_id"] == job
@@ -139,7 +145,7 @@ def test_no_direct_baseline_and_job_output_dir(store: Store) -> None:
 def test_empty_split_is_a_data_error(store: Store) -> None:
     add_cases(store)
     with pytest.raises(DataError, match="no items in split 'val'"):
-        run_eval(store.workspace, config(split="val"), reasoner=ScriptedReasoner({}), sampling="greedy")
+        run_eval(store.workspace, config(split="val"), reasoner=ScriptedReasoner({}))
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -169,7 +175,7 @@ def test_summarize_and_table_without_boxes() -> None:
 
 def test_evals_command_prints_the_comparison(store: Store) -> None:
     add_cases(store)
-    run_eval(store.workspace, config(), reasoner=ScriptedReasoner(_script()), sampling="greedy")
+    run_eval(store.workspace, config(), reasoner=ScriptedReasoner(_script()))
     result = CliRunner().invoke(cli, ["evals", "-w", str(store.workspace.root)])
     assert result.exit_code == 0, result.output
     assert "| 1 | models/m | – | bench/test | 5 | 25.0 |" in result.output

@@ -11,6 +11,7 @@ from PIL import Image
 
 from visrl import review
 from visrl.boxes import Box, crop_box, format_box, iou, random_negative_box
+from visrl.contract import TwoStepContract
 from visrl.errors import DataError
 from visrl.formats import import_file
 from visrl.formats.export import export, llamafactory_dataset_info
@@ -63,7 +64,7 @@ def test_sft_rows_are_two_step_conversations(demo: Store) -> None:
     assert sorted(rows[0]) == ["images", "messages"]
     assert len(sft_rows(demo, demo.workspace, split="val")) == 2
     assert len(sft_rows(demo, demo.workspace, split=None)) == 8
-    wide = sft_rows(demo, demo.workspace, split="train", crop_margin=0.1)[0]["images"][1]
+    wide = sft_rows(demo, demo.workspace, split="train", contract=TwoStepContract(crop_margin=0.1))[0]["images"][1]
     assert wide.size[0] > rows[0]["images"][1].size[0]
 
 
@@ -80,7 +81,7 @@ def test_dpo_stage1_rows(demo: Store) -> None:
     assert len(rows[0]["images"]) == 1
     both = dpo_rows(demo, demo.workspace, statuses=("accepted", "pending"))
     assert [r["pair_id"] for r in both] == [1, 2, 3, 5, 6]
-    qwen = dpo_rows(demo, demo.workspace, box_format="qwen2")[0]["chosen"][0]["content"][0]["text"]
+    qwen = dpo_rows(demo, demo.workspace, contract=TwoStepContract(box_format="qwen2"))[0]["chosen"][0]["content"][0]["text"]
     assert qwen.startswith("<|box_start|>(")
 
 

@@ -18,10 +18,13 @@ from PIL import Image
 from visrl import generate as gen
 from visrl.boxes import Box, format_box, iou, parse_box
 from visrl.config import load_config
+from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError
 from visrl.generate import GenerateConfig, judge_rollouts, run_generate, run_key_for
 from visrl.judges import make_judges
 from visrl.progress import Progress
+from visrl.prompts import BOX_PROMPT
+from visrl.reasoning import TwoStep
 from visrl.review import PairFilter, count_pairs
 from visrl.store import Store, box_from_json
 
@@ -30,36 +33,46 @@ GT = Box(10, 10, 40, 40)  # every item's object; the fake answers right only whe
 FAR = Box(80, 50, 110, 80)  # never overlaps GT
 
 
-class ScriptedReasoner:
-    """A stand-in policy with the Reasoner methods: scripted box texts, answers by crop.
+class ScriptedReasoner(TwoStep):
+    """A real two-step policy whose model is a script: only :meth:`generate` is replaced, so the
+    prompts, parsing, random boxes and crops are the production ones (the contract's).
 
-    ``boxes(question, attempt_index)`` gives the two texts of one prompt; ``answer`` is right
-    ("7") when the box text names a box overlapping the object (IoU > 0.5), else "3".
+    ``boxes(question, attempt_index)`` gives the two texts of one box prompt; an answer is right
+    ("7") when the box text the answer prompt carries names a box overlapping the object
+    (IoU > 0.5), else "3".
     """
 
     def __init__(self, boxes: Any = None, progress: Progress | None = None, stop_after: int | None = None,
-                 delay_s: float = 0.0) -> None:
-        self.boxes = boxes or (lambda q, i: [format_box(GT, "viscot", SIZE), format_box(FAR, "viscot", SIZE)])
+                 delay_s: float = 0.0, contract: TwoStepContract | None = None) -> None:
+        self.contract = contract or TwoStepContract()
+        self.boxes = boxes or (lambda q, i: [self.contract.format(GT, SIZE), self.contract.format(FAR, SIZE)])
         self.progress, self.stop_after, self.delay_s = progress, stop_after, delay_s
         self.box_calls: list[int] = []
         self.answer_calls: list[int] = []
         self.samplings: list[Any] = []
+        self.crops: list[Image.Image] = []
 
-    def propose_boxes(self, images: list[Image.Image], questions: list[str], sampling: Any) -> list[list[str]]:
-        assert sampling.n == 2 and len(images) == len(questions)
+    def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
         self.samplings.append(sampling)
-        self.box_calls.append(len(questions))
+        if len(conversations[0]) == 1:  # the box step: one user turn
+            return self._boxes(conversations, sampling)
+        self.answer_calls.append(len(conversations))
+        out = []
+        for conversation in conversations:
+            full = conversation[0]["content"][0]["image"]
+            self.crops.append(conversation[2]["content"][0]["image"])
+            box = self.parse(conversation[1]["content"][0]["text"], full)
+            out.append(["7" if iou(box, GT) > 0.5 else "3"] * sampling.n)
+        return out
+
+    def _boxes(self, conversations: list, sampling: Any) -> list[list[str]]:
+        assert sampling.n == 2
+        self.box_calls.append(len(conversations))
         if self.stop_after is not None and len(self.box_calls) >= self.stop_after and self.progress:
             self.progress.stop_requested = True  # as SIGTERM would, while a batch is in flight
         time.sleep(self.delay_s)
+        questions = [c[0]["content"][1]["text"].removesuffix(" " + BOX_PROMPT) for c in conversations]
         return [self.boxes(q, i) for i, q in enumerate(questions)]
-
-    def answer(self, images: list[Image.Image], questions: list[str], box_texts: list[str],
-               crops: list[Image.Image], sampling: Any) -> list[str]:
-        assert len(images) == len(questions) == len(box_texts) == len(crops)
-        self.samplings.append(sampling)
-        self.answer_calls.append(len(questions))
-        return ["7" if iou(parse_box(t, "viscot", SIZE), GT) > 0.5 else "3" for t in box_texts]
 
 
 def add_items(store: Store, n: int, name: str = "toy", with_box: bool = True) -> list[int]:

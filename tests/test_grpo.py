@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from visrl.boxes import Box
+from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError
 from visrl.prompts import box_prompt
+from visrl.reasoning import TwoStep
 from visrl.train.config import TrainConfig, load_train_config
 from visrl.train.grpo import (
     AnswerReward,
@@ -27,6 +29,7 @@ BASE = {"stage": "grpo", "model_name_or_path": "m", "output_dir": "o",
         "per_device_train_batch_size": 2, "num_generations": 2}
 IMAGE = Image.new("RGB", (100, 100), "white")  # square: Visual-CoT values are plain fractions
 GT = [0.0, 0.0, 50.0, 50.0]
+VISCOT = TwoStepContract(box_format="viscot")
 
 
 # ---------------------------------------------------------------------- rewards
@@ -41,7 +44,7 @@ GT = [0.0, 0.0, 50.0, 50.0]
     ([{"role": "assistant", "content": ""}], 0.0, 0.0),
 ])
 def test_iou_and_format_rewards(completion: Any, expected_iou: float, expected_format: float) -> None:
-    parse = default_parse("viscot")
+    parse = default_parse(VISCOT)
     kwargs = {"prompts": [box_prompt("q?")], "completions": [completion], "gt_box": [GT], "images": [[IMAGE]]}
     assert IoUReward(parse)(**kwargs) == [pytest.approx(expected_iou, abs=1e-9)]
     assert FormatReward(parse)(**kwargs) == [expected_format]
@@ -50,7 +53,7 @@ def test_iou_and_format_rewards(completion: Any, expected_iou: float, expected_f
 def test_iou_reward_uses_each_rows_image_size() -> None:
     """Visual-CoT pads to a square: on a 200x100 image [0, .25, .5, .75] is x 0-100, y 0-100."""
     wide = Image.new("RGB", (200, 100))
-    out = IoUReward(default_parse("viscot"))(
+    out = IoUReward(default_parse(VISCOT))(
         completions=["[0.00, 0.25, 0.50, 0.75]"] * 2, gt_box=[[0, 0, 100, 100], [0, 0, 50, 100]],
         images=[[wide], [wide]])
     assert out == [pytest.approx(1.0), pytest.approx(0.5)]
@@ -59,13 +62,14 @@ def test_iou_reward_uses_each_rows_image_size() -> None:
 def test_reward_names_are_the_logged_metric_names() -> None:
     from trl.trainer.utils import get_callable_name
 
-    parse = default_parse("viscot")
+    parse = default_parse(VISCOT)
     names = [get_callable_name(r) for r in (IoUReward(parse), FormatReward(parse), AnswerReward(None, parse, 8))]
     assert names == ["iou", "format", "answer"]
 
 
-class CannedReasoner:
-    """The parts of a Reasoner the answer reward uses; answers by the crop's width."""
+class CannedReasoner(TwoStep):
+    """A real two-step policy whose generation is canned: it answers by the width of the crop the
+    production code cut and put in the answer prompt ("red" for the 50 px wide right crop)."""
 
     def __init__(self) -> None:
         import torch
@@ -73,21 +77,17 @@ class CannedReasoner:
         self.model = torch.nn.Linear(1, 1)
         self.calls: list[list[str]] = []
 
-    def crop(self, image: Image.Image, box: Box) -> Image.Image:
-        return image.crop((int(box.x1), int(box.y1), int(box.x2), int(box.y2)))
-
-    def answer(self, images: list[Image.Image], questions: list[str], box_texts: list[str],
-               crops: list[Image.Image], sampling: Any) -> list[list[str]]:
+    def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
         assert sampling.greedy and sampling.max_new_tokens == 8
         assert not self.model.training  # answers are generated in eval mode
-        self.calls.append(box_texts)
-        return [["red" if crop.width == 50 else "blue"] for crop in crops]
+        self.calls.append([c[1]["content"][0]["text"] for c in conversations])
+        return [["red" if c[2]["content"][0]["image"].width == 50 else "blue"] for c in conversations]
 
 
 def test_answer_reward_judges_the_answer_on_each_sampled_crop() -> None:
     reasoner = CannedReasoner()
     completions = ["[0.00, 0.00, 0.50, 0.50]", "[0.00, 0.00, 0.25, 0.50]", "no box", "[0, 0, 0.5, 0.5]"]
-    out = AnswerReward(reasoner, default_parse("viscot"), max_new_tokens=8)(
+    out = AnswerReward(reasoner, default_parse(VISCOT), max_new_tokens=8)(
         completions=completions, images=[[IMAGE]] * 4, question=["colour?"] * 4,
         references=[["Red"], ["red"], ["red"], [""]])
     # right crop -> "red" (1.0); narrow crop -> "blue" (0.0); no box -> 0.0; no reference -> None

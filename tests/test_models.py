@@ -79,7 +79,11 @@ def test_adapter_that_does_not_fit_its_base(tiny: Path, tiny3: Path, tmp_path: P
     loaded = load_model(tiny3)
     adapter = tmp_path / "adapter3"
     get_peft_model(loaded.model, LoraConfig(r=2, target_modules=["linear_fc1"])).save_pretrained(adapter)
-    with pytest.raises(ModelError, match="does not fit the model"):
+    with pytest.raises(ModelError, match=f"trained on {tiny3}, not on {tiny}"):  # its recorded base
+        load_model(tiny, adapter=adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(ModelError, match="does not fit the model"):  # no record: the shapes tell
         load_model(tiny, adapter=adapter)
     with pytest.raises(ModelError, match="not a LoRA adapter"):
         load_model(tiny, adapter=tmp_path)
@@ -104,3 +108,159 @@ def test_unknown_preset_and_dtype(tmp_path: Path, tiny: Path) -> None:
         build_tiny_model(tmp_path / "x", preset="huge")
     with pytest.raises(ModelError, match="unknown dtype 'int3'"):
         load_model(tiny, dtype="int3")
+
+
+# ---------------------------------------------------------------------- Hub ids in the local cache
+
+def fake_hub_cache(cache: Path, repo_id: str, model: Path, sha: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay ``model`` out as huggingface_hub caches a download: ``models--org--name/snapshots/<sha>/``
+    and ``refs/main`` holding the sha (files as plain copies; the real cache links to blobs/)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = Path(shutil.copytree(model, repo / "snapshots" / sha))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    return snapshot
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # read once at import; the env is for children
+    return cache
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tiny: Path, hub_cache: Path, tmp_path: Path) -> None:
+    from visrl.models import locate_model
+    from visrl.policy import resolve_model_path
+    from visrl.workspace import Workspace
+
+    snapshot = fake_hub_cache(hub_cache, "tiny-org/Tiny-VL", tiny)
+    source = locate_model("tiny-org/Tiny-VL")
+    assert (source.path, source.hub_id, source.label) == (snapshot, "tiny-org/Tiny-VL", "tiny-org/Tiny-VL")
+    loaded = load_model("tiny-org/Tiny-VL")
+    assert (loaded.path, loaded.hub_id, loaded.family) == (str(snapshot), "tiny-org/Tiny-VL", "qwen2_vl")
+    # A workspace-relative lookup leaves a name that is no folder for the cache to answer.
+    ws = Workspace.open(tmp_path / "ws")
+    assert resolve_model_path(ws, "tiny-org/Tiny-VL") == "tiny-org/Tiny-VL"
+    assert locate_model("tiny-org/Tiny-VL", root=ws.root).path == snapshot
+
+
+def test_unknown_model_names_everything_tried(hub_cache: Path, tmp_path: Path) -> None:
+    from visrl.models import locate_model
+
+    with pytest.raises(ModelError) as info:
+        locate_model("Qwen/Qwen2.5-VL-7B-Instruct", root=tmp_path)
+    message = str(info.value)
+    assert "folder Qwen/Qwen2.5-VL-7B-Instruct" in message
+    assert f"folder {tmp_path / 'Qwen/Qwen2.5-VL-7B-Instruct'}" in message
+    assert f"Hub id 'Qwen/Qwen2.5-VL-7B-Instruct' in the local cache {hub_cache}" in message
+    with pytest.raises(ModelError, match=r"tried folder missing\. Give a model folder"):
+        locate_model("./missing")  # a path, not an id: the cache is not asked
+
+
+# ---------------------------------------------------------------------- adapters on the right base
+
+def _adapter(loaded_model: object, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(loaded_model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(out)
+    return out
+
+
+def test_adapter_on_another_base_is_refused_with_both_names(tiny: Path, tmp_path: Path) -> None:
+    from visrl.contract import TwoStepContract
+    from visrl.models import copy_model_info, write_model_info
+
+    merged = Path(shutil.copytree(tiny, tmp_path / "stage1-merged"))
+    copy_model_info(tiny, merged)  # a merged base is a new model: its own model_id
+    adapter = _adapter(load_model(merged).model, tmp_path / "stage2")
+    write_model_info(adapter, TwoStepContract(crop_margin=0.1), base=merged)  # what training records
+    with pytest.raises(ModelError, match=f"adapter {adapter} was trained on {merged}, not on {tiny}"):
+        load_model(tiny, adapter=adapter)
+    loaded = load_model(merged, adapter=adapter)
+    assert loaded.adapter == str(adapter) and loaded.contract.crop_margin == 0.1
+    again = load_model(adapter)  # an adapter given as the model loads on its recorded base
+    assert again.path == str(merged)
+    # peft's own record is checked too; a copy of a plain base folder is the same model
+    plain = _adapter(load_model(tiny).model, tmp_path / "plain")
+    copy = Path(shutil.copytree(tiny, tmp_path / "copy"))
+    assert load_model(copy, adapter=plain).adapter == str(plain)
+    with pytest.raises(ModelError, match=f"trained on {tiny}, not on {merged}"):
+        load_model(merged, adapter=plain)
+
+
+def test_adapter_recorded_with_a_hub_id(tiny: Path, hub_cache: Path, tmp_path: Path) -> None:
+    snapshot = fake_hub_cache(hub_cache, "tiny-org/Tiny-VL", tiny)
+    adapter = _adapter(load_model("tiny-org/Tiny-VL").model, tmp_path / "lora")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "tiny-org/Tiny-VL"}))
+    assert load_model(snapshot, adapter=adapter).hub_id is None  # the snapshot folder is that model
+    assert load_model(adapter).hub_id == "tiny-org/Tiny-VL"
+    other = Path(shutil.copytree(tiny, tmp_path / "other"))
+    from visrl.models import copy_model_info
+
+    copy_model_info(tiny, other)
+    with pytest.raises(ModelError, match=f"trained on tiny-org/Tiny-VL, not on {other}"):
+        load_model(other, adapter=adapter)
+
+
+# ---------------------------------------------------------------------- the image budget
+
+GRID_IMAGE = (1280, 960)
+
+
+@pytest.mark.parametrize(("family", "tokens", "factor", "grid"), [
+    # 640 visual tokens: smart_resize of 960x1280 under 640 x 28^2 px -> 588x812 -> 42x58 patches of 14
+    ("qwen2_vl", 640, 28, [1, 42, 58]),
+    ("qwen2_5_vl", 640, 28, [1, 42, 58]),
+    # Qwen3-VL: 16 px patches, 32 px per token -> 672x928 -> 42x58 patches of 16
+    ("qwen3_vl", 640, 32, [1, 42, 58]),
+])
+def test_image_budget_sets_the_grid_on_every_family(family: str, tokens: int, factor: int, grid: list[int],
+                                                    tiny: Path, tiny3: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from visrl.contract import TwoStepContract
+    from visrl.models import load_processor
+
+    folder = tiny3 if family == "qwen3_vl" else tiny
+    if family == "qwen2_5_vl":  # the Qwen2.5-VL processor class over the tiny files
+        folder = Path(shutil.copytree(tiny, tmp_path / "tiny25"))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_5_vl"}))
+    processor = load_processor(folder, family)
+    assert type(processor).__name__.endswith({"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                                             "qwen3_vl": "Qwen3VLProcessor"}[family])
+    image = Image.new("RGB", GRID_IMAGE)
+
+    def grid_of() -> list[int]:
+        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+        return processor(text=[text], images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
+
+    before = grid_of()  # the tiny processors' own budget: a few tokens
+    contract = TwoStepContract(image_max_pixels=tokens * factor * factor, image_min_pixels=factor * factor * 4)
+    contract.apply_budget(processor)
+    assert grid_of() == grid and grid != before
+    assert grid[1] * grid[2] // 4 <= tokens  # 2x2 patches per visual token
+    bound = contract.bound_to(processor)
+    assert bound.resize_factor == factor and bound.image_max_pixels == tokens * factor * factor
+
+
+def test_load_model_applies_the_checkpoint_and_config_budget(tiny: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from visrl.contract import TwoStepContract
+    from visrl.models import write_model_info
+
+    capped = Path(shutil.copytree(tiny, tmp_path / "capped"))
+    write_model_info(capped, TwoStepContract(image_max_pixels=640 * 28 * 28))  # as training writes it
+    loaded = load_model(capped)
+    image = Image.new("RGB", GRID_IMAGE)
+    assert loaded.processor.image_processor(images=[image])["image_grid_thw"][0].tolist() == [1, 42, 58]
+    assert loaded.contract.input_size(GRID_IMAGE) == (58 * 14, 42 * 14)
+    overridden = load_model(capped, overrides={"image_max_pixels": 1280 * 28 * 28})  # a config key wins
+    assert overridden.processor.image_processor(images=[image])["image_grid_thw"][0].tolist() == [1, 60, 82]

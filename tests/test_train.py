@@ -376,7 +376,7 @@ def test_stop_leaves_a_loadable_checkpoint_and_resume_finishes(
     import visrl.train.run as run
     from visrl.models import load_model
 
-    monkeypatch.setattr(run, "stage_rows", lambda cfg, store, ws: stage2_rows(4))
+    monkeypatch.setattr(run, "stage_rows", lambda cfg, store, ws, **_: stage2_rows(4))
     monkeypatch.setattr(run, "to_dataset", to_dataset)
     cfg = TrainConfig(stage="visrl", model_name_or_path=str(tiny_dir), output_dir="models/stage2",
                       max_steps=3, per_device_train_batch_size=2, save_steps=100, learning_rate=1e-3)

@@ -51,6 +51,7 @@ from visrl.errors import ConfigError
 CONTRACT_FILE = "visrl_model.json"  # beside a model's config.json or an adapter's adapter_config.json
 QWEN_RESIZE_FACTOR = 28  # Qwen2/2.5-VL: 14 px patches, 2x2 merged into one visual token
 MIN_CROP_SIZE = 8  # px per side: a degenerate box still gives an image the processor takes
+MAX_CROP_MARGIN = 10.0  # box widths per side: beyond it the "crop" is the whole image anyway
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class TwoStepContract:
     """What a two-step model means by a box and what it is shown (see the module doc)."""
 
     box_format: str = "viscot"
-    crop_margin: float = 0.0  # fraction of the box's width/height added on each side
+    crop_margin: float = 0.0  # fraction of the box's width/height added on each side (0.1 = 10%)
     crop_min_size: int = MIN_CROP_SIZE  # px, each side of a crop
     image_min_pixels: int | None = None  # processor budget, area in px; None = the processor's
     image_max_pixels: int | None = None
@@ -69,15 +70,16 @@ class TwoStepContract:
     def __post_init__(self) -> None:
         if self.box_format not in BOX_FORMATS:
             raise ConfigError(f"box_format {self.box_format!r} unknown; use one of {', '.join(BOX_FORMATS)}")
-        if not (isinstance(self.crop_margin, (int, float)) and 0 <= self.crop_margin <= 1):
-            raise ConfigError(f"crop_margin must be a fraction in [0, 1], got {self.crop_margin!r}")
+        # per side, in box widths; NaN compares false and fails too
+        if not (isinstance(self.crop_margin, (int, float)) and 0 <= self.crop_margin <= MAX_CROP_MARGIN):
+            raise ConfigError(f"crop_margin must be in [0.0, {MAX_CROP_MARGIN:.1f}], got {self.crop_margin!r}")
         if self.crop_min_size < 1 or self.resize_factor < 1:
             raise ConfigError(f"crop_min_size and resize_factor must be >= 1, got {self.crop_min_size} "
                               f"and {self.resize_factor}")
         for name in ("image_min_pixels", "image_max_pixels", "full_max_pixels", "crop_min_pixels"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive number of pixels or null, got {value!r}")
+                raise ConfigError(f"{name} must be at least 1 pixel or null, got {value!r}")
         low, high = self.image_min_pixels, self.image_max_pixels
         if low is not None and high is not None and low > high:
             raise ConfigError(f"image_min_pixels ({low}) must not exceed image_max_pixels ({high})")
@@ -134,11 +136,11 @@ class TwoStepContract:
 
     def prepare_full(self, image: Image.Image) -> Image.Image:
         """The full image as the model is given it (RGB, shrunk to ``full_max_pixels``)."""
-        return fit_pixels(image.convert("RGB"), max_pixels=self.full_max_pixels)
+        return fit_pixels(_rgb(image), max_pixels=self.full_max_pixels)
 
     def prepare_crop(self, crop: Image.Image) -> Image.Image:
         """The crop as the model is given it (RGB, enlarged to ``crop_min_pixels``)."""
-        return fit_pixels(crop.convert("RGB"), min_pixels=self.crop_min_pixels)
+        return fit_pixels(_rgb(crop), min_pixels=self.crop_min_pixels)
 
     def apply_budget(self, processor: Any) -> None:
         """Set ``image_min_pixels`` / ``image_max_pixels`` on ``processor``'s image processor (a
@@ -222,6 +224,11 @@ def fit_pixels(image: Image.Image, min_pixels: int | None = None, max_pixels: in
     """``image`` scaled (aspect kept, bicubic) so its area lies in [min_pixels, max_pixels]."""
     size = fit_size(image.size, min_pixels, max_pixels)
     return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """``image`` itself when it is RGB already (no copy: rows share one full image), else RGB."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def processor_pixels(image_processor: Any) -> tuple[int | None, int | None]:

@@ -6,7 +6,9 @@ unless it overlaps the first (IoU > :data:`NEGATIVE_MAX_IOU`) or cannot be parse
 *random* box of similar size (each side ±30%) that does not overlap the first takes its place
 (:func:`visrl.boxes.random_negative_box`, seeded by (seed, item, attempt)). Every box is
 cropped and answered (one batched ``Reasoner.answer`` call per batch); a box text that cannot
-be parsed is a failed rollout (no box, no answer, scores 0).
+be parsed is a failed rollout (no box, no answer, scores 0). Box texts are parsed, random boxes
+written and crops cut by the policy's :class:`visrl.contract.TwoStepContract` (``reasoner.contract``:
+the checkpoint's, with config overrides), the one inference and training use.
 
 Every rollout lands in the ``rollouts`` table under a ``run_key`` derived from the config (model,
 data, sampling, seed), so a run that is stopped or killed resumes where it stood: the
@@ -30,7 +32,8 @@ from typing import Any
 
 from PIL import Image
 
-from visrl.boxes import crop_box, format_box, iou, parse_box, random_negative_box
+from visrl.boxes import iou, random_negative_box
+from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError
 from visrl.judges import (
     ANSWER_JUDGES,
@@ -149,7 +152,9 @@ def run_key_for(cfg: GenerateConfig) -> str:
     parts = {"model": cfg.model_label(), "dataset": cfg.dataset, "split": cfg.split,
              "attempts": cfg.attempts, "temperature": cfg.temperature, "top_p": cfg.top_p,
              "answer_temperature": cfg.answer_temperature, "max_new_tokens": cfg.max_new_tokens,
-             "box_format": cfg.box_format, "seed": cfg.seed}
+             "seed": cfg.seed}
+    # Contract keys count only when set (a config without them follows the checkpoint's contract).
+    parts.update({k: v for k, v in cfg.contract_overrides().items() if v is not None})
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.dataset}-{cfg.split}-{digest}"
 
@@ -199,7 +204,7 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
         batch = pending[i:i + cfg.batch_size]
         _generate_batch(store, ws, reasoner, cfg, run_key, batch, todo, job_id, counts)
         judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers,
-                       item_ids=[item["id"] for item in batch])
+                       item_ids=[item["id"] for item in batch], contract=reasoner.contract)
         counts["items"] += len(batch)
         if progress is not None:
             elapsed = max(time.monotonic() - start, 1e-9)
@@ -207,7 +212,8 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
                 "items_per_s": counts["items"] / elapsed,
                 "parse_rate": counts["parsed"] / max(counts["samples"], 1)})
     # Rollouts of earlier runs judged by other judges (or killed before judging) get scored too.
-    judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers)
+    judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers,
+                   contract=getattr(reasoner, "contract", None))
     pairs = build_pairs(store, cfg.pairs_config(), run_key=run_key, source=run_key)
     seconds = time.monotonic() - start
     if progress is not None and not progress.stop_requested:  # the job's last word, shown in the app
@@ -277,6 +283,7 @@ def _generate_batch(store: Store, ws: Workspace, reasoner: Any, cfg: GenerateCon
                     batch: list[dict[str, Any]], todo: dict[int, list[int]], job_id: int | None,
                     counts: dict[str, int]) -> None:
     """Sample boxes for every pending attempt of ``batch``, answer every crop, store all."""
+    contract: TwoStepContract = reasoner.contract
     units = []
     for item in batch:
         image = load_image(ws, item)
@@ -286,8 +293,8 @@ def _generate_batch(store: Store, ws: Workspace, reasoner: Any, cfg: GenerateCon
     crops: list[tuple[dict[str, Any], _Unit, Image.Image]] = []
     for unit, samples in zip(units, texts, strict=True):
         samples = (list(samples) + ["", ""])[:2]  # a backend that returned fewer: failed samples
-        unit.rollouts = _attempt_rollouts(unit, samples, cfg, run_key, job_id, counts)
-        crops += [(r, unit, crop_box(unit.image, r["box"])) for r in unit.rollouts if r["box"] is not None]
+        unit.rollouts = _attempt_rollouts(unit, samples, cfg, contract, run_key, job_id, counts)
+        crops += [(r, unit, contract.crop(unit.image, r["box"])) for r in unit.rollouts if r["box"] is not None]
     if crops:
         answers = reasoner.answer(
             [u.image for _, u, _ in crops], [u.item["question"] for _, u, _ in crops],
@@ -302,12 +309,12 @@ def _generate_batch(store: Store, ws: Workspace, reasoner: Any, cfg: GenerateCon
                 counts["rollouts"] += 1
 
 
-def _attempt_rollouts(unit: _Unit, samples: list[str], cfg: GenerateConfig, run_key: str,
-                      job_id: int | None, counts: dict[str, int]) -> list[dict[str, Any]]:
+def _attempt_rollouts(unit: _Unit, samples: list[str], cfg: GenerateConfig, contract: TwoStepContract,
+                      run_key: str, job_id: int | None, counts: dict[str, int]) -> list[dict[str, Any]]:
     """The policy rollout and the negative (or random) rollout of one attempt; not yet answered."""
-    size = (unit.item["width"], unit.item["height"])
-    first = parse_box(samples[0], cfg.box_format, size)
-    second = parse_box(samples[1], cfg.box_format, size)
+    size = unit.image.size  # the image the policy saw; the store's width/height describe the same file
+    first = contract.parse(samples[0], size)
+    second = contract.parse(samples[1], size)
     counts["samples"] += 2
     counts["parsed"] += (first is not None) + (second is not None)
     base = {"run_key": run_key, "item_id": unit.item["id"], "attempt": unit.attempt,
@@ -318,7 +325,7 @@ def _attempt_rollouts(unit: _Unit, samples: list[str], cfg: GenerateConfig, run_
         # the curator nothing to look at and stage 2 no crop to answer on.
         rng = random.Random(f"{cfg.seed}/{unit.item['id']}/{unit.attempt}")
         box = random_negative_box(first, size, rng)
-        negative = {**base, "kind": "random", "box_text": format_box(box, cfg.box_format, size), "box": box}
+        negative = {**base, "kind": "random", "box_text": contract.format(box, size), "box": box}
     else:
         negative = {**base, "kind": "negative", "box_text": samples[1], "box": second}
     for rollout in (policy, negative):
@@ -336,12 +343,15 @@ def load_image(ws: Workspace, item: dict[str, Any]) -> Image.Image:
 # ---------------------------------------------------------------------- judging
 
 def judge_rollouts(store: Store, run_key: str, answer_judge: Judge, crop_judge: Judge | None,
-                   workers: int = 8, item_ids: list[int] | None = None) -> int:
+                   workers: int = 8, item_ids: list[int] | None = None,
+                   contract: TwoStepContract | None = None) -> int:
     """Score the run's rollouts that lack a score from these judges; returns how many changed.
 
     Cached judgements (``judgements`` table) are reused; the rest run concurrently (judge models
-    are network calls) and are written from this thread in one transaction.
+    are network calls) and are written from this thread in one transaction. A judge model sees
+    the crop ``contract`` cuts (the policy's; default: no margin).
     """
+    contract = contract or TwoStepContract()
     judges = [j for j in (answer_judge, crop_judge) if j is not None]
     rows = store.rollouts(run_key=run_key) if item_ids is None else list(store.db["rollouts"].rows_where(
         f"run_key = ? AND item_id IN ({', '.join('?' for _ in item_ids)})", [run_key, *item_ids]))
@@ -361,7 +371,7 @@ def judge_rollouts(store: Store, run_key: str, answer_judge: Judge, crop_judge: 
     images: dict[int, Image.Image] = {}
     # Only judges that look at pixels (remote judge models, visrl.crop_judge) get images and crops.
     needs_image = any(getattr(j, "needs_image", isinstance(j, ModelJudge)) for _, j in tasks)
-    inputs = {r["id"]: _judge_input(ws, items[r["item_id"]], r, images if needs_image else None)
+    inputs = {r["id"]: _judge_input(ws, items[r["item_id"]], r, images if needs_image else None, contract)
               for r in rollouts}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(lambda task: task[1](inputs[task[0]["id"]]), tasks)
@@ -375,14 +385,14 @@ def judge_rollouts(store: Store, run_key: str, answer_judge: Judge, crop_judge: 
 
 
 def _judge_input(ws: Workspace, item: dict[str, Any], rollout: dict[str, Any],
-                 images: dict[int, Image.Image] | None) -> JudgeInput:
+                 images: dict[int, Image.Image] | None, contract: TwoStepContract) -> JudgeInput:
     box = box_from_json(rollout["box"])
     image = crop = None
     if images is not None and box is not None:
         if item["id"] not in images:
             images[item["id"]] = load_image(ws, item)
         image = images[item["id"]]
-        crop = crop_box(image, box)
+        crop = contract.crop(image, box)
     return JudgeInput(question=item["question"], references=references(item), answer=rollout["answer"],
                       box=box, gt_box=box_from_json(item.get("gt_box")), image=image, crop=crop)
 

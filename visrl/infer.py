@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visrl.boxes import BOX_FORMATS
 from visrl.errors import ConfigError
 from visrl.images import FILE_MAX_PIXELS, open_bounded
 from visrl.policy import check_range
@@ -18,32 +17,40 @@ class InferConfig:
 
     model_name_or_path: str = field(metadata={"help": "Model folder (absolute, or relative to the workspace)."})
     adapter_name_or_path: str | None = field(default=None, metadata={"help": "Optional LoRA adapter folder."})
-    box_format: str | None = field(default=None, metadata={"help": "Box text format; default: the model's."})
+    box_format: str | None = field(default=None, metadata={"help": "Box text format; null = the checkpoint's."})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (temperature > 0)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Per step; a Visual-CoT box is ~30 tokens."})
-    crop_margin: float = field(default=0.0, metadata={"help": "Widen the crop by this fraction of the box per side."})
+    crop_margin: float | None = field(default=None, metadata={
+        "help": "Widen the crop by this fraction of the box per side; null = the checkpoint's."})
     full_max_pixels: int | None = field(default=None, metadata={
-        "help": "Shrink the full image to at most this many pixels before the processor (null: as is)."})
+        "help": "Shrink the full image to at most this many pixels before the processor; null = the checkpoint's."})
     crop_min_pixels: int | None = field(default=None, metadata={
-        "help": "Enlarge the crop to at least this many pixels, so it shows more detail (null: as is)."})
+        "help": "Enlarge the crop to at least this many pixels, so it shows more detail; null = the checkpoint's."})
+    image_min_pixels: int | None = field(default=None, metadata={
+        "help": "Processor pixel budget per image, lower bound; null = the checkpoint's."})
+    image_max_pixels: int | None = field(default=None, metadata={
+        "help": "Processor pixel budget per image, upper bound (1003520 = ~1280 visual tokens); null = the checkpoint's."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
 
     def __post_init__(self) -> None:
         check_range("temperature", self.temperature, 0.0, 100.0)  # 0 = greedy; negative is a mistake
         check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        check_range("crop_margin", self.crop_margin, 0.0, 10.0)  # per side, in box widths
         if not self.max_new_tokens >= 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        for name in ("full_max_pixels", "crop_min_pixels"):
-            value = getattr(self, name)
-            if value is not None and not value >= 1:
-                raise ConfigError(f"{name} must be at least 1 pixel or null, got {value}")
-        if self.box_format is not None and self.box_format not in BOX_FORMATS:
-            raise ConfigError(f"box_format {self.box_format!r} unknown; use one of {', '.join(BOX_FORMATS)}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        from visrl.contract import TwoStepContract
+
+        # box_format, crop_margin and the pixel budgets: the contract names a bad value before loading
+        TwoStepContract().override(**self.contract_overrides())
+
+    def contract_overrides(self) -> dict[str, Any]:
+        """The contract fields this config sets (None: the checkpoint's value stands)."""
+        return {"box_format": self.box_format, "crop_margin": self.crop_margin,
+                "full_max_pixels": self.full_max_pixels, "crop_min_pixels": self.crop_min_pixels,
+                "image_min_pixels": self.image_min_pixels, "image_max_pixels": self.image_max_pixels}
 
 
 def run_infer(cfg: InferConfig, image_path: str | Path, question: str, crop_out: str | Path,
@@ -65,9 +72,9 @@ def run_infer(cfg: InferConfig, image_path: str | Path, question: str, crop_out:
     image = open_bounded(Path(image_path), max_pixels=FILE_MAX_PIXELS, where=f"--image {image_path}")
     ws = Workspace(resolve_root(workspace))  # only to resolve models/...; nothing is created
     loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
-                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path), dtype=cfg.dtype, device=cfg.device)
-    reasoner = Reasoner(loaded, box_format=cfg.box_format, crop_margin=cfg.crop_margin,
-                        full_max_pixels=cfg.full_max_pixels, crop_min_pixels=cfg.crop_min_pixels)
+                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path), dtype=cfg.dtype, device=cfg.device,
+                        overrides=cfg.contract_overrides())
+    reasoner = Reasoner(loaded)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     result = reasoner.two_step([image], [question], sampling)[0][0]
     result.crop.save(crop_out)

@@ -1,10 +1,14 @@
-"""Load a vision-language model and its processor from a local folder.
+"""Load a vision-language model and its processor from a local folder or the local HF cache.
 
-One loader for every place that runs a model (inference, generation, training, merge, the app),
+A model is named as transformers names it: a folder, or a Hub id (``Qwen/Qwen2.5-VL-7B-Instruct``)
+found in the Hugging Face cache (``HF_HUB_CACHE`` / ``HF_HOME``) through ``huggingface_hub``,
+offline: nothing is ever downloaded (:func:`locate_model`). One loader for every place that runs a model (inference, generation, training, merge, the app),
 so a real 7B checkpoint and the tiny test model take the same path. The model family (from
 ``config.json``'s ``model_type``) decides the default box text format (DESIGN.md, "Boxes") and the
-processor class. A folder may pin its box format in ``visrl_model.json`` (models trained by VisRL
-on Visual-CoT data answer in the Visual-CoT form whatever their family).
+processor class. A folder may pin its two-step contract (box format, crop, pixel budgets:
+:mod:`visrl.contract`) in ``visrl_model.json`` (models trained by VisRL on Visual-CoT data answer in
+the Visual-CoT form whatever their family); an adapter's record also names the base it was
+trained on, and loading it on another base is refused (:func:`check_adapter_base`).
 
 Without torchvision the Qwen video processors cannot be built and ``AutoProcessor`` either fails
 or silently returns the tokenizer alone (PITFALLS.md); the loader then assembles an image-only
@@ -13,13 +17,24 @@ processor of the family from the tokenizer and the PIL image processor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visrl.contract import (
+    CONTRACT_FILE,
+    TwoStepContract,
+    processor_pixels,
+    read_contract,
+    read_record,
+    write_contract,
+)
 from visrl.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -28,7 +43,10 @@ log = logging.getLogger(__name__)
 # warn on every load and run. The warning is addressed to those libraries, not to our users.
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
-MODEL_FILE = "visrl_model.json"  # {"box_format": "viscot"}: how a VisRL-trained folder writes boxes
+MODEL_FILE = CONTRACT_FILE  # {"box_format": "viscot", ...}: the contract a VisRL-trained folder keeps
+# A Hub repo id: "name" or "org/name" of letters, digits, '-', '_', '.' (huggingface_hub validates
+# it again; this only decides whether a name that is no folder is worth looking up in the cache).
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -54,13 +72,74 @@ class LoadedModel:
     path: str
     adapter: str | None
     family: str
-    box_format: str
+    contract: TwoStepContract
     device: str
     dtype: str
+    hub_id: str | None = None  # the Hub id the model was found under in the cache, if any
 
     @property
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
+
+    @property
+    def box_format(self) -> str:
+        return self.contract.box_format
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a named model is: its folder, and the Hub id it was found under (None for a folder)."""
+
+    path: Path
+    hub_id: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The name to record: the Hub id, else the folder."""
+        return self.hub_id or str(self.path)
+
+
+def hub_cache_dir() -> str:
+    """The cache ``huggingface_hub`` reads (``HF_HUB_CACHE``, else ``$HF_HOME/hub``)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def locate_model(name_or_path: str | Path, root: str | Path | None = None) -> ModelSource:
+    """The folder of a model named as transformers names it, offline.
+
+    Tried in order: ``name_or_path`` as a folder; relative to ``root`` (a workspace); a Hub id in
+    the local Hugging Face cache (``snapshot_download(local_files_only=True)``: the ref ``main``
+    of ``models--org--name``). Nothing is downloaded. The error lists what was tried.
+    """
+    name = str(name_or_path)
+    tried: list[str] = []
+    candidates = [Path(name)]
+    if root is not None and not Path(name).is_absolute():
+        candidates.append(Path(root) / name)
+    for folder in candidates:
+        if folder.is_dir():
+            return ModelSource(folder)
+        tried.append(f"folder {folder}")
+    if _HUB_ID.match(name) and not name.startswith("."):
+        snapshot = _cached_snapshot(name)
+        if snapshot is not None:
+            return ModelSource(Path(snapshot), name)
+        tried.append(f"Hub id {name!r} in the local cache {hub_cache_dir()} (nothing is downloaded)")
+    raise ModelError(f"model {name!r} not found: tried {'; '.join(tried)}. Give a model folder, or "
+                     "download the Hub model into the cache first (huggingface-cli download ID)")
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError) as exc:
+        log.debug("%s is not in the local HF cache: %s", repo_id, exc)
+        return None
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -100,27 +179,47 @@ def detect_family(path: str | Path) -> str:
     return family
 
 
-def split_adapter(path: str | Path, adapter: str | Path | None) -> tuple[Path, Path | None]:
-    """(base, adapter): a LoRA folder given as the model loads on the base its config names."""
+def split_adapter(path: str | Path, adapter: str | Path | None) -> tuple[str | Path, Path | None]:
+    """(base, adapter): a LoRA folder given as the model loads on the base it records (VisRL's
+    record first, then peft's ``base_model_name_or_path``, which may be a Hub id)."""
     folder = Path(path)
     config = folder / "adapter_config.json"
-    if adapter is None and not (folder / "config.json").is_file() and config.is_file():
-        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if adapter is None and folder.is_dir() and not (folder / "config.json").is_file() and config.is_file():
+        base = (read_record(folder).get("base") or {}).get("name") or _peft_base(folder)
         if not base:
             raise ModelError(f"{folder} is a LoRA adapter without base_model_name_or_path; "
                              "pass its base as the model and it as the adapter")
-        return Path(base), folder
-    return folder, Path(adapter) if adapter else None
+        return (Path(base) if Path(base).is_dir() else base), folder
+    return (folder if folder.is_dir() else path), Path(adapter) if adapter else None
+
+
+def _peft_base(adapter_dir: Path) -> str | None:
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get("base_model_name_or_path") or None
 
 
 def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str = "auto",
-               device: str = "auto") -> LoadedModel:
-    """Load the model in ``path`` (plus an optional PEFT adapter) for inference."""
+               device: str = "auto", overrides: dict[str, Any] | None = None) -> LoadedModel:
+    """Load the model ``path`` names (a folder or a cached Hub id; plus an optional PEFT adapter,
+    which must record this base or none) for inference.
+
+    The contract is the checkpoint's (adapter over base over the family's box format) with
+    ``overrides`` (config keys; None values ignored) on top; its pixel budget is set on the
+    processor and the contract is bound to the processor's resize (``LoadedModel.contract``).
+    """
     import torch
     from transformers import AutoModelForImageTextToText
 
-    base, adapter_dir = split_adapter(path, adapter)
+    base_name, adapter_dir = split_adapter(path, adapter)
+    source = locate_model(base_name)
+    base = source.path
     family = detect_family(base)
+    if adapter_dir is not None:
+        check_adapter_base(adapter_dir, source)
+    contract = read_contract(base, adapter_dir, FAMILIES[family].box_format).override(**(overrides or {}))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     try:
@@ -131,9 +230,63 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
         model = _with_adapter(model, base, adapter_dir)
     model.to(device).eval()
     processor = load_processor(base, family)
+    contract.apply_budget(processor)
     return LoadedModel(model=model, processor=processor, path=str(base),
                        adapter=str(adapter_dir) if adapter_dir else None, family=family,
-                       box_format=box_format_of(base, family, adapter_dir), device=device, dtype=dtype)
+                       contract=contract.bound_to(processor), device=device, dtype=dtype, hub_id=source.hub_id)
+
+
+# ---------------------------------------------------------------------- identities
+
+def model_identity(source: ModelSource) -> dict[str, Any]:
+    """What names a base model for an adapter's record: the folder, the Hub id, VisRL's
+    ``model_id`` (minted when VisRL writes a model folder: merges, merged bases, tiny models) and
+    the SHA-256 of its ``config.json``."""
+    config = source.path / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
+    return {"name": source.label, "path": str(source.path.resolve()), "hub_id": source.hub_id,
+            "model_id": read_record(source.path).get("model_id"), "config_sha256": digest}
+
+
+def same_model(recorded: dict[str, Any], actual: dict[str, Any]) -> bool:
+    """True when two identities name one model: one VisRL ``model_id`` (a VisRL-written model is
+    never the plain base it came from), else one folder, one Hub id, or (plain folders, e.g. a
+    copy of a base) one ``config.json``."""
+    if recorded.get("model_id") or actual.get("model_id"):
+        return recorded.get("model_id") == actual.get("model_id")
+    if recorded.get("path") and recorded.get("path") == actual.get("path"):
+        return True
+    if recorded.get("hub_id") and recorded.get("hub_id") == actual.get("hub_id"):
+        return True
+    return bool(recorded.get("config_sha256")) and recorded.get("config_sha256") == actual.get("config_sha256")
+
+
+def recorded_base(adapter_dir: Path) -> dict[str, Any] | None:
+    """The identity of the base an adapter was trained on: VisRL's record, else peft's
+    ``base_model_name_or_path`` located now (None when it names nothing to be found here)."""
+    record = read_record(adapter_dir).get("base")
+    if isinstance(record, dict) and record:
+        return record
+    name = _peft_base(adapter_dir)
+    if not name:
+        return None
+    try:
+        return model_identity(locate_model(name))
+    except ModelError:
+        log.warning("the base %s recorded by adapter %s is not here; cannot check it", name, adapter_dir)
+        return None
+
+
+def check_adapter_base(adapter_dir: Path, base: ModelSource) -> None:
+    """Refuse an adapter whose recorded base is another model than ``base`` (naming both)."""
+    recorded = recorded_base(adapter_dir)
+    if recorded is None:
+        return
+    actual = model_identity(base)
+    if not same_model(recorded, actual):
+        raise ModelError(f"the adapter {adapter_dir} was trained on {recorded.get('name') or recorded.get('path')}, "
+                         f"not on {actual['name']}: load it on its own base (a later stage's adapter "
+                         "applies to the merged model of the stage before, e.g. OUTPUT/base)")
 
 
 def _with_adapter(model: Any, base: Path, adapter_dir: Path) -> Any:
@@ -150,24 +303,36 @@ def _with_adapter(model: Any, base: Path, adapter_dir: Path) -> Any:
 
 def box_format_of(base: Path, family: str, adapter_dir: Path | None = None) -> str:
     """The adapter's pinned format, else the base folder's, else the family default."""
-    for folder in (adapter_dir, base):
-        if folder is not None and (folder / MODEL_FILE).is_file():
-            pinned = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8")).get("box_format")
-            if pinned:
-                return pinned
-    return FAMILIES[family].box_format
+    return read_contract(base, adapter_dir, FAMILIES[family].box_format).box_format
 
 
-def write_model_info(folder: str | Path, box_format: str) -> None:
-    """Pin the box format a folder's model writes (read back by :func:`box_format_of`)."""
-    Path(folder, MODEL_FILE).write_text(json.dumps({"box_format": box_format}) + "\n", encoding="utf-8")
+def write_model_info(folder: str | Path, contract: TwoStepContract | str,
+                     base: str | Path | ModelSource | None = None) -> None:
+    """Record a folder's two-step contract (a bare string: the box format) in ``visrl_model.json``.
+
+    ``base``: the model an adapter in ``folder`` was trained on (checked at load). A folder holding
+    a model (``config.json``) gets a fresh ``model_id``: it is a new model, even when its
+    config matches the base it came from.
+    """
+    if isinstance(contract, str):
+        contract = TwoStepContract(box_format=contract)
+    extra: dict[str, Any] = {}
+    if base is not None:
+        source = base if isinstance(base, ModelSource) else locate_model(base)
+        extra["base"] = model_identity(source)
+    if Path(folder, "config.json").is_file():
+        extra["model_id"] = uuid.uuid4().hex
+    write_contract(folder, contract, **extra)
 
 
-def copy_model_info(source: str | Path, dest: str | Path) -> None:
-    """Carry a folder's pinned box format over to a folder derived from it (merge, new base)."""
-    if Path(source, MODEL_FILE).is_file():
-        Path(dest).mkdir(parents=True, exist_ok=True)
-        Path(dest, MODEL_FILE).write_text(Path(source, MODEL_FILE).read_text(encoding="utf-8"), encoding="utf-8")
+def copy_model_info(source: str | Path, dest: str | Path, contract: TwoStepContract | None = None) -> None:
+    """Record the contract (default: ``source``'s) in a model folder derived from ``source``
+    (a merge, a merged base): the derived model gets its own ``model_id``, so an adapter trained on
+    it is refused on ``source`` and the other way round."""
+    if contract is None:
+        folder = locate_model(source).path
+        contract = read_contract(folder, None, FAMILIES[detect_family(folder)].box_format)
+    write_contract(dest, contract, model_id=uuid.uuid4().hex)
 
 
 def load_processor(path: str | Path, family: str | None = None) -> Any:
@@ -224,15 +389,8 @@ def count_parameters(model: Any) -> int:
 def describe(loaded: LoadedModel) -> dict[str, Any]:
     """What ``visrl models info`` prints."""
     image = loaded.processor.image_processor
-    return {"path": loaded.path, "adapter": loaded.adapter, "family": loaded.family,
-            "box_format": loaded.box_format, "parameters": count_parameters(loaded.model),
-            "device": loaded.device, "dtype": loaded.dtype,
-            "min_pixels": _pixels(image, "min"), "max_pixels": _pixels(image, "max")}
-
-
-def _pixels(image_processor: Any, which: str) -> int | None:
-    """The processor's min/max pixel budget (``size`` is a dict or a SizeDict by version)."""
-    size = getattr(image_processor, "size", None)
-    key = "shortest_edge" if which == "min" else "longest_edge"
-    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-    return value if value is not None else getattr(image_processor, f"{which}_pixels", None)
+    low, high = processor_pixels(image)
+    return {"path": loaded.path, "hub_id": loaded.hub_id, "adapter": loaded.adapter, "family": loaded.family,
+            "box_format": loaded.box_format, "crop_margin": loaded.contract.crop_margin,
+            "parameters": count_parameters(loaded.model), "device": loaded.device, "dtype": loaded.dtype,
+            "min_pixels": low, "max_pixels": high}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from visrl.boxes import BOX_FORMATS, QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
+from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError
 from visrl.workspace import Workspace
 
@@ -41,8 +42,20 @@ class PolicyConfig:
     limit: int | None = field(default=None, metadata={"help": "Only the first N items (by id); null = all."})
     max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each step's reply."})
     batch_size: int = field(default=8, metadata={"help": "Items per generate call."})
-    box_format: str = field(default="viscot", metadata={
-        "help": f"Box text format the model was trained with: {', '.join(BOX_FORMATS)}."})
+    box_format: str | None = field(default=None, metadata={
+        "help": f"Box text format ({', '.join(BOX_FORMATS)}); null = the checkpoint's (visrl_model.json, "
+                "else its family's); the remote backend defaults to viscot."})
+    crop_margin: float | None = field(default=None, metadata={
+        "help": "Widen each crop by this fraction of the box per side; null = the checkpoint's (what it was trained on)."})
+    image_min_pixels: int | None = field(default=None, metadata={
+        "help": "Processor pixel budget per image, lower bound (area in px); null = the checkpoint's."})
+    image_max_pixels: int | None = field(default=None, metadata={
+        "help": "Processor pixel budget per image, upper bound (e.g. 1003520 = 1280 x 28 x 28, ~1280 visual "
+                "tokens); null = the checkpoint's."})
+    full_max_pixels: int | None = field(default=None, metadata={
+        "help": "Shrink the full image to at most this many pixels before the processor; null = the checkpoint's."})
+    crop_min_pixels: int | None = field(default=None, metadata={
+        "help": "Enlarge the crop to at least this many pixels before the processor; null = the checkpoint's."})
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "remote"):
@@ -53,8 +66,7 @@ class PolicyConfig:
             raise ConfigError("the remote backend needs base_url and remote_model")
         if not self.dataset:
             raise ConfigError("dataset is required: the name of a dataset in the workspace (`visrl stats`)")
-        if self.box_format not in BOX_FORMATS:
-            raise ConfigError(f"box_format {self.box_format!r} unknown; use one of {', '.join(BOX_FORMATS)}")
+        TwoStepContract().override(**self.contract_overrides())  # names a bad value before a model loads
         # Comparisons are written `not (value >= low)` so that NaN, which compares false, fails too.
         for name in ("batch_size", "max_new_tokens", "remote_min_pixels"):
             if not getattr(self, name) >= 1:
@@ -66,6 +78,19 @@ class PolicyConfig:
             raise ConfigError(f"limit must be at least 1 or null, got {self.limit}")
 
 
+    def contract_overrides(self) -> dict[str, Any]:
+        """The contract fields this config sets (None: the checkpoint's value stands)."""
+        return {"box_format": self.box_format, "crop_margin": self.crop_margin,
+                "image_min_pixels": self.image_min_pixels, "image_max_pixels": self.image_max_pixels,
+                "full_max_pixels": self.full_max_pixels, "crop_min_pixels": self.crop_min_pixels}
+
+    def remote_contract(self) -> TwoStepContract:
+        """The remote backend's contract: the config's keys, the server's pixel budget (the frame
+        of ``qwen2_5`` boxes), Visual-CoT boxes unless told otherwise."""
+        return TwoStepContract(image_min_pixels=self.remote_min_pixels, image_max_pixels=self.remote_max_pixels
+                               ).override(**self.contract_overrides())
+
+
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
     """ConfigError unless ``low <= value <= high`` (``low < value`` when ``low_open``); NaN fails."""
     inside = (low < value if low_open else low <= value) and value <= high
@@ -75,24 +100,29 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
 
 
 def resolve_model_path(ws: Workspace, path: str | None) -> str | None:
-    """A relative model path names a folder of the workspace when one is there (``models/x``)."""
+    """A relative model path names a folder of the workspace when one is there (``models/x``),
+    else a folder of the current directory; any other name (a Hub id) is kept as given for
+    :func:`visrl.models.locate_model`."""
     if not path or Path(path).is_absolute():
         return path
     in_ws = ws.root / path
-    return str(in_ws) if in_ws.exists() or not Path(path).exists() else str(Path(path).resolve())
+    if in_ws.exists():
+        return str(in_ws)
+    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 def load_reasoner(ws: Workspace, cfg: PolicyConfig) -> Any:
-    """The policy: an in-process :class:`visrl.reasoning.Reasoner` or a remote one."""
+    """The policy: an in-process :class:`visrl.reasoning.Reasoner` (the checkpoint's contract with
+    the config's overrides) or a remote one."""
     if cfg.backend == "remote":
         from visrl.remote import RemoteReasoner, api_key_from_env
 
-        return RemoteReasoner(cfg.base_url, cfg.remote_model, box_format=cfg.box_format,
-                              api_key=api_key_from_env(cfg.api_key_env, "api_key_env"),
-                              server_min_pixels=cfg.remote_min_pixels, server_max_pixels=cfg.remote_max_pixels)
+        return RemoteReasoner(cfg.base_url, cfg.remote_model, contract=cfg.remote_contract(),
+                              api_key=api_key_from_env(cfg.api_key_env, "api_key_env"))
     from visrl.models import load_model
     from visrl.reasoning import Reasoner
 
     loaded = load_model(resolve_model_path(ws, cfg.model_name_or_path),
-                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path))
-    return Reasoner(loaded, box_format=cfg.box_format)
+                        adapter=resolve_model_path(ws, cfg.adapter_name_or_path),
+                        overrides=cfg.contract_overrides())
+    return Reasoner(loaded)

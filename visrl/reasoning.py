@@ -4,9 +4,10 @@ The prompts are :mod:`visrl.prompts`' (the ones training uses). Everything is ba
 conversations go through ``model.generate`` at once with left padding, which is what makes
 generation runs and evaluation fast (bench/bench_inference.py measures it).
 
-The full image and the crop get their own pixel budgets: the full image may be shrunk to
-``full_max_pixels`` and the crop enlarged to ``crop_min_pixels`` before the processor sees them, so
-the crop shows the region in more detail than the full image does.
+Box text, the crop and the images' pixel budgets follow the reasoner's
+:class:`visrl.contract.TwoStepContract` (a loaded checkpoint's own, with config overrides): the
+full image may be shrunk to ``full_max_pixels`` and the crop enlarged to ``crop_min_pixels``
+before the processor sees them, so the crop shows the region in more detail than the full image.
 
 :class:`RemoteReasoner` (in :mod:`visrl.remote`) offers the same methods against an
 OpenAI-compatible server such as vLLM.
@@ -14,7 +15,6 @@ OpenAI-compatible server such as vLLM.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +23,8 @@ from typing import Any
 
 from PIL import Image
 
-from visrl.boxes import Box, crop_box, parse_box
+from visrl.boxes import Box
+from visrl.contract import TwoStepContract, fit_pixels  # noqa: F401  (fit_pixels: re-exported)
 from visrl.prompts import answer_prompt, box_prompt, direct_prompt
 
 Conversation = list[dict[str, Any]]
@@ -57,20 +58,6 @@ class TwoStepResult:
     crop: Image.Image | None
     answer: str | None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def fit_pixels(image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """``image`` scaled (aspect kept) so its area lies in [min_pixels, max_pixels]."""
-    area = image.width * image.height
-    scale = 1.0
-    if max_pixels and area > max_pixels:
-        scale = math.sqrt(max_pixels / area)
-    elif min_pixels and area < min_pixels:
-        scale = math.sqrt(min_pixels / area)
-    if scale == 1.0:
-        return image
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def with_images(messages: Conversation, images: list[Image.Image]) -> Conversation:
@@ -118,31 +105,36 @@ def split_images(conversation: Conversation) -> tuple[Conversation, list[Image.I
 class TwoStep:
     """The method's two steps over any backend that implements :meth:`generate`.
 
-    :class:`Reasoner` runs a local model; :class:`visrl.remote.RemoteReasoner` a server. Both build
-    the same prompts (:mod:`visrl.prompts`), parse and crop the same way.
+    :class:`Reasoner` runs a local model; :class:`visrl.remote.RemoteReasoner` a server; a test
+    subclass scripts :meth:`generate` alone. All build the same prompts (:mod:`visrl.prompts`) and
+    parse, crop and prepare images through one :class:`TwoStepContract` (``self.contract``).
     """
 
-    box_format: str = "viscot"
-    crop_margin: float = 0.0
+    contract: TwoStepContract = TwoStepContract()
+
+    @property
+    def box_format(self) -> str:
+        return self.contract.box_format
 
     def generate(self, conversations: list[Conversation], sampling: Sampling,
                  progress: bool = False) -> list[list[str]]:
         raise NotImplementedError
 
     def prepare_full(self, image: Image.Image) -> Image.Image:
-        """The full image as the model is given it (a backend may apply a pixel budget)."""
-        return image
+        """The full image as the model is given it (the contract's ``full_max_pixels``)."""
+        return self.contract.prepare_full(image)
 
     def prepare_crop(self, crop: Image.Image) -> Image.Image:
-        return crop
+        """The crop as the model is given it (the contract's ``crop_min_pixels``)."""
+        return self.contract.prepare_crop(crop)
 
     def parse(self, text: str | None, image: Image.Image) -> Box | None:
-        """The box of a step-1 text in pixels of ``image``; None when there is none."""
-        return parse_box(text, self.box_format, image.size)
+        """The box of a step-1 text in pixels of ``image`` (the original); None when there is none."""
+        return self.contract.parse(text, image.size)
 
     def crop(self, image: Image.Image, box: Box | None) -> Image.Image:
-        """The crop step 2 sees: the box, or the whole image when there is none."""
-        return crop_box(image, box if box is not None else Box(0, 0, *image.size), margin=self.crop_margin)
+        """The crop step 2 sees: the box (with the contract's margin), or the whole image."""
+        return self.contract.crop(image, box)
 
     def propose_boxes(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
                       progress: bool = False) -> list[list[str]]:
@@ -199,15 +191,17 @@ class TwoStep:
 class Reasoner(TwoStep):
     """Two-step inference with a loaded local model (:func:`visrl.models.load_model`)."""
 
-    def __init__(self, loaded: Any, box_format: str | None = None, batch_size: int = 16,
-                 crop_margin: float = 0.0, full_max_pixels: int | None = None,
-                 crop_min_pixels: int | None = None) -> None:
+    def __init__(self, loaded: Any, contract: TwoStepContract | None = None, batch_size: int = 16,
+                 **overrides: Any) -> None:
+        """``contract`` defaults to the loaded checkpoint's; ``overrides`` are contract fields
+        (``box_format=``, ``crop_margin=``, ...; None leaves the field as it is). A pixel budget
+        is set on the processor, so the frame of ``qwen2_5`` boxes is the processor's."""
         self.loaded = loaded
         self.model, self.processor = loaded.model, loaded.processor
-        self.box_format = box_format or loaded.box_format
+        contract = (contract or getattr(loaded, "contract", None) or TwoStepContract()).override(**overrides)
+        contract.apply_budget(self.processor)
+        self.contract = contract.bound_to(self.processor)
         self.batch_size = max(1, int(batch_size))
-        self.crop_margin = crop_margin
-        self.full_max_pixels, self.crop_min_pixels = full_max_pixels, crop_min_pixels
         self._lock = threading.Lock()  # one model, many callers (the app, the server)
 
     # ------------------------------------------------------------------ generation
@@ -264,27 +258,9 @@ class Reasoner(TwoStep):
 
     # ------------------------------------------------------------------ the two steps
 
-    def prepare_full(self, image: Image.Image) -> Image.Image:
-        return fit_pixels(image.convert("RGB"), max_pixels=self.full_max_pixels)
-
-    def prepare_crop(self, crop: Image.Image) -> Image.Image:
-        return fit_pixels(crop.convert("RGB"), min_pixels=self.crop_min_pixels)
-
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) the processor resizes ``image`` to (Qwen2.5-VL boxes are in it)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        from visrl.models import _pixels
-
-        ip = self.processor.image_processor
-        prepared = self.prepare_full(image)
-        height, width = smart_resize(prepared.height, prepared.width, factor=ip.patch_size * ip.merge_size,
-                                     min_pixels=_pixels(ip, "min"), max_pixels=_pixels(ip, "max"))
-        return width, height
-
-    def parse(self, text: str | None, image: Image.Image) -> Box | None:
-        resized = self.input_size(image) if self.box_format == "qwen2_5" else None
-        return parse_box(text, self.box_format, image.size, resized=resized)
+        return self.contract.input_size(image.size)
 
     def stream_two_step(self, image: Image.Image, question: str, sampling: Sampling) -> Iterator[dict[str, Any]]:
         """Chat: the box step, then the answer as it is generated."""

@@ -8,15 +8,17 @@ parses boxes and crops on this side (:mod:`visrl.boxes`), and runs requests conc
 Differences from the local reasoner, by necessity:
 
 - ``qwen2_5`` boxes are pixels of the image *the model saw*, i.e. after the server's processor
-  resized it. The client cannot ask the server for that size, so it recomputes it with Qwen's
-  ``smart_resize`` from ``server_min_pixels``/``server_max_pixels`` (default: Qwen2.5-VL's
-  shipped processor, 3,136 and 12,845,056 pixels, which vLLM uses unless told otherwise); set
-  them to the server's ``--mm-processor-kwargs`` budget when it differs.
+  resized it. The client cannot ask the server for that size, so its
+  :class:`visrl.contract.TwoStepContract` recomputes it with Qwen's ``smart_resize`` from the
+  server's budget (``server_min_pixels``/``server_max_pixels``, the contract's
+  ``image_min_pixels``/``image_max_pixels``; default: Qwen2.5-VL's shipped processor, 3,136 and
+  12,845,056 pixels, which vLLM uses unless told otherwise); set them to the server's
+  ``--mm-processor-kwargs`` budget when it differs.
 - ``stream_two_step`` does not stream tokens: it yields the box event, then one answer event with
   the whole answer (a two-step answer is a few words, and ``visrl serve``'s stream carries each
   completion in one delta anyway).
-- The local reasoner's optional pixel budgets (``full_max_pixels``, ``crop_min_pixels``) are the
-  server's business: images are sent as they are.
+- The contract's ``full_max_pixels`` / ``crop_min_pixels`` are applied here, before sending, as
+  the local reasoner applies them before its processor.
 
 :func:`chat_completion` is the one HTTP call; judges use it too.
 """
@@ -36,7 +38,8 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from visrl.boxes import BOX_FORMATS, QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS, Box, parse_box
+from visrl.boxes import BOX_FORMATS, QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
+from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError, RemoteError, RemoteRefused
 from visrl.reasoning import TwoStep, with_images  # noqa: F401  (with_images: re-exported)
 
@@ -182,13 +185,14 @@ class RemoteReasoner(TwoStep):
 
     ``base_url`` is the API root (``http://host:port/v1``), ``model`` the served model name.
     ``concurrency`` requests are in flight at once (the server batches them); results keep the
-    input order. Box texts are parsed in ``box_format`` against the original image size (for
-    ``qwen2_5``, against the size the server's processor resizes it to; see the module notes).
+    input order. Box texts are parsed, crops cut and images prepared by ``contract`` (default: one
+    made of ``box_format``, ``crop_margin`` and the server's pixel budget; see the module notes).
     """
 
     def __init__(self, base_url: str, model: str, box_format: str = "viscot", api_key: str | None = None,
                  concurrency: int = 8, timeout: float = 60, retries: int = 3, crop_margin: float = 0.0,
-                 server_min_pixels: int = QWEN2_5_MIN_PIXELS, server_max_pixels: int = QWEN2_5_MAX_PIXELS) -> None:
+                 server_min_pixels: int = QWEN2_5_MIN_PIXELS, server_max_pixels: int = QWEN2_5_MAX_PIXELS,
+                 contract: TwoStepContract | None = None) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
         if box_format not in BOX_FORMATS:
@@ -198,10 +202,11 @@ class RemoteReasoner(TwoStep):
         if not 0 < server_min_pixels <= server_max_pixels:
             raise ConfigError(f"need 0 < server_min_pixels <= server_max_pixels, got {server_min_pixels}, "
                               f"{server_max_pixels}")
-        self.base_url, self.model, self.box_format = base_url.rstrip("/"), model, box_format
+        self.contract = contract or TwoStepContract(box_format=box_format, crop_margin=crop_margin,
+                                                    image_min_pixels=server_min_pixels,
+                                                    image_max_pixels=server_max_pixels)
+        self.base_url, self.model = base_url.rstrip("/"), model
         self.api_key, self.concurrency, self.timeout, self.retries = api_key, concurrency, timeout, retries
-        self.crop_margin = crop_margin
-        self.server_pixels = (server_min_pixels, server_max_pixels)
         # One pooled client shared by the worker threads (httpx.Client is thread-safe).
         self._client = httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=concurrency))
 
@@ -227,17 +232,9 @@ class RemoteReasoner(TwoStep):
                 results = _with_bar(results, len(conversations))
             return list(results)
 
-    def parse(self, text: str | None, image: Image.Image) -> Box | None:
-        resized = self.input_size(image) if self.box_format == "qwen2_5" else None
-        return parse_box(text, self.box_format, image.size, resized=resized)
-
     def input_size(self, image: Image.Image) -> tuple[int, int]:
         """The (width, height) a Qwen2.5-VL processor with the server's pixel budget resizes to."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        low, high = self.server_pixels
-        height, width = smart_resize(image.height, image.width, factor=28, min_pixels=low, max_pixels=high)
-        return width, height
+        return self.contract.input_size(image.size)
 
     # -------------------------------------------------- internals
 

@@ -45,13 +45,15 @@ def cached_model(model_path: str, adapter: str | None) -> Any:
 
 
 def reasoner_for(ctx: AppContext, choice: str) -> Any:
+    """A reasoner over the cached model with the checkpoint's own contract: the chat parses, crops
+    and sizes images as the model was trained and as generation and evaluation do."""
     from visrl.reasoning import Reasoner
 
     model_path, adapter = resolve_model(ctx, choice)
     absolute = str(ctx.workspace.absolute(model_path)) if not model_path.startswith("/") else model_path
     adapter_abs = str(ctx.workspace.absolute(adapter)) if adapter else None
     loaded = cached_model(absolute, adapter_abs)
-    return Reasoner(loaded, box_format=getattr(loaded, "box_format", None) or "viscot")
+    return Reasoner(loaded)
 
 
 def make_sampling(temperature: float, max_new_tokens: int) -> Any:

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from visrl.boxes import format_box
+from visrl.contract import TwoStepContract
 from visrl.errors import DataError
 from visrl.formats import trl
 from visrl.formats.sharegpt import sharegpt_record
@@ -42,12 +42,15 @@ def llamafactory_dataset_info(file_name: str = PAIRS_FILE) -> dict[str, Any]:
 
 def export(store: Store, ws: Workspace, fmt: str, out_dir: str | Path,
            statuses: Iterable[str] = ("accepted",), dataset: str | None = None,
-           stage: int | None = None, box_format: str = "viscot", crop_margin: float = 0.0,
-           split: str | None = "train") -> dict[str, Any]:
+           stage: int | None = None, box_format: str | None = None, crop_margin: float | None = None,
+           split: str | None = "train", contract: TwoStepContract | None = None) -> dict[str, Any]:
     """Write the export into ``out_dir`` (new or empty); returns ``{"rows": n, "path": ...}``.
 
+    Box texts and crops follow ``contract`` (e.g. a checkpoint's, :func:`visrl.contract.read_contract`;
+    default Visual-CoT boxes, no margin), with ``box_format`` / ``crop_margin`` overriding it.
     ``split`` applies to ``trl-sft`` only (items); pair exports take every split.
     """
+    contract = (contract or TwoStepContract()).override(box_format=box_format, crop_margin=crop_margin)
     statuses = tuple(statuses)
     out = Path(out_dir)
     if fmt not in EXPORT_FORMATS:
@@ -55,16 +58,15 @@ def export(store: Store, ws: Workspace, fmt: str, out_dir: str | Path,
     if stage is not None and fmt != "trl-dpo":
         raise DataError("--stage applies to trl-dpo only")
     if fmt == "llamafactory":
-        return export_llamafactory(store, ws, out, statuses, dataset, box_format)
+        return export_llamafactory(store, ws, out, statuses, dataset, contract)
     if fmt == "trl-sft":
-        rows = trl.sft_rows(store, ws, dataset=dataset, split=split, box_format=box_format,
-                            crop_margin=crop_margin)
+        rows = trl.sft_rows(store, ws, dataset=dataset, split=split, contract=contract)
         what = "items with a box and an answer" + (f" in split {split!r}" if split else "")
         description = "VisRL two-step SFT rows (images: [full, crop]; messages)."
     else:
         stage = stage or 1
         rows = trl.dpo_rows(store, ws, statuses=statuses, stage=stage, dataset=dataset,
-                            box_format=box_format, crop_margin=crop_margin)
+                            contract=contract)
         what = f"pairs with status {', '.join(statuses)} (and boxes on both sides)"
         description = f"VisRL DPO stage {stage} rows ({'box step' if stage == 1 else 'box + answer steps'})."
     if not rows:
@@ -74,18 +76,19 @@ def export(store: Store, ws: Workspace, fmt: str, out_dir: str | Path,
 
 
 def export_llamafactory(store: Store, ws: Workspace, out: Path, statuses: tuple[str, ...],
-                        dataset: str | None, box_format: str = "viscot") -> dict[str, Any]:
+                        dataset: str | None, contract: TwoStepContract | None = None) -> dict[str, Any]:
+    contract = contract or TwoStepContract()
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} is not empty; export into a new folder")
     records, images = [], {}
     for pair in trl.selected_pairs(store, statuses, dataset):
-        texts = trl.side_texts(store, pair, box_format)
+        texts = trl.side_texts(store, pair, contract)
         if texts["chosen"] is None or texts["rejected"] is None:
             continue
         relative = pair["image"].removeprefix("images/")
         images[relative] = ws.absolute(pair["image"])
         gt = pair_boxes(pair)["gt"]
-        bbox = None if gt is None else format_box(gt, box_format, (pair["width"], pair["height"]))
+        bbox = None if gt is None else contract.format(gt, (pair["width"], pair["height"]))
         records.append(sharegpt_record(pair, f"images/{relative}", texts["chosen"], texts["rejected"], bbox))
     if not records:
         raise DataError(f"nothing to export: no pairs with status {', '.join(statuses)}"

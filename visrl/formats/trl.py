@@ -3,9 +3,10 @@
 Rows hold PIL images and messages in the structured form trl 1.16 takes for VLMs: each
 ``{"type": "image"}`` part takes the next image of the row's image list (never an ``image`` key
 inside a part). Conversations come from :mod:`visrl.prompts`, so training sees the turns that
-inference uses. Boxes are written from the stored pixel boxes (a reviewer's edit included) in
-``box_format``; crops are :func:`visrl.boxes.crop_box` of the original image with ``crop_margin``,
-as :class:`visrl.reasoning.Reasoner` crops at inference.
+inference uses. Boxes are written from the stored pixel boxes (a reviewer's edit included) and
+crops cut by a :class:`visrl.contract.TwoStepContract` (box format, its frame, crop margin), and
+both images prepared by it (``full_max_pixels``, ``crop_min_pixels``), exactly as
+:class:`visrl.reasoning.Reasoner` does at inference.
 
 ``sft``      ``images`` [full, crop], ``messages`` (the two-step conversation) — items with a box.
 ``dpo`` 1    ``images`` [full], ``prompt`` (box step), ``chosen`` / ``rejected`` (one assistant
@@ -29,7 +30,8 @@ from typing import Any
 
 from PIL import Image
 
-from visrl.boxes import Box, crop_box, format_box
+from visrl.boxes import Box
+from visrl.contract import TwoStepContract
 from visrl.errors import DataError
 from visrl.prompts import answer_prompt, assistant, box_prompt, two_step_conversation
 from visrl.review import STATUSES, PairFilter, count_pairs, page_pairs, pair_boxes
@@ -59,8 +61,9 @@ class ImageCache:
 
 
 def sft_rows(store: Store, ws: Workspace, dataset: str | None = None, split: str | None = "train",
-             box_format: str = "viscot", crop_margin: float = 0.0) -> list[Row]:
+             contract: TwoStepContract | None = None) -> list[Row]:
     """Two-step SFT rows of the items with a ground-truth box and an answer (``split`` None: all)."""
+    contract = contract or TwoStepContract()
     images = ImageCache(ws)
     rows = []
     for item in store.items(dataset=dataset, split=split, with_box=True):
@@ -68,8 +71,8 @@ def sft_rows(store: Store, ws: Workspace, dataset: str | None = None, split: str
         if box is None or not (item.get("answer") or "").strip():
             continue  # nothing to teach the answer step
         full = images(item["image"])
-        text = format_box(box, box_format, full.size)
-        rows.append({"images": [full, crop_box(full, box, margin=crop_margin)],
+        text = contract.format(box, full.size)
+        rows.append({"images": [contract.prepare_full(full), contract.prepare_crop(contract.crop(full, box))],
                      "messages": two_step_conversation(item["question"], text, item["answer"])})
     return rows
 
@@ -86,8 +89,8 @@ def selected_pairs(store: Store, statuses: Iterable[str] = ("accepted",),
     return sorted(pairs, key=lambda p: p["id"])
 
 
-def side_texts(store: Store, pair: dict[str, Any], box_format: str) -> dict[str, str | None]:
-    """Each side's box text: the stored box written in ``box_format``; a side without a box keeps
+def side_texts(store: Store, pair: dict[str, Any], contract: TwoStepContract) -> dict[str, str | None]:
+    """Each side's box text: the stored box written by ``contract``; a side without a box keeps
     its rollout's raw text (a failed rollout is a fine *rejected* box step), else None."""
     size = (pair["width"], pair["height"])
     boxes = pair_boxes(pair)
@@ -95,7 +98,7 @@ def side_texts(store: Store, pair: dict[str, Any], box_format: str) -> dict[str,
     for side in ("chosen", "rejected"):
         box = boxes[side]
         if box is not None:
-            out[side] = format_box(box, box_format, size)
+            out[side] = contract.format(box, size)
             continue
         rollout_id = pair.get(f"{side}_rollout_id")
         row = store.db.execute("SELECT box_text FROM rollouts WHERE id = ?", [rollout_id]).fetchone()
@@ -104,18 +107,20 @@ def side_texts(store: Store, pair: dict[str, Any], box_format: str) -> dict[str,
 
 
 def dpo_rows(store: Store, ws: Workspace, statuses: Iterable[str] = ("accepted",), stage: int = 1,
-             dataset: str | None = None, box_format: str = "viscot", crop_margin: float = 0.0) -> list[Row]:
+             dataset: str | None = None, contract: TwoStepContract | None = None) -> list[Row]:
     """DPO rows of the selected pairs (see module doc). Stage 2 skips pairs where a side has no
     box (no crop to answer on); either stage skips pairs with no usable chosen box text."""
+    contract = contract or TwoStepContract()
     if stage not in (1, 2):
         raise DataError(f"DPO stage must be 1 (box step) or 2 (box + answer), not {stage!r}")
     images = ImageCache(ws)
     rows = []
     for pair in selected_pairs(store, statuses, dataset):
-        texts = side_texts(store, pair, box_format)
+        texts = side_texts(store, pair, contract)
         if texts["chosen"] is None or texts["rejected"] is None:
             continue
-        full = images(pair["image"])
+        original = images(pair["image"])
+        full = contract.prepare_full(original)
         row: Row = {"images": [full], "prompt": box_prompt(pair["question"]),
                     "chosen": assistant(texts["chosen"]), "rejected": assistant(texts["rejected"]),
                     "pair_id": pair["id"]}
@@ -124,14 +129,15 @@ def dpo_rows(store: Store, ws: Workspace, statuses: Iterable[str] = ("accepted",
             if boxes["chosen"] is None or boxes["rejected"] is None:
                 continue
             for side in ("chosen", "rejected"):
-                row.update(_answer_step(pair, side, full, boxes[side], texts[side], crop_margin))
+                row.update(_answer_step(pair, side, original, full, boxes[side], texts[side], contract))
         rows.append(row)
     return rows
 
 
-def _answer_step(pair: dict[str, Any], side: str, full: Image.Image, box: Box, text: str,
-                 crop_margin: float) -> Row:
-    return {f"{side}_answer_images": [full, crop_box(full, box, margin=crop_margin)],
+def _answer_step(pair: dict[str, Any], side: str, original: Image.Image, full: Image.Image, box: Box,
+                 text: str, contract: TwoStepContract) -> Row:
+    """``full`` is ``original`` as prepared for the model; the crop is cut from the original."""
+    return {f"{side}_answer_images": [full, contract.prepare_crop(contract.crop(original, box))],
             f"{side}_answer_prompt": answer_prompt(pair["question"], text),
             f"{side}_answer": assistant(pair.get(f"{side}_answer") or "")}
 

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from visrl.contract import TwoStepContract
 from visrl.errors import DataError
 from visrl.store import Store
 from visrl.train.config import TrainConfig, resolve_path
@@ -21,9 +22,12 @@ STAGE2_KEYS = ("chosen_answer_images", "chosen_answer_prompt", "chosen_answer",
                "rejected_answer_images", "rejected_answer_prompt", "rejected_answer")
 
 
-def stage_rows(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
-    """The rows ``cfg.stage`` trains on; an empty selection is a DataError that says why."""
+def stage_rows(cfg: TrainConfig, store: Store, ws: Workspace, contract: TwoStepContract | None = None) -> list[Row]:
+    """The rows ``cfg.stage`` trains on; an empty selection is a DataError that says why.
+    Box texts and crops follow ``contract`` (default: the config's box format and crop margin)."""
     from visrl.formats import trl as trl_format
+
+    contract = contract or TwoStepContract(box_format=cfg.box_format, crop_margin=cfg.crop_margin)
 
     folder = _exported_folder(ws, cfg.dataset)
     if folder is not None:
@@ -31,12 +35,11 @@ def stage_rows(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
         _check_exported(rows, cfg, folder)
     elif cfg.stage == "sft":
         rows = trl_format.sft_rows(store, ws, dataset=cfg.dataset or None, split=cfg.split,
-                                   box_format=cfg.box_format, crop_margin=cfg.crop_margin)
+                                   contract=contract)
     else:
         rows = trl_format.dpo_rows(store, ws, statuses=tuple(cfg.pair_status),
                                    stage=2 if cfg.stage == "visrl" else 1,
-                                   dataset=cfg.dataset or None, box_format=cfg.box_format,
-                                   crop_margin=cfg.crop_margin)
+                                   dataset=cfg.dataset or None, contract=contract)
     if not rows:
         raise DataError(_empty_message(cfg))
     return rows

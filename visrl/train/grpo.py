@@ -3,6 +3,9 @@
 For each question the policy samples ``num_generations`` box steps from :func:`box_prompt`;
 each is scored by reward functions and the group's rewards become advantages:
 
+Completions are parsed by the run's :class:`visrl.contract.TwoStepContract` (its box format in
+the frame of the processor being trained, crops with its margin), as inference parses them.
+
 ``iou``     IoU of the parsed box with the item's annotated box (0 when nothing parses), 0-1;
 ``format``  1 when the completion holds a box in ``box_format``, else 0;
 ``answer``  (``grpo_answer_reward: true``) the rule-judge score (0-1) of the answer a greedy
@@ -27,7 +30,8 @@ from typing import Any
 
 from PIL import Image
 
-from visrl.boxes import Box, iou, parse_box
+from visrl.boxes import Box, iou
+from visrl.contract import TwoStepContract
 from visrl.errors import DataError
 from visrl.judges import JudgeInput, JudgeOptions, RuleAnswerJudge
 from visrl.prompts import BOX_PROMPT, box_prompt
@@ -43,10 +47,12 @@ Parse = Callable[[str, Image.Image], Box | None]  # (completion text, full image
 
 # ---------------------------------------------------------------------- rows
 
-def grpo_rows(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
-    """Box-step prompts with their gt boxes (see module doc); none is a DataError that says why."""
+def grpo_rows(cfg: TrainConfig, store: Store, ws: Workspace, contract: TwoStepContract | None = None) -> list[Row]:
+    """Box-step prompts with their gt boxes (see module doc); none is a DataError that says why.
+    An export's box turns are read by ``contract`` (default: the config's box format)."""
+    contract = contract or TwoStepContract(box_format=cfg.box_format, crop_margin=cfg.crop_margin)
     folder = _exported_folder(ws, cfg.dataset)
-    rows = _rows_from_export(folder, cfg.box_format) if folder else _rows_from_store(cfg, store, ws)
+    rows = _rows_from_export(folder, contract) if folder else _rows_from_store(cfg, store, ws, contract)
     if not rows:
         where = f"dataset {cfg.dataset!r}" if cfg.dataset else "the workspace"
         raise DataError(f"no items with a ground-truth box in split {cfg.split!r} of {where}: grpo "
@@ -54,7 +60,7 @@ def grpo_rows(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
     return rows
 
 
-def _rows_from_store(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]:
+def _rows_from_store(cfg: TrainConfig, store: Store, ws: Workspace, contract: TwoStepContract) -> list[Row]:
     from visrl.formats.trl import ImageCache  # the same cached RGB opening as the sft rows
     from visrl.generate import references
 
@@ -64,7 +70,7 @@ def _rows_from_store(cfg: TrainConfig, store: Store, ws: Workspace) -> list[Row]
         box = store.item_box(item)
         if box is None:
             continue
-        rows.append(_row(images(item["image"]), item["question"], box, references(item)))
+        rows.append(_row(contract, images(item["image"]), item["question"], box, references(item)))
     return rows
 
 
@@ -76,8 +82,8 @@ def _exported_folder(ws: Workspace, dataset: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def _rows_from_export(folder: Path, box_format: str) -> list[Row]:
-    """Rows from an sft export: the first assistant turn is the gt box written in ``box_format``."""
+def _rows_from_export(folder: Path, contract: TwoStepContract) -> list[Row]:
+    """Rows from an sft export: the first assistant turn is the gt box written by ``contract``."""
     from visrl.formats.trl import load_rows
 
     rows = []
@@ -86,17 +92,22 @@ def _rows_from_export(folder: Path, box_format: str) -> list[Row]:
             raise DataError(f"{folder} is not an sft export (row {n} has no messages/images); "
                             "export it with `visrl export --format trl-sft`")
         messages, full = sft["messages"], sft["images"][0]
-        box = parse_box(message_text(messages[1]) if len(messages) > 1 else "", box_format, full.size)
+        box = contract.parse(message_text(messages[1]) if len(messages) > 1 else "", full.size)
         if box is None:
             continue
         question = re.sub(rf"\s*{re.escape(BOX_PROMPT)}\s*$", "", message_text(messages[0]))
         answer = message_text(messages[3]) if len(messages) > 3 else ""
-        rows.append(_row(full, question, box, [answer]))
+        rows.append(_row(contract, full, question, box, [answer]))
     return rows
 
 
-def _row(full: Image.Image, question: str, box: Box, references: list[str]) -> Row:
-    return {"images": [full], "prompt": box_prompt(question), "gt_box": box.as_list(),
+def _row(contract: TwoStepContract, original: Image.Image, question: str, box: Box, references: list[str]) -> Row:
+    """The row holds the full image as the model is given it (``full_max_pixels``); the gt box is
+    scaled into it, so rewards parse completions against the row's own image."""
+    full = contract.prepare_full(original)
+    sx, sy = full.width / original.width, full.height / original.height
+    gt = Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy)
+    return {"images": [full], "prompt": box_prompt(question), "gt_box": gt.as_list(),
             "question": question, "references": references}
 
 
@@ -115,10 +126,10 @@ def message_text(message: Any) -> str:
 
 # ---------------------------------------------------------------------- rewards
 
-def default_parse(box_format: str) -> Parse:
-    """``parse_box`` against the full image's size (every format but qwen2_5, which needs the
-    processor's resized size: :meth:`visrl.reasoning.Reasoner.parse` supplies it)."""
-    return lambda text, image: parse_box(text, box_format, image.size)
+def default_parse(contract: TwoStepContract) -> Parse:
+    """``contract.parse`` against the full image's size (the row's image: pixels of the image the
+    gt box is in)."""
+    return lambda text, image: contract.parse(text, image.size)
 
 
 class IoUReward:
@@ -155,7 +166,11 @@ class TrainingPolicy:
 
     model: Any
     processor: Any
-    box_format: str
+    contract: TwoStepContract
+
+    @property
+    def box_format(self) -> str:
+        return self.contract.box_format
 
     @property
     def device(self) -> str:
@@ -240,9 +255,9 @@ def build_grpo_trainer(cfg: TrainConfig, tm: TrainModel, train_ds: Any, eval_ds:
 
     # The answer reward must ask the model being trained, so its Reasoner is bound after the
     # trainer wraps the model with LoRA; parsing needs only the processor (qwen2_5's resize).
-    policy = TrainingPolicy(tm.model, tm.processor, cfg.box_format)
-    reasoner = Reasoner(policy, box_format=cfg.box_format, crop_margin=cfg.crop_margin)
-    parse = reasoner.parse if cfg.box_format == "qwen2_5" else default_parse(cfg.box_format)
+    policy = TrainingPolicy(tm.model, tm.processor, tm.contract)
+    reasoner = Reasoner(policy)
+    parse = default_parse(reasoner.contract)
     rewards: list[Any] = [IoUReward(parse), FormatReward(parse)]
     answer = AnswerReward(reasoner, parse, cfg.max_completion_length) if cfg.grpo_answer_reward else None
     if answer is not None:

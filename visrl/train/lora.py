@@ -8,11 +8,12 @@ result: a checkpoint must load with ``load_model(base, adapter=checkpoint)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visrl.models import copy_model_info
+from visrl.contract import TwoStepContract, read_contract
+from visrl.models import FAMILIES, ModelSource, copy_model_info, detect_family, pil_image_processor
 from visrl.train.config import TrainConfig
 
 
@@ -24,6 +25,21 @@ class TrainModel:
     processor: Any
     base_path: str
     merged_adapter: str | None = None
+    contract: TwoStepContract = field(default_factory=TwoStepContract)  # what this training teaches
+
+
+def training_contract(cfg: TrainConfig, base: ModelSource, adapter_path: str | None = None) -> TwoStepContract:
+    """The contract a run teaches: the checkpoint's (adapter over base) with the config's box
+    format, crop margin and image budget on top, bound to the base's image processor (its resize
+    factor and effective pixel budget: the frame of ``qwen2_5`` boxes). Reads processor files
+    only, so rows can be built before the model loads."""
+    family = detect_family(base.path)
+    contract = read_contract(base.path, adapter_path, FAMILIES[family].box_format).override(
+        box_format=cfg.box_format, crop_margin=cfg.crop_margin, image_max_pixels=cfg.image_max_pixels,
+        image_min_pixels=getattr(cfg, "image_min_pixels", None))
+    image_processor = pil_image_processor(base.path)
+    contract.apply_budget(image_processor)
+    return contract.bound_to(image_processor)
 
 
 def has_gpu() -> bool:
@@ -32,23 +48,27 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def load_train_model(cfg: TrainConfig, model_path: str, adapter_path: str | None) -> TrainModel:
+def load_train_model(cfg: TrainConfig, model_path: str, adapter_path: str | None,
+                     contract: TwoStepContract | None = None) -> TrainModel:
     """Load base (+ previous adapter, merged) on the CPU; the Trainer places it on devices.
 
     Loaded in float32 on CPUs (bf16 matmuls are slow there) and in bfloat16 on GPUs, where the
     trainer's bf16 autocast expects it; LoRA weights stay float32 either way (peft upcasts them).
+    The processor gets ``contract``'s pixel budget (default: the config's, over the checkpoint's).
     """
-    from visrl.models import load_model
+    from visrl.models import load_model, locate_model
 
+    if contract is None:
+        contract = training_contract(cfg, locate_model(model_path), adapter_path)
     dtype = "bfloat16" if (cfg.bf16 and has_gpu()) else "float32"
-    loaded = load_model(model_path, adapter=adapter_path, dtype=dtype, device="cpu")
+    loaded = load_model(model_path, adapter=adapter_path, dtype=dtype, device="cpu", overrides=contract.to_dict())
     model = loaded.model
     if _is_peft(model):
         model = model.merge_and_unload()
     if cfg.finetuning_type == "full":
         _freeze(model, cfg.frozen_modules())
     model.config.use_cache = False  # a KV cache is wasted memory while training
-    return TrainModel(model, loaded.processor, model_path, adapter_path)
+    return TrainModel(model, loaded.processor, model_path, adapter_path, loaded.contract)
 
 
 def _freeze(model: Any, pattern: str | None) -> None:
@@ -87,27 +107,10 @@ def lora_config(cfg: TrainConfig) -> Any:
     )
 
 
-def limit_image_pixels(processor: Any, max_pixels: int | None) -> None:
-    """Cap the pixels per image (Qwen-VL processors resize to at most this many)."""
-    if not max_pixels:
-        return
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is None:
-        return
-    if hasattr(image_processor, "max_pixels"):
-        image_processor.max_pixels = max_pixels
-    size = getattr(image_processor, "size", None)
-    if isinstance(size, dict) and "longest_edge" in size:
-        image_processor.size = {**size, "longest_edge": max_pixels}
-        min_pixels = size.get("shortest_edge")
-        if min_pixels and min_pixels > max_pixels:
-            image_processor.size["shortest_edge"] = max_pixels
-
-
 def save_merged_base(train_model: TrainModel, out_dir: Path) -> None:
     """Write the merged base (base + previous adapter), before any new LoRA wraps it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     train_model.model.save_pretrained(out_dir)
     train_model.processor.save_pretrained(out_dir)
-    copy_model_info(train_model.base_path, out_dir)
+    copy_model_info(train_model.base_path, out_dir, contract=train_model.contract)
     train_model.base_path = str(out_dir)

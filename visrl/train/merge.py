@@ -44,11 +44,13 @@ def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None
     """Merge ``cfg.adapter_name_or_path`` into ``cfg.model_name_or_path``; returns the export dir."""
     store = Store.open(workspace)
     ws = store.workspace
-    base = resolve_path(ws.root, cfg.model_name_or_path)
+    from visrl.models import locate_model
+
+    source = locate_model(cfg.model_name_or_path, ws.root)  # a folder or a cached Hub id
+    base = source.label
     adapter = resolve_path(ws.root, cfg.adapter_name_or_path)
-    for name, path in (("model_name_or_path", base), ("adapter_name_or_path", adapter)):
-        if not path or not Path(path).is_dir():
-            raise ConfigError(f"{name} {path!r} is not a folder")
+    if not adapter or not Path(adapter).is_dir():
+        raise ConfigError(f"adapter_name_or_path {adapter!r} is not a folder")
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"{adapter} has no adapter_config.json: not a LoRA adapter "
                          "(a full fine-tune needs no merge; use its folder directly)")
@@ -74,8 +76,8 @@ def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=f"{cfg.export_size}GB")
     loaded.processor.save_pretrained(out)
-    _copy_generation_config(Path(base), out)
-    write_model_info(out, loaded.box_format)
+    _copy_generation_config(source.path, out)
+    write_model_info(out, loaded.contract)  # the adapter's contract; a fresh model_id
     _advance(progress, "done")
     if cfg.register:
         stored = ws.relative(out) if ws.contains(out) else str(out)

@@ -17,14 +17,14 @@ from typing import Any
 
 from visrl.config import to_dict
 from visrl.errors import ConfigError
-from visrl.models import write_model_info
+from visrl.models import locate_model, write_model_info
 from visrl.progress import Progress
 from visrl.store import Store
 from visrl.train.callbacks import ProgressCallback
 from visrl.train.config import TrainConfig, merged_base_dir, resolve_output, resolve_path
 from visrl.train.data import pair_ids, split_rows, stage_rows, to_dataset
 from visrl.train.grpo import grpo_rows
-from visrl.train.lora import limit_image_pixels, load_train_model, save_merged_base
+from visrl.train.lora import load_train_model, save_merged_base, training_contract
 from visrl.workspace import Workspace
 
 
@@ -108,14 +108,13 @@ def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
 def _train(cfg: TrainConfig, store: Store, job_id: int | None, progress: Progress | None) -> TrainResult:
     ws = store.workspace
     output_dir = resolve_output(ws.root, cfg.output_dir)
-    rows = grpo_rows(cfg, store, ws) if cfg.stage == "grpo" else stage_rows(cfg, store, ws)
+    source = locate_model(cfg.model_name_or_path, ws.root)  # a folder or a cached Hub id
+    model_path, adapter_path = source.label, resolve_path(ws.root, cfg.adapter_name_or_path)
+    contract = training_contract(cfg, source, adapter_path)  # rows and model agree on boxes and crops
+    rows = (grpo_rows(cfg, store, ws, contract=contract) if cfg.stage == "grpo"
+            else stage_rows(cfg, store, ws, contract=contract))
     train_rows, val_rows = split_rows(rows, cfg.val_size, cfg.seed)
-    model_path = resolve_path(ws.root, cfg.model_name_or_path)
-    if not model_path or not Path(model_path).is_dir():
-        raise ConfigError(f"model_name_or_path {cfg.model_name_or_path!r} is not a model folder "
-                          f"(relative paths are looked up in {ws.root})")
-    tm = load_train_model(cfg, model_path, resolve_path(ws.root, cfg.adapter_name_or_path))
-    limit_image_pixels(tm.processor, cfg.image_max_pixels)
+    tm = load_train_model(cfg, model_path, adapter_path, contract)
     if tm.merged_adapter:
         save_merged_base(tm, merged_base_dir(output_dir))
     progress = progress or Progress(None, None, desc=f"train {cfg.stage}")
@@ -131,7 +130,7 @@ def _train(cfg: TrainConfig, store: Store, job_id: int | None, progress: Progres
         path = output_dir
     if trainer.is_world_process_zero():
         tm.processor.save_pretrained(str(path))  # chat template included: loads anywhere
-        write_model_info(path, cfg.box_format)  # the box form this training taught
+        write_model_info(path, tm.contract, base=tm.base_path)  # what it taught, and on which base
     result = TrainResult(path=path, base=tm.base_path, stage=cfg.stage, global_step=step,
                          stopped=callback.stopped, metrics=dict(output.metrics))
     if trainer.is_world_process_zero():
