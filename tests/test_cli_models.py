@@ -82,14 +82,14 @@ def test_infer_text_with_config_and_default_crop(tiny_ws: Path, image_file: Path
 
 @pytest.mark.parametrize("args, message", [
     (["infer", "--model", "{tmp}/not-a-model", "--image", "{image}", "--question", "q"],
-     "Error: model folder {tmp}/not-a-model does not exist"),
+     "Error: model '{tmp}/not-a-model' not found: tried folder {tmp}/not-a-model."),
     (["infer", "--model", "{tmp}", "--image", "{image}", "--question", "q"],
      "Error: {tmp} is not a model folder: it has no config.json"),
     (["infer", "--image", "{image}", "--question", "q"], "Error: name the model: --model PATH"),
     # the image is read (upright, within 64 M pixels) before any model loads: its error comes first
     (["infer", "--model", "{tmp}/not-a-model", "--image", "{this}", "--question", "q"],
      "Error: --image {this}: not a readable image"),
-    (["models", "info", "{tmp}/nothing"], "Error: model folder {tmp}/nothing does not exist"),
+    (["models", "info", "{tmp}/nothing"], "Error: model '{tmp}/nothing' not found: tried folder {tmp}/nothing."),
     (["models", "build-tiny", "{tmp}/x", "--preset", "huge"], "Invalid value for '--preset'"),
     (["serve", "{tmp}/missing.yaml"], "Error: config file not found: {tmp}/missing.yaml"),
 ])
