@@ -479,6 +479,28 @@ def test_chat_upload_within_the_pixel_budget(ctx: Any, tmp_path: Path, monkeypat
     assert focus.mode == "RGB" and focus.size == (100, 80)
 
 
+def test_chat_crops_with_the_checkpoints_contract(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real two-step policy (generation scripted): the chat shows the crop the contract cuts,
+    margin included, as generation and evaluation cut it."""
+    from visrl.contract import TwoStepContract
+    from visrl.reasoning import Sampling, TwoStep
+    from visrl_app import chat_tab
+
+    class Scripted(TwoStep):
+        contract = TwoStepContract(box_format="normalized", crop_margin=0.5)
+
+        def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
+            return [["[0.25, 0.25, 0.50, 0.50]" if len(c) == 1 else "a dot"] for c in conversations]
+
+    monkeypatch.setattr(chat_tab, "reasoner_for", lambda ctx, choice: Scripted())
+    monkeypatch.setattr(chat_tab, "make_sampling", lambda temperature, max_new_tokens: Sampling())
+    image = Image.new("RGB", (200, 100))
+    *_, (focus, crop, box_text, answer, status) = chat_tab.ask(ctx, "models/x", image, "where?", 0.0, 32)
+    # box 50..100 x 25..50; half its size added on each side: 25..125 x 12.5..62.5 -> 100x51 px
+    assert (box_text, answer, status) == ("[0.25, 0.25, 0.50, 0.50]", "a dot", "done")
+    assert crop.size == (100, 51)
+
+
 def test_chat_needs_image_and_question(ctx: Any) -> None:
     from visrl_app import chat_tab
 

@@ -236,3 +236,28 @@ def test_llamafactory_export_import_round_trip(demo: Store, tmp_path: Path, stat
             assert iou(a, b) > 0.98
         with Image.open(demo.workspace.root / old["image"]) as x, Image.open(demo.workspace.root / new["image"]) as y:
             assert x.tobytes() == y.tobytes()
+
+
+def test_export_writes_boxes_and_crops_as_a_checkpoint_was_trained(demo: Store, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from visrl.cli import _register, cli
+    from visrl.models import write_model_info
+    from visrl.tiny import build_tiny_model
+
+    _register()
+    model = build_tiny_model(tmp_path / "ckpt", preset="test")
+    trained = TwoStepContract(box_format="qwen2", crop_margin=0.25)
+    write_model_info(model, trained)
+    out = tmp_path / "dpo2"
+    result = CliRunner().invoke(cli, ["export", "--format", "trl-dpo", "--stage", "2", "--out", str(out),
+                                      "--model", str(model), "-w", str(demo.workspace.root)])
+    assert result.exit_code == 0, result.output
+    [row, *_] = load_rows(out)
+    pair = review.get_pair(demo, row["pair_id"])
+    size, chosen = (pair["width"], pair["height"]), review.pair_boxes(pair)["chosen"]
+    assert row["chosen"][0]["content"][0]["text"] == trained.format(chosen, size)
+    assert row["chosen"][0]["content"][0]["text"].startswith("<|box_start|>")
+    region = trained.crop_region(chosen, size)  # 25% wider on each side than the box
+    assert row["chosen_answer_images"][1].size == (region.width, region.height)
+    assert region.width > chosen.width * 1.4

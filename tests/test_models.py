@@ -264,3 +264,19 @@ def test_load_model_applies_the_checkpoint_and_config_budget(tiny: Path, tmp_pat
     assert loaded.contract.input_size(GRID_IMAGE) == (58 * 14, 42 * 14)
     overridden = load_model(capped, overrides={"image_max_pixels": 1280 * 28 * 28})  # a config key wins
     assert overridden.processor.image_processor(images=[image])["image_grid_thw"][0].tolist() == [1, 60, 82]
+
+
+def test_checkpoint_contract_reads_records_without_loading(tiny: Path, tmp_path: Path) -> None:
+    from visrl.contract import TwoStepContract
+    from visrl.models import checkpoint_contract, write_model_info
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny)}))
+    write_model_info(adapter, TwoStepContract(box_format="qwen2_5", crop_margin=0.2, image_max_pixels=640 * 28 * 28),
+                     base=tiny)
+    contract = checkpoint_contract(adapter)  # the adapter on its recorded base
+    assert (contract.box_format, contract.crop_margin, contract.image_max_pixels) == ("qwen2_5", 0.2, 640 * 28 * 28)
+    assert contract.image_min_pixels == 56 * 56 and contract.resize_factor == 28  # the tiny processor's
+    assert contract.input_size(GRID_IMAGE) == (58 * 14, 42 * 14)
+    assert checkpoint_contract(tiny, overrides={"box_format": "qwen3"}).box_format == "qwen3"

@@ -301,6 +301,23 @@ def _with_adapter(model: Any, base: Path, adapter_dir: Path) -> Any:
                          f"{str(exc).splitlines()[0][:300]}") from exc
 
 
+def checkpoint_contract(name_or_path: str | Path, adapter: str | Path | None = None,
+                        root: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TwoStepContract:
+    """A checkpoint's contract without loading its weights (an adapter folder given as the model
+    counts as that adapter on its recorded base), with ``overrides`` on top, bound to the base's
+    image processor (the frame of ``qwen2_5`` boxes). For exports and anything that writes or
+    reads a model's boxes without running it."""
+    folder = Path(root, name_or_path) if root is not None and Path(root, name_or_path).is_dir() else Path(name_or_path)
+    base_name, adapter_dir = split_adapter(folder if folder.is_dir() else name_or_path,
+                                           Path(adapter) if adapter else None)
+    base = locate_model(base_name, root).path
+    family = detect_family(base)
+    contract = read_contract(base, adapter_dir, FAMILIES[family].box_format).override(**(overrides or {}))
+    image_processor = pil_image_processor(base)
+    contract.apply_budget(image_processor)
+    return contract.bound_to(image_processor)
+
+
 def box_format_of(base: Path, family: str, adapter_dir: Path | None = None) -> str:
     """The adapter's pinned format, else the base folder's, else the family default."""
     return read_contract(base, adapter_dir, FAMILIES[family].box_format).box_format

@@ -47,12 +47,13 @@ def cached_model(model_path: str, adapter: str | None) -> Any:
 def reasoner_for(ctx: AppContext, choice: str) -> Any:
     """A reasoner over the cached model with the checkpoint's own contract: the chat parses, crops
     and sizes images as the model was trained and as generation and evaluation do."""
+    from visrl.policy import resolve_model_path
     from visrl.reasoning import Reasoner
 
     model_path, adapter = resolve_model(ctx, choice)
-    absolute = str(ctx.workspace.absolute(model_path)) if not model_path.startswith("/") else model_path
-    adapter_abs = str(ctx.workspace.absolute(adapter)) if adapter else None
-    loaded = cached_model(absolute, adapter_abs)
+    # Workspace folders resolve inside it; a Hub id (a base recorded by training) stays an id.
+    loaded = cached_model(resolve_model_path(ctx.workspace, model_path) or model_path,
+                          resolve_model_path(ctx.workspace, adapter))
     return Reasoner(loaded)
 
 

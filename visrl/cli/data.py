@@ -81,10 +81,12 @@ def import_command(args: tuple[str, ...], workspace: str | None, fmt: str | None
 @click.option("--stage", type=click.IntRange(1, 2), default=None, help="trl-dpo: 1 = box step, 2 = box + answer.")
 @click.option("--dataset", "-d", default=None, help="Only this dataset.")
 @click.option("--split", default="train", show_default=True, help="trl-sft: the item split.")
-@click.option("--box-format", default="viscot", show_default=True, help="How boxes are written.")
+@click.option("--box-format", default=None, help="How boxes are written (default: the --model's, else viscot).")
+@click.option("--model", "model", default=None,
+              help="Write boxes and crops as this checkpoint was trained to (its visrl_model.json contract).")
 def export_command(args: tuple[str, ...], workspace: str | None, fmt: str | None, out: str | None,
                    statuses: tuple[str, ...], stage: int | None, dataset: str | None, split: str,
-                   box_format: str) -> None:
+                   box_format: str | None, model: str | None) -> None:
     """Export pairs as TRL datasets (trl-sft, trl-dpo) or LLaMA-Factory files (llamafactory)."""
     import datetime as dt
 
@@ -98,8 +100,13 @@ def export_command(args: tuple[str, ...], workspace: str | None, fmt: str | None
     if out is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = str(store.workspace.exports_dir / f"{fmt}{f'-stage{stage}' if stage else ''}-{stamp}")
+    contract = None
+    if model:
+        from visrl.models import checkpoint_contract
+
+        contract = checkpoint_contract(model, root=store.workspace.root)
     result = export(store, store.workspace, fmt, out, statuses=statuses or ("accepted",),
-                    dataset=dataset, stage=stage, box_format=box_format, split=split)
+                    dataset=dataset, stage=stage, box_format=box_format, split=split, contract=contract)
     click.echo(f"exported {result['rows']} rows as {fmt} to {result['path']}")
 
 

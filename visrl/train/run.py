@@ -143,5 +143,8 @@ def _train(cfg: TrainConfig, store: Store, job_id: int | None, progress: Progres
 
 
 def _stored(ws: Workspace, path: Path) -> str:
-    """Paths inside the workspace are stored relative to it (the workspace can move)."""
+    """Paths inside the workspace are stored relative to it (the workspace can move); a name that
+    is no folder (a Hub id the base was found under) is stored as it is."""
+    if not path.is_absolute() and not path.exists():
+        return str(path)
     return ws.relative(path) if ws.contains(path) else str(Path(path).resolve())
