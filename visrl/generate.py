@@ -213,7 +213,7 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
                 "parse_rate": counts["parsed"] / max(counts["samples"], 1)})
     # Rollouts of earlier runs judged by other judges (or killed before judging) get scored too.
     judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers,
-                   contract=getattr(reasoner, "contract", None))
+                   contract=reasoner.contract if reasoner is not None else _judge_contract(ws, cfg, crop_judge))
     pairs = build_pairs(store, cfg.pairs_config(), run_key=run_key, source=run_key)
     seconds = time.monotonic() - start
     if progress is not None and not progress.stop_requested:  # the job's last word, shown in the app
@@ -262,6 +262,20 @@ def plan_run(store: Store, cfg: GenerateConfig) -> RunPlan:
     todo = {item["id"]: [a for a in range(cfg.attempts) if not _attempt_done(done, item["id"], a)]
             for item in items}
     return RunPlan(run_key, items, todo)
+
+
+def _judge_contract(ws: Workspace, cfg: GenerateConfig, crop_judge: Judge | None) -> TwoStepContract | None:
+    """Without a loaded policy, a judge model still sees the policy's crop: the checkpoint's
+    contract from its files (None, the default crop, when they cannot be read)."""
+    if not isinstance(crop_judge, ModelJudge):
+        return None  # IoU judges never look at the crop
+    from visrl.errors import VisRLError
+    from visrl.policy import policy_contract
+
+    try:
+        return policy_contract(ws, cfg)
+    except (VisRLError, OSError, ValueError):  # no model files here (moved, or a test's fake name)
+        return None
 
 
 def _attempt_done(done: set[tuple[int, int, str]], item_id: int, attempt: int) -> bool:

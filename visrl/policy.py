@@ -126,3 +126,15 @@ def load_reasoner(ws: Workspace, cfg: PolicyConfig) -> Any:
                         adapter=resolve_model_path(ws, cfg.adapter_name_or_path),
                         overrides=cfg.contract_overrides())
     return Reasoner(loaded)
+
+
+def policy_contract(ws: Workspace, cfg: PolicyConfig) -> TwoStepContract:
+    """The contract :func:`load_reasoner` would give, read from the checkpoint's files without
+    loading its weights (e.g. to crop for a judge when no rollout is left to generate)."""
+    if cfg.backend == "remote":
+        return cfg.remote_contract()
+    from visrl.models import checkpoint_contract
+
+    return checkpoint_contract(resolve_model_path(ws, cfg.model_name_or_path) or cfg.model_name_or_path,
+                               adapter=resolve_model_path(ws, cfg.adapter_name_or_path),
+                               overrides=cfg.contract_overrides())
