@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -429,3 +430,20 @@ def test_model_judges_send_the_key_named_by_judge_api_key_env(
     judge, _ = make_judges(cfg.answer_judge, cfg.crop_judge, cfg.judge_options())
     judge(inp)  # answered (whatever the tiny model's reply scores): no 401, no retry
     assert waits == []
+
+
+def test_remote_policy_takes_the_served_checkpoints_contract(tiny: Any, served: str, tmp_path: Path) -> None:
+    """`visrl serve` publishes its checkpoint's contract; the remote policy parses and crops by it
+    (a config key still overrides a field); a server that publishes none leaves the config's."""
+    from visrl.policy import PolicyConfig, load_reasoner
+    from visrl.remote import served_contract
+    from visrl.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "ws")
+    assert served_contract(served, "tiny") == tiny.contract.to_dict()
+    assert served_contract(served, "nope") is None and served_contract("http://127.0.0.1:9/v1", "tiny") is None
+    cfg = {"backend": "remote", "base_url": served, "remote_model": "tiny", "dataset": "d"}
+    with load_reasoner(ws, PolicyConfig(**cfg)) as remote:
+        assert remote.contract == tiny.contract
+    with load_reasoner(ws, PolicyConfig(**cfg, crop_margin=0.3)) as remote:
+        assert remote.contract == tiny.contract.override(crop_margin=0.3)

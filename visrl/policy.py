@@ -34,7 +34,8 @@ class PolicyConfig:
                 "(e.g. VLLM_API_KEY); never the key itself (configs are stored with each job). null = no key."})
     remote_min_pixels: int = field(default=QWEN2_5_MIN_PIXELS, metadata={
         "help": "Remote backend, box_format qwen2_5: the server processor's min_pixels (Qwen2.5-VL's default); "
-                "its boxes are pixels of the image resized into this budget."})
+                "its boxes are pixels of the image resized into this budget. Unused when the server publishes "
+                "its contract (`visrl serve` does)."})
     remote_max_pixels: int = field(default=QWEN2_5_MAX_PIXELS, metadata={
         "help": "Remote backend, box_format qwen2_5: the server processor's max_pixels (Qwen2.5-VL's default)."})
     dataset: str = field(default="", metadata={"help": "Dataset name in the workspace store (`visrl stats`)."})
@@ -84,11 +85,13 @@ class PolicyConfig:
                 "image_min_pixels": self.image_min_pixels, "image_max_pixels": self.image_max_pixels,
                 "full_max_pixels": self.full_max_pixels, "crop_min_pixels": self.crop_min_pixels}
 
-    def remote_contract(self) -> TwoStepContract:
-        """The remote backend's contract: the config's keys, the server's pixel budget (the frame
-        of ``qwen2_5`` boxes), Visual-CoT boxes unless told otherwise."""
-        return TwoStepContract(image_min_pixels=self.remote_min_pixels, image_max_pixels=self.remote_max_pixels
-                               ).override(**self.contract_overrides())
+    def remote_contract(self, served: dict[str, Any] | None = None) -> TwoStepContract:
+        """The remote backend's contract, with the config's keys on top: the one the server
+        publishes (``served``: ``visrl serve`` does, from its checkpoint), else Visual-CoT boxes in
+        the frame of ``remote_min_pixels``/``remote_max_pixels`` (the server processor's budget)."""
+        base = (TwoStepContract.from_dict(served) if served else
+                TwoStepContract(image_min_pixels=self.remote_min_pixels, image_max_pixels=self.remote_max_pixels))
+        return base.override(**self.contract_overrides())
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
@@ -115,10 +118,11 @@ def load_reasoner(ws: Workspace, cfg: PolicyConfig) -> Any:
     """The policy: an in-process :class:`visrl.reasoning.Reasoner` (the checkpoint's contract with
     the config's overrides) or a remote one."""
     if cfg.backend == "remote":
-        from visrl.remote import RemoteReasoner, api_key_from_env
+        from visrl.remote import RemoteReasoner, api_key_from_env, served_contract
 
-        return RemoteReasoner(cfg.base_url, cfg.remote_model, contract=cfg.remote_contract(),
-                              api_key=api_key_from_env(cfg.api_key_env, "api_key_env"))
+        api_key = api_key_from_env(cfg.api_key_env, "api_key_env")
+        served = served_contract(cfg.base_url, cfg.remote_model, api_key=api_key)
+        return RemoteReasoner(cfg.base_url, cfg.remote_model, contract=cfg.remote_contract(served), api_key=api_key)
     from visrl.models import load_model
     from visrl.reasoning import Reasoner
 

@@ -149,6 +149,21 @@ def _snippet(response: httpx.Response) -> str:
     return text[:SNIPPET_CHARS] or "(empty body)"
 
 
+def served_contract(base_url: str, model: str, api_key: str | None = None, timeout: float = 10) -> dict[str, Any] | None:
+    """The two-step contract a ``visrl serve`` publishes for ``model`` in ``GET /models``
+    (``visrl_contract``), or None when the server publishes none (vLLM) or cannot be asked."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout)
+        entries = response.json().get("data", []) if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == model and isinstance(entry.get("visrl_contract"), dict):
+            return entry["visrl_contract"]
+    return None
+
+
 # ---------------------------------------------------------------------- messages
 
 def image_data_url(image: Image.Image) -> str:

@@ -273,6 +273,7 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
     """The FastAPI app over a :class:`visrl.reasoning.Reasoner` (or a LoadedModel to wrap in one)."""
     check_bind(cfg)
     reasoner = _as_reasoner(reasoner_or_loaded, cfg)
+    contract = getattr(reasoner, "contract", None)
     processor = getattr(getattr(reasoner, "loaded", None), "processor", None)
     # The counter gets its own copy of the processor: it tokenizes prompts in request threads while
     # the model's copy pads batches (a fast tokenizer's padding state is not shared safely).
@@ -302,8 +303,11 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
             authorize(request, cfg.api_key)
         except BadRequest as exc:
             return error(exc)
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "visrl", "root": cfg.model_name_or_path}]}
+        entry = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "visrl",
+                 "root": cfg.model_name_or_path}
+        if contract is not None:  # how this model writes boxes and wants its crops (RemoteReasoner reads it)
+            entry["visrl_contract"] = contract.to_dict()
+        return {"object": "list", "data": [entry]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
