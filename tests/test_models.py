@@ -280,3 +280,15 @@ def test_checkpoint_contract_reads_records_without_loading(tiny: Path, tmp_path:
     assert contract.image_min_pixels == 56 * 56 and contract.resize_factor == 28  # the tiny processor's
     assert contract.input_size(GRID_IMAGE) == (58 * 14, 42 * 14)
     assert checkpoint_contract(tiny, overrides={"box_format": "qwen3"}).box_format == "qwen3"
+
+
+def test_training_record_points_peft_at_the_real_base(tiny: Path, tmp_path: Path) -> None:
+    from visrl.contract import TwoStepContract
+    from visrl.models import copy_model_info, write_model_info
+
+    merged = Path(shutil.copytree(tiny, tmp_path / "base"))
+    copy_model_info(tiny, merged)
+    adapter = _adapter(load_model(tiny).model, tmp_path / "stage2")  # peft records the raw base
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny)
+    write_model_info(adapter, TwoStepContract(), base=merged)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(merged)

@@ -337,9 +337,25 @@ def write_model_info(folder: str | Path, contract: TwoStepContract | str,
     if base is not None:
         source = base if isinstance(base, ModelSource) else locate_model(base)
         extra["base"] = model_identity(source)
+        _point_peft_at(Path(folder), source.label)
     if Path(folder, "config.json").is_file():
         extra["model_id"] = uuid.uuid4().hex
     write_contract(folder, contract, **extra)
+
+
+def _point_peft_at(adapter_dir: Path, base: str) -> None:
+    """Make peft's ``base_model_name_or_path`` name the model the adapter really applies to.
+
+    Training merges a previous stage's adapter into the base in memory, so peft records the raw
+    base although the adapter belongs to the merged one (OUTPUT/base); other tools (peft, vLLM's
+    LoRA loading) read this field."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.get("base_model_name_or_path") != base:
+        config["base_model_name_or_path"] = base
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def copy_model_info(source: str | Path, dest: str | Path, contract: TwoStepContract | None = None) -> None:
