@@ -422,3 +422,28 @@ def test_train_cli_runs_sft_in_a_job(tiny_dir: Path, store: Any, tmp_path: Path)
     assert result.exit_code == 0, result.output
     assert (store.workspace.models_dir / "sft" / "adapter_config.json").is_file()
     assert store.checkpoints()[-1]["stage"] == "sft"
+
+
+@pytest.mark.slow
+def test_training_writes_its_contract_and_loading_reads_it(tiny_dir: Path, store: Any, tmp_path: Path) -> None:
+    """The box format, crop margin and pixel budget a run trains with travel in the checkpoint."""
+    from visrl.contract import read_record
+    from visrl.models import load_model
+    from visrl.train.run import train
+
+    ds = store.add_dataset("boxes", "test")
+    for i in range(2):
+        _image((60 * i, 100, 30), (64, 48)).save(store.workspace.images_dir / f"{i}.png")
+        store.add_items(ds, [{"image": f"images/{i}.png", "width": 64, "height": 48, "question": f"q{i}?",
+                              "answer": "red", "gt_box": "[4, 4, 30, 30]", "split": "train", "source_id": str(i)}])
+    cfg = TrainConfig(stage="sft", model_name_or_path=str(tiny_dir), output_dir="models/sft25", max_steps=1,
+                      per_device_train_batch_size=2, box_format="qwen2_5", crop_margin=0.1,
+                      image_max_pixels=8000, bf16=False, gradient_checkpointing=False)
+    result = train(cfg, store.workspace)
+    record = read_record(result.path)
+    assert (record["box_format"], record["crop_margin"], record["image_max_pixels"]) == ("qwen2_5", 0.1, 8000)
+    assert record["base"]["path"] == str(tiny_dir.resolve())
+    loaded = load_model(tiny_dir, adapter=result.path)
+    assert (loaded.box_format, loaded.contract.crop_margin, loaded.contract.image_max_pixels) == ("qwen2_5", 0.1, 8000)
+    grid = loaded.processor.image_processor(images=[_image((1, 2, 3), (640, 480))])["image_grid_thw"][0].tolist()
+    assert grid[1] * grid[2] * 14 * 14 <= 8000  # the capped budget, not the processor's 112 x 112
