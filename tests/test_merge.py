@@ -91,3 +91,24 @@ def test_merge_refuses_a_folder_without_an_adapter(store: Any, tmp_path: Path) -
     cfg = MergeConfig(str(tmp_path / "base"), str(tmp_path / "notadapter"), "models/x")
     with pytest.raises(ModelError, match="adapter_config.json"):
         merge_lora(cfg, store.workspace)
+
+
+@pytest.mark.slow
+def test_merge_a_hub_cached_base_and_refuse_the_wrong_base(adapter: tuple[Path, Path], store: Any,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model_name_or_path may be a Hub id in the local cache (the real configs' default); the
+    merged model is a new model, so the adapter is refused on it, naming both."""
+    from huggingface_hub import constants
+    from test_models import fake_hub_cache
+
+    from visrl.models import load_model
+
+    base, adapter_dir = adapter
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "tiny-org/Tiny-VL", base)
+    out = merge_lora(MergeConfig("tiny-org/Tiny-VL", str(adapter_dir), "models/merged-hub"), store.workspace)
+    assert load_model(str(out)).family == "qwen2_vl"
+    [record] = store.checkpoints()
+    assert record["base"] == "tiny-org/Tiny-VL"
+    with pytest.raises(ModelError, match=f"trained on {base}, not on {out}"):
+        load_model(str(out), adapter=str(adapter_dir))
