@@ -11,6 +11,7 @@ from PIL import Image
 from visrl.boxes import Box
 from visrl.cli import _register, cli
 from visrl.config import load_config
+from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError, DataError
 from visrl.evaluate import EvalConfig, Prediction, compare_table, metrics_table, run_eval, summarize
 from visrl.progress import Progress
@@ -108,7 +109,9 @@ def test_outputs_and_stored_evaluation(store: Store) -> None:
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["iou"] for r in rows] == [1.0, pytest.approx(0.1429), 0.5, 0.0, None]
     assert [r["answer_score"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert json.loads((out / "metrics.json").read_text())["metrics"] == report.metrics
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["metrics"] == report.metrics
+    assert written["contract"] == TwoStepContract().to_dict()  # what was evaluated: format, crop, budget
     assert "| Detection Acc@0.5 (%) | 25.0 | – |" in (out / "report.md").read_text()
     [ev] = store.evaluations()
     assert (ev["id"], ev["checkpoint_id"], ev["n"]) == (report.evaluation_id, ckpt, 5)

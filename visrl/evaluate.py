@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from visrl.boxes import iou
+from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError, DataError
 from visrl.judges import (
     ANSWER_JUDGES,
@@ -211,7 +212,8 @@ def run_eval(workspace: str | Path | Workspace | None, cfg: EvalConfig,
     stopped = len(predictions) < len(items)
     out = _output_dir(ws, cfg, job_id)
     table = metrics_table(metrics)
-    _write_outputs(out, cfg, metrics, table, predictions, stopped)
+    contract = getattr(reasoner, "contract", None)
+    _write_outputs(out, cfg, metrics, table, predictions, stopped, contract)
     checkpoint_id = find_checkpoint(store, cfg)
     evaluation_id = None
     if not stopped:
@@ -269,13 +271,16 @@ def _output_dir(ws: Workspace, cfg: EvalConfig, job_id: int | None) -> Path:
 
 
 def _write_outputs(out: Path, cfg: EvalConfig, metrics: dict[str, Any], table: str,
-                   predictions: list[Prediction], stopped: bool) -> None:
-    payload = {"metrics": metrics, "config": asdict(cfg), "stopped": stopped}
+                   predictions: list[Prediction], stopped: bool, contract: TwoStepContract | None = None) -> None:
+    """``contract`` (the policy's) is recorded: which box format, crop and pixel budget were evaluated."""
+    recorded = contract.to_dict() if contract is not None else None
+    payload = {"metrics": metrics, "config": asdict(cfg), "contract": recorded, "stopped": stopped}
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     head = f"# Evaluation: {cfg.model_label()}" + (f" + {cfg.adapter_name_or_path}" if cfg.adapter_name_or_path else "")
     note = "\n\nStopped early: partial results, not stored.\n" if stopped else "\n"
     (out / "report.md").write_text(
-        f"{head}\n\n{cfg.dataset}/{cfg.split}, box format {cfg.box_format}, "
+        f"{head}\n\n{cfg.dataset}/{cfg.split}, box format "
+        f"{contract.box_format if contract is not None else cfg.box_format}, "
         f"judge {cfg.answer_judge}{note}\n{table}", encoding="utf-8")
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for p in predictions:
