@@ -447,3 +447,10 @@ def test_remote_policy_takes_the_served_checkpoints_contract(tiny: Any, served: 
         assert remote.contract == tiny.contract
     with load_reasoner(ws, PolicyConfig(**cfg, crop_margin=0.3)) as remote:
         assert remote.contract == tiny.contract.override(crop_margin=0.3)
+
+
+def test_served_contract_behind_an_api_key(tiny: Any, served_with_key: str) -> None:
+    from visrl.remote import served_contract
+
+    assert served_contract(served_with_key, "tiny") is None  # 401 without the key: the config's contract
+    assert served_contract(served_with_key, "tiny", api_key=SERVE_KEY) == tiny.contract.to_dict()
