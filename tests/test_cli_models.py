@@ -118,3 +118,22 @@ def test_every_command_has_help() -> None:
     for args in (["models", "build-tiny"], ["models", "info"], ["infer"], ["serve"]):
         result = CliRunner().invoke(cli, [*args, "--help"])
         assert result.exit_code == 0 and len(result.output.splitlines()) > 4, args
+
+
+@pytest.mark.slow
+def test_models_info_finds_a_hub_id_under_hf_home(tiny_ws: Path, tmp_path: Path) -> None:
+    """A fresh process honours HF_HOME (cache = $HF_HOME/hub) as transformers does; offline."""
+    import os
+    import subprocess
+    import sys
+
+    from test_models import fake_hub_cache
+
+    snapshot = fake_hub_cache(tmp_path / "home" / "hub", "tiny-org/Tiny-VL", tiny_ws / "models" / "tiny")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-m", "visrl", "models", "info", "tiny-org/Tiny-VL", "--json"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout[done.stdout.index("{"):])
+    assert (info["path"], info["hub_id"], info["family"]) == (str(snapshot), "tiny-org/Tiny-VL", "qwen2_vl")
