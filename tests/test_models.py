@@ -292,3 +292,17 @@ def test_training_record_points_peft_at_the_real_base(tiny: Path, tmp_path: Path
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny)
     write_model_info(adapter, TwoStepContract(), base=merged)
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(merged)
+
+
+def test_a_workspace_folder_wins_over_the_current_directory(tiny: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from visrl.models import locate_model
+
+    ws, cwd = tmp_path / "ws", tmp_path / "cwd"
+    (ws / "models").mkdir(parents=True)
+    (cwd / "models").mkdir(parents=True)
+    shutil.copytree(tiny, ws / "models" / "m")
+    shutil.copytree(tiny, cwd / "models" / "m")
+    monkeypatch.chdir(cwd)
+    assert locate_model("models/m", root=ws).path == ws / "models" / "m"
+    assert locate_model("models/m").path == Path("models/m")

@@ -109,15 +109,16 @@ def hub_cache_dir() -> str:
 def locate_model(name_or_path: str | Path, root: str | Path | None = None) -> ModelSource:
     """The folder of a model named as transformers names it, offline.
 
-    Tried in order: ``name_or_path`` as a folder; relative to ``root`` (a workspace); a Hub id in
-    the local Hugging Face cache (``snapshot_download(local_files_only=True)``: the ref ``main``
-    of ``models--org--name``). Nothing is downloaded. The error lists what was tried.
+    Tried in order: a relative name as a folder of ``root`` (a workspace wins, as for every
+    workspace path); ``name_or_path`` as a folder; a Hub id in the local Hugging Face cache
+    (``snapshot_download(local_files_only=True)``: the ref ``main`` of ``models--org--name``).
+    Nothing is downloaded. The error lists what was tried.
     """
     name = str(name_or_path)
     tried: list[str] = []
     candidates = [Path(name)]
     if root is not None and not Path(name).is_absolute():
-        candidates.append(Path(root) / name)
+        candidates.insert(0, Path(root) / name)
     for folder in candidates:
         if folder.is_dir():
             return ModelSource(folder)
