@@ -480,7 +480,7 @@ def test_training_killed_while_writing_trainer_state_resumes_from_the_last_compl
 
     torch.set_num_threads(1)
     model = build_tiny_model(tmp_path / "tiny", preset="test", seed=0)
-    monkeypatch.setattr(run, "stage_rows", lambda cfg, store, ws: stage2_rows(4))
+    monkeypatch.setattr(run, "stage_rows", lambda cfg, store, ws, **_: stage2_rows(4))
     monkeypatch.setattr(run, "to_dataset", to_dataset)
     real_save = TrainerState.save_to_json
 
