@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from visrl.contract import TwoStepContract, read_contract
+from visrl.errors import ModelError
 from visrl.models import FAMILIES, ModelSource, copy_model_info, detect_family, pil_image_processor
 from visrl.train.config import TrainConfig
 
@@ -37,7 +38,15 @@ def training_contract(cfg: TrainConfig, base: ModelSource, adapter_path: str | N
     contract = read_contract(base.path, adapter_path, FAMILIES[family].box_format).override(
         box_format=cfg.box_format, crop_margin=cfg.crop_margin, image_max_pixels=cfg.image_max_pixels,
         image_min_pixels=getattr(cfg, "image_min_pixels", None))
-    image_processor = pil_image_processor(base.path)
+    if contract.box_format != "qwen2_5":
+        # Only qwen2_5 text depends on the processor's resize; the rest is bound when the model
+        # loads (load_train_model), so a bad selection is reported before any model file is read.
+        return contract
+    try:
+        image_processor = pil_image_processor(base.path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the image processor of {base.label} (its preprocessor_config.json): "
+                         f"{str(exc).splitlines()[0][:300]}") from exc
     contract.apply_budget(image_processor)
     return contract.bound_to(image_processor)
 
