@@ -267,7 +267,7 @@ def plan_run(store: Store, cfg: GenerateConfig) -> RunPlan:
 def _judge_contract(ws: Workspace, cfg: GenerateConfig, crop_judge: Judge | None) -> TwoStepContract | None:
     """Without a loaded policy, a judge model still sees the policy's crop: the checkpoint's
     contract from its files (None, the default crop, when they cannot be read)."""
-    if not isinstance(crop_judge, ModelJudge):
+    if crop_judge is None or not getattr(crop_judge, "needs_image", isinstance(crop_judge, ModelJudge)):
         return None  # IoU judges never look at the crop
     from visrl.errors import VisRLError
     from visrl.policy import policy_contract
