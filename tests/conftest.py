@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Model commands run in-process under CliRunner choose torch threads (visrl.runtime); on the
+# shared CI CPU one thread is the fast choice, and it keeps test timings steady.
+os.environ.setdefault("VISRL_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -388,3 +388,34 @@ def test_unscored_judge_replies_are_dropped_and_counted(store: Store) -> None:
     rows = store.rollouts(run_key=report.run_key)
     assert not any("unscored" in json.loads(r["scores"]) for r in rows)
     assert {r["answer_score"] for r in rows if r["kind"] == "negative"} == {0.0}
+
+
+@pytest.mark.slow
+def test_same_config_and_seed_give_the_same_rollouts(store: Store) -> None:
+    from visrl import tiny
+    from visrl.synthetic import SyntheticConfig, render_item
+
+    tiny.build_tiny_model(store.workspace.models_dir / "tiny", preset="test", seed=0)
+    dataset_id = store.add_dataset("demo", "synthetic")
+    rows = []
+    for i in range(3):
+        scene = render_item(SyntheticConfig(), "train", i)
+        path = store.workspace.images_dir / f"{i}.png"
+        scene.image.save(path)
+        rows.append({"split": "train", "source_id": str(i), "image": store.workspace.relative(path),
+                     "width": scene.size[0], "height": scene.size[1], "question": scene.question,
+                     "answer": scene.answer, "gt_box": scene.target_object.box})
+    store.add_items(dataset_id, rows)
+
+    def rollouts(run_key: str, seed: int = 0) -> list[tuple[Any, ...]]:
+        cfg = GenerateConfig(model_name_or_path="models/tiny", dataset="demo", attempts=2, batch_size=2,
+                             max_new_tokens=12, temperature=1.5, answer_temperature=1.0, seed=seed,
+                             run_key=run_key)
+        run_generate(store.workspace.root, cfg)
+        return [(r["item_id"], r["attempt"], r["kind"], r["box_text"], r["answer"])
+                for r in store.rollouts(run_key=run_key)]
+
+    first = rollouts("a")
+    assert first == rollouts("b")  # a second run in the same process: the torch RNG has moved on
+    assert len(first) == 12
+    assert [r[3] for r in first] != [r[3] for r in rollouts("c", seed=1)]  # the seed matters

@@ -48,6 +48,7 @@ from visrl.judges import (
 from visrl.pairs import UNSCORED, PairsConfig, build_pairs
 from visrl.policy import PolicyConfig, check_range, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
 from visrl.progress import Progress
+from visrl.runtime import seed_everything
 from visrl.store import Store, box_from_json, loads
 from visrl.workspace import Workspace
 
@@ -302,6 +303,10 @@ def _generate_batch(store: Store, ws: Workspace, reasoner: Any, cfg: GenerateCon
     for item in batch:
         image = load_image(ws, item)
         units += [_Unit(item, attempt, image) for attempt in todo[item["id"]]]
+    # Seeded by the config's seed and the batch's (item, attempt) units: the same config gives the
+    # same rollouts on one device, and a resumed run re-forms the same batches (a batch is stored
+    # whole or not at all), so it gives what an uninterrupted run would.
+    seed_everything(cfg.seed, *[(u.item["id"], u.attempt) for u in units])
     texts = reasoner.propose_boxes([u.image for u in units], [u.item["question"] for u in units],
                                    _sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, 2))
     crops: list[tuple[dict[str, Any], _Unit, Image.Image]] = []

@@ -13,11 +13,31 @@ import click
 
 from visrl.errors import VisRLError
 
+# Commands that run a model in this process: they choose torch's thread count first (see
+# visrl.runtime); the ones in SINGLE_PROCESS refuse to run as one of several launcher ranks.
+MODEL_COMMANDS = ("train", "merge", "generate", "eval", "serve", "infer")
+SINGLE_PROCESS = ("merge", "generate", "eval", "serve", "infer")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="visrl")
-def cli() -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="VISRL_NUM_THREADS",
+              show_envvar=True, help="torch CPU threads of a model command (default: OMP_NUM_THREADS, "
+              "else the cores available / the processes on this machine).")
+@click.pass_context
+def cli(ctx: click.Context, threads: int | None) -> None:
     """VisRL: teach a vision-language model to look (a box) before it answers."""
+    if ctx.invoked_subcommand not in MODEL_COMMANDS:
+        return
+    import os
+
+    from visrl.runtime import THREADS_ENV, apply_threads, single_process_only
+
+    if ctx.invoked_subcommand in SINGLE_PROCESS:
+        single_process_only(ctx.invoked_subcommand)
+    if threads is not None:
+        os.environ[THREADS_ENV] = str(threads)
+    click.echo(f"visrl {ctx.invoked_subcommand}: {apply_threads()}", err=True)
 
 
 workspace_option = click.option(
