@@ -79,6 +79,33 @@ def test_accelerate_parses_the_command_as_a_module_launch() -> None:
     assert args.training_script_args == ["train", "/t.yaml", "--workspace", "/ws", "--job-id", "4"]
 
 
+@pytest.mark.parametrize("launcher, flags, env", [
+    # CPU ranks: accelerate's --cpu would take its one-process launcher; --multi_gpu without
+    # ACCELERATE_USE_CPU would give two rank-0 runs. Both together give real data parallelism.
+    (Launcher(num_processes=2, cpu=True),
+     ["--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+      "--dynamo_backend", "no", "--main_process_port", "0"], {"ACCELERATE_USE_CPU": "1"}),
+    (Launcher(num_processes=1, cpu=True), ["--num_processes", "1", "--cpu"], {}),
+    (Launcher(num_processes=4, cpu=False), ["--num_processes", "4", "--multi_gpu"], {}),
+    (Launcher(config_file="/ds.yaml", num_processes=4, cpu=False),
+     ["--config_file", "/ds.yaml", "--num_processes", "4"], {}),
+])
+def test_launcher_flags_for_cpu_and_gpu(launcher: Launcher, flags: list[str], env: dict[str, str]) -> None:
+    command = build_command("train", "/t.yaml", "/ws", 4, launcher, python="py")
+    assert command[3:-8] == flags and launcher.env() == env
+    if launcher.cpu and launcher.data_parallel:
+        from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
+        assert args.multi_gpu and not args.cpu and args.num_processes == 2  # -> multi_gpu_launcher
+
+
+def test_one_process_kinds_refuse_several_processes(tmp_path: Path, store: Store) -> None:
+    with pytest.raises(JobError, match="only train jobs take several processes"):
+        start_job(store.workspace, "eval", eval_config(tmp_path), launcher=Launcher(num_processes=2))
+    assert store.jobs() == []
+
+
 def test_bad_launcher_values() -> None:
     with pytest.raises(ConfigError, match="unknown launcher"):
         Launcher("torchrun")

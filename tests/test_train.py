@@ -3,6 +3,7 @@ stop/resume with a loadable checkpoint. Model tests use the tiny model (a few st
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -447,3 +448,64 @@ def test_training_writes_its_contract_and_loading_reads_it(tiny_dir: Path, store
     assert (loaded.box_format, loaded.contract.crop_margin, loaded.contract.image_max_pixels) == ("qwen2_5", 0.1, 8000)
     grid = loaded.processor.image_processor(images=[_image((1, 2, 3), (640, 480))])["image_grid_thw"][0].tolist()
     assert grid[1] * grid[2] * 14 * 14 <= 8000  # the capped budget, not the processor's 112 x 112
+
+
+def _adapter_keys(folder: Path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def _files(folder: Path) -> set[str]:
+    """Files of a run's folder; the per-rank RNG states of a checkpoint count as one kind."""
+    import re
+
+    return {re.sub(r"rng_state(_\d+)?\.pth$", "rng_state.pth", str(p.relative_to(folder)))
+            for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_one_checkpoint_like_one_process(tiny_dir: Path, store: Any, tmp_path: Path) -> None:
+    """SFT, then stage 2 on its adapter (merged base), under `accelerate launch` with 2 CPU ranks:
+    two ranks really run, and the result is the single-process result's kind, written once."""
+    from visrl.formats.trl import save_dataset
+    from visrl.jobs import Launcher, start_job
+    from visrl.train.run import train as run_train
+
+    ws = store.workspace
+    ds = store.add_dataset("boxes", "test")
+    for i in range(4):
+        _image((60 * i, 100, 30), (64, 48)).save(ws.images_dir / f"{i}.png")
+        store.add_items(ds, [{"image": f"images/{i}.png", "width": 64, "height": 48, "question": f"q{i}?",
+                              "answer": "red", "gt_box": "[4, 4, 30, 30]", "split": "train",
+                              "source_id": str(i)}])
+    save_dataset(stage2_rows(4), ws.root / "exports" / "stage2")
+    common = f"model_name_or_path: {tiny_dir}\nmax_steps: 2\nper_device_train_batch_size: 1\nlora_rank: 4\n"
+    configs = {}
+    for tag in ("one", "two"):
+        configs[tag, "sft"] = tmp_path / f"sft-{tag}.yaml"
+        configs[tag, "sft"].write_text(f"stage: sft\n{common}output_dir: models/sft-{tag}\n")
+        configs[tag, "visrl"] = tmp_path / f"visrl-{tag}.yaml"
+        configs[tag, "visrl"].write_text(f"stage: visrl\n{common}output_dir: models/visrl-{tag}\n"
+                                         f"adapter_name_or_path: models/sft-{tag}\ndataset: exports/stage2\n")
+    for stage in ("sft", "visrl"):
+        from visrl.train import load_train_config
+
+        run_train(load_train_config(configs["one", stage]), ws)
+        job_id = start_job(ws, "train", configs["two", stage], launcher=Launcher(num_processes=2, cpu=True))
+        deadline = time.monotonic() + 120
+        while store.job(job_id)["status"] in ("queued", "running", "stopping"):
+            assert time.monotonic() < deadline, "the 2-rank job did not finish in 120 s"
+            time.sleep(0.5)
+        log = (ws.root / store.job(job_id)["log_path"]).read_text()
+        assert store.job(job_id)["status"] == "succeeded", log[-3000:]
+        assert log.count("visrl train: ") == 2  # two ranks chose their threads: two processes ran
+        one, two = ws.models_dir / f"{stage}-one", ws.models_dir / f"{stage}-two"
+        assert _files(one) == _files(two)
+        assert (two / "checkpoint-2" / "rng_state_1.pth").is_file()  # the second rank's state
+        assert _adapter_keys(one) == _adapter_keys(two)
+    registered = [c["path"] for c in store.checkpoints()]
+    assert sorted(registered) == sorted(["models/sft-one", "models/sft-two", "models/visrl-one",
+                                         "models/visrl-two"])  # the main rank registers, once
+    assert (ws.models_dir / "visrl-two" / "base" / "config.json").is_file()  # merged base, main rank

@@ -21,6 +21,7 @@ its jobs again):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -60,17 +61,57 @@ _CHILDREN_LOCK = threading.RLock()
 
 @dataclass(frozen=True)
 class Launcher:
-    """How to launch the stage: directly (``None``) or under ``accelerate launch``."""
+    """How to launch the stage: directly (``None``) or under ``accelerate launch``.
+
+    ``cpu`` says whether the ranks run on the CPU: ``None`` = as found when the job starts (no
+    CUDA device = CPU). It matters because accelerate's ``--cpu`` flag always takes its
+    single-process launcher (``--cpu --num_processes 2`` runs ONE process), and ``--multi_gpu``
+    without ``ACCELERATE_USE_CPU=1`` on a CPU machine runs two independent rank-0 trainings that
+    write one folder. Several CPU ranks are ``--multi_gpu --num_processes N`` with
+    ``ACCELERATE_USE_CPU=1`` (torchrun + gloo; checked against accelerate 1.15's launch code).
+    """
 
     name: str = "accelerate"
     config_file: str | None = None  # accelerate's YAML (DeepSpeed/FSDP/multi-GPU settings)
     num_processes: int | None = None  # overrides the config file's process count
+    cpu: bool | None = None
 
     def __post_init__(self) -> None:
         if self.name != "accelerate":
             raise ConfigError(f"unknown launcher {self.name!r}; the only launcher is 'accelerate'")
         if self.num_processes is not None and self.num_processes < 1:
             raise ConfigError(f"num_processes must be >= 1, got {self.num_processes}")
+
+    @property
+    def data_parallel(self) -> bool:
+        return (self.num_processes or 1) > 1
+
+    def flags(self) -> list[str]:
+        """accelerate's flags for this launch (before the ``-m visrl ...`` it runs)."""
+        flags = ["--config_file", str(self.config_file)] if self.config_file else []
+        if self.num_processes is not None:
+            flags += ["--num_processes", str(self.num_processes)]
+        if self.cpu and self.data_parallel:
+            # Port 0: a free port, so two jobs on one machine do not collide on 29500.
+            flags += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no", "--main_process_port", "0"]
+        elif self.cpu:
+            flags += ["--cpu"]
+        elif self.data_parallel and not self.config_file:
+            flags += ["--multi_gpu"]  # say it rather than rely on accelerate's guess from the GPU count
+        return flags
+
+    def env(self) -> dict[str, str]:
+        """Environment the launch needs on top of the parent's."""
+        return {"ACCELERATE_USE_CPU": "1"} if self.cpu and self.data_parallel else {}
+
+    def resolved(self) -> Launcher:
+        """This launcher with ``cpu`` decided from the machine (imports torch when undecided)."""
+        if self.cpu is not None:
+            return self
+        from visrl.train.lora import has_gpu
+
+        return dataclasses.replace(self, cpu=not has_gpu())
 
 
 # ---------------------------------------------------------------------- starting
@@ -83,13 +124,8 @@ def build_command(kind: str, config_path: str | Path, root: str | Path, job_id: 
              "--job-id", str(job_id), *extra_args]
     if launcher is None:
         return [python, *stage]
-    command = [python, "-m", "accelerate.commands.launch"]
-    if launcher.config_file:
-        command += ["--config_file", str(launcher.config_file)]
-    if launcher.num_processes is not None:
-        command += ["--num_processes", str(launcher.num_processes)]
     # accelerate's own `-m` flag: the "script" that follows is a module, run like `python -m`.
-    return command + stage
+    return [python, "-m", "accelerate.commands.launch", *launcher.flags(), *stage]
 
 
 def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: str | Path,
@@ -103,6 +139,12 @@ def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: 
     """
     if isinstance(launcher, str):
         launcher = Launcher(launcher)
+    if launcher is not None and launcher.data_parallel and kind != "train":
+        raise JobError(f"a {kind} job runs in one process; only train jobs take several processes "
+                       "(for generation or evaluation at scale, serve the model with vLLM and use "
+                       "backend: remote)")
+    if launcher is not None:
+        launcher = launcher.resolved()
     config_path = Path(config_path).expanduser().resolve()
     store = Store.open(workspace)
     ws = store.workspace
@@ -113,7 +155,8 @@ def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: 
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows lines as they happen
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",  # the log shows lines as they happen
+               **(launcher.env() if launcher else {})}
         try:
             child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True, env=env)

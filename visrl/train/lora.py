@@ -116,8 +116,12 @@ def lora_config(cfg: TrainConfig) -> Any:
     )
 
 
-def save_merged_base(train_model: TrainModel, out_dir: Path) -> None:
-    """Write the merged base (base + previous adapter), before any new LoRA wraps it."""
+def save_merged_base(train_model: TrainModel, out_dir: Path, write: bool = True) -> None:
+    """Write the merged base (base + previous adapter), before any new LoRA wraps it; the
+    result's base is ``out_dir`` either way (``write=False``: another rank writes it)."""
+    if not write:
+        train_model.base_path = str(out_dir)
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
     train_model.model.save_pretrained(out_dir)
     train_model.processor.save_pretrained(out_dir)

@@ -4,6 +4,11 @@
 last checkpoint of ``output_dir`` when ``resume_from_checkpoint: auto``; a stop request ends it
 after the current step with a checkpoint (registered in the store, marked ``stopped``); a finished
 run saves the adapter (or full model) and the processor in ``output_dir`` and registers it.
+
+Under ``accelerate launch`` every rank runs this function; only the main process writes files
+(the merged base, the processor, ``visrl_model.json``; the Trainer saves weights on rank 0) and
+rows of the store (the checkpoint). The others return the same :class:`TrainResult` without a
+``checkpoint_id``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from visrl.config import to_dict
 from visrl.errors import ConfigError
 from visrl.models import locate_model, write_model_info
 from visrl.progress import Progress
+from visrl.runtime import is_main_process
 from visrl.store import Store
 from visrl.train.callbacks import ProgressCallback
 from visrl.train.config import TrainConfig, merged_base_dir, resolve_output, resolve_path
@@ -116,7 +122,9 @@ def _train(cfg: TrainConfig, store: Store, job_id: int | None, progress: Progres
     train_rows, val_rows = split_rows(rows, cfg.val_size, cfg.seed)
     tm = load_train_model(cfg, model_path, adapter_path, contract)
     if tm.merged_adapter:
-        save_merged_base(tm, merged_base_dir(output_dir))
+        # Every rank trains on the merged weights it holds; only the main one writes them (the
+        # others would write the same multi-GB files into the same folder at once).
+        save_merged_base(tm, merged_base_dir(output_dir), write=is_main_process())
     progress = progress or Progress(None, None, desc=f"train {cfg.stage}")
     callback = ProgressCallback(progress)
     trainer = build_trainer(cfg, tm, to_dataset(train_rows), to_dataset(val_rows) if val_rows else None,
