@@ -509,3 +509,37 @@ def test_two_cpu_ranks_train_one_checkpoint_like_one_process(tiny_dir: Path, sto
     assert sorted(registered) == sorted(["models/sft-one", "models/sft-two", "models/visrl-one",
                                          "models/visrl-two"])  # the main rank registers, once
     assert (ws.models_dir / "visrl-two" / "base" / "config.json").is_file()  # merged base, main rank
+
+
+@pytest.mark.slow
+def test_stage2_encodes_each_image_once_per_step_with_the_same_loss_and_gradients(
+        tiny_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    def one_step(reuse: bool) -> tuple[float, dict[str, Any], Any]:
+        trainer = make_trainer(tiny_dir, tmp_path / f"out-{reuse}")
+        if not reuse:
+            trainer.vision_cache.remove()
+            trainer.vision_cache = None
+        torch.manual_seed(0)
+        with torch.no_grad():  # move the fresh LoRA away from its reference so the loss is not log 2
+            for name, param in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop otherwise
+        batch = trainer._prepare_inputs(trainer.data_collator(stage2_rows()))
+        loss = trainer.training_step(trainer.model, batch)
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return loss.item(), grads, trainer.vision_cache
+
+    plain_loss, plain_grads, _ = one_step(False)
+    loss, grads, cache = one_step(True)
+    # 2 pairs: 2 full images, the red crop (same in both pairs) and the blue one. Without the cache
+    # the tower sees 24 images per step: box 4 rows x 2 passes, answer 4 rows x 2 images x 2 passes.
+    assert (cache.encoded, cache.reused) == (4, 20)
+    assert cache.entries == []  # freed after the step
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain_grads[name], rtol=1e-4, atol=1e-6), name
