@@ -112,3 +112,27 @@ def test_merge_a_hub_cached_base_and_refuse_the_wrong_base(adapter: tuple[Path, 
     assert record["base"] == "tiny-org/Tiny-VL"
     with pytest.raises(ModelError, match=f"trained on {base}, not on {out}"):
         load_model(str(out), adapter=str(adapter_dir))
+
+
+@pytest.mark.slow
+def test_generation_merges_the_adapter_in_memory_with_the_same_outputs(adapter: tuple[Path, Path]) -> None:
+    from peft import PeftModel
+    from PIL import Image
+
+    from visrl.models import load_model
+    from visrl.reasoning import Reasoner, Sampling
+    from visrl.train.merge import merge_reasoner_adapter
+
+    base, lora = adapter
+    images, questions = [Image.new("RGB", (56, 56), c) for c in ("red", "blue")], ["What is red?"] * 2
+    greedy = Sampling(temperature=0.0, max_new_tokens=12)
+    unmerged = Reasoner(load_model(str(base), adapter=str(lora), dtype="float32", device="cpu"))
+    assert isinstance(unmerged.model, PeftModel)
+    expected = unmerged.two_step(images, questions, greedy)
+    merged = Reasoner(load_model(str(base), adapter=str(lora), dtype="float32", device="cpu"))
+    assert merge_reasoner_adapter(merged)
+    assert not isinstance(merged.model, PeftModel) and merged.model is merged.loaded.model
+    assert not any("lora_" in name for name, _ in merged.model.named_parameters())
+    got = merged.two_step(images, questions, greedy)
+    assert [(r[0].box_text, r[0].answer) for r in got] == [(r[0].box_text, r[0].answer) for r in expected]
+    assert not merge_reasoner_adapter(merged)  # nothing left to merge

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from visrl.errors import ConfigError, ModelError
 from visrl.progress import Progress
@@ -84,6 +85,30 @@ def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None
         store.add_checkpoint(stored, cfg.model_name_or_path, "merged", job_id,
                              config={"adapter": cfg.adapter_name_or_path, "dtype": cfg.export_dtype})
     return out
+
+
+def merge_for_inference(loaded: Any) -> bool:
+    """Fold a LoRA adapter into the weights of a model loaded for inference (in memory, in place).
+
+    Sampling through an unmerged adapter runs every adapted projection twice (W x and B A x):
+    measured 1.34x the time of merged weights on the demo model. Generation has no use for the
+    separate adapter, so it merges once after loading. Returns whether there was one to merge.
+    """
+    from peft import PeftModel
+
+    if not isinstance(loaded.model, PeftModel):
+        return False
+    loaded.model = loaded.model.merge_and_unload().eval()
+    return True
+
+
+def merge_reasoner_adapter(reasoner: Any) -> bool:
+    """:func:`merge_for_inference` on a local reasoner's model (a remote one has none)."""
+    loaded = getattr(reasoner, "loaded", None)
+    if loaded is None or not merge_for_inference(loaded):
+        return False
+    reasoner.model = loaded.model  # the Reasoner generates with its own reference to the model
+    return True
 
 
 def _advance(progress: Progress | None, message: str) -> None:
