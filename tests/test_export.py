@@ -261,3 +261,100 @@ def test_export_writes_boxes_and_crops_as_a_checkpoint_was_trained(demo: Store, 
     region = trained.crop_region(chosen, size)  # 25% wider on each side than the box
     assert row["chosen_answer_images"][1].size == (region.width, region.height)
     assert region.width > chosen.width * 1.4
+
+
+def _plain(value: object) -> object:
+    """``value`` without the ``None`` fields Arrow adds to message parts (``'text': None``)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) and a
+    for x, y in zip(a, b, strict=True):
+        assert sorted(x) == sorted(y)
+        for key, value in x.items():
+            if key.endswith("images"):
+                assert [(im.size, im.tobytes()) for im in value] == [(im.size, im.tobytes()) for im in y[key]]
+            else:
+                assert _plain(value) == _plain(y[key]), key
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo1", "dpo2"])
+def test_training_rows_are_records_until_indexed_and_equal_the_eager_rows(demo: Store, kind: str) -> None:
+    from visrl.formats.trl import deferred_rows, pair_records, sft_records
+
+    statuses = ("accepted", "pending")
+    contract = TwoStepContract(crop_margin=0.2, crop_min_pixels=20000, full_max_pixels=100000)
+    if kind == "sft":
+        records, eager = sft_records(demo), sft_rows(demo, demo.workspace, contract=contract)
+    else:
+        stage = int(kind[-1])
+        records = pair_records(demo, statuses, stage)
+        eager = dpo_rows(demo, demo.workspace, statuses=statuses, stage=stage, contract=contract)
+    rows = deferred_rows(records, kind, contract, demo.workspace)
+    assert len(rows) == len(eager) == {"sft": 6, "dpo1": 5, "dpo2": 5}[kind]
+    assert all(len(row["record"]) < 600 for row in rows)  # a record is text: no pixels, no messages
+    ds = to_dataset(rows)
+    assert ds.column_names == ["record"]
+    build = ds.format["format_kwargs"]["transform"]
+    assert build._images.opened == 0
+    first = ds[0]
+    assert build._images.opened == 1 and first["images"][0].mode == "RGB"  # one file per row
+    # Indexed as the Trainer indexes it, the dataset gives the rows the eager path gives.
+    _same_rows([ds[i] for i in range(ds.num_rows)], [dict(row) for row in to_dataset(eager)])
+    assert [row["pair_id"] for row in rows] == [row.get("pair_id") for row in eager]
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo2"])
+def test_reference_rows_open_no_image_until_indexed(demo: Store, kind: str) -> None:
+    from visrl.formats.row_images import ImageRef, RowImages
+
+    refs = (sft_rows(demo, demo.workspace, lazy=True) if kind == "sft"
+            else dpo_rows(demo, demo.workspace, stage=2, lazy=True))
+    assert all(isinstance(v, ImageRef) for row in refs for key in row if key.endswith("images") for v in row[key])
+    images = RowImages(TwoStepContract())
+    ds = to_dataset(refs, images)
+    assert images.opened == 0 and "Image" not in str(ds.features)
+    eager = sft_rows(demo, demo.workspace) if kind == "sft" else dpo_rows(demo, demo.workspace, stage=2)
+    _same_rows([ds[i] for i in range(ds.num_rows)], [dict(row) for row in to_dataset(eager)])
+
+
+def test_lazy_rows_of_an_exported_folder(demo: Store, tmp_path: Path) -> None:
+    from visrl.formats.row_images import RowImages
+
+    out = save_dataset(dpo_rows(demo, demo.workspace, stage=2), tmp_path / "out")
+    images = RowImages(TwoStepContract())
+    ds = to_dataset(load_rows(out, lazy=True), images)
+    assert images.opened == 0
+    _same_rows([ds[i] for i in range(ds.num_rows)], [dict(r) for r in to_dataset(load_rows(out))])
+    with pytest.raises(ValueError, match="a crop needs a box"):
+        from visrl.formats.row_images import ImageRef
+
+        ImageRef("/x.png", "crop")
+
+
+@pytest.mark.slow
+def test_lazy_stage2_rows_collate_to_the_eager_batch(demo: Store, tmp_path: Path) -> None:
+    import torch
+
+    from visrl.models import load_processor
+    from visrl.tiny import build_tiny_model
+    from visrl.train.joint import StepwisePreferenceCollator
+
+    model = Path(build_tiny_model(tmp_path / "tiny", preset="test", seed=0))
+    collate = StepwisePreferenceCollator(load_processor(model))
+    from visrl.formats.trl import deferred_rows, pair_records
+
+    contract = TwoStepContract(crop_margin=0.1)
+    records = pair_records(demo, ("accepted",), 2)
+    lazy = to_dataset(deferred_rows(records, "dpo2", contract, demo.workspace))
+    eager = to_dataset(dpo_rows(demo, demo.workspace, stage=2, contract=contract))
+    got, expected = collate([lazy[i] for i in range(3)]), collate([eager[i] for i in range(3)])
+    for step in ("box", "answer"):
+        assert got[step].keys() == expected[step].keys()
+        for key, value in expected[step].items():
+            assert torch.equal(got[step][key], value), (step, key)

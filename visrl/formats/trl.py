@@ -24,6 +24,7 @@ On disk (:func:`save_dataset`) a folder holds ``images/*.png``, ``metadata.jsonl
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,15 @@ from PIL import Image
 from visrl.boxes import Box
 from visrl.contract import TwoStepContract
 from visrl.errors import DataError
+from visrl.formats.row_images import IMAGE_COLUMNS, ImageRef, RowImages
 from visrl.prompts import answer_prompt, assistant, box_prompt, two_step_conversation
 from visrl.review import STATUSES, PairFilter, count_pairs, page_pairs, pair_boxes
-from visrl.store import Store
+from visrl.store import Store, box_from_json
 from visrl.workspace import Workspace
 
 Row = dict[str, Any]
+Record = dict[str, Any]
 METADATA = "metadata.jsonl"
-IMAGE_COLUMNS = ("images", "chosen_answer_images", "rejected_answer_images")
 
 
 class ImageCache:
@@ -60,21 +62,128 @@ class ImageCache:
         return self._cache[relative]
 
 
-def sft_rows(store: Store, ws: Workspace, dataset: str | None = None, split: str | None = "train",
-             contract: TwoStepContract | None = None) -> list[Row]:
-    """Two-step SFT rows of the items with a ground-truth box and an answer (``split`` None: all)."""
-    contract = contract or TwoStepContract()
-    images = ImageCache(ws)
-    rows = []
+class _Refs:
+    """References to item images (:class:`ImageRef`), checked to exist; nothing is decoded."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self._root = ws.root.resolve()
+        self._paths: dict[str, str] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def full(self, relative: str) -> ImageRef:
+        return ImageRef(self._path(relative), "full")
+
+    def crop(self, relative: str, box: Box) -> ImageRef:
+        return ImageRef(self._path(relative), "crop", (box.x1, box.y1, box.x2, box.y2))
+
+    def size(self, relative: str) -> tuple[int, int]:
+        """The file's (width, height), read from its header (the decoded image's size)."""
+        if relative not in self._sizes:
+            with Image.open(self._path(relative)) as image:
+                self._sizes[relative] = image.size
+        return self._sizes[relative]
+
+    def _path(self, relative: str) -> str:
+        # Workspace.absolute's check with one realpath per image, not three: 10k pairs spent
+        # 11 s of 14 in path resolution before.
+        if relative not in self._paths:
+            path = Path(os.path.realpath(self._root / relative))
+            if not path.is_relative_to(self._root):
+                raise DataError(f"{relative} leaves the workspace {self.ws.root}")
+            if not path.is_file():
+                raise DataError(f"image {relative} of the workspace is missing; re-import its dataset")
+            self._paths[relative] = str(path)
+        return self._paths[relative]
+
+
+def _opened(rows: list[Row], lazy: bool, contract: TwoStepContract) -> list[Row]:
+    if lazy:
+        return rows
+    images = RowImages(contract)
+    return [images.open_row(row) for row in rows]
+
+
+# ---------------------------------------------------------------------- records -> rows
+# A record is what a row is made from, as read from the store (JSON-able, a few hundred bytes);
+# build_row turns one into a row. Eager rows build every record at once; training keeps the
+# records (deferred_rows) and builds each row when the Trainer indexes it.
+
+KINDS = ("sft", "dpo1", "dpo2")
+
+
+def sft_records(store: Store, dataset: str | None = None, split: str | None = "train") -> list[Record]:
+    """Items with a ground-truth box and an answer (``split`` None: all), as SFT records."""
+    records = []
     for item in store.items(dataset=dataset, split=split, with_box=True):
         box = store.item_box(item)
         if box is None or not (item.get("answer") or "").strip():
             continue  # nothing to teach the answer step
-        full = images(item["image"])
-        text = contract.format(box, full.size)
-        rows.append({"images": [contract.prepare_full(full), contract.prepare_crop(contract.crop(full, box))],
-                     "messages": two_step_conversation(item["question"], text, item["answer"])})
-    return rows
+        records.append({"image": item["image"], "question": item["question"], "answer": item["answer"],
+                        "box": [box.x1, box.y1, box.x2, box.y2]})
+    return records
+
+
+def pair_records(store: Store, statuses: Iterable[str] = ("accepted",), stage: int = 1,
+                 dataset: str | None = None) -> list[Record]:
+    """The selected pairs that make rows of ``stage``: stage 2 needs a box on both sides (a crop to
+    answer on); either stage needs a box text on both (a side without a box keeps its rollout's
+    raw text: a failed rollout is a fine *rejected* box step)."""
+    if stage not in (1, 2):
+        raise DataError(f"DPO stage must be 1 (box step) or 2 (box + answer), not {stage!r}")
+    records = []
+    for pair in selected_pairs(store, statuses, dataset):
+        boxless = [side for side in ("chosen", "rejected") if pair.get(f"{side}_box") is None]
+        if stage == 2 and boxless:
+            continue
+        raw = {side: _rollout_text(store, pair.get(f"{side}_rollout_id")) for side in boxless}
+        if any(text is None for text in raw.values()):
+            continue
+        records.append({"pair_id": pair["id"], "image": pair["image"], "question": pair["question"],
+                        "size": [pair["width"], pair["height"]], "raw_texts": raw,
+                        **{key: pair.get(key) for key in ("chosen_box", "rejected_box",
+                                                           "chosen_answer", "rejected_answer")}})
+    return records
+
+
+def _rollout_text(store: Store, rollout_id: int | None) -> str | None:
+    row = store.db.execute("SELECT box_text FROM rollouts WHERE id = ?", [rollout_id]).fetchone()
+    return row[0] if row and row[0] else None
+
+
+def build_row(record: Record, kind: str, contract: TwoStepContract, refs: _Refs) -> Row:
+    """The row of ``record`` (see the module doc for each kind's columns), images as references
+    (a :class:`RowImages` with the same ``contract`` opens, cuts and prepares them)."""
+    if kind == "sft":
+        box = Box(*record["box"])
+        text = contract.format(box, refs.size(record["image"]))
+        return {"images": [refs.full(record["image"]), refs.crop(record["image"], box)],
+                "messages": two_step_conversation(record["question"], text, record["answer"])}
+    size = tuple(record["size"])
+    boxes = {side: box_from_json(record[f"{side}_box"]) for side in ("chosen", "rejected")}
+    texts = {side: contract.format(box, size) if box is not None else record["raw_texts"][side]
+             for side, box in boxes.items()}
+    full = refs.full(record["image"])
+    row: Row = {"images": [full], "prompt": box_prompt(record["question"]),
+                "chosen": assistant(texts["chosen"]), "rejected": assistant(texts["rejected"]),
+                "pair_id": record["pair_id"]}
+    if kind == "dpo2":
+        for side in ("chosen", "rejected"):
+            row[f"{side}_answer_images"] = [full, refs.crop(record["image"], boxes[side])]
+            row[f"{side}_answer_prompt"] = answer_prompt(record["question"], texts[side])
+            row[f"{side}_answer"] = assistant(record.get(f"{side}_answer") or "")
+    return row
+
+
+def sft_rows(store: Store, ws: Workspace, dataset: str | None = None, split: str | None = "train",
+             contract: TwoStepContract | None = None, lazy: bool = False) -> list[Row]:
+    """Two-step SFT rows of the items with a ground-truth box and an answer (``split`` None: all).
+
+    ``lazy``: image lists hold :class:`ImageRef` values, opened by a
+    :class:`~visrl.formats.row_images.RowImages` with the same ``contract`` when used."""
+    contract = contract or TwoStepContract()
+    records = sft_records(store, dataset, split)
+    return _opened([build_row(r, "sft", contract, _Refs(ws)) for r in records], lazy, contract)
 
 
 def selected_pairs(store: Store, statuses: Iterable[str] = ("accepted",),
@@ -94,60 +203,69 @@ def side_texts(store: Store, pair: dict[str, Any], contract: TwoStepContract) ->
     its rollout's raw text (a failed rollout is a fine *rejected* box step), else None."""
     size = (pair["width"], pair["height"])
     boxes = pair_boxes(pair)
-    out: dict[str, str | None] = {}
-    for side in ("chosen", "rejected"):
-        box = boxes[side]
-        if box is not None:
-            out[side] = contract.format(box, size)
-            continue
-        rollout_id = pair.get(f"{side}_rollout_id")
-        row = store.db.execute("SELECT box_text FROM rollouts WHERE id = ?", [rollout_id]).fetchone()
-        out[side] = row[0] if row and row[0] else None
-    return out
+    return {side: contract.format(boxes[side], size) if boxes[side] is not None
+            else _rollout_text(store, pair.get(f"{side}_rollout_id")) for side in ("chosen", "rejected")}
 
 
 def dpo_rows(store: Store, ws: Workspace, statuses: Iterable[str] = ("accepted",), stage: int = 1,
-             dataset: str | None = None, contract: TwoStepContract | None = None) -> list[Row]:
-    """DPO rows of the selected pairs (see module doc). Stage 2 skips pairs where a side has no
-    box (no crop to answer on); either stage skips pairs with no usable chosen box text."""
+             dataset: str | None = None, contract: TwoStepContract | None = None,
+             lazy: bool = False) -> list[Row]:
+    """DPO rows of the selected pairs (see module doc and :func:`pair_records` for which pairs).
+    ``lazy``: as for :func:`sft_rows`."""
     contract = contract or TwoStepContract()
-    if stage not in (1, 2):
-        raise DataError(f"DPO stage must be 1 (box step) or 2 (box + answer), not {stage!r}")
-    images = ImageCache(ws)
-    rows = []
-    for pair in selected_pairs(store, statuses, dataset):
-        texts = side_texts(store, pair, contract)
-        if texts["chosen"] is None or texts["rejected"] is None:
-            continue
-        original = images(pair["image"])
-        full = contract.prepare_full(original)
-        row: Row = {"images": [full], "prompt": box_prompt(pair["question"]),
-                    "chosen": assistant(texts["chosen"]), "rejected": assistant(texts["rejected"]),
-                    "pair_id": pair["id"]}
-        if stage == 2:
-            boxes = pair_boxes(pair)
-            if boxes["chosen"] is None or boxes["rejected"] is None:
-                continue
-            for side in ("chosen", "rejected"):
-                row.update(_answer_step(pair, side, original, full, boxes[side], texts[side], contract))
-        rows.append(row)
-    return rows
+    records = pair_records(store, statuses, stage, dataset)
+    refs = _Refs(ws)
+    return _opened([build_row(r, f"dpo{stage}", contract, refs) for r in records], lazy, contract)
 
 
-def _answer_step(pair: dict[str, Any], side: str, original: Image.Image, full: Image.Image, box: Box,
-                 text: str, contract: TwoStepContract) -> Row:
-    """``full`` is ``original`` as prepared for the model; the crop is cut from the original."""
-    return {f"{side}_answer_images": [full, contract.prepare_crop(contract.crop(original, box))],
-            f"{side}_answer_prompt": answer_prompt(pair["question"], text),
-            f"{side}_answer": assistant(pair.get(f"{side}_answer") or "")}
+class DeferredRows:
+    """``Dataset.with_transform`` hook: records -> rows -> opened images, per indexed batch.
+
+    Picklable (DataLoader workers get a copy); settings are the row kind, the contract (as its
+    dict) and the workspace root, so a worker needs nothing else.
+    """
+
+    def __init__(self, kind: str, contract: dict[str, Any], root: str) -> None:
+        if kind not in KINDS:
+            raise DataError(f"unknown row kind {kind!r}; use one of {', '.join(KINDS)}")
+        self.kind, self.contract, self.root = kind, TwoStepContract.from_dict(contract), root
+        self._refs: _Refs | None = None
+        self._images = RowImages(self.contract)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_refs": None}  # its path caches are rebuilt in the worker
+
+    def rows(self, records: list[Record]) -> list[Row]:
+        if self._refs is None:
+            self._refs = _Refs(Workspace(Path(self.root)))
+        return [self._images.open_row(build_row(r, self.kind, self.contract, self._refs)) for r in records]
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        rows = self.rows([json.loads(text) for text in batch["record"]])
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+
+
+def deferred_rows(records: list[Record], kind: str, contract: TwoStepContract, ws: Workspace) -> list[Row]:
+    """Training rows that are still records (``record``: JSON, ``pair_id``); :func:`to_dataset`
+    makes a dataset that builds and opens each row when it is indexed."""
+    spec = json.dumps([kind, contract.to_dict(), str(ws.root)])
+    return [{"pair_id": r.get("pair_id"), "record": json.dumps(r), "row_spec": spec} for r in records]
 
 
 # ---------------------------------------------------------------------- datasets and disk
 
-def to_dataset(rows: list[Row]) -> Any:
-    """A ``datasets.Dataset`` of the rows (image lists become ``List(Image())`` columns)."""
+def to_dataset(rows: list[Row], images: RowImages | None = None) -> Any:
+    """A ``datasets.Dataset`` of the rows. Opened images become ``List(Image())`` columns;
+    reference rows (``lazy=True``) stay references, opened by ``images`` when indexed."""
     from datasets import Dataset
 
+    from visrl.formats.row_images import has_refs, lazy_dataset
+
+    if rows and "row_spec" in rows[0]:  # deferred rows: only the records go into Arrow
+        build = DeferredRows(*json.loads(rows[0]["row_spec"]))
+        return Dataset.from_list([{"record": row["record"]} for row in rows]).with_transform(build)
+    if has_refs(rows):
+        return lazy_dataset(rows, images or RowImages(TwoStepContract()))
     return Dataset.from_list(rows)
 
 
@@ -185,15 +303,16 @@ def save_dataset(rows: list[Row], out_dir: str | Path, description: str = "") ->
     return out
 
 
-def load_rows(folder: str | Path) -> list[Row]:
-    """Rows saved by :func:`save_dataset`, images opened as RGB PIL images."""
+def load_rows(folder: str | Path, lazy: bool = False) -> list[Row]:
+    """Rows saved by :func:`save_dataset`, images opened as RGB PIL images (``lazy``: as
+    :class:`ImageRef` values of kind ``file``, checked to exist, opened when used)."""
     folder = Path(folder)
     path = folder / METADATA
     if not path.is_file():
         raise DataError(f"{folder} holds no {METADATA}; export it with `visrl export --format trl-sft` "
                         "or `--format trl-dpo`")
     rows = []
-    opened: dict[str, Image.Image] = {}
+    opened: dict[str, Any] = {}  # file name -> its image (or reference): shared within the folder
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -207,7 +326,8 @@ def load_rows(folder: str | Path) -> list[Row]:
                 column = "images" if key == "file_names" else key[: -len("_file_names")]
                 for name in value:
                     if name not in opened:
-                        opened[name] = _open(folder, name, path, n)
+                        file = _checked(folder, name, path, n)
+                        opened[name] = ImageRef(str(file), "file") if lazy else _open(file)
                 row[column] = [opened[name] for name in value]
             else:
                 row[key] = value
@@ -215,10 +335,14 @@ def load_rows(folder: str | Path) -> list[Row]:
     return rows
 
 
-def _open(folder: Path, name: str, path: Path, line: int) -> Image.Image:
+def _checked(folder: Path, name: str, path: Path, line: int) -> Path:
     file = (folder / name).resolve()
     if not file.is_relative_to(folder.resolve()) or not file.is_file():
         raise DataError(f"{path}: line {line} names image {name!r}, which is not a file of {folder}")
+    return file
+
+
+def _open(file: Path) -> Image.Image:
     with Image.open(file) as image:
         return image.convert("RGB")
 

@@ -1,6 +1,9 @@
 """Training rows for each stage, from the store or from an exported folder.
 
-Rows are the dicts of :mod:`visrl.formats.trl` (PIL images inside): ``sft`` rows carry
+Rows are the dicts of :mod:`visrl.formats.trl`, deferred: from the store they are records
+(:func:`visrl.formats.trl.deferred_rows`) that become rows, images opened and cut, only when the
+Trainer indexes them, so RAM and the time to the first step stay flat in the number of rows
+(bench/bench_rows.py); from an exported folder they hold references to its files. ``sft`` rows carry
 ``images`` + ``messages``; ``dpo`` rows the box step (``images``, ``prompt``, ``chosen``,
 ``rejected``, ``pair_id``); ``visrl`` rows add both answer steps, each with its own crop.
 """
@@ -28,18 +31,21 @@ def stage_rows(cfg: TrainConfig, store: Store, ws: Workspace, contract: TwoStepC
     from visrl.formats import trl as trl_format
 
     contract = contract or TwoStepContract(box_format=cfg.box_format, crop_margin=cfg.crop_margin)
-
+    # Rows from the store stay records until the Trainer indexes them (built, images opened, cut
+    # and prepared by the contract then): RAM and the time to the first step stay flat in the
+    # number of rows. An exported folder's rows hold references to its image files.
     folder = _exported_folder(ws, cfg.dataset)
     if folder is not None:
-        rows = trl_format.load_rows(folder)
+        rows = trl_format.load_rows(folder, lazy=True)
         _check_exported(rows, cfg, folder)
     elif cfg.stage == "sft":
-        rows = trl_format.sft_rows(store, ws, dataset=cfg.dataset or None, split=cfg.split,
-                                   contract=contract)
+        records = trl_format.sft_records(store, dataset=cfg.dataset or None, split=cfg.split)
+        rows = trl_format.deferred_rows(records, "sft", contract, ws)
     else:
-        rows = trl_format.dpo_rows(store, ws, statuses=tuple(cfg.pair_status),
-                                   stage=2 if cfg.stage == "visrl" else 1,
-                                   dataset=cfg.dataset or None, contract=contract)
+        stage = 2 if cfg.stage == "visrl" else 1
+        records = trl_format.pair_records(store, statuses=tuple(cfg.pair_status), stage=stage,
+                                          dataset=cfg.dataset or None)
+        rows = trl_format.deferred_rows(records, f"dpo{stage}", contract, ws)
     if not rows:
         raise DataError(_empty_message(cfg))
     return rows
@@ -91,7 +97,8 @@ def pair_ids(rows: list[Row]) -> list[int]:
 
 
 def to_dataset(rows: list[Row]) -> Any:
-    """A ``datasets.Dataset`` (what the trl trainers require)."""
+    """A ``datasets.Dataset`` (what the trl trainers require); reference rows open their images
+    when a row is indexed."""
     from visrl.formats.trl import to_dataset as formats_to_dataset
 
     return formats_to_dataset(rows)
