@@ -543,3 +543,15 @@ def test_stage2_encodes_each_image_once_per_step_with_the_same_loss_and_gradient
     assert grads.keys() == plain_grads.keys() and grads
     for name, grad in grads.items():
         assert torch.allclose(grad, plain_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_only_the_main_rank_writes_the_merged_base(tmp_path: Path) -> None:
+    from visrl.train.lora import TrainModel, save_merged_base
+
+    class Unsaveable:  # any write from a non-main rank would fail loudly here
+        def save_pretrained(self, *args: Any) -> None:
+            raise AssertionError("a non-main rank wrote the merged base")
+
+    tm = TrainModel(model=Unsaveable(), processor=Unsaveable(), base_path="/base", merged_adapter="/sft")
+    save_merged_base(tm, tmp_path / "base", write=False)
+    assert tm.base_path == str(tmp_path / "base") and not (tmp_path / "base").exists()
