@@ -1,6 +1,6 @@
 """Stage-2 training rows at scale: peak memory and time to the first step, 1k vs 10k pairs.
 
-    python bench/bench_rows.py [--pairs 1000,10000] [--eager 20] [--model data/demo-model]
+    python bench/bench_rows.py [--pairs 1000,10000] [--eager 20] [--rounds 2] [--model data/demo-model]
 
 Builds a throw-away workspace through the store API: N items of 1000x750 photo-like JPEGs (a pool
 of 24 images rendered from noise, gradients and shapes, hard-linked to N file names: synthesis
@@ -10,7 +10,8 @@ and one pending pair per item. Then, in a fresh process per size, ``visrl.train.
 stage 2 (``visrl``) on the model and stops after its first optimizer step. Reported per size:
 seconds from calling ``train`` to the end of step 1 (store read, rows, dataset, model load,
 trainer, the step), the peak RSS up to then, and that peak above the model's own (a process that
-imports the same libraries and loads only the model). ``--eager N`` times the pre-issue-11 path
+imports the same libraries and loads only the model); medians of ``--rounds`` runs that alternate
+between the sizes, so a swing in machine load hits both alike. ``--eager N`` times the pre-issue-11 path
 (rows holding decoded images and crops, then ``Dataset.from_list``) on N pairs in its own process,
 for comparison. Targets (issue 11): at 10k pairs <= 2 GB above the model and <= 30 s to the first
 step; 1k -> 10k growth <= 1.5x in both. Prints a table, writes bench/results/rows.json.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -189,6 +191,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="1000,10000", help="comma-separated sizes")
     parser.add_argument("--eager", type=int, default=20, help="also time the eager rows on this many pairs (0: no)")
     parser.add_argument("--model", default=str(DEMO_MODEL))
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per size (medians reported)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -201,16 +204,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rows-") as tmp:
         model_mb = run_child("model", Path(tmp), args.model)["peak_rss_mb"]
         report["model_rss_mb"] = model_mb
+        built = {}
         for n in sizes:
-            root = Path(tmp) / f"ws-{n}"
             start = time.perf_counter()
-            make_workspace(root, n)
-            built = time.perf_counter() - start
-            result = run_child("train", root, args.model)
-            result.update(workspace_build_s=built, above_model_mb=result["peak_rss_mb"] - model_mb)
-            report["sizes"][n] = result
-            if args.eager and n == sizes[0]:
-                report["eager"] = run_child("eager", root, args.model, args.eager)
+            make_workspace(Path(tmp) / f"ws-{n}", n)
+            built[n] = time.perf_counter() - start
+        runs: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
+        for _ in range(args.rounds):  # 1k, 10k, 1k, 10k: load swings hit both sizes alike
+            for n in sizes:
+                runs[n].append(run_child("train", Path(tmp) / f"ws-{n}", args.model))
+        for n in sizes:
+            peak = statistics.median(r["peak_rss_mb"] for r in runs[n])
+            report["sizes"][n] = {"first_step_s": statistics.median(r["first_step_s"] for r in runs[n]),
+                                  "peak_rss_mb": peak, "above_model_mb": peak - model_mb,
+                                  "workspace_build_s": built[n], "runs": runs[n]}
+        if args.eager:
+            report["eager"] = run_child("eager", Path(tmp) / f"ws-{sizes[0]}", args.model, args.eager)
     first, last = report["sizes"][sizes[0]], report["sizes"][sizes[-1]]
     report["growth"] = {"first_step_s": last["first_step_s"] / first["first_step_s"],
                         "peak_rss": last["peak_rss_mb"] / first["peak_rss_mb"]}
