@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -46,18 +47,26 @@ def test_cgroup_quota_caps_the_cores(tmp_path: Path) -> None:
     assert available_cores(cpu_max) == available_cores(tmp_path / "missing") >= 1
 
 
-def test_model_commands_set_and_log_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_commands_set_threads_before_torch_and_the_stage_logs_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
+    from visrl.jobs import run_stage
+
     monkeypatch.setenv("VISRL_NUM_THREADS", "2")  # restored after the test; the flag overrides it
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)  # registered, so the values set below are undone
     before = torch.get_num_threads()
     try:
         result = CliRunner().invoke(cli, ["--threads", "1", "merge", str(tmp_path / "missing.yaml")])
-        assert "visrl merge: 1 torch thread (VISRL_NUM_THREADS)" in result.output
-        assert torch.get_num_threads() == 1
+        assert result.exit_code != 0 and "torch thread" not in result.output  # a bad config: no log line
+        # torch reads OMP_NUM_THREADS at import; one already imported is set directly.
+        assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+        assert run_stage(None, None, "train sft", lambda progress: 7) == 7
+        assert "visrl train: 1 torch thread (VISRL_NUM_THREADS)" in capsys.readouterr().err
         torch.set_num_threads(3)
-        result = CliRunner().invoke(cli, ["stats", "--help"])  # not a model command: untouched
-        assert torch.get_num_threads() == 3 and "torch thread" not in result.output
+        CliRunner().invoke(cli, ["stats", "--help"])  # not a model command: untouched
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 

@@ -233,6 +233,9 @@ def run_stage(workspace: str | Path | Workspace | None, job_id: int | None, desc
     ``succeeded``; on an exception ``failed`` with its message, and the exception propagates
     (the CLI prints ``Error: ...`` and exits 1). SIGTERM/SIGINT become a stop request.
     """
+    from visrl.runtime import announce_threads
+
+    announce_threads(desc.split()[0])  # the log says how many torch threads this stage uses
     if job_id is None or not _is_main_rank():
         progress = Progress(None, None, total=total, desc=desc, bar=job_id is None)
         with _stop_handler(progress):

@@ -5,8 +5,9 @@ machine, or on a CPU shared with other work, those threads oversubscribe the cor
 against each other: on a 2-core machine shared by eight processes ``visrl generate`` ran 10-15x
 slower with torch's default than with one thread, and a stage-2 demo training took 8 min instead
 of 40 s (issue 11). Every model stage therefore chooses its thread count once, at the start of
-the process (:func:`apply_threads`, called by the CLI for the model commands), and says so in its
-log. The choice, first that applies:
+the process (:func:`apply_threads`, called by the CLI for the model commands, before torch is
+imported), and says so in its log once its config is read (:func:`announce_threads`, from
+:func:`visrl.jobs.run_stage`). The choice, first that applies:
 
 1. ``VISRL_NUM_THREADS`` (or ``visrl --threads N``), an explicit choice;
 2. ``OMP_NUM_THREADS``, the usual knob (``torchrun`` sets 1 for each of several ranks);
@@ -97,13 +98,32 @@ def choose_threads(environ: Mapping[str, str] | None = None, cores: int | None =
     return ThreadChoice(count, f"{why}; set {THREADS_ENV} to change")
 
 
-def apply_threads(environ: Mapping[str, str] | None = None) -> ThreadChoice:
-    """Choose the thread count and set it in torch (imported here: only model stages call this)."""
-    import torch
+_CHOSEN: list[ThreadChoice] = []  # this process's choice, once made (announce_threads reads it)
 
+
+def apply_threads(environ: Mapping[str, str] | None = None) -> ThreadChoice:
+    """Choose the thread count and make torch use it, without importing torch.
+
+    ``OMP_NUM_THREADS`` (and MKL's) is set to the choice, which torch reads when it is first
+    imported, so a command that stops at a bad config never pays for the import; a torch that is
+    already imported (tests, benchmarks) is set directly.
+    """
     choice = choose_threads(environ)
-    torch.set_num_threads(choice.count)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(choice.count)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(choice.count)
+    _CHOSEN[:] = [choice]
     return choice
+
+
+def announce_threads(stage: str) -> str | None:
+    """The log line of this process's thread choice (None when none was made), printed to stderr."""
+    if not _CHOSEN:
+        return None
+    line = f"visrl {stage}: {_CHOSEN[0]}"
+    print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def derive_seed(*parts: object) -> int:

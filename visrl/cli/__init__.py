@@ -37,7 +37,7 @@ def cli(ctx: click.Context, threads: int | None) -> None:
         single_process_only(ctx.invoked_subcommand)
     if threads is not None:
         os.environ[THREADS_ENV] = str(threads)
-    click.echo(f"visrl {ctx.invoked_subcommand}: {apply_threads()}", err=True)
+    apply_threads()  # before torch is imported; run_stage says the choice in the log
 
 
 workspace_option = click.option(
