@@ -358,3 +358,12 @@ def test_lazy_stage2_rows_collate_to_the_eager_batch(demo: Store, tmp_path: Path
         assert got[step].keys() == expected[step].keys()
         for key, value in expected[step].items():
             assert torch.equal(got[step][key], value), (step, key)
+
+
+def test_training_rows_refuse_a_missing_image_before_training(demo: Store) -> None:
+    from visrl.formats.trl import deferred_rows, pair_records
+
+    records = pair_records(demo, ("accepted",), 2)
+    demo.workspace.absolute(records[1]["image"]).unlink()
+    with pytest.raises(DataError, match=f"1 image.*missing.*{records[1]['image']}"):
+        deferred_rows(records, "dpo2", TwoStepContract(), demo.workspace)

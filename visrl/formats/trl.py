@@ -247,7 +247,13 @@ class DeferredRows:
 
 def deferred_rows(records: list[Record], kind: str, contract: TwoStepContract, ws: Workspace) -> list[Row]:
     """Training rows that are still records (``record``: JSON, ``pair_id``); :func:`to_dataset`
-    makes a dataset that builds and opens each row when it is indexed."""
+    makes a dataset that builds and opens each row when it is indexed. Every record's image is
+    checked to exist now (one stat each), so a missing file stops the run before the model loads,
+    not at the step that reaches it."""
+    missing = [r["image"] for r in records if not os.path.isfile(os.path.join(ws.root, r["image"]))]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) of the selection are missing from the workspace, e.g. "
+                        f"{missing[0]}; re-import their dataset")
     spec = json.dumps([kind, contract.to_dict(), str(ws.root)])
     return [{"pair_id": r.get("pair_id"), "record": json.dumps(r), "row_spec": spec} for r in records]
 
