@@ -64,7 +64,7 @@ def test_demo_workspace_contents(tmp_path: Path, fake_model: Path, generate_call
     [(workspace, cfg)] = generate_calls
     assert Path(workspace.root) == root
     assert (cfg.model_name_or_path, cfg.dataset, cfg.split, cfg.limit) == ("models/tiny-demo", "demo", "train", 3)
-    assert cfg.crop_judge == "iou_threshold" and cfg.box_format == "viscot"  # configs/demo/generate.yaml
+    assert cfg.crop_judge == "iou_threshold" and cfg.box_format is None  # configs/demo/generate.yaml: the checkpoint's
     assert cfg.adapter_name_or_path is None  # no SFT adapter exists yet: the demo model itself
     marker = json.loads((root / demo.COMPLETE).read_text())
     assert (marker["items"], marker["model"], marker["pairs"]) == (7, "models/tiny-demo", 5)

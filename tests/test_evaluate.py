@@ -166,7 +166,7 @@ def test_config_errors(kw: dict[str, Any], message: str) -> None:
 @pytest.mark.parametrize("path", ["eval.yaml", "demo/eval.yaml"])
 def test_shipped_configs_load(path: str) -> None:
     cfg = load_config(EvalConfig, CONFIGS / path)
-    assert cfg.split == "test" and cfg.box_format == "viscot"
+    assert cfg.split == "test" and cfg.box_format is None  # the checkpoint's contract (visrl_model.json)
 
 
 def test_summarize_and_table_without_boxes() -> None:

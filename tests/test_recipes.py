@@ -228,6 +228,42 @@ def test_the_readme_real_model_section_runs_the_chain_in_order() -> None:
     assert {name for _, name in steps} == {name for _, name in REAL_RECIPE} - {"train_grpo.yaml"}
 
 
+# ---------------------------------------------------------------------- the checkpoint's contract
+
+CONSUMERS = ("eval", "generate", "pairs", "infer", "serve")  # stages that run a trained model as it is
+# Consumer configs that must override the checkpoint's contract, and why (none today).
+MUST_PIN: dict[str, str] = {}
+
+
+def pinned_contract_keys(folder: Path, recipe: list[tuple[str, str]]) -> list[str]:
+    """``file: key`` for every contract field a consumer config sets: the checkpoint owns those
+    (visrl_model.json, written at training), and a key in the config would override it."""
+    from dataclasses import fields as dc_fields
+
+    from visrl.config import read_yaml
+    from visrl.contract import TwoStepContract
+
+    owned = {f.name for f in dc_fields(TwoStepContract)}
+    found = []
+    for name in sorted({name for command, name in recipe if command in CONSUMERS}):
+        data = read_yaml(folder / name)
+        found += [f"{name}: {key}" for key in sorted(owned & set(data)) if data[key] is not None]
+    return [p for p in found if p.split(":")[0] not in MUST_PIN]
+
+
+@pytest.mark.parametrize("sub, recipe", [("", REAL_RECIPE), ("demo", DEMO_RECIPE)])
+def test_no_consumer_recipe_pins_the_checkpoints_contract(sub: str, recipe: list[tuple[str, str]]) -> None:
+    assert pinned_contract_keys(CONFIGS / sub if sub else CONFIGS, recipe) == []
+
+
+def test_a_pinned_contract_key_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "configs"
+    shutil.copytree(CONFIGS, folder, ignore=shutil.ignore_patterns("demo", "accelerate"))
+    with (folder / "eval.yaml").open("a") as f:
+        f.write("crop_margin: 0.0\nbox_format: null\n")  # null follows the checkpoint: fine
+    assert pinned_contract_keys(folder, REAL_RECIPE) == ["eval.yaml: crop_margin"]
+
+
 # ---------------------------------------------------------------------- accelerate configs
 
 ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
