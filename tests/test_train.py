@@ -57,12 +57,37 @@ def test_yaml_spellings_are_coerced(tmp_path: Path) -> None:
     ({"weight_decay": -0.01}, "weight_decay must be >= 0, got -0.01"),
     ({"crop_margin": -0.1}, "crop_margin must be >= 0, got -0.1"),
     ({"image_max_pixels": 100}, "image_max_pixels must be >= 784"),
+    ({"image_min_pixels": 100}, "image_min_pixels must be >= 784 (one 28x28 unit) or null, got 100"),
+    ({"full_max_pixels": 0}, "full_max_pixels must be >= 784 (one 28x28 unit) or null, got 0"),
+    ({"crop_min_pixels": 1.5e5}, "crop_min_pixels must be >= 784 (one 28x28 unit) or null, got 150000.0"),
+    ({"image_min_pixels": 4096, "image_max_pixels": 2048}, "image_min_pixels (4096) must not exceed image_max_pixels"),
+    ({"crop_margin": 11.0}, "crop_margin must be in [0.0, 10.0], got 11.0"),
     ({"lr_scheduler_type": "cosin"}, "'cosin'"),
 ])
 def test_bad_values_name_the_value(override: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
         TrainConfig(**{**BASE, **override})
     assert fragment in str(info.value)
+
+
+def test_every_contract_key_of_a_run_reaches_its_contract(tmp_path: Path) -> None:
+    """The run's contract keys are TrainConfig fields (a seed config's image_min_pixels is one,
+    not an ignored key) and training_contract takes each of them over the checkpoint's record."""
+    from visrl.contract import TwoStepContract, write_contract
+    from visrl.models import ModelSource
+    from visrl.train.lora import training_contract
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    write_contract(base, TwoStepContract(crop_margin=0.2, full_max_pixels=9999, crop_min_pixels=8888))
+    path = tmp_path / "train.yaml"
+    path.write_text(f"stage: sft\nmodel_name_or_path: {base}\noutput_dir: o\nimage_min_pixels: 3136\n"
+                    "image_max_pixels: 1003520\nfull_max_pixels: 401408\n")
+    cfg = load_train_config(path)
+    contract = training_contract(cfg, ModelSource(base))
+    assert (contract.image_min_pixels, contract.image_max_pixels, contract.full_max_pixels) == (3136, 1003520, 401408)
+    assert (contract.crop_min_pixels, contract.crop_margin) == (8888, 0.0)  # unset key: the checkpoint's; set: ours
 
 
 @pytest.mark.parametrize("target, expected", [

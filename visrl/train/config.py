@@ -81,7 +81,17 @@ class TrainConfig:
     box_format: str = field(default="viscot", metadata=_help("How boxes are written in prompts."))
     crop_margin: float = field(default=0.0, metadata=_help("Extra margin around a crop, fraction of its size."))
     image_max_pixels: int | None = field(default=None, metadata=_help(
-        "Cap on pixels per image fed to the model (e.g. 262144 = 512x512); null = processor's."))
+        "Processor pixel budget per image, upper bound (e.g. 1003520 = 1280x28x28, ~1280 visual "
+        "tokens); null = the checkpoint's, else the processor's."))
+    image_min_pixels: int | None = field(default=None, metadata=_help(
+        "Processor pixel budget per image, lower bound (area in px, at most image_max_pixels); "
+        "null = the checkpoint's, else the processor's."))
+    full_max_pixels: int | None = field(default=None, metadata=_help(
+        "Shrink the full image to at most this many pixels before the processor (e.g. 401408 = "
+        "512x28x28); null = the checkpoint's, else as is."))
+    crop_min_pixels: int | None = field(default=None, metadata=_help(
+        "Enlarge the crop to at least this many pixels before the processor, so it shows more "
+        "detail (e.g. 200704 = 256x28x28); null = the checkpoint's, else as is."))
     val_size: float = field(default=0.0, metadata=_help(
         "Held-out rows for evaluation: a fraction (<1) or a count (>=1); 0 = none."))
     per_device_train_batch_size: int = field(default=1, metadata=_help(
@@ -183,8 +193,20 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         # One 28x28 patch merge unit (Qwen-VL's factor) is the least an image can be.
-        if self.image_max_pixels is not None and self.image_max_pixels < 28 * 28:
-            raise ConfigError(f"image_max_pixels must be >= 784 (one 28x28 unit) or null, got {self.image_max_pixels}")
+        for name in ("image_min_pixels", "image_max_pixels", "full_max_pixels", "crop_min_pixels"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 28 * 28):
+                raise ConfigError(f"{name} must be >= 784 (one 28x28 unit) or null, got {value!r}")
+        from visrl.contract import TwoStepContract
+
+        TwoStepContract().override(**self.contract_overrides())  # min <= max, margin range: named here
+
+    def contract_overrides(self) -> dict[str, Any]:
+        """The contract fields this run sets on top of the checkpoint's (None: the checkpoint's
+        value stands); :func:`visrl.train.lora.training_contract` applies them."""
+        return {"box_format": self.box_format, "crop_margin": self.crop_margin,
+                "image_min_pixels": self.image_min_pixels, "image_max_pixels": self.image_max_pixels,
+                "full_max_pixels": self.full_max_pixels, "crop_min_pixels": self.crop_min_pixels}
 
     def _check_grpo(self) -> None:
         if self.num_generations < 2:
@@ -313,7 +335,6 @@ FOREIGN_IGNORED: dict[str, str] = {
     "per_device_eval_batch_size": "evaluation uses per_device_train_batch_size",
     "eval_strategy": "held-out rows are evaluated every save_steps when val_size > 0",
     "eval_steps": "held-out rows are evaluated every save_steps when val_size > 0",
-    "image_min_pixels": "the processor's own minimum applies",
     "video_max_pixels": "VisRL trains on images only",
     "video_fps": "VisRL trains on images only",
 }

@@ -30,14 +30,13 @@ class TrainModel:
 
 
 def training_contract(cfg: TrainConfig, base: ModelSource, adapter_path: str | None = None) -> TwoStepContract:
-    """The contract a run teaches: the checkpoint's (adapter over base) with the config's box
-    format, crop margin and image budget on top, bound to the base's image processor (its resize
+    """The contract a run teaches: the checkpoint's (adapter over base) with the config's contract
+    keys (:meth:`TrainConfig.contract_overrides`) on top, bound to the base's image processor (its resize
     factor and effective pixel budget: the frame of ``qwen2_5`` boxes). Reads processor files
     only, so rows can be built before the model loads."""
     family = detect_family(base.path)
     contract = read_contract(base.path, adapter_path, FAMILIES[family].box_format).override(
-        box_format=cfg.box_format, crop_margin=cfg.crop_margin, image_max_pixels=cfg.image_max_pixels,
-        image_min_pixels=getattr(cfg, "image_min_pixels", None))
+        **cfg.contract_overrides())
     if contract.box_format != "qwen2_5":
         # Only qwen2_5 text depends on the processor's resize; the rest is bound when the model
         # loads (load_train_model), so a bad selection is reported before any model file is read.
