@@ -335,7 +335,7 @@ def test_train_recipe_validation(ctx: Any) -> None:
     files = train_tab.recipe_files(ctx, stage)
     assert files and files[0].endswith("train_sft.yaml")
     text = train_tab.read_recipe(files[0])
-    with pytest.warns(UserWarning, match="model_name_or_path 'models/tiny-demo' is not a folder"):
+    with pytest.warns(UserWarning, match="model_name_or_path 'models/tiny-demo': model 'models/tiny-demo' not found"):
         train_tab.validate(ctx, stage, text)  # the demo recipe names a model this workspace lacks
     model_folder(ctx, "tiny-demo")
     with pytest.warns(UserWarning, match=r"no dataset named 'demo' \(datasets: shapes\)"):
@@ -530,7 +530,7 @@ def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
     from visrl_app import job_panel, train_tab
 
     text = "stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/out\ndataset: shapes\nmax_steps: 2\n"
-    with pytest.warns(UserWarning, match="model_name_or_path 'models/base' is not a folder"):
+    with pytest.warns(UserWarning, match="model_name_or_path 'models/base': model 'models/base' not found"):
         assert train_tab.start_training(ctx, None, "sft", text) is None
     assert ctx.store.jobs() == []  # refused before a row or a process
     model_folder(ctx, "base")

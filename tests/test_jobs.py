@@ -342,7 +342,7 @@ def _model(ws: Workspace, name: str, config: str | None = '{"model_type": "qwen2
 
 @pytest.mark.parametrize(("kind", "recipe", "error"), [
     ("eval", "model_name_or_path: models/base\ndataset: shapes\n", None),
-    ("eval", "model_name_or_path: models/gone\ndataset: shapes\n", "model_name_or_path 'models/gone' is not a folder"),
+    ("eval", "model_name_or_path: models/gone\ndataset: shapes\n", "model_name_or_path 'models/gone': model 'models/gone' not found: tried folder"),
     ("eval", "model_name_or_path: models/bare\ndataset: shapes\n", "models/bare.* has no config.json"),
     ("eval", "model_name_or_path: models/llama\ndataset: shapes\n", "is a 'llama' model; VisRL supports"),
     ("eval", "model_name_or_path: models/base\ndataset: nope\n", r"no dataset named 'nope' \(datasets: shapes\)"),
@@ -369,6 +369,30 @@ def test_validation_checks_what_the_run_needs(store: Store, kind: str, recipe: s
     else:
         with pytest.raises(VisRLError, match=error):
             jobs.validate_text(kind, recipe, ws)
+
+
+def test_validation_finds_a_hub_id_where_the_loader_does(store: Store, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub id in the local HF cache validates (as load_model finds it); a wrong one fails with
+    the loader's own account of what it tried."""
+    from huggingface_hub import constants
+    from test_models import fake_hub_cache
+
+    from visrl.errors import ConfigError
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    store.add_dataset("shapes", "vqa")
+    _model(store.workspace, "base")
+    fake_hub_cache(cache, "tiny-org/Tiny-VL", store.workspace.models_dir / "base")
+    recipe = "model_name_or_path: {}\ndataset: shapes\n"
+    assert jobs.validate_text("eval", recipe.format("tiny-org/Tiny-VL"), store.workspace)
+    with pytest.raises(ConfigError) as info:
+        jobs.validate_text("eval", recipe.format("tiny-org/Tiny-VLX"), store.workspace)
+    message = str(info.value)
+    assert message.startswith("model_name_or_path 'tiny-org/Tiny-VLX': model 'tiny-org/Tiny-VLX' not found")
+    assert f"Hub id 'tiny-org/Tiny-VLX' in the local cache {cache}" in message
+    assert f"folder {store.workspace.root / 'tiny-org/Tiny-VLX'}" in message
 
 
 @pytest.mark.parametrize(("text", "where"), [

@@ -4,7 +4,8 @@
 recipe with its stage's config class; given the workspace they also check what the run will
 need, so a mistake is reported in a second instead of minutes into a child process:
 
-* the model (and adapter) folder exists and its ``config.json`` names a supported family;
+* the model resolves as the loader resolves it (a folder, or a Hub id in the local HF cache)
+  and its ``config.json`` names a supported family; the adapter folder exists;
 * the dataset exists in the store (or, for training, is an exported folder that exists);
 * the output folder can be created and written.
 
@@ -121,15 +122,15 @@ def _absolute(ws: Workspace, path: str) -> Path:
 
 
 def _check_model(ws: Workspace, key: str, path: str) -> None:
-    from visrl.models import detect_family, split_adapter
+    """The model resolves as the stage will load it (:func:`visrl.models.locate_model`: a folder
+    of the workspace or the current directory, or a Hub id in the local HF cache; an adapter
+    folder counts as its recorded base) and names a supported family."""
+    from visrl.models import detect_family, locate_model, split_adapter
 
-    folder = _absolute(ws, path)
-    if not folder.is_dir():
-        raise ConfigError(f"{key} {path!r} is not a folder (relative paths are looked up in {ws.root}); "
-                          "pick a model under models/ or a trained checkpoint")
-    base, _ = split_adapter(folder, None)
     try:
-        detect_family(_absolute(ws, str(base)))
+        source = locate_model(Path(path).expanduser(), ws.root)
+        base, _ = split_adapter(source.path, None)
+        detect_family(locate_model(base, ws.root).path if base != source.path else source.path)
     except VisRLError as exc:
         raise ConfigError(f"{key} {path!r}: {exc}") from None
 
