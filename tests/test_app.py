@@ -429,6 +429,23 @@ def test_evaluation_table_and_comparison(ctx: Any) -> None:
     assert evaluate_tab.comparison_frame(ctx, "acc50", 1)["vs baseline"].tolist() == ["baseline", "same"]
 
 
+def test_evaluation_table_shows_unscored_answers_only_when_there_are_some(ctx: Any) -> None:
+    """visrl.evaluate's unscored counts (model-judge replies without a score) are a table column
+    when an evaluation has one, never a metric to compare in the plot."""
+    from visrl_app import evaluate_tab
+
+    ctx.store.add_evaluation({"n": 10, "answer_acc": 0.5, "unscored": 0, "direct_answer_acc": 0.4,
+                              "direct_unscored": 0}, "models/a", None, "shapes", "test", 10)
+    assert "unscored" not in " ".join(evaluate_tab.evaluation_table(ctx).columns)
+    ctx.store.add_evaluation({"n": 10, "answer_acc": 0.75, "unscored": 2, "direct_answer_acc": 0.5,
+                              "direct_unscored": 0}, "models/a", "models/a-sft", "shapes", "test", 10)
+    table = evaluate_tab.evaluation_table(ctx)
+    assert list(table.columns) == ["id", "model", "data", "n", "answer acc", "direct acc", "unscored", "created"]
+    assert table["unscored"].tolist() == [0, 2]
+    _, metric, *_ = evaluate_tab.refresh(ctx, None, None)
+    assert [value for _, value in metric.choices] == ["answer_acc", "direct_answer_acc"]
+
+
 def test_chat_streams_box_crop_and_answer(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from visrl_app import chat_tab
 

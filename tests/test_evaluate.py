@@ -95,8 +95,38 @@ def test_metrics_are_exact(store: Store) -> None:
     assert m["parse_rate"] == 0.8
     assert m["answer_acc"] == 0.6
     assert m["direct_answer_acc"] == 0.4
+    assert (m["unscored"], m["direct_unscored"]) == (0, 0)  # rule judges score every answer
+    assert "Unscored" not in report.table
     # batches of 2, greedy: one box per item, answered once
     assert reasoner.calls == 3 and reasoner.sampling == [Sampling(max_new_tokens=64)] * 3
+
+
+def test_unscored_judge_replies_are_counted_apart_not_wrong(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model judge that gives no parseable score says nothing about the answer: the metrics
+    count it as ``unscored`` and leave it out of the accuracy's denominator."""
+    import re
+
+    from visrl import judges
+
+    def chat(base_url: str, model: str, messages: list[dict[str, Any]], **kw: Any) -> str:
+        text = messages[0]["content"][-1]["text"]
+        reference, answer = re.search(r"Reference answer: (.*)\nCandidate answer: (.*)\n", text).groups()
+        if answer in ("The seven.", "one", "9"):
+            return "I cannot tell from the image."  # no score anywhere
+        return json.dumps({"score": int(answer == reference)})
+
+    monkeypatch.setattr(judges, "_chat_completion", lambda: chat)
+    add_cases(store)
+    cfg = config(answer_judge="model", judge_base_url="http://judge/v1", judge_model="j")
+    report = run_eval(store.workspace, cfg, reasoner=ScriptedReasoner(_script()))
+    m = report.metrics
+    # two-step: 7 right, 5 wrong, no box parsed = 0 (a failed rollout is scored), two unscored
+    assert (m["answer_acc"], m["unscored"]) == (pytest.approx(1 / 3, abs=1e-4), 2)
+    assert (m["direct_answer_acc"], m["direct_unscored"]) == (0.5, 1)  # 3 wrong, 4 and 7 right, 0 wrong
+    rows = [json.loads(line) for line in (Path(report.output_dir) / "predictions.jsonl").read_text().splitlines()]
+    assert [r["answer_score"] for r in rows] == [1.0, 0.0, None, 0.0, None]
+    assert [r["direct_unscored"] for r in rows] == [False, False, False, True, False]
+    assert "| Unscored answers (not in accuracy) | 2 | 1 |" in report.table
 
 
 def test_outputs_and_stored_evaluation(store: Store) -> None:
@@ -173,6 +203,7 @@ def test_summarize_and_table_without_boxes() -> None:
     preds = [Prediction(1, "q", "a", None, None, None, None, "a", 1.0)]
     m = summarize(preds, seconds=2.0)
     assert (m["acc50"], m["mean_iou"], m["answer_acc"], m["items_per_s"]) == (None, None, 1.0, 0.5)
+    assert (m["unscored"], m["direct_unscored"]) == (0, None)  # no direct baseline ran
     assert "| Mean IoU | – | – |" in metrics_table(m)
 
 

@@ -7,8 +7,14 @@ Metrics (``metrics.json``; keys are stable, the app and :func:`compare_table` re
                        predicted box has IoU > 0.5 with the annotated one (no box parsed = miss).
 ``mean_iou``           mean IoU over boxed items (no box parsed = 0).
 ``parse_rate``         share of all items whose box text parsed.
-``answer_acc``         mean answer-judge score of the two-step answers, over all items.
+``answer_acc``         mean answer-judge score of the two-step answers, over the items the judge
+                       scored (``n - unscored``).
+``unscored``           two-step answers a judge model replied to without a parseable score: neither
+                       right nor wrong, so counted here and left out of ``answer_acc``'s
+                       denominator (as generation drops them from pairing; :mod:`visrl.judges`).
 ``direct_answer_acc``  the same for the direct baseline (question on the full image, no box step).
+``direct_unscored``    unscored direct answers (left out of ``direct_answer_acc``); None without
+                       the baseline.
 ``seconds``, ``items_per_s``.
 
 Items without an annotated box count for the answer metrics only. A box text that does not
@@ -108,9 +114,10 @@ class Prediction:
     gt_box: list[float] | None
     iou: float | None  # None when the item has no annotated box
     answer: str | None
-    answer_score: float
+    answer_score: float | None  # None: the judge model gave no parseable score (unscored)
     direct_answer: str | None = None
-    direct_score: float | None = None
+    direct_score: float | None = None  # None: no baseline run, or unscored (see direct_unscored)
+    direct_unscored: bool = False
 
 
 def summarize(predictions: list[Prediction], seconds: float = 0.0) -> dict[str, float]:
@@ -118,13 +125,17 @@ def summarize(predictions: list[Prediction], seconds: float = 0.0) -> dict[str, 
     n = len(predictions)
     boxed = [p for p in predictions if p.iou is not None]
     direct = [p.direct_score for p in predictions if p.direct_score is not None]
+    scored = [p.answer_score for p in predictions if p.answer_score is not None]
+    ran_direct = any(p.direct_score is not None or p.direct_unscored for p in predictions)
     metrics: dict[str, float] = {
         "n": n, "n_box": len(boxed),
         "acc50": _mean([float(p.iou > ACC_IOU) for p in boxed]),
         "mean_iou": _mean([p.iou for p in boxed]),
         "parse_rate": _mean([float(p.box is not None) for p in predictions]),
-        "answer_acc": _mean([p.answer_score for p in predictions]),
+        "answer_acc": _mean(scored),
+        "unscored": n - len(scored),
         "direct_answer_acc": _mean(direct) if direct else None,
+        "direct_unscored": sum(p.direct_unscored for p in predictions) if ran_direct else None,
         "seconds": round(seconds, 3), "items_per_s": round(n / seconds, 3) if seconds > 0 else None,
     }
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
@@ -148,6 +159,9 @@ def metrics_table(metrics: dict[str, Any]) -> str:
         ("Box parse rate (%)", _fmt(metrics.get("parse_rate")), "–"),
         ("Answer accuracy (%)", _fmt(metrics.get("answer_acc")), _fmt(metrics.get("direct_answer_acc"))),
     ]
+    if metrics.get("unscored") or metrics.get("direct_unscored"):  # only model judges leave answers unscored
+        rows.append(("Unscored answers (not in accuracy)", str(metrics.get("unscored") or 0),
+                     str(metrics.get("direct_unscored") or 0)))
     lines = ["| metric | two-step | direct |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines.append(f"\nn = {metrics.get('n', 0)} items ({metrics.get('n_box', 0)} with a box), "
@@ -240,21 +254,24 @@ def _eval_batch(ws: Workspace, reasoner: Any, sampling: Any, judge: Judge, cfg: 
         refs = references(item)
         score = _score(judge, item, refs, first.answer if first.box is not None else None)
         direct_text = direct[0] if isinstance(direct, list) else direct
+        direct_score = _score(judge, item, refs, direct_text) if cfg.direct_baseline else None
         out.append(Prediction(
             item_id=item["id"], question=item["question"], reference=item.get("answer") or "",
             box_text=first.box_text, box=first.box.as_list() if first.box is not None else None,
             gt_box=gt.as_list() if gt is not None else None,
             iou=None if gt is None else round(iou(first.box, gt), 4),
-            answer=first.answer, answer_score=score, direct_answer=direct_text,
-            direct_score=None if not cfg.direct_baseline else _score(judge, item, refs, direct_text)))
+            answer=first.answer, answer_score=score, direct_answer=direct_text, direct_score=direct_score,
+            direct_unscored=cfg.direct_baseline and direct_score is None))
         image.close()
     return out
 
 
-def _score(judge: Judge, item: dict[str, Any], refs: list[str], answer: str | None) -> float:
+def _score(judge: Judge, item: dict[str, Any], refs: list[str], answer: str | None) -> float | None:
+    """The answer's score, or None when the judge gave none (an unscored model-judge reply: it
+    says nothing about the answer, so accuracy leaves it out instead of counting it wrong). A
+    failed rollout (``answer`` None) is scored 0.0 by every answer judge."""
     judgement = judge(JudgeInput(question=item["question"], references=refs, answer=answer))
-    # An unscored judge reply confirms nothing: in accuracy it counts as not correct (pairs drop it).
-    return 0.0 if judgement is None or judgement.score is None else judgement.score
+    return None if judgement is None else judgement.score
 
 
 def _output_dir(ws: Workspace, cfg: EvalConfig, job_id: int | None) -> Path:

@@ -19,11 +19,16 @@ BASE_COLUMNS = ["id", "model", "data", "n"]
 PREFERRED = ("acc50", "answer_acc", "direct_answer_acc", "mean_iou", "parse_rate")
 LABELS = {"acc50": "Acc@0.5", "answer_acc": "answer acc", "direct_answer_acc": "direct acc",
           "mean_iou": "mean IoU", "parse_rate": "parse rate", "n_box": "n boxed",
-          "seconds": "seconds", "items_per_s": "items/s"}
+          "seconds": "seconds", "items_per_s": "items/s", "unscored": "unscored",
+          "direct_unscored": "direct unscored"}
 RATES = frozenset(PREFERRED)  # fractions in [0, 1]: their axis is fixed to 0-1
 OWN_COLUMNS = ("n",)  # shown once, as the table's n column
 # In the picker, not the table: seconds = n / items_per_s, and n_box is n for boxed data.
 TABLE_ONLY_IN_PLOT = ("seconds", "n_box")
+# Answers a judge model left without a score (visrl.evaluate: outside the accuracies). A count of
+# judge replies, not a quality to compare: a table column only, and only when an evaluation has one
+# (rule judges never leave one, and the table must stay inside the page).
+UNSCORED_COUNTS = ("unscored", "direct_unscored")
 # Pixel widths that fit id, model, data, n, 6 metrics and the date in a 1024 px window (~960 px).
 WIDTHS = {"id": 40, "model": 170, "data": 100, "n": 44, "created": 100}
 METRIC_WIDTH = 78
@@ -51,11 +56,12 @@ def start_eval(ctx: AppContext, job_id: int | None, *form: Any) -> int | None:
 
 
 def metric_names(evaluations: list[dict[str, Any]]) -> list[str]:
-    """Numeric metric keys: the :data:`PREFERRED` ones first, then the rest as first seen."""
+    """Numeric metric keys: the :data:`PREFERRED` ones first, then the rest as first seen (not the
+    :data:`UNSCORED_COUNTS`)."""
     seen: list[str] = []
     for row in evaluations:
         for key, value in (row["metrics"] or {}).items():
-            if isinstance(value, (int, float)) and key not in seen and key not in OWN_COLUMNS:
+            if isinstance(value, (int, float)) and key not in seen and key not in (*OWN_COLUMNS, *UNSCORED_COUNTS):
                 seen.append(key)
     return [m for m in PREFERRED if m in seen] + [m for m in seen if m not in PREFERRED]
 
@@ -75,6 +81,7 @@ def evaluation_table(ctx: AppContext) -> Any:
 
     evaluations = ctx.store.evaluations()
     names = [n for n in metric_names(evaluations) if n not in TABLE_ONLY_IN_PLOT]
+    names += [n for n in UNSCORED_COUNTS if any((e["metrics"] or {}).get(n) for e in evaluations)]
     rows = [[e["id"], e["model"] + (f" + {e['adapter']}" if e["adapter"] else ""),
              f"{e['dataset']}/{e['split']}", e["n"], *(_round(e["metrics"].get(name)) for name in names),
              (e["created_at"] or "")[:16].replace("T", " ")] for e in evaluations]
