@@ -778,6 +778,28 @@ def test_generate_form_says_nothing_to_do_and_defaults_to_new_items(ctx: Any,
     assert generate_tab.start_generation(ctx, None, *form) == 9 and len(started) == 1
 
 
+def test_generate_form_takes_the_judge_key_variable_and_warns_when_unset(
+        ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The form exposes model judges, so it takes judge_api_key_env (a variable's name); an unset
+    variable is a warning under the form and at start, before any job row."""
+    from visrl_app import generate_tab
+
+    model_folder(ctx, "base")
+    monkeypatch.delenv("VISRL_T_JUDGE_KEY", raising=False)
+    form = ["models/base", "shapes", "train", 2, 1, 1.0, "model", "iou", "http://127.0.0.1:9/v1", "judge",
+            " VISRL_T_JUDGE_KEY "]
+    assert generate_tab.compose_config(ctx, *form)["judge_api_key_env"] == "VISRL_T_JUDGE_KEY"
+    unset = "judge_api_key_env names the environment variable VISRL_T_JUDGE_KEY, which is not set or empty"
+    assert generate_tab.readiness(ctx, *form).startswith(f"⚠️ {unset}")
+    with pytest.warns(UserWarning, match=unset):
+        assert generate_tab.start_generation(ctx, None, *form) is None
+    assert ctx.store.jobs() == []
+    monkeypatch.setenv("VISRL_T_JUDGE_KEY", "s3cret")
+    assert generate_tab.readiness(ctx, *form).startswith("Ready: 2 of 2 items")
+    # a rule judge reads no key: the field is not written
+    assert "judge_api_key_env" not in generate_tab.compose_config(ctx, *form[:6], "exact", "iou", "", "", "X")
+
+
 def test_every_page_load_handler_runs_through_gradio(ctx: Any) -> None:
     """Each tab's load, run the way gradio runs it on a page load (process_api: preprocess, call,
     postprocess), with the form's defaults; a load that raises leaves 'Error' in every output."""

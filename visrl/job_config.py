@@ -7,7 +7,9 @@ need, so a mistake is reported in a second instead of minutes into a child proce
 * the model resolves as the loader resolves it (a folder, or a Hub id in the local HF cache)
   and its ``config.json`` names a supported family; the adapter folder exists;
 * the dataset exists in the store (or, for training, is an exported folder that exists);
-* the output folder can be created and written.
+* the output folder can be created and written;
+* the environment variables named for API keys (``api_key_env`` of the remote backend,
+  ``judge_api_key_env`` of model judges) are set, as the job (a child of this process) reads them.
 
 :func:`job_target` names what a job writes (a folder, or for generation the store's rollout
 run), so :mod:`visrl.jobs` can refuse a second active job into the same place.
@@ -105,6 +107,7 @@ def check_needs(kind: str, cfg: Any, ws: Workspace) -> None:
         _check_adapter(ws, cfg.adapter_name_or_path)
     if kind in ("generate", "eval"):
         _check_dataset(ws, cfg.dataset)
+        _check_api_keys(cfg)
     elif kind == "train" and cfg.dataset:
         if any(sep in cfg.dataset for sep in ("/", "\\", ".")):  # an exported folder (train/data.py)
             if not _absolute(ws, cfg.dataset).is_dir():
@@ -145,6 +148,17 @@ def _check_adapter(ws: Workspace, path: str) -> None:
         json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {config}: {exc}") from None
+
+
+def _check_api_keys(cfg: Any) -> None:
+    """The key variables the run will read are set (the same checks, so the same messages, as
+    the run's own: :func:`visrl.remote.api_key_from_env`); the key itself is never shown."""
+    from visrl.judges import model_judge_key
+    from visrl.remote import api_key_from_env
+
+    if cfg.backend == "remote":
+        api_key_from_env(cfg.api_key_env, "api_key_env")
+    model_judge_key(cfg.judge_api_key_env, cfg.answer_judge, getattr(cfg, "crop_judge", "none"))
 
 
 def _check_dataset(ws: Workspace, name: str) -> None:

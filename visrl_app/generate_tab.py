@@ -33,8 +33,12 @@ def base_recipe(ctx: AppContext) -> dict[str, Any]:
 
 def compose_config(ctx: AppContext, model: str, dataset: str, split: str, limit: float | None,
                    attempts: float, temperature: float, answer_judge: str, crop_judge: str,
-                   judge_base_url: str, judge_model: str) -> dict[str, Any]:
-    """The GenerateConfig mapping for the form's values (unknown keys never reach the file)."""
+                   judge_base_url: str, judge_model: str, judge_api_key_env: str = "") -> dict[str, Any]:
+    """The GenerateConfig mapping for the form's values (unknown keys never reach the file).
+
+    ``judge_api_key_env`` is the NAME of the variable holding the judge server's key (configs are
+    stored with each job; the key never is). The form runs the model in-process only, so the
+    remote backend's ``api_key_env`` comes from a recipe (generate.yaml), never from the form."""
     if not model:
         raise VisRLError("pick a model or checkpoint to generate with")
     if not dataset:
@@ -45,7 +49,8 @@ def compose_config(ctx: AppContext, model: str, dataset: str, split: str, limit:
               "limit": int(limit) if limit else None, "attempts": int(attempts),
               "temperature": float(temperature), "answer_judge": answer_judge, "crop_judge": crop_judge}
     if "model" in (answer_judge, crop_judge):
-        config.update(judge_base_url=judge_base_url or None, judge_model=judge_model or None)
+        config.update(judge_base_url=judge_base_url or None, judge_model=judge_model or None,
+                      judge_api_key_env=(judge_api_key_env or "").strip() or None)
     return config
 
 
@@ -129,13 +134,16 @@ def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
         crop_judge = gr.Dropdown(list(CROP_JUDGES), value=recipe.get("crop_judge", "iou"), label="Crop judge")
         judge_url = gr.Textbox(label="Judge endpoint (model judges)", placeholder="http://127.0.0.1:8000/v1")
         judge_model = gr.Textbox(label="Judge model name")
+        judge_key_env = gr.Textbox(recipe.get("judge_api_key_env") or "", label="Judge API key variable",
+                                   placeholder="JUDGE_API_KEY", elem_id="generate-judge-key-env",
+                                   info="the NAME of the environment variable holding the key; empty = no key")
     with gr.Row():
         ready = gr.Markdown(elem_id="generate-ready")
         start_button = gr.Button("Start generation", variant="primary", elem_id="generate-start", scale=0,
                                  min_width=200)
     monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "generate", start_button)
     form = [model, dataset, split, limit, attempts, temperature, answer_judge, crop_judge,
-            judge_url, judge_model]
+            judge_url, judge_model, judge_key_env]
     job_panel.wire_start(start_button, functools.partial(start_generation, ctx), [job_state, *form],
                          job_state, monitor)
     refresh.click(functools.partial(model_dropdown, ctx), [model], [model], api_visibility="undocumented")
