@@ -580,3 +580,99 @@ def test_only_the_main_rank_writes_the_merged_base(tmp_path: Path) -> None:
     tm = TrainModel(model=Unsaveable(), processor=Unsaveable(), base_path="/base", merged_adapter="/sft")
     save_merged_base(tm, tmp_path / "base", write=False)
     assert tm.base_path == str(tmp_path / "base") and not (tmp_path / "base").exists()
+
+# ---------------------------------------------------------------------- max_length never cuts image tokens
+
+def _length_counter(tiny_dir: Path, **contract: Any) -> Any:
+    from visrl.contract import TwoStepContract
+    from visrl.models import load_processor
+    from visrl.train.lengths import LengthCounter
+
+    processor = load_processor(tiny_dir)
+    budget = TwoStepContract(**contract)
+    budget.apply_budget(processor)
+    return LengthCounter(processor, budget.bound_to(processor))
+
+
+@pytest.mark.parametrize("size", [(64, 48), (640, 480), (30, 900)])
+def test_visual_tokens_are_the_processors_from_the_size_alone(tiny_dir: Path, size: tuple[int, int]) -> None:
+    from visrl.train.lengths import visual_tokens
+
+    counter = _length_counter(tiny_dir, image_max_pixels=200_000)
+    image_processor = counter.processor.image_processor
+    grid = image_processor(images=[_image((1, 2, 3), size)])["image_grid_thw"][0].tolist()
+    assert visual_tokens(size, counter.contract) == grid[0] * grid[1] * grid[2] // image_processor.merge_size ** 2
+
+
+def test_a_sequence_length_is_counted_as_the_processor_makes_it(tiny_dir: Path) -> None:
+    from visrl.prompts import two_step_conversation
+
+    counter = _length_counter(tiny_dir, image_max_pixels=200_000)
+    messages = two_step_conversation("What colour is the square on the left?", "[0.1, 0.2, 0.3, 0.4]", "red")
+    images = [_image((1, 2, 3), (640, 480)), _image((4, 5, 6), (120, 90))]
+    text = counter.processor.apply_chat_template(messages, tokenize=False)
+    made = counter.processor(text=[text], images=images)["input_ids"][0]
+    sizes = [im.size for im in images]
+    assert counter.exact(messages, sizes) == len(made)
+    assert counter.exact(messages, sizes) <= counter.upper_bound(messages, sizes) <= len(made) + 300
+
+
+def test_a_row_whose_image_tokens_would_be_cut_is_named(tiny_dir: Path) -> None:
+    from visrl.errors import DataError
+    from visrl.train.lengths import check_rows_fit
+
+    counter = _length_counter(tiny_dir, image_max_pixels=200_000)
+    small, large = _image((1, 2, 3), (64, 48)), _image((1, 2, 3), (640, 480))
+    rows = [{**stage2_rows()[0], "pair_id": 7},
+            {"images": [large], "prompt": box_prompt("Which colour?"), "chosen": assistant("[1, 2, 3, 4]"),
+             "rejected": assistant("[5, 6, 7, 8]"), "pair_id": 9}]
+    rows[0] = {**rows[0], "images": [small], "chosen_answer_images": [small, small],
+               "rejected_answer_images": [small, small]}
+    needed = counter.exact([*rows[1]["prompt"], *rows[1]["chosen"]], [large.size])
+    assert needed > 200  # the 640x480 image alone is most of it
+    with pytest.raises(DataError) as info:
+        check_rows_fit(rows, needed - 1, counter)
+    message = str(info.value)
+    assert message.startswith(f"training row 1 (pair 9): its chosen sequence needs {needed} tokens")
+    assert f"max_length is {needed - 1}" in message and "cut image tokens" in message
+    check_rows_fit(rows, needed, counter)  # the whole sequence fits: nothing is cut
+    check_rows_fit(rows, None, counter)  # no truncation at all
+
+
+def test_training_refuses_rows_max_length_would_cut_before_the_model_loads(
+        tiny_dir: Path, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seed config's cutoff_len (max_length) too short for its images stops the run by name."""
+    from visrl.errors import DataError
+    from visrl.train import run
+
+    ds = store.add_dataset("boxes", "test")
+    _image((60, 100, 30), (640, 480)).save(store.workspace.images_dir / "0.png")
+    store.add_items(ds, [{"image": "images/0.png", "width": 640, "height": 480, "question": "Which colour?",
+                          "answer": "red", "gt_box": "[4, 4, 300, 300]", "split": "train", "source_id": "0"}])
+    monkeypatch.setattr(run, "load_train_model", lambda *a, **k: pytest.fail("the model must not load"))
+    cfg = TrainConfig(stage="sft", model_name_or_path=str(tiny_dir), output_dir="models/sft", max_length=128,
+                      image_max_pixels=200_000, bf16=False, gradient_checkpointing=False)
+    with pytest.raises(DataError, match=r"training row 0 \(question 'Which colour\? .*needs \d+ tokens .*"
+                                        r"max_length is 128"):
+        run.train(cfg, store.workspace)
+
+
+def test_deferred_rows_are_measured_as_they_will_be_opened(tiny_dir: Path, store: Any) -> None:
+    """Training rows that are still records are checked without opening an image: the sizes read
+    from file headers are those RowImages gives the model (full shrunk, crop cut and enlarged)."""
+    from visrl.contract import TwoStepContract
+    from visrl.formats.row_images import IMAGE_COLUMNS, RowImages
+    from visrl.formats.trl import deferred_rows, sft_records
+    from visrl.train.lengths import InputSizes, RowsWithReferences
+
+    ds = store.add_dataset("boxes", "test")
+    _image((60, 100, 30), (640, 480)).save(store.workspace.images_dir / "0.png")
+    store.add_items(ds, [{"image": "images/0.png", "width": 640, "height": 480, "question": "Which colour?",
+                          "answer": "red", "gt_box": "[4, 4, 30, 21]", "split": "train", "source_id": "0"}])
+    contract = TwoStepContract(crop_margin=0.5, full_max_pixels=50_000, crop_min_pixels=10_000)
+    rows = deferred_rows(sft_records(store, "boxes"), "sft", contract, store.workspace)
+    sizes, opened = InputSizes(contract), RowImages(contract)
+    [row] = RowsWithReferences(rows, contract, sizes)
+    measured = [sizes(ref) for key in IMAGE_COLUMNS for ref in row.get(key, ())]
+    assert measured == [opened(ref).size for key in IMAGE_COLUMNS for ref in row.get(key, ())]
+    assert opened.opened == 1 and measured[0] == (258, 194) and measured[1][0] * measured[1][1] >= 10_000

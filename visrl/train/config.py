@@ -127,7 +127,9 @@ class TrainConfig:
     assistant_only_loss: bool = field(default=True, metadata=_help(
         "sft: loss on the assistant turns (box and answer) only."))
     max_length: int | None = field(default=None, metadata=_help(
-        "Token cap per sequence; null = no truncation (never cut image tokens)."))
+        "Token cap per sequence, image tokens included; null = no truncation. A row whose sequence "
+        "is longer is refused before training, by name (cutting image tokens breaks the model's image "
+        "features): two images at ~1280 visual tokens each need more than 2048."))
     bf16: bool = field(default=True, metadata=_help("bf16 mixed precision (forced off without a GPU)."))
     gradient_checkpointing: bool = field(default=True, metadata=_help(
         "Trade compute for memory (forced off without a GPU)."))

@@ -30,6 +30,7 @@ from visrl.train.callbacks import ProgressCallback
 from visrl.train.config import TrainConfig, merged_base_dir, resolve_output, resolve_path
 from visrl.train.data import pair_ids, split_rows, stage_rows, to_dataset
 from visrl.train.grpo import grpo_rows
+from visrl.train.lengths import check_training_rows
 from visrl.train.lora import load_train_model, save_merged_base, training_contract
 from visrl.workspace import Workspace
 
@@ -119,6 +120,8 @@ def _train(cfg: TrainConfig, store: Store, job_id: int | None, progress: Progres
     contract = training_contract(cfg, source, adapter_path)  # rows and model agree on boxes and crops
     rows = (grpo_rows(cfg, store, ws, contract=contract) if cfg.stage == "grpo"
             else stage_rows(cfg, store, ws, contract=contract))
+    if cfg.stage != "grpo":  # GRPO cuts no prompt (grpo.py); the others truncate at max_length
+        check_training_rows(rows, cfg.max_length, source.path, contract)
     train_rows, val_rows = split_rows(rows, cfg.val_size, cfg.seed)
     tm = load_train_model(cfg, model_path, adapter_path, contract)
     if tm.merged_adapter:
