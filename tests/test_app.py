@@ -299,6 +299,29 @@ def test_check_bind(host: str, auth: tuple[str, str] | None, ok: bool) -> None:
             check_bind(host, auth)
 
 
+def test_auth_takes_one_login_per_reviewer_from_flags_and_a_file(tmp_path: Path) -> None:
+    from visrl_app.app import parse_auth
+
+    logins = tmp_path / "logins.txt"
+    logins.write_text("# the curation team\nana:pw:with:colons\n\n  bo:pw-bo  \n", encoding="utf-8")
+    assert parse_auth(None) is None and parse_auth(()) is None
+    assert parse_auth("u:p") == [("u", "p")]
+    assert parse_auth(("cy:pw-cy",), logins) == [("cy", "pw-cy"), ("ana", "pw:with:colons"), ("bo", "pw-bo")]
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    (("ana",), "login 1 must be USER:PASSWORD"),
+    (("ana:pw", ":pw"), "login 2 must be USER:PASSWORD"),
+    (("ana:pw", "ana:other"), "login 'ana' is given twice"),
+])
+def test_bad_logins_are_named(entries: tuple[str, ...], message: str) -> None:
+    from visrl.errors import ConfigError
+    from visrl_app.app import parse_auth
+
+    with pytest.raises(ConfigError, match=message):
+        parse_auth(entries)
+
+
 def test_cli_refuses_public_host_without_auth(tmp_path: Path) -> None:
     import subprocess
 

@@ -74,7 +74,7 @@ def is_local(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, auth: tuple[str, str] | None) -> None:
+def check_bind(host: str, auth: Logins | tuple[str, str] | None) -> None:
     """Refuse to serve a non-loopback address without a password (pairs are private data)."""
     if not is_local(host) and auth is None:
         raise ConfigError(
@@ -82,13 +82,34 @@ def check_bind(host: str, auth: tuple[str, str] | None) -> None:
             "and change your data. Pass --auth USER:PASSWORD, or use --host 127.0.0.1")
 
 
-def parse_auth(text: str | None) -> tuple[str, str] | None:
-    if not text:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise ConfigError("--auth must be USER:PASSWORD with both parts non-empty")
-    return user, password
+Logins = list[tuple[str, str]]
+
+
+def parse_auth(entries: str | list[str] | tuple[str, ...] | None, auth_file: str | Path | None = None) -> Logins | None:
+    """Logins from ``--auth USER:PASSWORD`` (repeatable) and ``--auth-file`` (one per line).
+
+    A curation team needs one login per reviewer: the login name is the reviewer on every audit
+    row, so two people sharing one login could undo each other's work as their own.
+    """
+    texts = [entries] if isinstance(entries, str) else list(entries or [])
+    if auth_file is not None:
+        path = Path(auth_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--auth-file {path}: cannot read it ({exc.__class__.__name__}); "
+                              "give a UTF-8 text file with one USER:PASSWORD per line") from None
+        texts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    logins: Logins = []
+    for number, text in enumerate(texts, 1):
+        user, sep, password = text.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ConfigError(f"login {number} must be USER:PASSWORD with both parts non-empty "
+                              "(--auth or a line of --auth-file)")
+        if user.strip() in {name for name, _ in logins}:
+            raise ConfigError(f"login {user.strip()!r} is given twice; give each reviewer one login")
+        logins.append((user.strip(), password))
+    return logins or None
 
 
 def served_paths(workspace: Workspace) -> tuple[list[str], list[str]]:
@@ -165,7 +186,7 @@ def launch_kwargs(workspace: Workspace, host: str = "127.0.0.1") -> dict[str, An
 
 
 def launch(workspace: str | Path | Workspace, host: str = "127.0.0.1", port: int | None = None,
-           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False,
+           auth: Logins | tuple[str, str] | None = None, prevent_thread_lock: bool = False,
            quiet: bool = False, user: str | None = None) -> gr.Blocks:
     """Build and serve the app. Raises ConfigError for a non-local host without ``auth``."""
     check_bind(host, auth)

@@ -55,17 +55,21 @@ def ensure_workspace(workspace: str | None, builder: Builder | None = None) -> P
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything but loopback requires --auth.")
 @click.option("--port", type=int, default=None, help="Port (default: gradio's, 7860 or the next free).")
-@click.option("--auth", default=None, metavar="USER:PASSWORD", envvar="VISRL_APP_AUTH",
-              help="Require this login (needed for any non-local --host).")
+@click.option("--auth", multiple=True, metavar="USER:PASSWORD", envvar="VISRL_APP_AUTH",
+              help="Require a login (needed for any non-local --host); repeat it, one per reviewer "
+                   "(each login is the reviewer on the audit rows).")
+@click.option("--auth-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="A text file of logins, one USER:PASSWORD per line ('#' starts a comment).")
 @click.option("--user", default=None, envvar="VISRL_USER", metavar="NAME",
               help="Reviewer name on audit rows when there is no login (default: $VISRL_USER, else "
                    "your OS login); under --auth each browser's login name is used.")
-def cli(workspace: str | None, host: str, port: int | None, auth: str | None, user: str | None) -> None:
+def cli(workspace: str | None, host: str, port: int | None, auth: tuple[str, ...], auth_file: str | None,
+        user: str | None) -> None:
     """Curate preference pairs, launch training, evaluate, and chat with the focus crop."""
     from visrl_app.app import check_bind, host_is_local, is_local, launch, parse_auth
     from visrl_app.first_start import build_with_page, pick_port
 
-    credentials = parse_auth(auth)
+    credentials = parse_auth(auth, auth_file)
     check_bind(host, credentials)  # before any work: a refused start must be quick and clear
     from visrl.desk import check_reviewer
 
