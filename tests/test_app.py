@@ -469,6 +469,25 @@ def test_evaluation_table_shows_unscored_answers_only_when_there_are_some(ctx: A
     assert [value for _, value in metric.choices] == ["answer_acc", "direct_answer_acc"]
 
 
+def test_evaluation_spreads_fold_into_cells_and_long_names_stay_readable(ctx: Any) -> None:
+    from visrl_app import evaluate_tab
+
+    # The demo seeds rows like these: a benchmark arm over seeds (METRIC_std) with a long name.
+    ctx.store.add_evaluation({"acc50": 0.26, "acc50_std": 0.03, "answer_acc": 0.47, "answer_acc_std": 0.0,
+                              "true_crop_answer_acc": 1.0, "pairs": 135.0}, "learning benchmark (3 seeds): warm-up + VisRL "
+                             "(model crop judge)", None, "demo", "test", 200)
+    ctx.store.add_evaluation({"acc50": 0.2}, "/very/long/path/to/models/qwen25vl-7b-rl-stage2/checkpoint-60",
+                             None, "demo", "test", 200)
+    table = evaluate_tab.evaluation_table(ctx)
+    assert list(table.columns) == ["id", "model", "data", "n", "Acc@0.5", "answer acc", "true-crop acc",
+                                   "created"]  # no acc50_std or pairs column; a readable name for the rest
+    assert table["Acc@0.5"].tolist() == ["0.26 ± 0.03", 0.2]  # a zero spread is just the value
+    assert table["answer acc"].tolist()[0] == 0.47
+    assert "acc50_std" not in evaluate_tab.metric_names(ctx.store.evaluations())  # not a score to compare
+    labels = [evaluate_tab.evaluation_label(e) for e in ctx.store.evaluations()]
+    assert labels == ["#1 warm-up + VisRL (model crop judge)", "#2 …models/qwen25vl-7b-rl-stage2/checkpoint-60"]
+
+
 def test_chat_streams_box_crop_and_answer(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from visrl_app import chat_tab
 

@@ -20,11 +20,16 @@ PREFERRED = ("acc50", "answer_acc", "direct_answer_acc", "mean_iou", "parse_rate
 LABELS = {"acc50": "Acc@0.5", "answer_acc": "answer acc", "direct_answer_acc": "direct acc",
           "mean_iou": "mean IoU", "parse_rate": "parse rate", "n_box": "n boxed",
           "seconds": "seconds", "items_per_s": "items/s", "unscored": "unscored",
-          "direct_unscored": "direct unscored"}
+          "direct_unscored": "direct unscored", "true_crop_answer_acc": "true-crop acc", "pairs": "pairs"}
+# A multi-seed result stores each metric's spread as METRIC_std: shown in its metric's cell
+# ("0.26 ± 0.03"), never as a column or a metric to compare on (a spread is not a score).
+STD = "_std"
+LABEL_CHARS = 44  # an evaluation's name in the plot and the notes: ~ a bar's width at 1024 px
 RATES = frozenset(PREFERRED)  # fractions in [0, 1]: their axis is fixed to 0-1
 OWN_COLUMNS = ("n",)  # shown once, as the table's n column
-# In the picker, not the table: seconds = n / items_per_s, and n_box is n for boxed data.
-TABLE_ONLY_IN_PLOT = ("seconds", "n_box")
+# In the picker, not the table: seconds = n / items_per_s, n_box is n for boxed data, and pairs
+# (how many a benchmark arm trained on) is an input its name states, not a score.
+TABLE_ONLY_IN_PLOT = ("seconds", "n_box", "pairs")
 # Answers a judge model left without a score (visrl.evaluate: outside the accuracies). A count of
 # judge replies, not a quality to compare: a table column only, and only when an evaluation has one
 # (rule judges never leave one, and the table must stay inside the page).
@@ -57,11 +62,12 @@ def start_eval(ctx: AppContext, job_id: int | None, *form: Any) -> int | None:
 
 def metric_names(evaluations: list[dict[str, Any]]) -> list[str]:
     """Numeric metric keys: the :data:`PREFERRED` ones first, then the rest as first seen (not the
-    :data:`UNSCORED_COUNTS`)."""
+    :data:`UNSCORED_COUNTS`, nor a METRIC_std spread)."""
     seen: list[str] = []
     for row in evaluations:
         for key, value in (row["metrics"] or {}).items():
-            if isinstance(value, (int, float)) and key not in seen and key not in (*OWN_COLUMNS, *UNSCORED_COUNTS):
+            if (isinstance(value, (int, float)) and key not in seen
+                    and key not in (*OWN_COLUMNS, *UNSCORED_COUNTS) and not key.endswith(STD)):
                 seen.append(key)
     return [m for m in PREFERRED if m in seen] + [m for m in seen if m not in PREFERRED]
 
@@ -71,8 +77,20 @@ def label(metric: str) -> str:
 
 
 def evaluation_label(row: dict[str, Any]) -> str:
-    """``#id model`` (the adapter when there is one), at most 48 characters."""
-    return f"#{row['id']} {(row['adapter'] or row['model'])[-44:]}"
+    """``#id model`` (the adapter when there is one), the name at most :data:`LABEL_CHARS` long.
+
+    A long "title: detail" name (the demo's "learning benchmark (1 seed): warm-up + VisRL") keeps
+    its detail; a long path keeps its tail ("…/checkpoint-60"), cut at a ``/`` or a space, never
+    inside a word.
+    """
+    name = row["adapter"] or row["model"]
+    if len(name) > LABEL_CHARS and ": " in name:
+        name = name.split(": ", 1)[1]
+    if len(name) > LABEL_CHARS:
+        tail = name[-(LABEL_CHARS - 1):]
+        cut = min((i for i in (tail.find("/"), tail.find(" ")) if i >= 0), default=-1)
+        name = "…" + (tail[cut + 1:] if 0 <= cut < len(tail) - 1 else tail)
+    return f"#{row['id']} {name}"
 
 
 def evaluation_table(ctx: AppContext) -> Any:
@@ -83,7 +101,7 @@ def evaluation_table(ctx: AppContext) -> Any:
     names = [n for n in metric_names(evaluations) if n not in TABLE_ONLY_IN_PLOT]
     names += [n for n in UNSCORED_COUNTS if any((e["metrics"] or {}).get(n) for e in evaluations)]
     rows = [[e["id"], e["model"] + (f" + {e['adapter']}" if e["adapter"] else ""),
-             f"{e['dataset']}/{e['split']}", e["n"], *(_round(e["metrics"].get(name)) for name in names),
+             f"{e['dataset']}/{e['split']}", e["n"], *(_cell(e["metrics"], name) for name in names),
              (e["created_at"] or "")[:16].replace("T", " ")] for e in evaluations]
     return pd.DataFrame(rows, columns=[*BASE_COLUMNS, *(label(n) for n in names), "created"])
 
@@ -96,6 +114,14 @@ def table(ctx: AppContext) -> Any:
 
 def _round(value: Any) -> Any:
     return round(value, 3) if isinstance(value, float) else value
+
+
+def _cell(metrics: dict[str, Any], name: str) -> Any:
+    """``name``'s value, with its seeds' spread when there is one ("0.26 ± 0.03")."""
+    value, spread = metrics.get(name), metrics.get(name + STD)
+    if isinstance(value, (int, float)) and isinstance(spread, (int, float)) and spread > 0:
+        return f"{_round(float(value))} ± {_round(float(spread))}"
+    return _round(value)
 
 
 def comparison_frame(ctx: AppContext, metric: str | None, baseline: int | None = None) -> Any:
