@@ -344,6 +344,18 @@ def test_build_app_has_every_tab(ctx: Any) -> None:
             "pairs-save-boxes", "pairs-save-answers", "train-start", "train-stop", "chat-ask"} <= ids
 
 
+def test_every_chart_starts_at_zero(ctx: Any) -> None:
+    """Loss curves and evaluation bars: a y axis fitted to the data makes a 20 % change look total."""
+    import gradio as gr
+
+    from visrl_app.app import build_app
+
+    blocks = build_app(ctx.workspace)
+    plots = {b.elem_id: b.y_lim for b in blocks.blocks.values() if isinstance(b, (gr.LinePlot, gr.BarPlot))}
+    assert {"train-loss", "eval-plot"} <= set(plots)
+    assert all(y_lim is not None and y_lim[0] == 0 for y_lim in plots.values()), plots
+
+
 def model_folder(ctx: Any, name: str) -> None:
     """A folder validation accepts as a model (config.json of a supported family); nothing loads it."""
     folder = ctx.root / "models" / name

@@ -221,8 +221,9 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
         confirm = gr.Button("Yes, kill it", variant="stop", elem_id=f"{prefix}-kill-yes", scale=0, min_width=120)
         cancel = gr.Button("Cancel", elem_id=f"{prefix}-kill-cancel", scale=0, min_width=90)
     with gr.Row(visible=plot):
+        # From 0: on an axis fitted to the data, a loss going 1.27 -> 1.00 (-21 %) looked like a fall to nothing.
         loss = gr.LinePlot(curves.loss_frame(ctx, None), x="step", y="value", color="name", title="Loss",
-                           elem_id=f"{prefix}-loss", height=260, scale=4)
+                           elem_id=f"{prefix}-loss", height=260, scale=4, y_lim=[0, None])
         overlay = gr.Dropdown(curves.overlay_choices(ctx) if plot else [], multiselect=True, value=[],
                               label="Overlay runs", elem_id=f"{prefix}-overlay", scale=1, min_width=180)
     log = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True,
