@@ -500,6 +500,18 @@ def test_evaluation_spreads_fold_into_cells_and_long_names_stay_readable(ctx: An
     assert labels == ["#1 warm-up + VisRL (model crop judge)", "#2 …models/qwen25vl-7b-rl-stage2/checkpoint-60"]
 
 
+def test_chat_picker_offers_test_images_first(ctx: Any) -> None:
+    from visrl_app import chat_tab
+
+    item = ctx.store.items()[0]
+    ds = ctx.store.dataset("shapes")["id"]
+    keep = {k: item[k] for k in ("image", "width", "height", "answer")}
+    ctx.store.add_items(ds, [{**keep, "split": "test", "source_id": "t0", "question": "Held out?"}])
+    choices = chat_tab.item_choices(ctx)
+    assert [label.split(" ", 2)[1] for label, _ in choices] == ["[test]"] + ["[train]"] * 4
+    assert choices[0][0].endswith("Held out?") and len(chat_tab.item_choices(ctx, limit=2)) == 2
+
+
 def test_chat_streams_box_crop_and_answer(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from visrl_app import chat_tab
 

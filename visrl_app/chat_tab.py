@@ -111,7 +111,11 @@ def ask(ctx: AppContext, choice: str, image: str | Image.Image | None, question:
 
 
 def item_choices(ctx: AppContext, limit: int = 300) -> list[tuple[str, int]]:
-    return [(f"#{i['id']} [{i['split']}] {i['question'][:70]}", i["id"]) for i in ctx.store.items(limit=limit)]
+    """Up to ``limit`` items to try, the test split's first: images no training stage saw (the
+    demo's 200 train items came first and filled the list the picker shows)."""
+    test = ctx.store.items(split="test", limit=limit)
+    rest = [i for i in ctx.store.items(limit=limit) if i["split"] != "test"][: limit - len(test)]
+    return [(f"#{i['id']} [{i['split']}] {i['question'][:70]}", i["id"]) for i in test + rest]
 
 
 def pick_item(ctx: AppContext, item_id: int | None) -> tuple[Any, str]:
