@@ -158,7 +158,9 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
     store = Store(Workspace.open(root))
     card, control, visrl = store.evaluations()
     [checkpoint] = store.checkpoints()
-    assert (card["model"], card["checkpoint_id"], card["split"], card["n"]) == ("models/tiny-demo", checkpoint["id"], "test", 200)
+    assert (card["model"], card["checkpoint_id"], card["split"], card["n"]) == (
+        "models/tiny-demo", checkpoint["id"], "test (model card)", 200)
+    assert control["split"] == visrl["split"] == "test (learning benchmark)"  # not this workspace's test split
     assert card["metrics"] == {"acc50": 0.255, "mean_iou": 0.252, "parse_rate": 1.0, "answer_acc": 0.51,
                                "direct_answer_acc": 0.315, "true_crop_answer_acc": 1.0,
                                "source": "data/demo-model/MODEL_CARD.md"}
@@ -168,6 +170,19 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
     assert visrl["metrics"]["pairs"] == 20 and "pairs" not in control["metrics"]
     assert visrl["checkpoint_id"] is None  # no checkpoint: Chat keeps the shipped model
     assert json.loads((root / demo.COMPLETE).read_text())["evaluations"] == 3
+
+
+def test_an_arm_that_trained_on_no_pairs_says_so(tmp_path: Path, fake_model: Path,
+                                                 generate_calls: list[Any]) -> None:
+    arm = {"acc50": {"mean": 0.26, "std": 0.0}}
+    (fake_model / "learning_benchmark.json").write_text(json.dumps({
+        "config": {"test_items": 200}, "seeds": [{"generate": {"pairs": 0}, "generate_iou": {"pairs": 135}}],
+        "summary": {"visrl": arm, "visrl_iou": arm}}))
+    root = build(tmp_path / "demo", n_pairs_items=0)
+    visrl, ablation = Store(Workspace.open(root)).evaluations()
+    assert visrl["model"] == ("learning benchmark (1 seed): warm-up + VisRL (model crop judge)"
+                              " - 0 pairs, not trained (= warm-up)")
+    assert ablation["model"] == "learning benchmark (1 seed): VisRL with IoU crop judge (ablation)"
 
 
 def test_unreadable_reports_seed_nothing_and_lose_nothing(tmp_path: Path, fake_model: Path,

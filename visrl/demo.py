@@ -180,12 +180,15 @@ def seed_evaluations(store: Store, say: Say) -> int:
     many. Only with the shipped weights: a random model's workspace gets none."""
     if not (SHIPPED_MODEL / "model.safetensors").is_file():
         return 0
-    rows: list[tuple[str, dict[str, Any], int, str]] = []  # (model label, metrics, n, split)
+    # (model label, metrics, n, split). The split names where the numbers come from: the card and
+    # the benchmark scored the generator's own test stream (200 items), not this workspace's
+    # test split, so a user's `visrl eval` on demo/test is not the same set.
+    rows: list[tuple[str, dict[str, Any], int, str]] = []
     card = (read_report(SHIPPED_MODEL / MODEL_REPORT.name) or {}).get("evaluation")
     if isinstance(card, dict):
         metrics = {new: card[old] for old, new in CARD_METRICS.items() if _number(card.get(old))}
         rows.append((DEMO_MODEL, {**metrics, "source": "data/demo-model/MODEL_CARD.md"},
-                     int(card.get("n") or 0), str(card.get("split") or "test")))
+                     int(card.get("n") or 0), f"{card.get('split') or 'test'} (model card)"))
     bench = read_report(SHIPPED_MODEL / BENCH_FILE) or {}
     n_seeds = len(bench.get("seeds") or [])
     n_test = int((bench.get("config") or {}).get("test_items") or 0)
@@ -198,7 +201,10 @@ def seed_evaluations(store: Store, say: Say) -> int:
         if pairs and all(_number(n) for n in pairs):  # a VisRL arm: how many pairs it trained on
             metrics["pairs"] = sum(pairs) / len(pairs)
         label = f"learning benchmark ({n_seeds} seed{'s' * (n_seeds != 1)}): {BENCH_ARMS[arm]}"
-        rows.append((label, {**metrics, "source": "data/demo-model/learning_benchmark.json"}, n_test, "test"))
+        if metrics.get("pairs") == 0:  # no DPO step ran: its numbers are the warm-up's, not a result
+            label += " - 0 pairs, not trained (= warm-up)"
+        rows.append((label, {**metrics, "source": "data/demo-model/learning_benchmark.json"}, n_test,
+                     "test (learning benchmark)"))
     checkpoint = next((c["id"] for c in store.checkpoints() if c["path"] == DEMO_MODEL), None)
     with store.atomic():
         for model, metrics, n, split in rows:

@@ -173,13 +173,15 @@ def stats_command(workspace: str | None, as_json: bool) -> None:
 @cli.command("demo")
 @workspace_option
 @click.option("--force", is_flag=True, help="Rebuild a complete demo workspace (its data is lost).")
-@click.option("--pairs-items", type=click.IntRange(0), default=24, show_default=True,
-              help="Train items to generate the first pairs on (0: none).")
-def demo_command(workspace: str | None, force: bool, pairs_items: int) -> None:
+@click.option("--pairs-items", type=click.IntRange(0), default=None,
+              help="Train items to generate the first pairs on (0: none; default: as many as the "
+                   "app's first start, so both build the same workspace).")
+def demo_command(workspace: str | None, force: bool, pairs_items: int | None) -> None:
     """Create the built-in demo workspace: synthetic benchmark, tiny model, first pairs."""
     from visrl.demo import create_demo_workspace
     from visrl.workspace import resolve_root
 
-    root = create_demo_workspace(resolve_root(workspace), force=force, n_pairs_items=pairs_items,
-                                 progress=lambda line: click.echo(line, err=True))
+    sizes = {} if pairs_items is None else {"n_pairs_items": pairs_items}
+    root = create_demo_workspace(resolve_root(workspace), force=force, progress=lambda line: click.echo(line, err=True),
+                                 **sizes)
     click.echo(f"demo workspace: {root}  (next: visrl stats -w {root}; visrl-app -w {root})")
