@@ -11,7 +11,7 @@ import click
 
 from visrl.errors import VisRLError, WorkspaceError
 
-BUILD_TIME = "a few minutes on a small CPU"  # measured: see README ("First start")
+BUILD_TIME = "20 s to a few minutes on a small CPU"  # measured: 20 s idle, 5.9 min at load ~11 (README)
 
 
 # Runs the build, given as ``build(say)``, e.g. behind a "building…" page (visrl_app.first_start).
