@@ -805,6 +805,7 @@ def test_loss_curve_spans_a_resumed_job_and_overlays_runs(ctx: Any) -> None:
         ctx.store.add_metrics(first, step, {"loss": 2.0 - step / 20})
     other = ctx.store.create_job("train", {"output_dir": "models/other", "logging_steps": 5}, name="dpo")
     ctx.store.add_metrics(other, 5, {"loss": 0.7})
+    ctx.store.add_metrics(other, 5, {"train_loss": 0.7})  # the Trainer's end-of-run mean: no curve point
     resumed = ctx.store.create_job("train", config, name="sft")  # resumed from checkpoint-15
     for step in (20, 25):
         ctx.store.add_metrics(resumed, step, {"loss": 1.0 - step / 100})

@@ -291,3 +291,13 @@ def test_rebuilt_workspace_is_migrated_again(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "ws")
     assert store.add_dataset("b", "test") == 1
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_jobs_with_metric_matches_the_name_literally(store: Store) -> None:
+    trained = store.create_job("train", {}, name="sft")
+    store.add_metrics(trained, 1, {"loss": 1.0, "eval_loss": 1.2})
+    tuned = store.create_job("train", {}, name="lr")
+    store.add_metrics(tuned, 1, {"learning_rate": 1e-4})
+    assert store.jobs_with_metric("loss") == {trained}
+    assert store.jobs_with_metric("_") == {trained, tuned}  # '_' is a character here, not a wildcard
+    assert store.jobs_with_metric("%") == set()

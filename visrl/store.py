@@ -276,6 +276,12 @@ class Store:
             args += names
         return list(self.db["metrics"].rows_where(where, args, order_by="step, id"))
 
+    def jobs_with_metric(self, contains: str) -> set[int]:
+        """Ids of the jobs that logged a metric whose name contains ``contains`` (literal)."""
+        pattern = "%" + contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self.db.execute("SELECT DISTINCT job_id FROM metrics WHERE name LIKE ? ESCAPE '\\'", [pattern])
+        return {row[0] for row in rows.fetchall()}
+
     # ------------------------------------------------------------------ checkpoints and evaluations
 
     def add_checkpoint(self, path: str, base: str, stage: str, job_id: int | None = None,

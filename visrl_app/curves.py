@@ -17,11 +17,15 @@ from visrl.errors import VisRLError
 from visrl_app.context import AppContext
 
 COLUMNS = ["step", "value", "name"]
+# The Trainer's end-of-run summary: the mean loss of the whole run, logged once at the last step.
+# It is no point of the curve (drawn, it was a lone one-point series beside the real one).
+SUMMARY_METRICS = frozenset({"train_loss"})
 
 
 def _points(ctx: AppContext, job_id: int, contains: str, before: float = float("inf")) -> list[dict[str, Any]]:
     return [{"step": r["step"], "value": r["value"], "name": r["name"]}
-            for r in ctx.store.metrics(job_id) if contains in r["name"] and r["step"] < before]
+            for r in ctx.store.metrics(job_id)
+            if contains in r["name"] and r["name"] not in SUMMARY_METRICS and r["step"] < before]
 
 
 def _config(job: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +87,6 @@ def loss_frame(ctx: AppContext, job_id: int | None, overlay: Sequence[int] = (),
 
 def overlay_choices(ctx: AppContext) -> list[tuple[str, int]]:
     """Training jobs that logged a loss, newest first, as (label, job id)."""
-    logged = {r[0] for r in ctx.store.db.execute(
-        "SELECT DISTINCT job_id FROM metrics WHERE name LIKE '%loss%'").fetchall()}
+    logged = ctx.store.jobs_with_metric("loss")
     return [(f"#{j['id']} {j['name']} ({j['status']})", j["id"])
             for j in ctx.store.jobs(limit=100, kind="train") if j["id"] in logged]
