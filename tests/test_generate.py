@@ -327,18 +327,15 @@ def test_model_judges_run_concurrently_and_are_cached(store: Store) -> None:
         assert len(server.requests) == 24  # resumed run: all cached, no new calls
 
 
-@pytest.mark.slow
-def test_generate_with_tiny_model(store: Store) -> None:
-    import torch
-
+def _tiny_model_and_scenes(store: Store, n: int) -> None:
+    """The random ``test`` tiny model at models/tiny and ``n`` demo train scenes as dataset "demo"."""
     from visrl import tiny
     from visrl.synthetic import SyntheticConfig, render_item
 
-    torch.set_num_threads(1)
     tiny.build_tiny_model(store.workspace.models_dir / "tiny", preset="test", seed=0)
     dataset_id = store.add_dataset("demo", "synthetic")
     rows = []
-    for i in range(2):
+    for i in range(n):
         scene = render_item(SyntheticConfig(), "train", i)
         path = store.workspace.images_dir / f"{i}.png"
         scene.image.save(path)
@@ -346,6 +343,14 @@ def test_generate_with_tiny_model(store: Store) -> None:
                      "width": scene.size[0], "height": scene.size[1], "question": scene.question,
                      "answer": scene.answer, "gt_box": scene.target_object.box})
     store.add_items(dataset_id, rows)
+
+
+@pytest.mark.slow
+def test_generate_with_tiny_model(store: Store) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _tiny_model_and_scenes(store, 2)
     cfg = GenerateConfig(model_name_or_path="models/tiny", dataset="demo", attempts=2, batch_size=2,
                          max_new_tokens=16, temperature=1.0)
     report = run_generate(store.workspace.root, cfg)  # relative model path: found in the workspace
@@ -392,20 +397,7 @@ def test_unscored_judge_replies_are_dropped_and_counted(store: Store) -> None:
 
 @pytest.mark.slow
 def test_same_config_and_seed_give_the_same_rollouts(store: Store) -> None:
-    from visrl import tiny
-    from visrl.synthetic import SyntheticConfig, render_item
-
-    tiny.build_tiny_model(store.workspace.models_dir / "tiny", preset="test", seed=0)
-    dataset_id = store.add_dataset("demo", "synthetic")
-    rows = []
-    for i in range(3):
-        scene = render_item(SyntheticConfig(), "train", i)
-        path = store.workspace.images_dir / f"{i}.png"
-        scene.image.save(path)
-        rows.append({"split": "train", "source_id": str(i), "image": store.workspace.relative(path),
-                     "width": scene.size[0], "height": scene.size[1], "question": scene.question,
-                     "answer": scene.answer, "gt_box": scene.target_object.box})
-    store.add_items(dataset_id, rows)
+    _tiny_model_and_scenes(store, 3)
 
     def rollouts(run_key: str, seed: int = 0) -> list[tuple[Any, ...]]:
         cfg = GenerateConfig(model_name_or_path="models/tiny", dataset="demo", attempts=2, batch_size=2,
