@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from visrl.generate import run_generate, run_key_for
 from visrl.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_generate import ScriptedReasoner, add_items, config, keys  # noqa: E402
+from test_generate import ScriptedReasoner, add_items, config, keys, start_slow_generate  # noqa: E402
 
 
 def save_png(path: Path, size: tuple[int, int] = (64, 48), colour: Any = (30, 120, 200)) -> Path:
@@ -390,20 +389,7 @@ def test_killed_generate_leaves_a_lease_that_the_resume_takes_over(tmp_path: Pat
     """kill -9 mid-batch: the dead run's lease stays; the next run takes it over and resumes
     exactly (no duplicate rollouts, whole attempts only) with no manual cleanup."""
     add_items(store, 6)
-    cfg_args = "attempts=2, batch_size=1"
-    script = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import test_generate as t
-        from types import SimpleNamespace
-        t.gen._sampling = lambda a, b, c, n: SimpleNamespace(temperature=a, top_p=b, max_new_tokens=c, n=n)
-        t.run_generate({str(store.workspace.root)!r}, t.config({cfg_args}),
-                       reasoner=t.ScriptedReasoner(delay_s=0.3))
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.getcwd()})
-    run_key = run_key_for(config(attempts=2, batch_size=1))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(store.rollouts(run_key=run_key)) < 4:
-        time.sleep(0.05)
+    proc, run_key = start_slow_generate(store)
     # While it runs, a second run of the same key is refused.
     with pytest.raises(JobError, match=rf"already running \(pid {proc.pid}, since"):
         run_generate(store.workspace, config(attempts=2, batch_size=1), reasoner=ScriptedReasoner())

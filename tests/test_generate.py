@@ -174,8 +174,9 @@ def test_stop_and_resume_gives_one_set_per_attempt(store: Store) -> None:
     assert third.rollouts == 0 and third.items_done_before == 5 and third.pairs_total == 5
 
 
-def test_killed_process_resumes_exactly(tmp_path: Path, store: Store) -> None:
-    add_items(store, 6)
+def start_slow_generate(store: Store) -> tuple[subprocess.Popen, str]:
+    """A ``config(attempts=2, batch_size=1)`` generate in another process, 0.3 s per reasoner
+    call; returns once its first item (4 rollouts) is stored, with the process and its run key."""
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
         import test_generate as t
@@ -189,6 +190,12 @@ def test_killed_process_resumes_exactly(tmp_path: Path, store: Store) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(store.rollouts(run_key=run_key)) < 4:
         time.sleep(0.05)
+    return proc, run_key
+
+
+def test_killed_process_resumes_exactly(tmp_path: Path, store: Store) -> None:
+    add_items(store, 6)
+    proc, run_key = start_slow_generate(store)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = len(store.rollouts(run_key=run_key))
