@@ -32,7 +32,9 @@ from typing import Any
 from visrl.errors import ConfigError
 from visrl.judges import JudgeInput, Judgement
 
-NAME_PROMPT = "Which object does this image show? Answer with its colour and shape, or nothing."
+# Worded for any data (a real photo's "sign" or "car" as well as the demo's "red circle"): the
+# judge model learns the reply's form from its training rows, not from this sentence.
+NAME_PROMPT = "Which object does this image show? Answer with its name, or nothing."
 WHOLE_QUESTION_PROMPT = "Does this image show what this question asks about: {question} Answer yes or no."
 YES, NO = "yes", "no"
 NOTHING = "nothing"  # the name of a crop that shows no object
