@@ -64,9 +64,14 @@ def available_cores(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 
 def local_ranks(environ: Mapping[str, str] | None = None) -> int:
     """Processes of this job on this machine (``LOCAL_WORLD_SIZE`` under torchrun/accelerate)."""
+    return _count(environ, "LOCAL_WORLD_SIZE")
+
+
+def _count(environ: Mapping[str, str] | None, name: str) -> int:
+    """A launcher's process count from ``name`` in the environment; 1 when unset or unreadable."""
     env = os.environ if environ is None else environ
     try:
-        return max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
+        return max(1, int(env.get(name, "1") or 1))
     except ValueError:
         return 1
 
@@ -155,11 +160,7 @@ def seed_everything(*parts: object) -> int:
 
 def world_size(environ: Mapping[str, str] | None = None) -> int:
     """Processes of this job across machines (``WORLD_SIZE`` under torchrun/accelerate; else 1)."""
-    env = os.environ if environ is None else environ
-    try:
-        return max(1, int(env.get("WORLD_SIZE", "1") or 1))
-    except ValueError:
-        return 1
+    return _count(environ, "WORLD_SIZE")
 
 
 def is_main_process(environ: Mapping[str, str] | None = None) -> bool:
