@@ -4,7 +4,9 @@ real data, nothing is downloaded."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +39,17 @@ def store(workspace):
     from visrl.store import Store
 
     return Store(workspace)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium for the browser tests (one per module)."""
+    from playwright.sync_api import sync_playwright
+    from test_app_browser import CHROMIUM, CHROMIUM_ARGS  # its import checks that chromium is there
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import sync_playwright
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, free_port, shown_pair_id, store_of, wait_for
+from test_app_browser import free_port, shown_pair_id, store_of, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -40,16 +39,6 @@ def desk_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         blocks.close()
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
 def open_desk(app: dict[str, Any], browser: Any, width: int, height: int) -> Any:
     page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(app["url"])
@@ -59,15 +48,15 @@ def open_desk(app: dict[str, Any], browser: Any, width: int, height: int) -> Any
 
 
 @pytest.fixture
-def desk_page(desk_app: dict[str, Any], chromium: Any) -> Iterator[Any]:
-    page = open_desk(desk_app, chromium, 1440, 900)
+def desk_page(desk_app: dict[str, Any], browser: Any) -> Iterator[Any]:
+    page = open_desk(desk_app, browser, 1440, 900)
     yield page
     page.close()
 
 
 @pytest.mark.parametrize("width, height", [(1440, 900), (1024, 768)])
-def test_desk_layout(desk_app: dict[str, Any], chromium: Any, width: int, height: int) -> None:
-    page = open_desk(desk_app, chromium, width, height)
+def test_desk_layout(desk_app: dict[str, Any], browser: Any, width: int, height: int) -> None:
+    page = open_desk(desk_app, browser, width, height)
     try:
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SHOTS / f"pairs-{width}x{height}.png"))
@@ -149,7 +138,7 @@ def test_label_at_the_top_edge_shows_and_jump(desk_app: dict[str, Any], desk_pag
 
 
 @pytest.mark.slow  # ~60-90 s: 220 key presses through two browsers
-def test_two_reviewers_on_200_pairs_lose_nothing(tmp_path: Path, chromium: Any) -> None:
+def test_two_reviewers_on_200_pairs_lose_nothing(tmp_path: Path, browser: Any) -> None:
     """Two logged-in reviewers press Accept as fast as they can over the same 200 pairs: every
     decision is in the file once, under the login of who made it, and no pair was served to both
     (the pair on one screen is claimed)."""
@@ -170,7 +159,7 @@ def test_two_reviewers_on_200_pairs_lose_nothing(tmp_path: Path, chromium: Any) 
     pages = []
     try:
         for user in ("ana", "bo"):
-            page = chromium.new_page(viewport={"width": 1440, "height": 900})
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/")
             page.locator("input").first.fill(user)
             page.locator("input[type=password]").fill(f"pw-{user}")
