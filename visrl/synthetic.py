@@ -87,6 +87,8 @@ PATTERN_QUESTION_TEMPLATES: tuple[str, ...] = (
     "What is the pattern inside the {colour} {shape}?",
 )
 DETAILS: tuple[str, ...] = ("digit", "dot_colour", "pattern")
+# The answers of the details whose values ``distinct_details`` deals out without repeats.
+DISTINCT_DETAILS: dict[str, tuple[str, ...]] = {"pattern": PATTERNS, "dot_colour": tuple(DOT_COLOURS)}
 BACKGROUND = (236, 236, 236)
 LABEL_FILL = (255, 255, 255)
 DIGIT_INK = (0, 0, 0)
@@ -137,6 +139,10 @@ class SyntheticConfig:
     distinct_colours: bool = field(default=False, metadata={
         "help": "Give every object of a scene its own colour, so the colour alone names the "
                 "object (easier grounding; at most 5 objects)."})
+    distinct_details: bool = field(default=False, metadata={
+        "help": "Give every object of a scene its own answer (detail: pattern or dot_colour), so a "
+                "crop of any other object gives a wrong answer and the exact answer judge alone "
+                "tells a right box from a wrong one (at most 3 objects for patterns, 4 for dots)."})
 
     def __post_init__(self) -> None:
         self.object_size = tuple(int(v) for v in self.object_size)  # YAML gives a list
@@ -156,6 +162,11 @@ class SyntheticConfig:
             out.append(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if self.distinct_colours and self.max_objects > len(COLOURS):
             out.append(f"max_objects must be <= {len(COLOURS)} with distinct_colours")
+        if self.distinct_details and self.detail not in DISTINCT_DETAILS:
+            out.append(f"distinct_details needs detail {' or '.join(DISTINCT_DETAILS)}, got {self.detail!r}")
+        elif self.distinct_details and self.max_objects > len(DISTINCT_DETAILS[self.detail]):
+            out.append(f"max_objects must be <= {len(DISTINCT_DETAILS[self.detail])} with distinct_details "
+                       f"(detail {self.detail} has that many answers)")
         if self.max_objects > len(COLOURS) * len(SHAPES):
             out.append(f"max_objects must be <= {len(COLOURS) * len(SHAPES)} (distinct colour-shape pairs)")
         if hi + 2 * self.box_margin > self.cell_size:
@@ -225,10 +236,12 @@ def render_scene(rng: random.Random, cfg: SyntheticConfig) -> Scene:
         kinds = [(c, rng.choice(SHAPES)) for c in rng.sample(list(COLOURS), n)]
     else:
         kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], n)
+    # Drawn only when asked for, so scenes without the option keep their exact bytes.
+    answers = rng.sample(DISTINCT_DETAILS[cfg.detail], n) if cfg.distinct_details else None
     image = Image.new("RGB", (cfg.width, cfg.height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     objects = []
-    for (colour, shape), (cx, cy) in zip(kinds, _pick_cells(rng, cfg, n), strict=True):
+    for k, ((colour, shape), (cx, cy)) in enumerate(zip(kinds, _pick_cells(rng, cfg, n), strict=True)):
         side = rng.randint(*cfg.object_size)
         slack = cfg.cell_size - side - 2 * cfg.box_margin
         x1 = cx + cfg.box_margin + rng.randint(0, slack)
@@ -236,10 +249,10 @@ def render_scene(rng: random.Random, cfg: SyntheticConfig) -> Scene:
         shape_box = Box(x1, y1, x1 + side, y1 + side)
         pattern = ""
         if cfg.detail == "dot_colour":
-            digit, dot = -1, rng.choice(list(DOT_COLOURS))
+            digit, dot = -1, answers[k] if answers else rng.choice(list(DOT_COLOURS))
             digit_box = _draw_dot_object(draw, shape, COLOURS[colour], shape_box, dot, cfg)
         elif cfg.detail == "pattern":
-            digit, dot, pattern = -1, "", rng.choice(PATTERNS)
+            digit, dot, pattern = -1, "", answers[k] if answers else rng.choice(PATTERNS)
             digit_box = _draw_pattern_object(draw, rng, shape, COLOURS[colour], shape_box, pattern, cfg)
         else:  # the default keeps its exact sequence of draws: same seed, same bytes as before
             digit, dot = rng.randrange(10), ""
