@@ -68,6 +68,15 @@ class DemoTrainConfig:
                 "quarter a box off it): what the model needs to be the crop judge (visrl.crop_judge)."})
     colour_fraction: float = field(default=0.0, metadata={
         "help": "Share of binding rows 'What colour is the object at [box]?' (full image -> colour)."})
+    binding_weight: float = field(default=1.0, metadata={
+        "help": "Loss weight of the box text's leading digits (the digit after each '0.'), against 1 "
+                "for every other assistant token. With teacher forcing these few tokens are the only "
+                "ones that choose *which* object the box is on (the column, then the row); at weight 1 "
+                "they are ~2 of ~35 loss tokens, so the choice is learned last, if at all (the card's "
+                "'boxes some object, not the named one')."})
+    save_every: int = field(default=200, metadata={
+        "help": "Save a resumable checkpoint (weights, optimizer, step, history) every this many "
+                "steps to <out>/checkpoint; a run started again on the same --out resumes there."})
     data_split: str = field(default="train", metadata={
         "help": "Seeded stream the training scenes come from ('train'; the learning benchmark's "
                 "small boxed set uses its own, 'warmup', disjoint from the workspace's items)."})
@@ -94,6 +103,8 @@ class DemoTrainConfig:
                 raise ConfigError(f"{name} must be between 0 and 1, got {value}")
         if sum(shares.values()) > 1.0:
             raise ConfigError(f"direct, check and colour fractions add up to more than 1: {shares}")
+        if self.binding_weight <= 0:
+            raise ConfigError(f"binding_weight must be > 0, got {self.binding_weight}")
         if self.boxed_items < 0:
             raise ConfigError(f"boxed_items must be >= 0 (0: fresh scenes), got {self.boxed_items}")
 
@@ -190,7 +201,17 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def collate(processor: Any, rows: list[tuple[list[dict], list[Any]]]) -> dict[str, Any]:
+def lead_digit_weights(ids: list[int], labels: list[int], dot: int, weight: float) -> list[float]:
+    """Per-token loss weights: ``weight`` for a trained token right after a trained '.' token (a box
+    coordinate's leading digit), 1 for the other trained tokens, 0 where the label is -100."""
+    out = [0.0 if lab == -100 else 1.0 for lab in labels]
+    for i in range(1, len(ids)):
+        if labels[i] != -100 and labels[i - 1] != -100 and ids[i - 1] == dot:
+            out[i] = weight
+    return out
+
+
+def collate(processor: Any, rows: list[tuple[list[dict], list[Any]]], binding_weight: float = 1.0) -> dict[str, Any]:
     import torch
 
     texts = [processor.apply_chat_template(m, tokenize=False) for m, _ in rows]
@@ -203,7 +224,26 @@ def collate(processor: Any, rows: list[tuple[list[dict], list[Any]]]) -> dict[st
     labels = [assistant_labels(ids, start, end) for ids in enc["input_ids"].tolist()]
     enc["labels"] = torch.tensor(labels)
     enc["labels"][enc["attention_mask"] == 0] = -100
+    if binding_weight != 1.0:
+        dot = tok.convert_tokens_to_ids(".")
+        enc["loss_weights"] = torch.tensor([lead_digit_weights(ids, lab, dot, binding_weight) for ids, lab
+                                            in zip(enc["input_ids"].tolist(), enc["labels"].tolist(), strict=True)])
     return dict(enc)
+
+
+def weighted_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """The model's next-token loss, with per-token weights when the batch carries ``loss_weights``."""
+    import torch.nn.functional as F
+
+    weights = batch.pop("loss_weights", None)
+    if weights is None:
+        return model(**batch).loss
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1].float()
+    target, w = labels[:, 1:], weights[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                         reduction="none").view_as(w)
+    return (ce * w).sum() / w.sum()
 
 
 def rope_positions(model_config: Any, batch: dict[str, Any]) -> Any:
@@ -243,7 +283,7 @@ class TrainBatches:
         first = index * self.cfg.batch_size
         rows = [make_row(render_item(self.data, self.cfg.data_split, self._scene_index(first + j)),
                          row_kind(rng, self.cfg), rng) for j in range(self.cfg.batch_size)]
-        batch = collate(self.processor, rows)
+        batch = collate(self.processor, rows, self.cfg.binding_weight)
         batch["position_ids"] = rope_positions(self.model_config, batch)
         return batch
 
@@ -411,18 +451,24 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and cfg.bf16)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                             fused=device == "cuda")
+    resumed = load_checkpoint(out_dir / "checkpoint", model, opt)
+    first_step = resumed["step"] + 1 if resumed else 1
     batches = torch.utils.data.DataLoader(
         TrainBatches(processor, model.config, data, cfg), batch_size=None, shuffle=False,
+        sampler=range(first_step - 1, cfg.steps),
         num_workers=cfg.workers, worker_init_fn=_worker_init if cfg.workers else None,
         pin_memory=device == "cuda", prefetch_factor=4 if cfg.workers else None,
         persistent_workers=False)
     budget = cfg.max_minutes * 60
-    history: list[dict[str, Any]] = []
-    losses: list[float] = []
-    start, eval_seconds, step = time.time(), 0.0, 0
+    history: list[dict[str, Any]] = resumed["history"] if resumed else []
+    losses: list[float] = resumed["losses"] if resumed else []
+    # A resumed run keeps its clock: the cosine and the budget continue where they stopped.
+    start, eval_seconds, step = time.time() - (resumed["train_seconds"] if resumed else 0.0), 0.0, 0
+    if resumed:
+        print(f"resumed from {out_dir / 'checkpoint'} at step {resumed['step']}", flush=True)
     print(f"training on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
           f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
-    for step, batch in enumerate(batches, start=1):
+    for step, batch in enumerate(batches, start=first_step):
         elapsed = time.time() - start - eval_seconds
         progress = max(step / cfg.steps, elapsed / budget)
         lr = cfg.learning_rate * min(1.0, step / cfg.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -430,7 +476,7 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
             group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            loss = model(**batch).loss
+            loss = weighted_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -446,6 +492,10 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
             eval_seconds += time.time() - t
             history.append({"step": step, "seconds": round(elapsed), "loss": round(loss.item(), 4), **metrics})
             print("val", json.dumps(history[-1]), flush=True)
+        if cfg.save_every and step % cfg.save_every == 0 and progress < 1.0:
+            save_checkpoint(out_dir / "checkpoint", model, opt, {
+                "step": step, "train_seconds": time.time() - start - eval_seconds,
+                "history": history, "losses": losses})
         if progress >= 1.0:
             print(f"schedule done at step {step} ({elapsed:.0f}s of training)", flush=True)
             break
@@ -456,6 +506,34 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
             "scenes_seen": step * cfg.batch_size, "device": device,
             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "loss_every_log": losses, "val_history": history, "config": asdict(cfg)}, model, processor
+
+
+def save_checkpoint(folder: Path, model: Any, opt: Any, state: dict[str, Any]) -> None:
+    """Weights, optimizer and loop state, written to a temporary folder and renamed into place, so
+    a run killed mid-save keeps its previous checkpoint."""
+    import shutil
+
+    import torch
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp / "state.pt")
+    (tmp / "loop.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_checkpoint(folder: Path, model: Any, opt: Any) -> dict[str, Any] | None:
+    """Restore a checkpoint written by :func:`save_checkpoint`; None when there is none."""
+    import torch
+
+    if not (folder / "loop.json").is_file():
+        return None
+    blob = torch.load(folder / "state.pt", map_location="cpu")
+    model.load_state_dict(blob["model"])
+    opt.load_state_dict(blob["optimizer"])
+    return json.loads((folder / "loop.json").read_text(encoding="utf-8"))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
