@@ -68,6 +68,17 @@ class DemoTrainConfig:
                 "quarter a box off it): what the model needs to be the crop judge (visrl.crop_judge)."})
     colour_fraction: float = field(default=0.0, metadata={
         "help": "Share of binding rows 'What colour is the object at [box]?' (full image -> colour)."})
+    name_fraction: float = field(default=0.0, metadata={
+        "help": "Share of short box rows: the full image and only the object's name ('red circle') -> "
+                "its box text. The name sits right before the answer, so the row trains matching a "
+                "colour word to a visual token without first finding the word in a long question."})
+    question_first: bool = field(default=False, metadata={
+        "help": "Put each user turn's text before its image (an experiment of issue 17: visual tokens "
+                "placed after the question can carry 'am I the named one?'). Real Qwen models and the "
+                "product keep image-first; a model trained this way is evaluated the same way."})
+    box_fraction: float = field(default=0.0, metadata={
+        "help": "Share of box-step rows (full image + question -> the named object's box text, no crop "
+                "turn): two-thirds of a two-step row's cost, all of it spent on the step that binds."})
     binding_weight: float = field(default=1.0, metadata={
         "help": "Loss weight of the box text's leading digits (the digit after each '0.'), against 1 "
                 "for every other assistant token. With teacher forcing these few tokens are the only "
@@ -97,12 +108,13 @@ class DemoTrainConfig:
 
     def __post_init__(self) -> None:
         shares = {"direct_fraction": self.direct_fraction, "check_fraction": self.check_fraction,
-                  "colour_fraction": self.colour_fraction}
+                  "colour_fraction": self.colour_fraction, "box_fraction": self.box_fraction,
+                  "name_fraction": self.name_fraction}
         for name, value in shares.items():
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be between 0 and 1, got {value}")
         if sum(shares.values()) > 1.0:
-            raise ConfigError(f"direct, check and colour fractions add up to more than 1: {shares}")
+            raise ConfigError(f"direct, check, colour, box and name fractions add up to more than 1: {shares}")
         if self.binding_weight <= 0:
             raise ConfigError(f"binding_weight must be > 0, got {self.binding_weight}")
         if self.boxed_items < 0:
@@ -130,7 +142,7 @@ def assistant_labels(ids: list[int], start: list[int], end: int) -> list[int]:
     return labels
 
 
-ROW_KINDS = ("two_step", "direct", "check", "colour")
+ROW_KINDS = ("two_step", "direct", "check", "colour", "box", "name")
 COLOUR_QUESTION = "What colour is the object at {box}?"
 
 
@@ -138,7 +150,8 @@ def row_kind(rng: random.Random, cfg: DemoTrainConfig) -> str:
     """Which kind of row a draw gives, by the config's shares (the rest are two-step rows)."""
     r = rng.random()
     for kind, share in (("direct", cfg.direct_fraction), ("check", cfg.check_fraction),
-                        ("colour", cfg.colour_fraction)):
+                        ("colour", cfg.colour_fraction), ("box", cfg.box_fraction),
+                        ("name", cfg.name_fraction)):
         if r < share:
             return kind
         r -= share
@@ -159,6 +172,11 @@ def make_row(scene: Any, direct: bool | str, rng: random.Random | None = None) -
         return [_user_text(question, images=1), _assistant(obj.colour)], [scene.image]
     box = scene.target_object.box
     text = format_box(box, "viscot", scene.size)
+    if kind == "box":
+        return [*box_prompt(scene.question), _assistant(text)], [scene.image]
+    if kind == "name":
+        obj = scene.target_object
+        return [_user_text(f"{obj.colour} {obj.shape}", images=1), _assistant(text)], [scene.image]
     return two_step_conversation(scene.question, text, scene.answer), [scene.image, crop_box(scene.image, box)]
 
 
@@ -211,10 +229,22 @@ def lead_digit_weights(ids: list[int], labels: list[int], dot: int, weight: floa
     return out
 
 
-def collate(processor: Any, rows: list[tuple[list[dict], list[Any]]], binding_weight: float = 1.0) -> dict[str, Any]:
+def text_first(messages: list[dict]) -> list[dict]:
+    """The same conversation with each user turn's text parts moved before its image parts."""
+    out = []
+    for m in messages:
+        if m["role"] == "user":
+            parts = m["content"]
+            m = {**m, "content": [p for p in parts if p["type"] == "text"] + [p for p in parts if p["type"] != "text"]}
+        out.append(m)
+    return out
+
+
+def collate(processor: Any, rows: list[tuple[list[dict], list[Any]]], binding_weight: float = 1.0,
+            question_first: bool = False) -> dict[str, Any]:
     import torch
 
-    texts = [processor.apply_chat_template(m, tokenize=False) for m, _ in rows]
+    texts = [processor.apply_chat_template(text_first(m) if question_first else m, tokenize=False) for m, _ in rows]
     images = [im for _, ims in rows for im in ims]
     processor.tokenizer.padding_side = "right"
     enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
@@ -283,7 +313,7 @@ class TrainBatches:
         first = index * self.cfg.batch_size
         rows = [make_row(render_item(self.data, self.cfg.data_split, self._scene_index(first + j)),
                          row_kind(rng, self.cfg), rng) for j in range(self.cfg.batch_size)]
-        batch = collate(self.processor, rows, self.cfg.binding_weight)
+        batch = collate(self.processor, rows, self.cfg.binding_weight, self.cfg.question_first)
         batch["position_ids"] = rope_positions(self.model_config, batch)
         return batch
 
@@ -337,11 +367,12 @@ def group_vision_attention() -> None:
 
 
 def generate(model: Any, processor: Any, prompts: list[list[dict]], images: list[list[Any]],
-             max_new_tokens: int) -> list[str]:
+             max_new_tokens: int, question_first: bool = False) -> list[str]:
     """Greedy completions of a batch of prompts (left-padded)."""
     import torch
 
-    texts = [processor.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [processor.apply_chat_template(text_first(p) if question_first else p, tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
     processor.tokenizer.padding_side = "left"
     enc = processor(text=texts, images=[im for ims in images for im in ims], return_tensors="pt", padding=True)
     enc = {k: v.to(model.device) for k, v in enc.items()}
@@ -351,7 +382,7 @@ def generate(model: Any, processor: Any, prompts: list[list[dict]], images: list
 
 
 def evaluate_model(model: Any, processor: Any, data: SyntheticConfig, split: str, n: int,
-                   batch: int = 25) -> dict[str, float]:
+                   batch: int = 25, question_first: bool = False) -> dict[str, float]:
     """Acc@0.5, mean IoU, box-parse rate, and answer accuracy two-step (predicted crop), with the
     true crop, and direct, on items 0..n-1 of ``split``."""
     was_training = model.training
@@ -361,16 +392,16 @@ def evaluate_model(model: Any, processor: Any, data: SyntheticConfig, split: str
     for lo in range(0, n, batch):
         scenes = [render_item(data, split, i) for i in range(lo, min(n, lo + batch))]
         qs = [s.question for s in scenes]
-        box_texts = generate(model, processor, [box_prompt(q) for q in qs], [[s.image] for s in scenes], BOX_TOKENS)
+        box_texts = generate(model, processor, [box_prompt(q) for q in qs], [[s.image] for s in scenes], BOX_TOKENS, question_first)
         boxes = [parse_box(t, "viscot", s.size) for t, s in zip(box_texts, scenes, strict=True)]
         # An unparseable box still gets an answer (on the whole image) but scores 0 below.
         crops = [crop_box(s.image, b or Box(0, 0, *s.size)) for s, b in zip(scenes, boxes, strict=True)]
         two = generate(model, processor, [two_step_conversation(q, t, "")[:-1] for q, t in zip(qs, box_texts, strict=True)],
-                       [[s.image, c] for s, c in zip(scenes, crops, strict=True)], ANSWER_TOKENS)
+                       [[s.image, c] for s, c in zip(scenes, crops, strict=True)], ANSWER_TOKENS, question_first)
         true_texts = [format_box(s.target_object.box, "viscot", s.size) for s in scenes]
         true = generate(model, processor, [two_step_conversation(q, t, "")[:-1] for q, t in zip(qs, true_texts, strict=True)],
-                        [[s.image, crop_box(s.image, s.target_object.box)] for s in scenes], ANSWER_TOKENS)
-        direct = generate(model, processor, [direct_prompt(q) for q in qs], [[s.image] for s in scenes], ANSWER_TOKENS)
+                        [[s.image, crop_box(s.image, s.target_object.box)] for s in scenes], ANSWER_TOKENS, question_first)
+        direct = generate(model, processor, [direct_prompt(q) for q in qs], [[s.image] for s in scenes], ANSWER_TOKENS, question_first)
         for k, s in enumerate(scenes):
             score = iou(boxes[k], s.target_object.box)
             sums["acc@0.5"] += score > 0.5  # Visual-CoT: IoU strictly above 0.5
@@ -486,7 +517,8 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
             print(f"step {step} loss {losses[-1]:.4f} lr {lr:.2e} {elapsed:.0f}s", flush=True)
         if cfg.eval_every and step % cfg.eval_every == 0:
             t = time.time()
-            metrics = evaluate_model(model, processor, data, "val", min(cfg.n_eval, 50), cfg.eval_batch)
+            metrics = evaluate_model(model, processor, data, "val", min(cfg.n_eval, 50), cfg.eval_batch,
+                                     cfg.question_first)
             if cfg.check_fraction or cfg.colour_fraction:
                 metrics.update(evaluate_checks(model, processor, data, "val", min(cfg.n_eval, 50), cfg.eval_batch))
             eval_seconds += time.time() - t
@@ -579,11 +611,13 @@ def main(argv: list[str] | None = None) -> None:
     data = SyntheticConfig(**cfg.data)
     t = time.time()
     report["evaluation"] = {"split": args.eval_split, "n": cfg.n_eval,
-                            **evaluate_model(model, processor, data, args.eval_split, cfg.n_eval, cfg.eval_batch)}
+                            **evaluate_model(model, processor, data, args.eval_split, cfg.n_eval, cfg.eval_batch,
+                                              cfg.question_first)}
     report["evaluation_seconds"] = round(time.time() - t)
     # The val split (never the test split) is what picks between runs of different settings.
     n_val = min(cfg.n_eval, 100)
-    report["final_val"] = {"split": "val", "n": n_val, **evaluate_model(model, processor, data, "val", n_val, cfg.eval_batch)}
+    report["final_val"] = {"split": "val", "n": n_val, **evaluate_model(model, processor, data, "val", n_val, cfg.eval_batch,
+                                                                  cfg.question_first)}
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(report["evaluation"]), flush=True)
 

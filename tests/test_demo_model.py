@@ -141,4 +141,61 @@ def test_row_shares_are_validated_and_drawn() -> None:
     rng = random.Random(0)
     kinds = [module.row_kind(rng, cfg) for _ in range(4000)]
     shares = {k: kinds.count(k) / len(kinds) for k in module.ROW_KINDS}
-    assert shares == pytest.approx({"direct": 0.1, "check": 0.3, "colour": 0.2, "two_step": 0.4}, abs=0.03)
+    assert shares == pytest.approx({"direct": 0.1, "check": 0.3, "colour": 0.2, "box": 0.0, "name": 0.0,
+                                    "two_step": 0.4},
+                                   abs=0.03)
+
+
+def test_binding_weight_lands_on_each_coordinates_leading_digit() -> None:
+    from visrl.tiny_qwen3 import load_processor
+
+    module = recipe()
+    tok = load_processor(MODEL).tokenizer
+    ids = tok.encode("x[0.123, 0.456, 0.789, 0.901]y")
+    labels = [-100] + ids[1:-1] + [-100]  # the box text is the trained turn, x and y are not
+    weights = module.lead_digit_weights(ids, labels, tok.convert_tokens_to_ids("."), 10.0)
+    heavy = [tok.decode([i]) for i, w in zip(ids, weights, strict=True) if w == 10.0]
+    assert heavy == ["1", "4", "7", "9"]  # the tenths digit of x1, y1, x2, y2
+    assert weights[0] == weights[-1] == 0.0 and weights.count(1.0) == len(ids) - 2 - 4
+
+
+def test_box_rows_train_the_box_step_alone_with_their_weighted_loss() -> None:
+    import torch
+
+    from visrl.synthetic import SyntheticConfig, render_item
+
+    torch.set_num_threads(1)
+    module = recipe()
+    model, processor = load(MODEL)
+    scene = render_item(SyntheticConfig(detail="pattern", object_size=(80, 96), distinct_colours=True), "train", 0)
+    messages, images = module.make_row(scene, "box")
+    assert images == [scene.image] and [m["role"] for m in messages] == ["user", "assistant"]
+    plain = module.collate(processor, [(messages, images)])
+    weighted = module.collate(processor, [(messages, images)], binding_weight=10.0)
+    assert "loss_weights" not in plain and weighted["loss_weights"].max().item() == 10.0
+    with torch.no_grad():
+        # Weights of 1 everywhere give the model's own mean loss back: the two paths agree.
+        ones = {**weighted, "loss_weights": (weighted["loss_weights"] > 0).float()}
+        assert module.weighted_loss(model, dict(ones)).item() == pytest.approx(model(**plain).loss.item(), rel=1e-4)
+        assert module.weighted_loss(model, dict(weighted)).item() != pytest.approx(model(**plain).loss.item(), rel=1e-3)
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    from visrl.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3
+
+    module = recipe()
+    spec = TinyQwen3Spec(text_hidden=64, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
+                         vision_hidden=32, vision_depth=2, vision_heads=2, vision_intermediate=32)
+    init = build_tiny_qwen3(tmp_path / "init", spec)
+    data = {"detail": "pattern", "object_size": [80, 96], "distinct_colours": True, "min_objects": 3,
+            "max_objects": 3, "distinct_details": True}
+
+    def config(steps: int) -> Any:
+        return module.DemoTrainConfig(init_from=str(init), steps=steps, max_minutes=10, batch_size=2, threads=1,
+                                      device="cpu", eval_every=0, log_every=1, save_every=2, warmup_steps=1,
+                                      binding_weight=10.0, box_fraction=0.5, data=data)
+
+    first, _, _ = module.train(config(3), tmp_path / "run")  # a checkpoint at step 2, then one more step
+    assert first["steps"] == 3 and (tmp_path / "run" / "checkpoint" / "loop.json").is_file()
+    resumed, _, _ = module.train(config(6), tmp_path / "run")  # restarted: continues after step 2
+    assert resumed["steps"] == 6 and len(resumed["loss_every_log"]) == 6  # 2 restored + steps 3..6
