@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -20,6 +21,7 @@ from visrl.synthetic import (
     COLOURS,
     DOT_COLOURS,
     LABEL_FILL,
+    PATTERNS,
     SEGMENTS,
     SHAPES,
     Scene,
@@ -299,3 +301,33 @@ def test_distinct_colours_name_one_object_each() -> None:
         assert len(set(colours)) == len(colours) and 3 <= len(colours) <= 5
     with pytest.raises(ConfigError, match="distinct_colours"):
         SyntheticConfig(distinct_colours=True, max_objects=6)
+
+
+def test_distinct_details_give_each_object_its_own_answer() -> None:
+    cfg = SyntheticConfig(detail="pattern", object_size=(80, 96), distinct_colours=True, min_objects=3,
+                          max_objects=3, distinct_details=True)
+    questions = set()
+    for scene in scenes(40, cfg, tag="distinct-details"):
+        answers = [o.detail_answer for o in scene.objects]
+        assert sorted(answers) == sorted(PATTERNS)  # 3 objects, every pattern once
+        assert scene.answer == scene.target_object.pattern
+        questions.add(scene.target_object.colour)
+    assert len(questions) == 5  # every colour gets asked about
+    dots = SyntheticConfig(**DOTS, max_objects=4, distinct_details=True)
+    for scene in scenes(20, dots, tag="distinct-dots"):
+        assert len({o.dot_colour for o in scene.objects}) == len(scene.objects)
+    with pytest.raises(ConfigError, match="max_objects must be <= 3 with distinct_details"):
+        SyntheticConfig(detail="pattern", object_size=(80, 96), distinct_details=True)
+    with pytest.raises(ConfigError, match="distinct_details needs detail"):
+        SyntheticConfig(distinct_details=True, max_objects=3)
+
+
+PATTERN_TEST_3_SHA = "0bba106981e20da4"  # render_item(test, 3) before distinct_details existed
+
+
+def test_scenes_without_distinct_details_keep_their_bytes() -> None:
+    # The option draws its answers only when asked for: the shipped benchmark's scenes are unchanged.
+    cfg = SyntheticConfig(detail="pattern", object_size=(80, 96), distinct_colours=True)
+    scene = render_item(cfg, "test", 3)
+    assert [o.pattern for o in scene.objects] == [o.pattern for o in render_item(cfg, "test", 3).objects]
+    assert hashlib.sha256(scene.image.tobytes()).hexdigest()[:16] == PATTERN_TEST_3_SHA
