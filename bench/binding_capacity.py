@@ -9,7 +9,12 @@ how the VLM learns to use them, not in what it sees.
 
     python bench/binding_capacity.py [--source data/demo-base] [--steps 1500]
 
-Writes ``bench/results/binding_capacity.json``: val cell accuracy (500 scenes) every 100 steps.
+Writes ``bench/results/binding_capacity_<readout>.json``: val cell accuracy (500 scenes) every 100
+steps. Measured (one thread, 4,000 train scenes, batch 64, lr 1e-3): question first (``cells``) 0.56
+at step 100 and 0.80 at 1,500; image first (``query``) 0.07 at step 100 and 0.29 at 1,500 (chance of
+naming one of the 3 occupied cells: 0.33). The same features, the same net: only the order differs.
+
+    python bench/binding_capacity.py --readout cells    # and --readout query
 """
 
 from __future__ import annotations
@@ -49,7 +54,11 @@ def features(model, processor, data, split: str, n: int):
     return torch.stack(xs), torch.tensor(cs), torch.tensor(ys)
 
 
-def binder(d_in: int, cells: int, colours: int, width: int = 128, layers: int = 2):
+def binder(d_in: int, cells: int, colours: int, readout: str, width: int = 128, layers: int = 2):
+    """``readout: cells``: the visual tokens see the colour and each gives its own logit (question
+    before image: the match is computed at the visual token). ``readout: query``: the visual tokens
+    do not see the colour (a causal mask, as when the image comes first) and the colour token alone
+    names the cell, through attention over them (the VLM's image-first box step)."""
     import torch
     from torch import nn
 
@@ -61,11 +70,18 @@ def binder(d_in: int, cells: int, colours: int, width: int = 128, layers: int = 
             self.colour = nn.Embedding(colours, width)
             layer = nn.TransformerEncoderLayer(width, 4, 2 * width, 0.0, batch_first=True)
             self.encoder = nn.TransformerEncoder(layer, layers)
-            self.head = nn.Linear(width, 1)
+            self.head = nn.Linear(width, 1 if readout == "cells" else cells)
+            # Image first: visual tokens come before the colour and cannot attend to it.
+            mask = torch.zeros(cells + 1, cells + 1, dtype=torch.bool)
+            mask[:cells, cells] = True
+            self.register_buffer("mask", mask if readout == "query" else None)
 
         def forward(self, x, c):  # a logit per cell
-            h = torch.cat([self.colour(c)[:, None], self.vis(x) + self.pos], 1)
-            return self.head(self.encoder(h)[:, 1:]).squeeze(-1)
+            h = torch.cat([self.vis(x) + self.pos, self.colour(c)[:, None]], 1)
+            out = self.encoder(h, mask=self.mask)
+            if readout == "query":
+                return self.head(out[:, -1])
+            return self.head(out[:, :-1]).squeeze(-1)
 
     return Binder()
 
@@ -76,8 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=4000, help="train scenes")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "binding_capacity.json")
+    p.add_argument("--readout", choices=("cells", "query"), default="cells",
+                   help="cells: question-first (the default measured first); query: image-first")
+    p.add_argument("--out", type=Path, help="default: bench/results/binding_capacity_<readout>.json")
     args = p.parse_args(argv)
+    args.out = args.out or ROOT / "bench" / "results" / f"binding_capacity_{args.readout}.json"
     import torch
     from torch import nn
     from transformers import AutoModelForImageTextToText
@@ -94,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     x_tr, c_tr, y_tr = features(model, processor, data, "train", args.train)
     x_va, c_va, y_va = features(model, processor, data, "val", 500)
     cells = (data.width // data.cell_size) * (data.height // data.cell_size)
-    net = binder(x_tr.shape[-1], cells, len(COLOURS))
+    net = binder(x_tr.shape[-1], cells, len(COLOURS), args.readout)
     opt = torch.optim.AdamW(net.parameters(), args.lr)
     curve = []
     for step in range(1, args.steps + 1):
@@ -108,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                 acc = (net(x_va, c_va).argmax(-1) == y_va).float().mean().item()
             curve.append({"step": step, "seconds": round(time.time() - t), "val_cell_acc": round(acc, 3)})
             print(curve[-1], flush=True)
-    report = {"source": str(args.source), "train_scenes": args.train, "batch": 64, "lr": args.lr,
+    report = {"source": str(args.source), "readout": args.readout, "train_scenes": args.train, "batch": 64, "lr": args.lr,
               "chance": round(1 / 3, 3), "curve": curve}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
