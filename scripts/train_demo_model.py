@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from visrl.boxes import Box, crop_box, format_box, iou, parse_box, random_negative_box  # noqa: E402
 from visrl.config import load_config  # noqa: E402
+from visrl.contract import TwoStepContract, write_contract  # noqa: E402
 from visrl.crop_judge import NOTHING, check_messages  # noqa: E402
 from visrl.errors import ConfigError  # noqa: E402
-from visrl.prompts import box_prompt, direct_prompt, two_step_conversation  # noqa: E402
+from visrl.prompts import apply_layout, box_prompt, direct_prompt, two_step_conversation  # noqa: E402
 from visrl.synthetic import SyntheticConfig, render_item  # noqa: E402
 from visrl.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3, load_processor, save_processor  # noqa: E402
 
@@ -229,22 +230,16 @@ def lead_digit_weights(ids: list[int], labels: list[int], dot: int, weight: floa
     return out
 
 
-def text_first(messages: list[dict]) -> list[dict]:
-    """The same conversation with each user turn's text parts moved before its image parts."""
-    out = []
-    for m in messages:
-        if m["role"] == "user":
-            parts = m["content"]
-            m = {**m, "content": [p for p in parts if p["type"] == "text"] + [p for p in parts if p["type"] != "text"]}
-        out.append(m)
-    return out
+def layout_of(question_first: bool) -> str:
+    """The :data:`visrl.prompts.LAYOUTS` name of the ``question_first`` setting."""
+    return "question_first" if question_first else "image_first"
 
 
 def collate(processor: Any, rows: list[tuple[list[dict], list[Any]]], binding_weight: float = 1.0,
             question_first: bool = False) -> dict[str, Any]:
     import torch
 
-    texts = [processor.apply_chat_template(text_first(m) if question_first else m, tokenize=False) for m, _ in rows]
+    texts = [processor.apply_chat_template(apply_layout(m, layout_of(question_first)), tokenize=False) for m, _ in rows]
     images = [im for _, ims in rows for im in ims]
     processor.tokenizer.padding_side = "right"
     enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
@@ -371,7 +366,7 @@ def generate(model: Any, processor: Any, prompts: list[list[dict]], images: list
     """Greedy completions of a batch of prompts (left-padded)."""
     import torch
 
-    texts = [processor.apply_chat_template(text_first(p) if question_first else p, tokenize=False,
+    texts = [processor.apply_chat_template(apply_layout(p, layout_of(question_first)), tokenize=False,
                                            add_generation_prompt=True) for p in prompts]
     processor.tokenizer.padding_side = "left"
     enc = processor(text=texts, images=[im for ims in images for im in ims], return_tensors="pt", padding=True)
@@ -534,6 +529,8 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
     train_seconds = time.time() - start - eval_seconds
     model.to("cpu").save_pretrained(str(out_dir))
     model.to(device)
+    # The contract travels with the weights: every consumer then builds prompts in this layout.
+    write_contract(out_dir, TwoStepContract(box_format="viscot", prompt_layout=layout_of(cfg.question_first)))
     return {"steps": step, "train_seconds": round(train_seconds), "val_eval_seconds": round(eval_seconds),
             "scenes_seen": step * cfg.batch_size, "device": device,
             "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",

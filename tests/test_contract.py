@@ -85,6 +85,7 @@ def test_override_ignores_unset_keys_and_names_unknown_ones() -> None:
     ({"crop_margin": float("nan")}, r"crop_margin must be in \[0.0, 10.0\], got nan"),
     ({"image_max_pixels": 0}, "image_max_pixels must be at least 1 pixel or null, got 0"),
     ({"image_min_pixels": 100, "image_max_pixels": 50}, r"image_min_pixels \(100\) must not exceed"),
+    ({"prompt_layout": "sideways"}, "prompt_layout 'sideways' unknown; use one of image_first, question_first"),
 ])
 def test_bad_values_are_named(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -218,3 +219,44 @@ def test_one_box_round_trips_item_generate_pair_export_parse(fmt: str, store: An
         contract.apply_budget(processor)
         grid = processor(images=[row["images"][0]])["image_grid_thw"][0].tolist()
         assert (grid[2] * 14, grid[1] * 14) == contract.input_size(ROUND_SIZE) == (504, 364)
+
+
+# ---------------------------------------------------------------------- prompt layout
+
+class RecordingPolicy(TwoStep):
+    """Records the conversations it is asked to complete and answers with a fixed box."""
+
+    def __init__(self, contract: TwoStepContract) -> None:
+        self.contract = contract
+        self.seen: list[list[dict]] = []
+
+    def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
+        self.seen.extend(conversations)
+        return [["[0.1, 0.2, 0.5, 0.6]"] * sampling.n for _ in conversations]
+
+
+def _part_order(message: dict) -> list[str]:
+    return [part["type"] for part in message["content"]]
+
+
+@pytest.mark.parametrize(("layout", "first_turn"), [("image_first", ["image", "text"]),
+                                                     ("question_first", ["text", "image"])])
+def test_the_checkpoints_layout_orders_every_prompt(layout: str, first_turn: list[str], tmp_path: Path) -> None:
+    from visrl.prompts import answer_prompt, box_prompt, two_step_conversation
+    from visrl.reasoning import Sampling
+
+    write_contract(tmp_path, TwoStepContract(prompt_layout=layout))
+    contract = read_contract(tmp_path)  # the layout travels with the checkpoint
+    assert contract.prompt_layout == layout
+    policy = RecordingPolicy(contract)
+    image = Image.new("RGB", ROUND_SIZE, "white")
+    policy.two_step([image], ["What is on the red square?"], Sampling(n=1))
+    policy.direct([image], ["What is on the red square?"], Sampling(n=1))
+    box_turn, answer_turn, direct_turn = policy.seen
+    assert _part_order(box_turn[0]) == _part_order(answer_turn[0]) == _part_order(direct_turn[0]) == first_turn
+    assert _part_order(answer_turn[2]) == ["image"]  # the crop turn holds no text in either layout
+    assert box_turn[0]["content"][first_turn.index("text")]["text"].startswith("What is on the red square?")
+    # Training rows (visrl.formats.trl) and GRPO rows build theirs with these, in the contract's layout.
+    for messages in (box_prompt("q?", layout), answer_prompt("q?", "[0, 0, 1, 1]", layout),
+                     two_step_conversation("q?", "[0, 0, 1, 1]", "red", layout)):
+        assert _part_order(messages[0]) == first_turn

@@ -47,6 +47,7 @@ from visrl.boxes import (
     parse_box,
 )
 from visrl.errors import ConfigError
+from visrl.prompts import LAYOUTS
 
 CONTRACT_FILE = "visrl_model.json"  # beside a model's config.json or an adapter's adapter_config.json
 QWEN_RESIZE_FACTOR = 28  # Qwen2/2.5-VL: 14 px patches, 2x2 merged into one visual token
@@ -66,6 +67,7 @@ class TwoStepContract:
     full_max_pixels: int | None = None  # the full image shrunk to this area first; None = as is
     crop_min_pixels: int | None = None  # the crop enlarged to this area first; None = as is
     resize_factor: int = QWEN_RESIZE_FACTOR  # px: patch size x merge size of the processor
+    prompt_layout: str = "image_first"  # or question_first: the question's text before its image
 
     def __post_init__(self) -> None:
         if self.box_format not in BOX_FORMATS:
@@ -73,6 +75,8 @@ class TwoStepContract:
         # per side, in box widths; NaN compares false and fails too
         if not (isinstance(self.crop_margin, (int, float)) and 0 <= self.crop_margin <= MAX_CROP_MARGIN):
             raise ConfigError(f"crop_margin must be in [0.0, {MAX_CROP_MARGIN:.1f}], got {self.crop_margin!r}")
+        if self.prompt_layout not in LAYOUTS:
+            raise ConfigError(f"prompt_layout {self.prompt_layout!r} unknown; use one of {', '.join(LAYOUTS)}")
         if self.crop_min_size < 1 or self.resize_factor < 1:
             raise ConfigError(f"crop_min_size and resize_factor must be >= 1, got {self.crop_min_size} "
                               f"and {self.resize_factor}")

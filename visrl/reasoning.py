@@ -139,21 +139,21 @@ class TwoStep:
     def propose_boxes(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
                       progress: bool = False) -> list[list[str]]:
         """Step 1: ``sampling.n`` box texts per item."""
-        conversations = [with_images(box_prompt(q), [self.prepare_full(im)])
+        conversations = [with_images(box_prompt(q, self.contract.prompt_layout), [self.prepare_full(im)])
                          for im, q in zip(images, questions, strict=True)]
         return self.generate(conversations, sampling, progress=progress)
 
     def answer(self, images: list[Image.Image], questions: list[str], box_texts: list[str],
                crops: list[Image.Image], sampling: Sampling, progress: bool = False) -> list[list[str]]:
         """Step 2: answers given the full image, the step-1 box text and its crop."""
-        conversations = [with_images(answer_prompt(q, t), [self.prepare_full(im), self.prepare_crop(c)])
+        conversations = [with_images(answer_prompt(q, t, self.contract.prompt_layout), [self.prepare_full(im), self.prepare_crop(c)])
                          for im, q, t, c in zip(images, questions, box_texts, crops, strict=True)]
         return self.generate(conversations, sampling, progress=progress)
 
     def direct(self, images: list[Image.Image], questions: list[str], sampling: Sampling,
                progress: bool = False) -> list[list[str]]:
         """The baseline: answer from the full image, without the box step."""
-        conversations = [with_images(direct_prompt(q), [self.prepare_full(im)])
+        conversations = [with_images(direct_prompt(q, self.contract.prompt_layout), [self.prepare_full(im)])
                          for im, q in zip(images, questions, strict=True)]
         return self.generate(conversations, sampling, progress=progress)
 
@@ -271,7 +271,7 @@ class Reasoner(TwoStep):
         box = self.parse(box_text, image)
         crop = self.crop(image, box)
         yield {"kind": "box", "box_text": box_text, "box": box, "crop": crop}
-        conversation = with_images(answer_prompt(question, box_text),
+        conversation = with_images(answer_prompt(question, box_text, self.contract.prompt_layout),
                                     [self.prepare_full(image), self.prepare_crop(crop)])
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=300)

@@ -158,19 +158,20 @@ def build_row(record: Record, kind: str, contract: TwoStepContract, refs: _Refs)
         box = Box(*record["box"])
         text = contract.format(box, refs.size(record["image"]))
         return {"images": [refs.full(record["image"]), refs.crop(record["image"], box)],
-                "messages": two_step_conversation(record["question"], text, record["answer"])}
+                "messages": two_step_conversation(record["question"], text, record["answer"],
+                                                  contract.prompt_layout)}
     size = tuple(record["size"])
     boxes = {side: box_from_json(record[f"{side}_box"]) for side in ("chosen", "rejected")}
     texts = {side: contract.format(box, size) if box is not None else record["raw_texts"][side]
              for side, box in boxes.items()}
     full = refs.full(record["image"])
-    row: Row = {"images": [full], "prompt": box_prompt(record["question"]),
+    row: Row = {"images": [full], "prompt": box_prompt(record["question"], contract.prompt_layout),
                 "chosen": assistant(texts["chosen"]), "rejected": assistant(texts["rejected"]),
                 "pair_id": record["pair_id"]}
     if kind == "dpo2":
         for side in ("chosen", "rejected"):
             row[f"{side}_answer_images"] = [full, refs.crop(record["image"], boxes[side])]
-            row[f"{side}_answer_prompt"] = answer_prompt(record["question"], texts[side])
+            row[f"{side}_answer_prompt"] = answer_prompt(record["question"], texts[side], contract.prompt_layout)
             row[f"{side}_answer"] = assistant(record.get(f"{side}_answer") or "")
     return row
 

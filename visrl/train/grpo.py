@@ -107,7 +107,7 @@ def _row(contract: TwoStepContract, original: Image.Image, question: str, box: B
     full = contract.prepare_full(original)
     sx, sy = full.width / original.width, full.height / original.height
     gt = Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy)
-    return {"images": [full], "prompt": box_prompt(question), "gt_box": gt.as_list(),
+    return {"images": [full], "prompt": box_prompt(question, contract.prompt_layout), "gt_box": gt.as_list(),
             "question": question, "references": references}
 
 
