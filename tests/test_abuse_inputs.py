@@ -344,3 +344,81 @@ def test_stored_names_hold_no_control_or_bidi_characters(store: Store, tmp_path:
 ])
 def test_safe_stem(stem: str, expected: str) -> None:
     assert safe_stem(stem) == expected
+
+
+# ---------------------------------------------------------------------- the same, in a real browser
+
+@pytest.mark.browser
+def test_the_apps_own_page_uploads_an_image(app: dict[str, Any], browser: Any, tmp_path: Path) -> None:
+    """Chromium's own headers (Origin, Sec-Fetch-Site) on the app's page pass the check."""
+    image = tmp_path / "photo.png"
+    image.write_bytes(png_bytes((40, 30)))
+    page = browser.new_page()
+    try:
+        page.goto(app["origin"] + "/")
+        page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=120_000)  # the page is live
+        page.get_by_role("tab", name="Chat").click(timeout=60_000)
+        with page.expect_response(lambda r: UPLOAD in r.url, timeout=60_000) as answer:
+            page.locator("#chat-image input[type=file]").set_input_files(str(image), timeout=60_000)
+        assert answer.value.status == 200
+        page.wait_for_selector("#chat-image img", timeout=60_000)
+    finally:
+        page.close()
+    assert image.read_bytes() in [p.read_bytes() for p in stored_uploads(app)]
+
+
+@pytest.fixture
+def foreign_site() -> Iterator[str]:
+    """Another web server on this machine (a dev server, a compromised local tool): its page's
+    origin is ``http://localhost:<other port>``, a different site from ``127.0.0.1:<app port>``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+            body = b"<html><body>cat pictures</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://localhost:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.browser
+def test_a_foreign_page_cannot_upload_or_read(app: dict[str, Any], browser: Any, foreign_site: str) -> None:
+    """A page of another site POSTs a file to the app the way an attack would (FormData, no-cors:
+    no preflight) and tries to read its config: the server answers 403 to both, stores nothing."""
+    page = browser.new_page()
+    statuses: dict[str, int] = {}
+    page.on("response", lambda r: statuses.update({r.url.split(str(app["port"]), 1)[-1]: r.status}))
+    try:
+        page.goto(foreign_site)
+        read = page.evaluate("""async (origin) => {
+            const form = new FormData();
+            form.append("files", new Blob([new Uint8Array(4096)]), "x.png");
+            let sent = "sent";
+            try {
+                await fetch(origin + "/gradio_api/upload", {method: "POST", body: form, mode: "no-cors",
+                                                            credentials: "include"});
+            } catch (e) { sent = "failed: " + e; }
+            // gradio lets a localhost page read a loopback app (CORS): what it reads is the 403
+            try { const r = await fetch(origin + "/config"); return sent + ", " + r.status; }
+            catch (e) { return sent + ", blocked"; }
+        }""", app["origin"])
+    finally:
+        page.close()
+    assert statuses.get(UPLOAD) == 403, (statuses, read)  # the request reached the app, which refused it
+    assert statuses.get("/config") == 403 and read in ("sent, 403", "sent, blocked"), (statuses, read)
+    assert stored_uploads(app) == []
