@@ -147,8 +147,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         os.environ["GRADIO_TEMP_DIR"] = str(tmp / "gradio")
-        port = free_port()
-        blocks = launch(seed_pairs(tmp / "app"), port=port, prevent_thread_lock=True, quiet=True)
+        workspace = seed_pairs(tmp / "app")
+        for attempt in range(3):  # gradio's own start check (a HEAD, 3 s timeout) fails under heavy load
+            port = free_port()
+            try:
+                blocks = launch(workspace, port=port, prevent_thread_lock=True, quiet=True)
+                break
+            except ValueError:
+                if attempt == 2:
+                    raise
         try:
             rows = app_cases(port, tmp / "gradio")
         finally:
