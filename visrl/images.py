@@ -26,8 +26,9 @@ from visrl.errors import DataError
 # (Qwen2/2.5-VL resize to at most 12.8 M pixels), far below what stalls a host.
 MAX_IMAGE_PIXELS = 4096 * 4096
 # Formats a browser or an OpenAI client sends; PIL's others (e.g. multi-page TIFF, ICNS, PSD)
-# only widen what an attacker can reach.
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# only widen what an attacker can reach. The one list: serve, infer, Chat and the import use it.
+ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+FORMATS = ACCEPTED_IMAGE_FORMATS  # the older name
 # A file the user names (an import, ``visrl infer --image``) is trusted more than a request: 64 M
 # pixels (8192 x 8192) decodes to 192 MB of RGB, above any photo a VLM sees (they are resized to
 # ~1 M pixels) and far below a decompression bomb (a 20000 x 20000 PNG of a few KB decodes to 1.2 GB).

@@ -2,6 +2,8 @@
 
 Safety defaults: binds 127.0.0.1; any other address needs ``auth`` (refused otherwise); a local
 app answers only requests whose ``Host`` is a loopback name (a DNS-rebinding page gets 403);
+every app refuses cross-site requests and uploads over a size limit (:mod:`visrl_app.same_origin`)
+and deletes gradio's temp files after an hour (:data:`DELETE_CACHE`);
 serves only the workspace's ``images/`` (rendered crops and plots go through gradio's own temp
 folder), never the store, weights, logs or configs; no run history in the browser and no API page
 link (pairs hold private data).
@@ -36,6 +38,12 @@ from visrl_app.train_tab import create_train_tab  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Largest upload (the Chat tab's image): 50 MB is ~4x a 48 MP phone JPEG and far above what the
+# 64 M-pixel budget decodes; `visrl-app --max-upload-mb` changes it.
+MAX_UPLOAD_MB = 50
+# Gradio's temp files (uploads, rendered crops and plots): every 10 min, those older than 1 h are
+# deleted (a chat keeps its image for an hour), and all of them when the app stops.
+DELETE_CACHE = (600, 3600)
 # SQLite's side files: the write-ahead log, its shared-memory index, a rollback journal.
 STORE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
@@ -44,7 +52,7 @@ def build_app(workspace: str | Path | Workspace, user: str | None = None) -> gr.
     """The app for ``workspace`` (a folder or an opened Workspace); launch with :func:`launch`.
     ``user`` names the reviewer on audit rows when there is no login (see AppContext)."""
     ctx = AppContext.open(workspace, user)
-    with gr.Blocks(title="VisRL", analytics_enabled=False) as blocks:
+    with gr.Blocks(title="VisRL", analytics_enabled=False, delete_cache=DELETE_CACHE) as blocks:
         gr.Markdown(f"## VisRL · workspace `{ctx.root}`", elem_id="visrl-header")
         with gr.Tabs():
             with gr.Tab("Pairs", id="pairs", elem_id="tab-pairs"):
@@ -163,17 +171,25 @@ class LoopbackHostOnly:
         await self.app(scope, receive, send)
 
 
-def launch_kwargs(workspace: Workspace, host: str = "127.0.0.1") -> dict[str, Any]:
+def launch_kwargs(workspace: Workspace, host: str = "127.0.0.1",
+                  max_upload_mb: int = MAX_UPLOAD_MB) -> dict[str, Any]:
     """The privacy and asset settings every launch uses (tests launch with the same).
 
     A loopback ``host`` also gets :class:`LoopbackHostOnly`; an app on another address has a
-    password and whatever name the network gives it.
+    password and whatever name the network gives it. Every app refuses cross-site requests
+    (:class:`~visrl_app.same_origin.SameOriginOnly`) and uploads over ``max_upload_mb``.
     """
     from starlette.middleware import Middleware
 
+    from visrl_app.same_origin import SameOriginOnly
+
     allowed, blocked = served_paths(workspace)
+    max_bytes = max_upload_mb * 1024 * 1024
     middleware = [Middleware(LoopbackHostOnly)] if is_local(host) else []
+    # + 1 MB for the multipart framing around the one file of an upload
+    middleware.append(Middleware(SameOriginOnly, max_body_bytes=max_bytes + 1024 * 1024))
     return {
+        "max_file_size": max_bytes,
         "allowed_paths": allowed,
         "blocked_paths": blocked,
         "app_kwargs": {"middleware": middleware},
@@ -187,12 +203,12 @@ def launch_kwargs(workspace: Workspace, host: str = "127.0.0.1") -> dict[str, An
 
 def launch(workspace: str | Path | Workspace, host: str = "127.0.0.1", port: int | None = None,
            auth: Logins | tuple[str, str] | None = None, prevent_thread_lock: bool = False,
-           quiet: bool = False, user: str | None = None) -> gr.Blocks:
+           quiet: bool = False, user: str | None = None, max_upload_mb: int = MAX_UPLOAD_MB) -> gr.Blocks:
     """Build and serve the app. Raises ConfigError for a non-local host without ``auth``."""
     check_bind(host, auth)
     ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
     blocks = build_app(ws, user)
     blocks.queue(default_concurrency_limit=4)
     blocks.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=prevent_thread_lock,
-                  quiet=quiet, inbrowser=False, share=False, **launch_kwargs(ws, host))
+                  quiet=quiet, inbrowser=False, share=False, **launch_kwargs(ws, host, max_upload_mb))
     return blocks

@@ -63,8 +63,10 @@ def ensure_workspace(workspace: str | None, builder: Builder | None = None) -> P
 @click.option("--user", default=None, envvar="VISRL_USER", metavar="NAME",
               help="Reviewer name on audit rows when there is no login (default: $VISRL_USER, else "
                    "your OS login); under --auth each browser's login name is used.")
+@click.option("--max-upload-mb", type=click.IntRange(1, 4096), default=50, show_default=True,
+              help="Largest file a browser may upload (the Chat tab's image), in MB; larger ones get 413.")
 def cli(workspace: str | None, host: str, port: int | None, auth: tuple[str, ...], auth_file: str | None,
-        user: str | None) -> None:
+        user: str | None, max_upload_mb: int) -> None:
     """Curate preference pairs, launch training, evaluate, and chat with the focus crop."""
     from visrl_app.app import check_bind, host_is_local, is_local, launch, parse_auth
     from visrl_app.first_start import build_with_page, pick_port
@@ -83,7 +85,7 @@ def cli(workspace: str | None, host: str, port: int | None, auth: tuple[str, ...
                         echo=lambda line: click.echo(line, err=True))
 
     root = ensure_workspace(workspace, with_page)
-    launch(root, host=host, port=chosen["port"], auth=credentials, user=reviewer)
+    launch(root, host=host, port=chosen["port"], auth=credentials, user=reviewer, max_upload_mb=max_upload_mb)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import re
+import unicodedata
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
 from visrl.errors import DataError
 from visrl.formats.records import os_reason, record_error, short_path, short_value
-from visrl.images import FILE_MAX_PIXELS, orientation, upright
+from visrl.images import ACCEPTED_IMAGE_FORMATS, FILE_MAX_PIXELS, orientation, upright
 from visrl.store import Store
 
 # A pixel budget per image, read from the header before any decoding (64 M pixels; see there).
@@ -50,6 +51,21 @@ def check_dataset_name(name: str) -> str:
                         "must start with a letter or digit and have at most 100 characters; "
                         "pass another --dataset")
     return name
+
+
+# Never written into a stored file name (each becomes "_"): controls (Cc: newline, tab, ESC),
+# format characters (Cf: the bidi overrides U+202A-202E and isolates U+2066-2069 that make
+# "x\u202egnp.exe" display as "xexe.png", zero-width characters), line and paragraph separators,
+# surrogates, private-use and unassigned code points.
+_UNSAFE_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def safe_stem(stem: str, limit: int = 80) -> str:
+    """``stem`` (a source file's name without suffix) as it may appear in a stored name: unsafe
+    characters (see ``_UNSAFE_NAME_CATEGORIES``) replaced by ``_``, no leading dot (a hidden file)
+    or space, at most ``limit`` characters; ``image`` when nothing is left."""
+    cleaned = "".join("_" if unicodedata.category(ch) in _UNSAFE_NAME_CATEGORIES else ch for ch in stem)
+    return cleaned.lstrip(". ")[:limit].rstrip(" ") or "image"
 
 
 # Modes PNG stores as they are; another mode (CMYK, YCbCr, ...) is converted to RGB(A) first.
@@ -107,7 +123,7 @@ class ImageSource:
             if turn != 1 and fmt == "PNG":
                 suffix = ".png"  # upright_file wrote every non-JPEG source as PNG
             # The stem keeps names readable; 80 characters + hash stays below NAME_MAX (255 bytes).
-            name = f"{source.stem[:80]}-{digest[:16]}{suffix}"
+            name = f"{safe_stem(source.stem)}-{digest[:16]}{suffix}"
             placed = PlacedImage(source, f"images/{self.dataset}/{name}", size, digest, source_digest, turn)
             self._by_source[source] = placed
         self._seen[entry] = placed
@@ -152,7 +168,7 @@ class ImageSource:
             with warnings.catch_warnings():
                 # PIL warns from 89 M pixels; our own budget below decides, with the record named.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
+                image = Image.open(io.BytesIO(data), formats=ACCEPTED_IMAGE_FORMATS)  # serve's list
             with image:
                 size, fmt = image.size, image.format or "png"
                 if size[0] * size[1] > MAX_IMAGE_PIXELS:
@@ -166,7 +182,11 @@ class ImageSource:
         except Image.DecompressionBombError as exc:  # PIL's own bomb check, before our size check
             raise fail(f"is too large to decode ({exc}); downscale it before importing") from None
         except UnidentifiedImageError:
-            raise fail("is not a readable image (unknown format)") from None
+            other = _other_format(data)
+            if other is None:
+                raise fail("is not a readable image (unknown format)") from None
+            raise fail(f"is a {other} image, a format VisRL does not take; convert it to one of "
+                       f"{', '.join(ACCEPTED_IMAGE_FORMATS)} (what serve and the app accept)") from None
         except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, struct.error...
             raise fail(f"is not a readable image ({os_reason(exc)}); re-export or remove it") from None
         source_digest = hashlib.sha256(data).hexdigest()
@@ -260,6 +280,18 @@ def _write_upright(placed: PlacedImage, dest: Path) -> None:
         out.write(encoded)
         out.flush()
         os.fsync(out.fileno())
+
+
+def _other_format(data: bytes) -> str | None:
+    """The name of PIL's format for ``data`` when :data:`ACCEPTED_IMAGE_FORMATS` left it out (e.g.
+    ``TIFF``), else None. For the error message only: reads the header, decodes nothing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.format
+    except Exception:  # noqa: BLE001 - any failure to identify means: no format PIL knows
+        return None
 
 
 def _sha256_file(path: Path) -> str:

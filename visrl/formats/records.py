@@ -2,7 +2,8 @@
 
 :func:`read_records` refuses, with one :class:`~visrl.errors.DataError` naming the file (and the
 record and field), what used to surface as a traceback: a UTF-16 or Latin-1 file, nesting past
-:data:`MAX_DEPTH`, integers past 64 bits (10^400), lone UTF-16 surrogates. Error messages never
+:data:`MAX_DEPTH`, integers past 64 bits (10^400), lone UTF-16 surrogates, text values over
+:data:`MAX_TEXT_CHARS` characters. Error messages never
 echo a huge value in full (:func:`short_value`).
 """
 
@@ -19,6 +20,10 @@ from visrl.errors import DataError
 # conversation turn inside a list inside a record) and far below Python's recursion limit.
 MAX_DEPTH = 32
 _INT64 = 2**63  # SQLite stores integers in 64 bits; a larger one cannot be written
+# Characters in one text value (a question, an answer, a reasoning turn, an id): ~2,000 tokens,
+# 10x a long Visual-CoT answer. A 10 MB question would be stored, shown in every app view and fed
+# to every generate run (serve refuses such a prompt anyway: visrl.serve_limits).
+MAX_TEXT_CHARS = 8_000
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
          b"\xfe\xff": "UTF-16"}
@@ -28,7 +33,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON file (a list of objects) or a JSONL file (one object per line).
 
     The file must be UTF-8 (a BOM is allowed); every value is checked to be storable (no lone
-    surrogates, integers within 64 bits, nesting within :data:`MAX_DEPTH`) before any is used.
+    surrogates, integers within 64 bits, nesting within :data:`MAX_DEPTH`, text within
+    :data:`MAX_TEXT_CHARS`) before any is used.
     """
     path = Path(path)
     try:
@@ -77,14 +83,17 @@ def _too_deep(path: Path, where: str = "") -> DataError:
 
 
 def check_values(path: Path, index: int, record: dict[str, Any]) -> None:
-    """Every value of ``record`` can be stored: text without lone surrogates, 64-bit integers,
-    nesting within :data:`MAX_DEPTH`. Walks iteratively (a deep record must not overflow the stack)."""
+    """Every value of ``record`` can be stored: text within :data:`MAX_TEXT_CHARS` and without
+    lone surrogates, 64-bit integers, nesting within :data:`MAX_DEPTH`. Walks iteratively (a deep record must not overflow the stack)."""
     stack: list[tuple[Any, str, int]] = [(record, "(record)", 0)]
     while stack:
         value, top, depth = stack.pop()  # top: the record's field the value sits in
         if depth > MAX_DEPTH:
             raise record_error(path, index, top, f"nested deeper than {MAX_DEPTH} levels")
         if isinstance(value, str):
+            if len(value) > MAX_TEXT_CHARS:
+                raise record_error(path, index, top, f"holds {len(value):,} characters of text; the limit is "
+                                   f"{MAX_TEXT_CHARS:,} per value: shorten it")
             if _SURROGATE.search(value):
                 raise record_error(path, index, top, "holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
                                    "which is not text; fix that escape in the file")
