@@ -329,7 +329,9 @@ def test_model_judges_run_concurrently_and_are_cached(store: Store) -> None:
         rows = store.rollouts(run_key=report.run_key)
         assert {r["answer_score"] for r in rows} <= {1.0, 0.9, 0.5}
         assert {r["crop_score"] for r in rows} <= {1.0, 0.9, 0.5}
-        assert all(set(json.loads(r["scores"])) == {"answer:model:judge", "crop:model:judge"} for r in rows)
+        keys = {j.key for j in make_judges("model", "model", cfg.judge_options())}
+        assert {k.split("@")[0] for k in keys} == {"answer:model:judge", "crop:model:judge"}
+        assert all(set(json.loads(r["scores"])) == keys for r in rows)
         run_generate(store.workspace, cfg, reasoner=ScriptedReasoner())
         assert len(server.requests) == 24  # resumed run: all cached, no new calls
 
@@ -390,7 +392,8 @@ def test_unscored_judge_replies_are_dropped_and_counted(store: Store) -> None:
         rows = store.rollouts(run_key=report.run_key)
         negatives = [r for r in rows if r["kind"] == "negative"]
         assert {r["answer_score"] for r in negatives} == {None}
-        assert all(json.loads(r["scores"])["unscored"] == ["answer:model:judge"] for r in negatives)
+        key = make_judges("model", "none", cfg.judge_options())[0].key
+        assert all(json.loads(r["scores"])["unscored"] == [key] for r in negatives)
         assert {r["answer_score"] for r in rows if r["kind"] == "policy"} == {1.0}
         again = run_generate(store.workspace, cfg, reasoner=ScriptedReasoner())
         assert len(server.requests) == 4 and again.unscored == 2  # not re-asked; still counted
