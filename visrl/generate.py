@@ -205,7 +205,8 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
     store.record_generate_run(run_key, plan.lineage, cfg.model_label(), identity)
     if progress is not None:  # the bar counts new work only: items done by earlier runs are not progress
         progress.set_total(len(pending))
-        progress.update(step=0, force=True, message=plan.summary())
+        progress.update(step=0, force=True)
+        progress.message(plan.summary())  # in the terminal too: a new run (model changed) or a re-judge says so
     if pending and reasoner is None:
         reasoner = load_reasoner(ws, cfg)
         from visrl.train.merge import merge_reasoner_adapter
