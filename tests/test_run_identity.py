@@ -182,6 +182,24 @@ def test_model_judge_key_names_server_and_prompt_settings() -> None:
     assert key().startswith("answer:model:j@")
 
 
+def test_local_crop_judge_key_follows_its_weights(tmp_path: Path) -> None:
+    """``crop_judge: policy``: weights retrained in place (same size, same mtime) are a new judge;
+    a copy of the same weights elsewhere is the same judge."""
+    import os
+
+    from visrl.crop_judge import make_policy_crop_judge
+
+    folder = model_folder(tmp_path / "a", "judge", b"weights-1")
+    copy = model_folder(tmp_path / "b", "judge", b"weights-1")
+    before = make_policy_crop_judge(str(folder)).key
+    assert make_policy_crop_judge(str(copy)).key == before
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    weights.write_bytes(b"weights-2")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert make_policy_crop_judge(str(folder)).key != before
+
+
 # ---------------------------------------------------------------------- the plan, printed
 
 def test_dry_run_prints_the_plan_and_loads_nothing(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

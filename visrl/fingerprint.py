@@ -17,7 +17,8 @@ plus ``config.json`` / ``adapter_config.json``, always with the file's name and 
 
 A change confined to the inside of one large tensor (a hand edit of a few values) can escape the
 samples; anything VisRL or a trainer writes cannot. Fingerprints are memoized per process by
-(path, size, mtime), so a run that asks several times reads the files once.
+(path, inode, size, mtime, ctime): a run that asks several times reads the files once, and any
+write to a file (even one that restores its mtime) changes its ctime.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ SPREAD_SAMPLES = 256  # samples of a large file that is not safetensors
 CONFIG_FILES = ("config.json", "adapter_config.json")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
 
-_memo: dict[tuple[str, int, int], str] = {}
+_memo: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def weight_files(folder: str | Path) -> list[Path]:
@@ -70,7 +71,7 @@ def file_fingerprint(path: str | Path) -> str:
     """The SHA-256 (hex) of one file's content as the module doc describes."""
     path = Path(path)
     stat = path.stat()
-    memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    memo_key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if memo_key not in _memo:
         _memo[memo_key] = _fingerprint(path, stat.st_size)
     return _memo[memo_key]

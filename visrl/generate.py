@@ -19,8 +19,8 @@ configured judges (cached per (rollout, judge) in ``judgements``; a judge's key 
 settings, so other judges re-judge the stored rollouts without generating again), and
 :mod:`visrl.pairs` turns the run's rollouts into pending pairs. Before any model loads, the
 servers the config names are asked whether they answer (:func:`visrl.remote.check_servers`);
-a first batch whose box texts mostly fail to parse stops the run (``min_parse_rate``). Crops are not saved: they are a pure function of
-the item image and the stored box.
+a first batch whose box texts mostly fail to parse stops the run (``min_parse_rate``). Crops
+are not saved: they are a pure function of the item image and the stored box.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class GenerateReport:
     items_per_s: float
     rollouts_per_s: float
     stopped: bool
-    rejudged: int = 0  # stored rollouts (of earlier runs of this key) judged now by new judges
+    rejudged: int = 0  # rollouts stored by earlier runs of this key, judged now (the judges changed)
 
 
 def run_key_for(cfg: GenerateConfig, workspace: Workspace | None = None,
