@@ -848,7 +848,10 @@ def test_generate_form_says_nothing_to_do_and_defaults_to_new_items(ctx: Any,
 def test_generate_form_takes_the_judge_key_variable_and_warns_when_unset(
         ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The form exposes model judges, so it takes judge_api_key_env (a variable's name); an unset
-    variable is a warning under the form and at start, before any job row."""
+    variable, or a judge server that is not there, is a warning under the form and at start,
+    before any job row."""
+    from test_judges import FakeJudgeServer
+
     from visrl_app import generate_tab
 
     model_folder(ctx, "base")
@@ -862,7 +865,11 @@ def test_generate_form_takes_the_judge_key_variable_and_warns_when_unset(
         assert generate_tab.start_generation(ctx, None, *form) is None
     assert ctx.store.jobs() == []
     monkeypatch.setenv("VISRL_T_JUDGE_KEY", "s3cret")
-    assert generate_tab.readiness(ctx, *form).startswith("Ready: 2 of 2 items")
+    assert generate_tab.readiness(ctx, *form).startswith(
+        "⚠️ judge_base_url http://127.0.0.1:9/v1: connection refused")  # nothing listens on port 9
+    with FakeJudgeServer([], models=("judge",), api_key="s3cret") as server:
+        form[8] = server.base_url
+        assert generate_tab.readiness(ctx, *form).startswith("Ready: 2 of 2 items")
     # a rule judge reads no key: the field is not written
     assert "judge_api_key_env" not in generate_tab.compose_config(ctx, *form[:6], "exact", "iou", "", "", "X")
 

@@ -372,25 +372,29 @@ def test_validation_checks_what_the_run_needs(store: Store, kind: str, recipe: s
 
 
 @pytest.mark.parametrize("recipe, key", [
-    ("backend: remote\nbase_url: http://127.0.0.1:8000/v1\nremote_model: m\napi_key_env: VISRL_T_KEY\n",
-     "api_key_env"),
-    ("model_name_or_path: models/base\nanswer_judge: model\njudge_base_url: http://j/v1\njudge_model: j\n"
+    ("backend: remote\nbase_url: {url}\nremote_model: m\napi_key_env: VISRL_T_KEY\n", "api_key_env"),
+    ("model_name_or_path: models/base\nanswer_judge: model\njudge_base_url: {url}\njudge_model: j\n"
      "judge_api_key_env: VISRL_T_KEY\n", "judge_api_key_env"),
 ])
 @pytest.mark.parametrize("kind", ["generate", "eval"])
 def test_validation_needs_the_api_key_variables_set(store: Store, monkeypatch: pytest.MonkeyPatch,
                                                     kind: str, recipe: str, key: str) -> None:
-    """A key variable the run would read is checked before the job starts, not in the child."""
+    """A key variable the run would read is checked before the job starts, not in the child; the
+    server is then asked with that key."""
+    from test_judges import FakeJudgeServer
+
     from visrl.errors import ConfigError
 
     store.add_dataset("shapes", "vqa")
     _model(store.workspace, "base")
-    recipe += "dataset: shapes\n"
-    monkeypatch.delenv("VISRL_T_KEY", raising=False)
-    with pytest.raises(ConfigError, match=f"^{key} names the environment variable VISRL_T_KEY, which is not set"):
-        jobs.validate_text(kind, recipe, store.workspace)
-    monkeypatch.setenv("VISRL_T_KEY", "s3cret")
-    assert jobs.validate_text(kind, recipe, store.workspace)[key] == "VISRL_T_KEY"  # the name, never the key
+    with FakeJudgeServer([], models=("m", "j"), api_key="s3cret") as server:
+        recipe = recipe.format(url=server.base_url) + "dataset: shapes\n"
+        monkeypatch.delenv("VISRL_T_KEY", raising=False)
+        with pytest.raises(ConfigError, match=f"^{key} names the environment variable VISRL_T_KEY, which is not set"):
+            jobs.validate_text(kind, recipe, store.workspace)
+        monkeypatch.setenv("VISRL_T_KEY", "s3cret")
+        assert jobs.validate_text(kind, recipe, store.workspace)[key] == "VISRL_T_KEY"  # the name, never the key
+        assert server.probes == ["Bearer s3cret"]
 
 
 def test_validation_finds_a_hub_id_where_the_loader_does(store: Store, tmp_path: Path,

@@ -138,15 +138,36 @@ def test_make_judges_validates() -> None:
 # ---------------------------------------------------------------------- judge model over HTTP
 
 class FakeJudgeServer:
-    """An OpenAI-compatible /chat/completions on 127.0.0.1 with scripted replies."""
+    """An OpenAI-compatible /chat/completions on 127.0.0.1 with scripted replies, and /models
+    listing ``models`` (answered 401 unless the request carries ``api_key``, when one is set)."""
 
-    def __init__(self, replies: list[Any] | Any) -> None:
+    def __init__(self, replies: list[Any] | Any, models: tuple[str, ...] = ("judge",),
+                 api_key: str | None = None) -> None:
         self.replies = replies if callable(replies) else list(replies)  # str = assistant text; int = HTTP error status
         self.requests: list[dict[str, Any]] = []
+        self.probes: list[str] = []  # the Authorization header of each GET /models ("" when none)
         self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                auth = self.headers.get("Authorization", "")
+                server.probes.append(auth)
+                if self.path != "/v1/models":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                if api_key and auth != f"Bearer {api_key}":
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                data = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data.encode())
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:

@@ -80,12 +80,13 @@ class PolicyCropJudge:
 
     @property
     def key(self) -> str:
-        # The model folder and the prompt identify the judge; a retrained model in the same folder
-        # is told apart by its weights' size and time (cached judgements must not carry over).
-        weights = Path(self.model_path, "model.safetensors")
-        stamp = f"{weights.stat().st_size}:{int(weights.stat().st_mtime)}" if weights.is_file() else ""
-        digest = hashlib.sha1(f"{Path(self.model_path).resolve()}|{self.adapter}|{stamp}|"
-                              f"{NAME_PROMPT}|{WHOLE_QUESTION_PROMPT}".encode()).hexdigest()[:8]
+        # The weights (content fingerprints, every shard) and the prompts identify the judge: a
+        # retrained model in the same folder must not inherit the old one's cached judgements,
+        # and a copy of the same weights elsewhere may.
+        from visrl.fingerprint import folder_fingerprint
+
+        weights = [(folder_fingerprint(p) or {}).get("sha256") for p in (self.model_path, self.adapter) if p]
+        digest = hashlib.sha1(f"{weights}|{NAME_PROMPT}|{WHOLE_QUESTION_PROMPT}".encode()).hexdigest()[:8]
         return f"crop:policy:{Path(self.model_path).name}:{digest}"
 
     def __call__(self, inp: JudgeInput) -> Judgement | None:

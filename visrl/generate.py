@@ -10,18 +10,21 @@ be parsed is a failed rollout (no box, no answer, scores 0). Box texts are parse
 written and crops cut by the policy's :class:`visrl.contract.TwoStepContract` (``reasoner.contract``:
 the checkpoint's, with config overrides), the one inference and training use.
 
-Every rollout lands in the ``rollouts`` table under a ``run_key`` derived from the config (model,
+Every rollout lands in the ``rollouts`` table under a ``run_key`` derived from the config (the
+model's identity: its weights' fingerprint, not its folder's name (:mod:`visrl.run_identity`);
 data, sampling, seed), so a run that is stopped or killed resumes where it stood: the
 (item, attempt, kind) already stored are skipped, and the two rollouts of one attempt are
 written in one transaction. Judges then score every rollout that lacks a score from the
-configured judges (cached per (rollout, judge) in ``judgements``), and :mod:`visrl.pairs`
-turns the run's rollouts into pending pairs. Crops are not saved: they are a pure function of
-the item image and the stored box.
+configured judges (cached per (rollout, judge) in ``judgements``; a judge's key names its
+settings, so other judges re-judge the stored rollouts without generating again), and
+:mod:`visrl.pairs` turns the run's rollouts into pending pairs. Before any model loads, the
+servers the config names are asked whether they answer (:func:`visrl.remote.check_servers`);
+a first batch whose box texts mostly fail to parse stops the run (``min_parse_rate``). Crops
+are not saved: they are a pure function of the item image and the stored box.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -42,12 +45,13 @@ from visrl.judges import (
     JudgeInput,
     JudgeOptions,
     ModelJudge,
-    make_judges,
     model_judge_key,
 )
 from visrl.pairs import UNSCORED, PairsConfig, build_pairs
 from visrl.policy import PolicyConfig, check_range, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
 from visrl.progress import Progress
+from visrl.run_identity import policy_identity, run_key
+from visrl.run_plan import RunPlan, judges_for, plan_run  # noqa: F401  (RunPlan: re-exported)
 from visrl.runtime import seed_everything
 from visrl.store import Store, box_from_json, loads
 from visrl.workspace import Workspace
@@ -92,8 +96,11 @@ class GenerateConfig(PolicyConfig):
     max_rejected_crop_score: float = field(default=0.2, metadata={
         "help": "Pairs: rejected crop score at most this (when a crop judge scored it)."})
     seed: int = field(default=0, metadata={"help": "Seed of sampling and random negative boxes."})
+    min_parse_rate: float = field(default=0.2, metadata={
+        "help": "Stop when fewer than this fraction of the first batch's box texts parse as boxes "
+                "(a wrong box_format, prompt or model); 0 = never stop."})
     run_key: str | None = field(default=None, metadata={
-        "help": "Name of this run (resume key); null = derived from model, data, sampling and seed."})
+        "help": "Name of this run (resume key); null = derived from the model's weights, data, sampling and seed."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,7 +111,7 @@ class GenerateConfig(PolicyConfig):
         check_range("temperature", self.temperature, 0.0, 100.0)
         check_range("answer_temperature", self.answer_temperature, 0.0, 100.0)
         check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        for name in ("anls_threshold", "iou_threshold"):
+        for name in ("anls_threshold", "iou_threshold", "min_parse_rate"):
             check_range(name, getattr(self, name), 0.0, 1.0)
         check_range("number_rel_tol", self.number_rel_tol, 0.0, 1e6)
         if self.answer_judge not in ANSWER_JUDGES:
@@ -146,18 +153,19 @@ class GenerateReport:
     items_per_s: float
     rollouts_per_s: float
     stopped: bool
+    rejudged: int = 0  # rollouts stored by earlier runs of this key, judged now (the judges changed)
 
 
-def run_key_for(cfg: GenerateConfig) -> str:
-    """A short stable name of what makes rollouts differ: model, data, sampling, seed."""
-    parts = {"model": cfg.model_label(), "dataset": cfg.dataset, "split": cfg.split,
-             "attempts": cfg.attempts, "temperature": cfg.temperature, "top_p": cfg.top_p,
-             "answer_temperature": cfg.answer_temperature, "max_new_tokens": cfg.max_new_tokens,
-             "seed": cfg.seed}
-    # Contract keys count only when set (a config without them follows the checkpoint's contract).
-    parts.update({k: v for k, v in cfg.contract_overrides().items() if v is not None})
-    digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{cfg.dataset}-{cfg.split}-{digest}"
+def run_key_for(cfg: GenerateConfig, workspace: Workspace | None = None,
+                identity: dict[str, Any] | None = None) -> str:
+    """A short stable name of what makes rollouts differ: the model's identity (its weights'
+    fingerprint; name and URL when remote), data, sampling, seed.
+
+    ``workspace`` is where relative model paths are looked up (as the run loads them); without
+    it a model that is only found there counts as absent. ``identity``: a
+    :func:`visrl.run_identity.policy_identity` already computed.
+    """
+    return run_key(cfg, identity if identity is not None else policy_identity(cfg, workspace))
 
 
 def _sampling(temperature: float, top_p: float, max_new_tokens: int, n: int) -> Any:
@@ -178,35 +186,41 @@ def run_generate(workspace: str | Path | Workspace | None, cfg: GenerateConfig,
     one gets a :class:`~visrl.errors.JobError` ("already running") before any model loads.
     """
     store = Store.open(workspace)
-    with store.acquire_lease(f"generate:{cfg.run_key or run_key_for(cfg)}", job_id=job_id):
-        return _run_generate(store.workspace, cfg, progress, job_id, reasoner)
+    identity = policy_identity(cfg, store.workspace)
+    with store.acquire_lease(f"generate:{cfg.run_key or run_key_for(cfg, identity=identity)}", job_id=job_id):
+        return _run_generate(store.workspace, cfg, progress, job_id, reasoner, identity)
 
 
 def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress | None,
-                  job_id: int | None, reasoner: Any) -> GenerateReport:
+                  job_id: int | None, reasoner: Any, identity: dict[str, Any]) -> GenerateReport:
     store = Store.open(workspace)
     ws = store.workspace
-    opts = cfg.judge_options()
-    if cfg.crop_judge == "policy":  # a local judge model: a relative path names a workspace folder
-        opts.model = resolve_model_path(ws, opts.model)
-    answer_judge, crop_judge = make_judges(cfg.answer_judge, cfg.crop_judge, opts)
-    plan = plan_run(store, cfg)
+    answer_judge, crop_judge = judges_for(ws, cfg)
+    plan = plan_run(store, cfg, identity)
     run_key, items, todo, pending = plan.run_key, plan.items, plan.todo, plan.pending
+    if plan.has_work:  # asked in seconds, before minutes of model loading or hours of sampling
+        from visrl.remote import check_servers, servers_of
+
+        check_servers(servers_of(cfg, policy=bool(pending) and reasoner is None))
+    store.record_generate_run(run_key, plan.lineage, cfg.model_label(), identity)
     if progress is not None:  # the bar counts new work only: items done by earlier runs are not progress
         progress.set_total(len(pending))
-        progress.update(step=0, force=True, message=plan.summary())
+        progress.update(step=0, force=True)
+        progress.message(plan.summary())  # in the terminal too: a new run (model changed) or a re-judge says so
     if pending and reasoner is None:
         reasoner = load_reasoner(ws, cfg)
         from visrl.train.merge import merge_reasoner_adapter
 
         merge_reasoner_adapter(reasoner)  # sampling through merged weights: 1.34x faster
     start = time.monotonic()
-    counts = {"rollouts": 0, "failed": 0, "samples": 0, "parsed": 0, "items": 0}
+    counts: dict[str, Any] = {"rollouts": 0, "failed": 0, "samples": 0, "parsed": 0, "items": 0}
     for i in range(0, len(pending), cfg.batch_size):
         if progress is not None and progress.stop_requested:
             break
         batch = pending[i:i + cfg.batch_size]
         _generate_batch(store, ws, reasoner, cfg, run_key, batch, todo, job_id, counts)
+        if i == 0:
+            _check_parse_rate(cfg, counts, batch, todo)
         judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers,
                        item_ids=[item["id"] for item in batch], contract=reasoner.contract)
         counts["items"] += len(batch)
@@ -216,8 +230,9 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
                 "items_per_s": counts["items"] / elapsed,
                 "parse_rate": counts["parsed"] / max(counts["samples"], 1)})
     # Rollouts of earlier runs judged by other judges (or killed before judging) get scored too.
-    judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers,
-                   contract=reasoner.contract if reasoner is not None else _judge_contract(ws, cfg, crop_judge))
+    rejudged = judge_rollouts(store, run_key, answer_judge, crop_judge, cfg.judge_workers,
+                              contract=reasoner.contract if reasoner is not None else
+                              _judge_contract(ws, cfg, crop_judge))
     pairs = build_pairs(store, cfg.pairs_config(), run_key=run_key, source=run_key)
     seconds = time.monotonic() - start
     if progress is not None and not progress.stop_requested:  # the job's last word, shown in the app
@@ -232,40 +247,25 @@ def _run_generate(workspace: Workspace, cfg: GenerateConfig, progress: Progress 
         seconds=round(seconds, 3),
         items_per_s=round(counts["items"] / max(seconds, 1e-9), 3),
         rollouts_per_s=round(counts["rollouts"] / max(seconds, 1e-9), 3),
-        stopped=counts["items"] < len(pending))
+        stopped=counts["items"] < len(pending), rejudged=rejudged)
 
 
-@dataclass
-class RunPlan:
-    """What a generation run would do now: its run key, the selected items, and the attempts
-    still missing per item id (a resumed or repeated run skips what is stored)."""
-
-    run_key: str
-    items: list[dict[str, Any]]
-    todo: dict[int, list[int]]
-
-    @property
-    def pending(self) -> list[dict[str, Any]]:
-        return [item for item in self.items if self.todo[item["id"]]]
-
-    def summary(self) -> str:
-        n, new = len(self.items), len(self.pending)
-        if not n:
-            return "nothing to do: the dataset split has no items"
-        if not new:
-            return (f"nothing to do: all {n} items already have every attempt in run {self.run_key}; "
-                    "raise the item limit, or change the model, attempts, sampling or seed for a new run")
-        return f"{new} of {n} items to generate in run {self.run_key} ({n - new} done before)"
-
-
-def plan_run(store: Store, cfg: GenerateConfig) -> RunPlan:
-    """The :class:`RunPlan` of ``cfg`` against the store (reads only)."""
-    run_key = cfg.run_key or run_key_for(cfg)
-    items = store.items(cfg.dataset, cfg.split, limit=cfg.limit)
-    done = store.done_attempts(run_key)
-    todo = {item["id"]: [a for a in range(cfg.attempts) if not _attempt_done(done, item["id"], a)]
-            for item in items}
-    return RunPlan(run_key, items, todo)
+def _check_parse_rate(cfg: GenerateConfig, counts: dict[str, Any], batch: list[dict[str, Any]],
+                      todo: dict[int, list[int]]) -> None:
+    """Stop after the first batch when too few box texts parsed: a wrong box format, prompt or
+    model gives hours of failed rollouts and no pairs (its rollouts are kept; a fixed config
+    is another run, or the same one resumed)."""
+    samples, parsed = counts["samples"], counts["parsed"]
+    if not samples or parsed / samples >= cfg.min_parse_rate:
+        return
+    example = counts.get("example_failure") or ""
+    raise ConfigError(
+        f"only {parsed} of {samples} box texts ({parsed / samples:.0%}) of the first batch "
+        f"({len(batch)} items, {sum(len(todo[i['id']]) for i in batch)} attempts) parsed as boxes, below "
+        f"min_parse_rate {cfg.min_parse_rate:g}; check box_format (the config's, else the checkpoint's "
+        f"visrl_model.json), that the model was trained on VisRL's box prompt, and that "
+        f"{cfg.model_label()} is the model meant (e.g. the SFT-merged one). One reply: {example[:120]!r}. "
+        "Set min_parse_rate: 0 to generate anyway")
 
 
 def _judge_contract(ws: Workspace, cfg: GenerateConfig, crop_judge: Judge | None) -> TwoStepContract | None:
@@ -282,11 +282,6 @@ def _judge_contract(ws: Workspace, cfg: GenerateConfig, crop_judge: Judge | None
         return None
 
 
-def _attempt_done(done: set[tuple[int, int, str]], item_id: int, attempt: int) -> bool:
-    return (item_id, attempt, "policy") in done and (
-        (item_id, attempt, "negative") in done or (item_id, attempt, "random") in done)
-
-
 @dataclass
 class _Unit:
     """One (item, attempt) of a batch and its two rollouts as they are built."""
@@ -299,7 +294,7 @@ class _Unit:
 
 def _generate_batch(store: Store, ws: Workspace, reasoner: Any, cfg: GenerateConfig, run_key: str,
                     batch: list[dict[str, Any]], todo: dict[int, list[int]], job_id: int | None,
-                    counts: dict[str, int]) -> None:
+                    counts: dict[str, Any]) -> None:
     """Sample boxes for every pending attempt of ``batch``, answer every crop, store all."""
     contract: TwoStepContract = reasoner.contract
     units = []
@@ -332,13 +327,15 @@ def _generate_batch(store: Store, ws: Workspace, reasoner: Any, cfg: GenerateCon
 
 
 def _attempt_rollouts(unit: _Unit, samples: list[str], cfg: GenerateConfig, contract: TwoStepContract,
-                      run_key: str, job_id: int | None, counts: dict[str, int]) -> list[dict[str, Any]]:
+                      run_key: str, job_id: int | None, counts: dict[str, Any]) -> list[dict[str, Any]]:
     """The policy rollout and the negative (or random) rollout of one attempt; not yet answered."""
     size = unit.image.size  # the image the policy saw; the store's width/height describe the same file
     first = contract.parse(samples[0], size)
     second = contract.parse(samples[1], size)
     counts["samples"] += 2
     counts["parsed"] += (first is not None) + (second is not None)
+    if "example_failure" not in counts and (first is None or second is None):  # for the parse-rate error
+        counts["example_failure"] = samples[0] if first is None else samples[1]
     base = {"run_key": run_key, "item_id": unit.item["id"], "attempt": unit.attempt,
             "model": cfg.model_label(), "job_id": job_id, "answer": None}
     policy = {**base, "kind": "policy", "box_text": samples[0], "box": first}

@@ -9,7 +9,11 @@ need, so a mistake is reported in a second instead of minutes into a child proce
 * the dataset exists in the store (or, for training, is an exported folder that exists);
 * the output folder can be created and written;
 * the environment variables named for API keys (``api_key_env`` of the remote backend,
-  ``judge_api_key_env`` of model judges) are set, as the job (a child of this process) reads them.
+  ``judge_api_key_env`` of model judges) are set, as the job (a child of this process) reads them;
+* every server the config names (the remote policy's ``base_url``, a model judge's
+  ``judge_base_url``) answers ``GET /models`` with those keys and lists the model the run asks
+  for: a dead server, a refused key or a wrong model name fails here in ~4 s, with the URL and
+  the reason (:func:`visrl.remote.check_servers`), not hours into a run.
 
 :func:`job_target` names what a job writes (a folder, or for generation the store's rollout
 run), so :mod:`visrl.jobs` can refuse a second active job into the same place.
@@ -73,13 +77,14 @@ def _checked(kind: str, cls: type, data: dict[str, Any], source: str,
 
     cfg = from_dict(cls, _translated(kind, cls, data, source), source=source)
     config = to_dict(cfg)
-    if kind == "generate":
-        from visrl.generate import run_key_for
-
-        config["run_key"] = cfg.run_key or run_key_for(cfg)
+    ws = None
     if workspace is not None:
         ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         check_needs(kind, cfg, ws)
+    if kind == "generate":  # keyed by the model's weights, found where the run finds them
+        from visrl.generate import run_key_for
+
+        config["run_key"] = cfg.run_key or run_key_for(cfg, ws)
     return config
 
 
@@ -108,6 +113,7 @@ def check_needs(kind: str, cfg: Any, ws: Workspace) -> None:
     if kind in ("generate", "eval"):
         _check_dataset(ws, cfg.dataset)
         _check_api_keys(cfg)
+        _check_servers(cfg)
     elif kind == "train" and cfg.dataset:
         if any(sep in cfg.dataset for sep in ("/", "\\", ".")):  # an exported folder (train/data.py)
             if not _absolute(ws, cfg.dataset).is_dir():
@@ -159,6 +165,12 @@ def _check_api_keys(cfg: Any) -> None:
     if cfg.backend == "remote":
         api_key_from_env(cfg.api_key_env, "api_key_env")
     model_judge_key(cfg.judge_api_key_env, cfg.answer_judge, getattr(cfg, "crop_judge", "none"))
+
+
+def _check_servers(cfg: Any) -> None:
+    from visrl.remote import check_servers, servers_of
+
+    check_servers(servers_of(cfg))
 
 
 def _check_dataset(ws: Workspace, name: str) -> None:

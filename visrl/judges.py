@@ -25,6 +25,7 @@ object when shown the crop: :mod:`visrl.crop_judge`; reads no annotated box), ``
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import math
@@ -251,7 +252,12 @@ class ModelJudge:
 
     @property
     def key(self) -> str:
-        return f"{self.target}:model:{self.opts.model}"
+        # The model's name alone does not identify a judge: the same name behind another server,
+        # or another prompt or reply budget, scores differently, so its cached judgements must
+        # not carry over. The API key is no part of it (a new key, the same judge).
+        prompt = ANSWER_PROMPT if self.target == "answer" else CROP_PROMPT
+        settings = f"{(self.opts.base_url or '').rstrip('/')}|{self.opts.max_tokens}|{prompt}"
+        return f"{self.target}:model:{self.opts.model}@{hashlib.sha1(settings.encode()).hexdigest()[:8]}"
 
     def __call__(self, inp: JudgeInput) -> Judgement | None:
         if self.target == "crop" and inp.crop is None or self.target == "answer" and inp.answer is None:

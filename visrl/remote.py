@@ -20,7 +20,8 @@ Differences from the local reasoner, by necessity:
 - The contract's ``full_max_pixels`` / ``crop_min_pixels`` are applied here, before sending, as
   the local reasoner applies them before its processor.
 
-:func:`chat_completion` is the one HTTP call; judges use it too.
+:func:`chat_completion` is the one HTTP call; judges use it too. :func:`check_servers` asks
+every server a config names whether it is up, takes the key and serves the model, in seconds.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import io
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -162,6 +165,96 @@ def served_contract(base_url: str, model: str, api_key: str | None = None, timeo
         if isinstance(entry, dict) and entry.get("id") == model and isinstance(entry.get("visrl_contract"), dict):
             return entry["visrl_contract"]
     return None
+
+
+# ---------------------------------------------------------------------- is the server there?
+
+PROBE_TIMEOUT_S = 4.0  # all servers are asked at once: a config is refused within ~4 s, not hours later
+
+
+@dataclass(frozen=True)
+class Server:
+    """A server a config names: the config key of its URL, the URL (API root), the model the
+    run will ask for, the API key (read from ``key_env``, the config key naming its variable)."""
+
+    what: str
+    base_url: str
+    model: str | None
+    key_env: str
+    api_key: str | None = field(default=None, repr=False)
+
+
+def servers_of(cfg: Any, policy: bool = True, judges: bool = True) -> list[Server]:
+    """The servers ``cfg`` (a generate or eval config) will call: the policy's with ``backend:
+    remote``, and the judge model's when a judge is ``model``. Reads the key variables (a
+    ConfigError when one named is unset)."""
+    servers = []
+    if policy and getattr(cfg, "backend", "local") == "remote":
+        servers.append(Server("base_url", cfg.base_url, cfg.remote_model, "api_key_env",
+                              api_key_from_env(cfg.api_key_env, "api_key_env")))
+    if judges and "model" in (getattr(cfg, "answer_judge", None), getattr(cfg, "crop_judge", None)):
+        servers.append(Server("judge_base_url", cfg.judge_base_url, cfg.judge_model, "judge_api_key_env",
+                              api_key_from_env(cfg.judge_api_key_env, "judge_api_key_env")))
+    return servers
+
+
+def check_servers(servers: list[Server], timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Ask every server ``GET {base_url}/models`` at once; a RemoteError naming each one that is
+    down, refuses the key, or does not serve the model, with the URL and the reason. Returns
+    within ~``timeout`` seconds even when name resolution hangs (the probes run in daemon threads)."""
+    results: dict[int, str | None] = {}
+    threads = [threading.Thread(target=lambda i=i, s=s: results.__setitem__(i, probe_server(s, timeout)),
+                                daemon=True, name="visrl-probe") for i, s in enumerate(servers)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout + 0.5
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    problems = [results.get(i, f"{s.what} {s.base_url}: timeout, no answer within {timeout:g} s")
+                for i, s in enumerate(servers)]
+    problems = [p for p in problems if p]
+    if problems:
+        raise RemoteError("; ".join(problems) + " (checked before the run, so it does not fail hours in)")
+
+
+def probe_server(server: Server, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None when ``server`` lists its model in ``GET /models``, else what is wrong, one line."""
+    url = (server.base_url or "").rstrip("/") + "/models"
+    where = f"{server.what} {server.base_url}"
+    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=timeout)
+    except httpx.TimeoutException:
+        return f"{where}: timeout, no answer within {timeout:g} s"
+    except httpx.HTTPError as exc:
+        text = str(exc) or type(exc).__name__
+        reason = "connection refused" if "refused" in text.lower() else f"cannot connect ({text})"
+        return f"{where}: {reason}; start the server or fix {server.what}"
+    if response.status_code in (401, 403):
+        sent = "a key was sent" if server.api_key else "no key was sent"
+        return (f"{where}: HTTP {response.status_code}, the API key was refused ({sent}); set {server.key_env} "
+                "to the variable holding the server's key")
+    if response.status_code != 200:
+        return (f"{where}: HTTP {response.status_code} on GET {url} ({_snippet(response)}); the base URL must "
+                "be the API root, e.g. http://127.0.0.1:8000/v1")
+    served = _served_names(response)
+    if served is None:
+        return f"{where}: GET {url} answered without an OpenAI-style model list ({_snippet(response)})"
+    if server.model and server.model not in served:
+        key = "remote_model" if server.what == "base_url" else "judge_model"
+        return (f"{where} serves {', '.join(map(repr, served)) or 'no model'}, not {server.model!r}; "
+                f"set {key} to the served name")
+    return None
+
+
+def _served_names(response: httpx.Response) -> list[str] | None:
+    try:
+        entries = response.json().get("data")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(entries, list):
+        return None
+    return [str(e.get("id")) for e in entries if isinstance(e, dict) and e.get("id") is not None]
 
 
 # ---------------------------------------------------------------------- messages

@@ -222,3 +222,18 @@ def m004_run_leases(db: Database) -> None:
          "started_at": str, "job_id": int},
         pk="key", not_null={"pid", "host", "started_at"},
     )
+
+
+@migrations()
+def m005_generate_runs(db: Database) -> None:
+    # What each generation run sampled from: the policy's identity (weights fingerprints, or the
+    # remote name and URL) and its lineage (the run's settings without the identity), so a run
+    # whose model changed is told apart from one whose settings did, and a named run_key cannot
+    # take rollouts from another model.
+    db["generate_runs"].create(
+        {"run_key": str, "lineage": str, "model": str,
+         "identity": str,  # JSON: visrl.run_identity.policy_identity
+         "created_at": str, "updated_at": str},
+        pk="run_key", not_null={"lineage", "identity", "created_at"},
+    )
+    db["generate_runs"].create_index(["lineage"])

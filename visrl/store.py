@@ -223,6 +223,38 @@ class Store:
             "SELECT item_id, attempt, kind FROM rollouts WHERE run_key = ?", [run_key]).fetchall()
         return {(r[0], r[1], r[2]) for r in rows}
 
+    def unjudged_rollouts(self, run_key: str, judges: list[str]) -> int:
+        """Rollouts of a run with a box that lack a score from one of ``judges`` (judge keys):
+        what a run with these judges would judge (again)."""
+        if not judges:
+            return 0
+        # json_type, not json_extract: a judge that did not apply stored a JSON null, which counts.
+        missing = " OR ".join("json_type(coalesce(scores, '{}'), ?) IS NULL" for _ in judges)
+        paths = [f'$."{key}"' for key in judges]
+        return self.db.execute(
+            f"SELECT count(*) FROM rollouts WHERE run_key = ? AND box IS NOT NULL AND ({missing})",
+            [run_key, *paths]).fetchone()[0]
+
+    def record_generate_run(self, run_key: str, lineage: str, model: str, identity: dict[str, Any]) -> None:
+        """Record (or refresh) what run ``run_key`` samples from; see ``m005_generate_runs``."""
+        existing = self.generate_run(run_key)
+        row = {"run_key": run_key, "lineage": lineage, "model": model, "identity": json.dumps(identity),
+               "created_at": existing["created_at"] if existing else now(), "updated_at": now()}
+        self.db["generate_runs"].upsert(row, pk="run_key")
+
+    def generate_run(self, run_key: str) -> dict[str, Any] | None:
+        rows = list(self.db["generate_runs"].rows_where("run_key = ?", [run_key], limit=1))
+        return {**rows[0], "identity": loads(rows[0]["identity"], {})} if rows else None
+
+    def generate_runs_of_lineage(self, lineage: str) -> list[dict[str, Any]]:
+        """Runs with these settings (any model), newest first, each with its rollout count."""
+        rows = self.db.execute(
+            "SELECT r.run_key, r.model, r.identity, r.updated_at, "
+            "(SELECT count(*) FROM rollouts o WHERE o.run_key = r.run_key) AS rollouts "
+            "FROM generate_runs r WHERE r.lineage = ? ORDER BY r.updated_at DESC, r.run_key", [lineage]).fetchall()
+        return [{"run_key": k, "model": m, "identity": loads(i, {}), "updated_at": u, "rollouts": n}
+                for k, m, i, u, n in rows]
+
     def cached_judgement(self, rollout_id: int, judge: str) -> float | None:
         row = self.db.execute("SELECT score FROM judgements WHERE rollout_id = ? AND judge = ?",
                               [rollout_id, judge]).fetchone()

@@ -62,7 +62,7 @@ def start_generation(ctx: AppContext, job_id: int | None, *form: Any) -> int | N
     except VisRLError as exc:
         warn(str(exc))
         return job_id
-    if not plan.pending:
+    if not plan.has_work:  # stored rollouts new judges have not scored are work too
         warn(plan.summary())
         return job_id
     return job_panel.start_from_form(ctx, "generate", lambda: config, job_id, "generation")
@@ -83,7 +83,7 @@ def readiness(ctx: AppContext, *form: Any) -> str:
         plan = run_plan(ctx, compose_config(ctx, *form))
     except VisRLError as exc:
         return f"⚠️ {exc}"
-    return ("Ready: " if plan.pending else "⚠️ ") + plan.summary()
+    return ("Ready: " if plan.has_work else "⚠️ ") + plan.summary()
 
 
 def useful_limit(ctx: AppContext, *form: Any) -> Any:
