@@ -36,6 +36,7 @@ from visrl.contract import (
     write_contract,
 )
 from visrl.errors import ModelError
+from visrl.model_files import folder_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +384,8 @@ def load_processor(path: str | Path, family: str | None = None) -> Any:
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as exc:
         log.debug("AutoProcessor failed for %s (%s); building an image-only processor", path, exc)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not tokenizer.chat_template:  # Hub folders may keep it only beside the processor
+        tokenizer.chat_template = folder_chat_template(path)
     return image_only_processor(family, tokenizer, pil_image_processor(path))
 
 
