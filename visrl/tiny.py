@@ -114,8 +114,11 @@ def _build_tiny_qwen2(out: Path, seed: int) -> Path:
     return out
 
 
-def build_tiny_qwen2_5(out_dir: str | Path, shape: Qwen25Shape, seed: int = 0) -> Path:
-    """Write a random Qwen2.5-VL of ``shape`` with processor files as the Hub lays them out."""
+def build_tiny_qwen2_5(out_dir: str | Path, shape: Qwen25Shape, seed: int = 0, device: str = "cpu",
+                       dtype: str = "float32") -> Path:
+    """Write a random Qwen2.5-VL of ``shape`` with processor files as the Hub lays them out.
+    ``device`` / ``dtype``: where the weights are initialised (a 7B shape takes minutes and 32 GB
+    in float32 on a CPU, seconds in bfloat16 on a GPU)."""
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -149,7 +152,13 @@ def build_tiny_qwen2_5(out_dir: str | Path, shape: Qwen25Shape, seed: int = 0) -
                               vision_end_token_id=ids["<|vision_end|>"],
                               tie_word_embeddings=shape.tie_word_embeddings)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
