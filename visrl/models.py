@@ -8,7 +8,8 @@ so a real 7B checkpoint and the tiny test model take the same path. The model fa
 processor class. A folder may pin its two-step contract (box format, crop, pixel budgets:
 :mod:`visrl.contract`) in ``visrl_model.json`` (models trained by VisRL on Visual-CoT data answer in
 the Visual-CoT form whatever their family); an adapter's record also names the base it was
-trained on, and loading it on another base is refused (:func:`check_adapter_base`).
+trained on (with its Hub revision and a weights fingerprint), and loading it on another base, or on
+other weights under the same name, is refused (:func:`check_adapter_base`).
 
 Without torchvision the Qwen video processors cannot be built and ``AutoProcessor`` either fails
 or silently returns the tokenizer alone (PITFALLS.md); the loader then assembles an image-only
