@@ -12,7 +12,8 @@ SHA-256 over, for each weight file in name order: the file name and size, the wh
 header (every tensor's name, dtype, shape and byte offsets), and 64 bytes at the start, middle and
 end of every tensor's data. Any retrained or merged tensor changes almost every element, so it
 changes the sample; a change confined to bytes between the samples goes unseen. A 7B Qwen2.5-VL
-(~730 tensors in 5 shards) costs ~2,200 reads of 64 bytes, a few milliseconds from the page cache.
+(~730 tensors in 5 shards) costs ~2,200 reads of 64 bytes whatever its size: 0.84 s measured for
+730 tensors in 5 shards from the page cache on the shared 2-core CPU under load 13 (nice 19).
 Files that are not safetensors (``pytorch_model*.bin``) get their size and 64 bytes at 16 evenly
 spaced offsets.
 """
