@@ -306,3 +306,55 @@ def test_a_workspace_folder_wins_over_the_current_directory(tiny: Path, tmp_path
     monkeypatch.chdir(cwd)
     assert locate_model("models/m", root=ws).path == ws / "models" / "m"
     assert locate_model("models/m").path == Path("models/m")
+
+
+# ---------------------------------------------------------------------- adapters bound to revisions
+
+def test_weights_swapped_inside_the_same_snapshot_are_refused_naming_both(
+        tiny: Path, hub_cache: Path, tmp_path: Path, store: object) -> None:
+    """The base is named by a Hub id whose snapshot keeps its name and revision while its weights
+    change: the adapter's record (revision + weights fingerprint) refuses it, at load and merge."""
+    from visrl.contract import TwoStepContract
+    from visrl.model_files import weights_fingerprint
+    from visrl.models import write_model_info
+    from visrl.train.merge import MergeConfig, merge_lora
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = fake_hub_cache(hub_cache, "tiny-org/Tiny-VL", tiny, sha=sha)
+    adapter = _adapter(load_model("tiny-org/Tiny-VL").model, tmp_path / "lora")
+    write_model_info(adapter, TwoStepContract(), base="tiny-org/Tiny-VL")  # what training records
+    record = json.loads((adapter / MODEL_FILE).read_text())["base"]
+    trained = weights_fingerprint(tiny)
+    assert (record["revision"], record["weights_fingerprint"]) == (sha, trained)
+    assert load_model("tiny-org/Tiny-VL", adapter=adapter).adapter == str(adapter)
+
+    other = build_tiny_model(tmp_path / "other", preset="test", seed=1)  # same shapes, other values
+    shutil.copyfile(other / "model.safetensors", snapshot / "model.safetensors")
+    swapped = weights_fingerprint(snapshot)
+    both = (f"trained on tiny-org/Tiny-VL at revision {sha[:12]} with weights {trained[:12]}, but "
+            f"tiny-org/Tiny-VL now holds revision {sha[:12]} with weights {swapped[:12]}")
+    with pytest.raises(ModelError, match=both):
+        load_model("tiny-org/Tiny-VL", adapter=adapter)
+    with pytest.raises(ModelError, match=both):
+        merge_lora(MergeConfig("tiny-org/Tiny-VL", str(adapter), "models/merged"), store.workspace)
+    # A new revision with the adapter's weights again is accepted: the weights are what count.
+    newer = "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(tiny, snapshot.parent / newer)
+    (snapshot.parent.parent / "refs" / "main").write_text(newer)
+    assert load_model("tiny-org/Tiny-VL", adapter=adapter).path.endswith(newer)
+
+
+def test_an_adapter_recorded_without_a_fingerprint_loads_with_a_warning_naming_it(
+        tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from visrl.contract import TwoStepContract
+    from visrl.models import write_model_info
+
+    adapter = _adapter(load_model(tiny).model, tmp_path / "legacy")
+    write_model_info(adapter, TwoStepContract(), base=tiny)
+    record = json.loads((adapter / MODEL_FILE).read_text())
+    for key in ("revision", "weights_fingerprint"):  # as VisRL recorded bases before it kept these
+        del record["base"][key]
+    (adapter / MODEL_FILE).write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="visrl.models"):
+        assert load_model(tiny, adapter=adapter).adapter == str(adapter)
+    assert f"adapter {adapter} records no weights fingerprint of its base {tiny}" in caplog.text

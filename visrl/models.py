@@ -8,7 +8,8 @@ so a real 7B checkpoint and the tiny test model take the same path. The model fa
 processor class. A folder may pin its two-step contract (box format, crop, pixel budgets:
 :mod:`visrl.contract`) in ``visrl_model.json`` (models trained by VisRL on Visual-CoT data answer in
 the Visual-CoT form whatever their family); an adapter's record also names the base it was
-trained on, and loading it on another base is refused (:func:`check_adapter_base`).
+trained on (with its Hub revision and a weights fingerprint), and loading it on another base, or on
+other weights under the same name, is refused (:func:`check_adapter_base`).
 
 Without torchvision the Qwen video processors cannot be built and ``AutoProcessor`` either fails
 or silently returns the tokenizer alone (PITFALLS.md); the loader then assembles an image-only
@@ -36,6 +37,7 @@ from visrl.contract import (
     write_contract,
 )
 from visrl.errors import ModelError
+from visrl.model_files import folder_chat_template, hub_revision, short, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +243,14 @@ def load_model(path: str | Path, adapter: str | Path | None = None, dtype: str =
 
 def model_identity(source: ModelSource) -> dict[str, Any]:
     """What names a base model for an adapter's record: the folder, the Hub id, VisRL's
-    ``model_id`` (minted when VisRL writes a model folder: merges, merged bases, tiny models) and
-    the SHA-256 of its ``config.json``."""
+    ``model_id`` (minted when VisRL writes a model folder: merges, merged bases, tiny models), the
+    SHA-256 of its ``config.json``, the Hub snapshot revision (None for a plain folder) and the
+    fingerprint of its weights (:func:`visrl.model_files.weights_fingerprint`)."""
     config = source.path / "config.json"
     digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
     return {"name": source.label, "path": str(source.path.resolve()), "hub_id": source.hub_id,
-            "model_id": read_record(source.path).get("model_id"), "config_sha256": digest}
+            "model_id": read_record(source.path).get("model_id"), "config_sha256": digest,
+            "revision": hub_revision(source.path), "weights_fingerprint": weights_fingerprint(source.path)}
 
 
 def same_model(recorded: dict[str, Any], actual: dict[str, Any]) -> bool:
@@ -288,6 +292,26 @@ def check_adapter_base(adapter_dir: Path, base: ModelSource) -> None:
         raise ModelError(f"the adapter {adapter_dir} was trained on {recorded.get('name') or recorded.get('path')}, "
                          f"not on {actual['name']}: load it on its own base (a later stage's adapter "
                          "applies to the merged model of the stage before, e.g. OUTPUT/base)")
+    check_base_weights(adapter_dir, recorded, actual)
+
+
+def check_base_weights(adapter_dir: Path, recorded: dict[str, Any], actual: dict[str, Any]) -> None:
+    """Refuse an adapter whose base, though the same name, now holds other weights than it was
+    trained on (a new Hub revision, weights swapped in the folder), naming both versions. A
+    record without a fingerprint (adapters trained before VisRL recorded one) is accepted with a
+    warning naming the adapter: refusing would break every such adapter."""
+    trained, now = recorded.get("weights_fingerprint"), actual.get("weights_fingerprint")
+    if not trained:
+        log.warning("the adapter %s records no weights fingerprint of its base %s, so it cannot be "
+                    "checked against the weights there now (revision %s, weights %s); retrain it to bind it",
+                    adapter_dir, actual["name"], short(actual.get("revision")), short(now))
+        return
+    if trained != now:
+        raise ModelError(
+            f"the adapter {adapter_dir} was trained on {recorded.get('name')} at revision "
+            f"{short(recorded.get('revision'))} with weights {short(trained)}, but {actual['name']} now "
+            f"holds revision {short(actual.get('revision'))} with weights {short(now)}: load it on the "
+            "weights it was trained on (pin that revision in the cache), or train it again on these")
 
 
 def _with_adapter(model: Any, base: Path, adapter_dir: Path) -> Any:
@@ -383,6 +407,8 @@ def load_processor(path: str | Path, family: str | None = None) -> Any:
     except (ImportError, AttributeError, ValueError, TypeError, OSError) as exc:
         log.debug("AutoProcessor failed for %s (%s); building an image-only processor", path, exc)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not tokenizer.chat_template:  # Hub folders may keep it only beside the processor
+        tokenizer.chat_template = folder_chat_template(path)
     return image_only_processor(family, tokenizer, pil_image_processor(path))
 
 

@@ -18,8 +18,9 @@ def models() -> None:
 
 @models.command("build-tiny")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--preset", type=click.Choice(["test", "test-qwen3", "demo"]), default="test", show_default=True,
-              help="test: ~1M-parameter Qwen2-VL for unit tests; demo: the Qwen3-VL that learns the demo on a CPU.")
+@click.option("--preset", type=click.Choice(["test", "test-qwen3", "test-qwen2_5", "demo"]), default="test",
+              show_default=True, help="test: ~1M-parameter Qwen2-VL for unit tests (test-qwen3, test-qwen2_5: "
+              "the same size in those families); demo: the Qwen3-VL that learns the demo on a CPU.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 def build_tiny(out: str, preset: str, seed: int) -> None:
     """Write a randomly initialised tiny VLM (with its own tokenizer and processor) to OUT."""

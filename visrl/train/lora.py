@@ -14,7 +14,15 @@ from typing import Any
 
 from visrl.contract import TwoStepContract, read_contract
 from visrl.errors import ModelError
-from visrl.models import FAMILIES, ModelSource, copy_model_info, detect_family, pil_image_processor
+from visrl.model_files import copy_processor_files
+from visrl.models import (
+    FAMILIES,
+    ModelSource,
+    copy_model_info,
+    detect_family,
+    locate_model,
+    pil_image_processor,
+)
 from visrl.train.config import TrainConfig
 
 
@@ -64,7 +72,7 @@ def load_train_model(cfg: TrainConfig, model_path: str, adapter_path: str | None
     trainer's bf16 autocast expects it; LoRA weights stay float32 either way (peft upcasts them).
     The processor gets ``contract``'s pixel budget (default: the config's, over the checkpoint's).
     """
-    from visrl.models import load_model, locate_model
+    from visrl.models import load_model
 
     if contract is None:
         contract = training_contract(cfg, locate_model(model_path), adapter_path)
@@ -123,6 +131,7 @@ def save_merged_base(train_model: TrainModel, out_dir: Path, write: bool = True)
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     train_model.model.save_pretrained(out_dir)
-    train_model.processor.save_pretrained(out_dir)
+    # The base's own processor files: a stock folder, never VisRL's image-only class (PITFALLS.md).
+    copy_processor_files(locate_model(train_model.base_path).path, out_dir)
     copy_model_info(train_model.base_path, out_dir, contract=train_model.contract)
     train_model.base_path = str(out_dir)

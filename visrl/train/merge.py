@@ -1,8 +1,10 @@
 """Merge a LoRA adapter into its base and export a plain model folder.
 
-The export is a standard ``transformers`` folder (``config.json``, safetensors, processor files
-and chat template), so it loads with ``AutoModelForImageTextToText.from_pretrained``, with
-:func:`visrl.models.load_model`, and in vLLM, and it is the base of the next stage.
+The export is a standard ``transformers`` folder: ``config.json`` and safetensors, plus the base's
+own processor files (``preprocessor_config.json``, tokenizer, chat template, copied byte for byte:
+:func:`visrl.model_files.copy_processor_files`), so it loads with
+``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor`` exactly as its base does,
+with :func:`visrl.models.load_model`, and in vLLM, and it is the base of the next stage.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None
     import torch
     from peft import PeftModel
 
+    from visrl.model_files import copy_processor_files
     from visrl.models import load_model, write_model_info
 
     out = resolve_output(ws.root, cfg.export_dir)
@@ -76,7 +79,7 @@ def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None
     _advance(progress, "saving")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, max_shard_size=f"{cfg.export_size}GB")
-    loaded.processor.save_pretrained(out)
+    copy_processor_files(source.path, out)  # never the image-only class VisRL may run (PITFALLS.md)
     _copy_generation_config(source.path, out)
     write_model_info(out, loaded.contract)  # the adapter's contract; a fresh model_id
     _advance(progress, "done")

@@ -22,6 +22,7 @@ from typing import Any
 
 from visrl.config import to_dict
 from visrl.errors import ConfigError
+from visrl.model_files import copy_processor_files
 from visrl.models import locate_model, write_model_info
 from visrl.progress import Progress
 from visrl.runtime import is_main_process
@@ -140,7 +141,8 @@ def _train(cfg: TrainConfig, store: Store, job_id: int | None, progress: Progres
         trainer.save_model(str(output_dir))
         path = output_dir
     if trainer.is_world_process_zero():
-        tm.processor.save_pretrained(str(path))  # chat template included: loads anywhere
+        # The base's processor files, as the base has them (chat template included): loads anywhere.
+        copy_processor_files(locate_model(tm.base_path).path, path)
         write_model_info(path, tm.contract, base=tm.base_path)  # what it taught, and on which base
     result = TrainResult(path=path, base=tm.base_path, stage=cfg.stage, global_step=step,
                          stopped=callback.stopped, metrics=dict(output.metrics))
