@@ -561,6 +561,28 @@ def test_chat_streams_box_crop_and_answer(ctx: Any, monkeypatch: pytest.MonkeyPa
     assert [o[3] for o in outs] == ["", "", "a d", "a dot", "a dot"]
 
 
+def test_chat_names_items_and_shows_reference_and_annotated_box(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: Chat named items "#251" and showed neither the reference answer nor the annotated
+    box. Items are named by their image's stem (the README's "test_3"), and a picked item's
+    reference and annotated box (blue) show beside the model's box (orange), with their IoU."""
+    from visrl_app import chat_tab
+
+    assert chat_tab.item_name({"image": "images/demo/test_3-0123456789abcdef.png"}) == "test_3"
+    choices = chat_tab.item_choices(ctx)
+    assert choices[0][0] == "item0 [train] What colour is square 0?"
+    image, question, reference, shown, picked = chat_tab.pick_item(ctx, choices[0][1])
+    assert (question, reference, picked) == ("What colour is square 0?", "red", choices[0][1])
+    # the annotated box (20, 60, 80, 120) is drawn in blue on the shown image, not on the input
+    assert shown.getpixel((20, 90)) == chat_tab.render.BLUE and image.getpixel((20, 90)) != chat_tab.render.BLUE
+    assert chat_tab.pick_item(ctx, None) == (None, "", "", None, None)
+    monkeypatch.setattr(chat_tab, "reasoner_for", lambda ctx, choice: FakeReasoner(Image.new("RGB", (4, 4))))
+    monkeypatch.setattr(chat_tab, "make_sampling", lambda temperature, max_new_tokens: None)
+    focus, *_, status = list(chat_tab.ask(ctx, "models/x", image, question, 0.0, 32, picked))[-1]
+    assert focus.getpixel((20, 90)) == chat_tab.render.BLUE and focus.getpixel((10, 25)) == chat_tab.render.ORANGE
+    assert status == "done · IoU with the annotated box 0.00: misses the annotated box (IoU ≤ 0.5)"
+    assert chat_tab.finished(Box(20, 60, 80, 120), Box(20, 60, 80, 120)).endswith("1.00: on the annotated box")
+
+
 class FakeReasoner:
     """Streams what ``Reasoner.stream_two_step`` streams: the box step, then the answer growing."""
 
@@ -625,7 +647,7 @@ def test_chat_needs_image_and_question(ctx: Any) -> None:
     with pytest.warns(UserWarning, match="upload or pick an image"):
         outs = list(chat_tab.ask(ctx, "models/x", None, "q", 0.0, 32))
     assert outs[-1][-1] == "need an image and a question"
-    image, question = chat_tab.pick_item(ctx, 2)
+    image, question, *_ = chat_tab.pick_item(ctx, 2)
     assert image.size == (320, 240) and question == "What colour is square 1?"
 
 
