@@ -452,7 +452,7 @@ def test_evaluation_table_and_comparison(ctx: Any) -> None:
     table = evaluate_tab.evaluation_table(ctx)
     # n once, the useful metrics first, readable headers
     assert list(table.columns) == ["id", "model", "data", "n", "Acc@0.5", "answer acc", "mean IoU", "created"]
-    assert table["answer acc"].tolist() == ["0.500 (0.24–0.76)", "0.750 (0.44–0.92)"] and table["model"].tolist()[1] == "models/a + models/a-sft"
+    assert table["answer acc"].tolist() == ["0.500 ±0.26", "0.750 ±0.31"] and table["model"].tolist()[1] == "models/a + models/a-sft"
     table_out, metric, baseline, plot, note = evaluate_tab.refresh(ctx, None, None)
     assert (metric.value, baseline.value) == ("acc50", 1)  # Acc@0.5 first; the oldest is the baseline
     assert [value for _, value in metric.choices] == ["acc50", "answer_acc", "mean_iou", "seconds"]  # n: a column
@@ -503,9 +503,9 @@ def test_evaluation_spreads_fold_into_cells_and_long_names_stay_readable(ctx: An
     table = evaluate_tab.evaluation_table(ctx)
     assert list(table.columns) == ["id", "model", "data", "n", "Acc@0.5", "answer acc", "true-crop acc",
                                    "created"]  # no acc50_std or pairs column; a readable name for the rest
-    # value (95% interval); the 3 seeds' spread widens the first (visrl.uncertainty)
-    assert table["Acc@0.5"].tolist() == ["0.260 (0.18–0.35)", "0.200 (0.15–0.26)"]
-    assert table["answer acc"].tolist()[0] == "0.470 (0.40–0.54)"  # a zero spread: Wilson alone
+    # value ± 95% interval's wider side; the 3 seeds' spread widens the first (visrl.uncertainty)
+    assert table["Acc@0.5"].tolist() == ["0.260 ±0.09", "0.200 ±0.06"]
+    assert table["answer acc"].tolist()[0] == "0.470 ±0.07"  # a zero spread: Wilson alone
     assert evaluate_tab.comparison_frame(ctx, "acc50", 1)["spread"].tolist() == ["sd 0.030", ""]
     assert "acc50_std" not in evaluate_tab.metric_names(ctx.store.evaluations())  # not a score to compare
     labels = [evaluate_tab.evaluation_label(e) for e in ctx.store.evaluations()]

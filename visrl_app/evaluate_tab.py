@@ -122,13 +122,14 @@ def _round(value: Any) -> Any:
 
 
 def _cell(evaluation: dict[str, Any], name: str) -> Any:
-    """``name``'s value with its 95% interval when it is a share ("0.255 (0.20–0.32)"); its seeds'
-    spread is inside that interval (visrl.uncertainty)."""
+    """``name``'s value, and for a share the half-width of its 95% interval, the wider side
+    ("0.255 ±0.06": the table stays inside a 1024 px window; the chart and the note give the exact
+    interval). A seeds' spread is inside that interval (visrl.uncertainty)."""
     metrics = evaluation["metrics"] or {}
     found = interval(metrics, name, int(evaluation["n"] or 0))
     if found is None:
         return _round(metrics.get(name))
-    return f"{found.value:.3f} ({found.low:.2f}–{found.high:.2f})"
+    return f"{found.value:.3f} ±{max(found.value - found.low, found.high - found.value):.2f}"
 
 
 def _interval_of(evaluation: dict[str, Any] | None, metric: str | None) -> Any:
@@ -261,7 +262,8 @@ def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
         ready = gr.Markdown(elem_id="eval-ready")
         start_button = gr.Button("Run evaluation", variant="primary", elem_id="eval-start", scale=0, min_width=200)
     monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "eval", start_button)
-    gr.Markdown("### Evaluations\nEach share reads value (95% interval); n is the items scored.")
+    gr.Markdown("### Evaluations\nEach share reads value ± its 95% interval (the wider side; the chart "
+                "below gives both ends and each metric's n). n: the items scored.")
     # Every row shows: a fixed height hid the older evaluations behind an unnoticed scroll.
     shown = gr.Dataframe(evaluation_table(ctx), interactive=False, elem_id="eval-table", wrap=True,
                          max_height=10_000)
@@ -269,7 +271,7 @@ def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
         metric = gr.Dropdown([], label="Compare on", scale=2, elem_id="eval-metric")
         baseline = gr.Dropdown([], label="Baseline", scale=2, elem_id="eval-baseline")
         again = gr.Button("↻ Refresh", scale=0, min_width=90)
-    plot = gr.HTML(comparison_plot(ctx, None, None).value, elem_id="eval-plot")
+    plot = gr.HTML(eval_chart.chart_html([], "value", True), elem_id="eval-plot")
     note = gr.Markdown(elem_id="eval-note")
     form = [model, dataset, split, limit, direct]
     view = functools.partial(refresh, ctx)
