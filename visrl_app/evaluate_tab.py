@@ -99,7 +99,7 @@ def evaluation_label(row: dict[str, Any]) -> str:
 
 def evaluation_table(ctx: AppContext) -> Any:
     """One row per stored evaluation: who, on what, n once, then one column per metric (a share
-    with its 95% interval, "0.255 (0.20–0.32)")."""
+    with its 95% interval, "0.255 ±0.06")."""
     import pandas as pd
 
     evaluations = ctx.store.evaluations()
