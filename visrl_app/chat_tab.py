@@ -21,7 +21,6 @@ from PIL import Image
 
 from visrl.boxes import iou
 from visrl.errors import VisRLError
-from visrl.evaluate import ACC_IOU
 from visrl.images import open_bounded
 from visrl.store import box_from_json
 from visrl_app import render
@@ -100,6 +99,8 @@ def finished(box: Any, annotated: Any) -> str:
         return "done (no box parsed: answered on the full image)"
     if annotated is None:
         return "done"
+    from visrl.evaluate import ACC_IOU  # lazy: the app starts without the evaluator's imports
+
     overlap = iou(box, annotated)
     hit = "on the annotated box" if overlap > ACC_IOU else f"misses the annotated box (IoU ≤ {ACC_IOU})"
     return f"done · IoU with the annotated box {overlap:.2f}: {hit}"
