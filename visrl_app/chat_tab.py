@@ -76,11 +76,12 @@ def _get(event: Any, name: str) -> Any:
 
 def chat_outputs(image: Image.Image, box: Any, crop: Any, box_text: str, answer: str,
                  status: str, annotated: Any = None) -> tuple[Any, ...]:
-    """The outputs, with the model's box (orange, "model") and the item's annotated box (blue,
-    "annotated") drawn on the image when there are such boxes."""
+    """The outputs, with the model's box (orange, labelled "model") and the item's annotated box
+    (blue; unlabelled: a right box lies on it and both labels would overprint, the legend names
+    the colours) drawn on the image when there are such boxes."""
     shown = image
     if annotated is not None:
-        shown = render.draw_box(shown, annotated, render.BLUE, "annotated")
+        shown = render.draw_box(shown, annotated, render.BLUE)
     if box is not None:
         shown = render.draw_box(shown, box, render.ORANGE, "model")
     return shown, crop, box_text, answer, status
@@ -166,7 +167,7 @@ def pick_item(ctx: AppContext, item_id: int | None) -> tuple[Any, ...]:
     item = ctx.store.item(int(item_id))
     image = Image.open(ctx.workspace.absolute(item["image"])).convert("RGB")
     annotated = box_from_json(item.get("gt_box"))
-    shown = render.draw_box(image, annotated, render.BLUE, "annotated") if annotated is not None else image
+    shown = render.draw_box(image, annotated, render.BLUE) if annotated is not None else image
     return image, item["question"], item.get("answer") or "", shown, int(item_id)
 
 
