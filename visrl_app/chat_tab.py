@@ -179,7 +179,7 @@ def forget_item() -> tuple[None, str]:
 # The boxes' colours (visrl_app.render), as the legend under the image names them.
 LEGEND = ("<div id='chat-legend' style='font-size:13px'>Boxes: "
           f"<span style='color:rgb{render.ORANGE}'>■ model's focus</span> · "
-          f"<span style='color:rgb{render.BLUE}'>■ annotated (a picked item's reference box)</span></div>"
+          f"<span style='color:rgb{render.BLUE}'>■ annotated box (picked item)</span></div>"
           )
 
 
