@@ -352,8 +352,11 @@ def test_every_chart_starts_at_zero(ctx: Any) -> None:
 
     blocks = build_app(ctx.workspace)
     plots = {b.elem_id: b.y_lim for b in blocks.blocks.values() if isinstance(b, (gr.LinePlot, gr.BarPlot))}
-    assert {"train-loss", "eval-plot"} <= set(plots)
+    assert {"train-loss"} <= set(plots)
     assert all(y_lim is not None and y_lim[0] == 0 for y_lim in plots.values()), plots
+    # The Evaluate chart is HTML with error bars (visrl_app.eval_chart): its axis starts at 0 too.
+    chart = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "eval-plot")
+    assert isinstance(chart, gr.HTML)
 
 
 def model_folder(ctx: Any, name: str) -> None:
@@ -449,19 +452,26 @@ def test_evaluation_table_and_comparison(ctx: Any) -> None:
     table = evaluate_tab.evaluation_table(ctx)
     # n once, the useful metrics first, readable headers
     assert list(table.columns) == ["id", "model", "data", "n", "Acc@0.5", "answer acc", "mean IoU", "created"]
-    assert table["answer acc"].tolist() == [0.5, 0.75] and table["model"].tolist()[1] == "models/a + models/a-sft"
+    assert table["answer acc"].tolist() == ["0.500 ±0.26", "0.750 ±0.31"] and table["model"].tolist()[1] == "models/a + models/a-sft"
     table_out, metric, baseline, plot, note = evaluate_tab.refresh(ctx, None, None)
     assert (metric.value, baseline.value) == ("acc50", 1)  # Acc@0.5 first; the oldest is the baseline
     assert [value for _, value in metric.choices] == ["acc50", "answer_acc", "mean_iou", "seconds"]  # n: a column
-    assert plot.y_lim == [0, 1]  # a 0.25 bar has a quarter of the height, not zero
+    assert "<span style='left:0.00%'>0</span>" in plot.value  # the axis starts at 0 and ends at 1
+    assert "<span style='left:100.00%'>1</span>" in plot.value
     frame = evaluate_tab.comparison_frame(ctx, "answer_acc", baseline=1)
-    assert frame.to_dict("records") == [
-        {"evaluation": "#1 models/a", "value": 0.5, "vs baseline": "baseline"},
-        {"evaluation": "#2 models/a-sft", "value": 0.75, "vs baseline": "better"}]
-    assert "#2 models/a-sft: 0.750 (**+0.250**)" in evaluate_tab.comparison_note(ctx, "answer_acc", 1)
-    assert evaluate_tab.comparison_note(ctx, "answer_acc", 2).endswith("#1 models/a: 0.500 (**-0.250**)")
-    assert evaluate_tab.comparison_plot(ctx, "seconds", 1).y_lim == [0, None]  # not a rate: open top, still 0
-    assert evaluate_tab.comparison_frame(ctx, "acc50", 1)["vs baseline"].tolist() == ["baseline", "same"]
+    # +0.25 on 10 items: the 95% intervals [0.24, 0.76] and [0.44, 0.92] overlap, so it is noise
+    assert frame[["evaluation", "value", "n", "vs baseline", "items"]].to_dict("records") == [
+        {"evaluation": "#1 models/a", "value": 0.5, "n": 10, "vs baseline": "baseline", "items": "baseline"},
+        {"evaluation": "#2 models/a-sft", "value": 0.75, "n": 10, "vs baseline": "within noise",
+         "items": "same items"}]
+    assert frame["low"].round(3).tolist() == [0.237, 0.442]
+    note_1 = evaluate_tab.comparison_note(ctx, "answer_acc", 1)
+    assert "#2 models/a-sft: 0.750 [0.442, 0.919], n=10 (**+0.250**, within noise)" in note_1
+    assert evaluate_tab.comparison_note(ctx, "answer_acc", 2).endswith(
+        "#1 models/a: 0.500 [0.237, 0.763], n=10 (**-0.250**, within noise)")
+    seconds = evaluate_tab.comparison_frame(ctx, "seconds", 1)["vs baseline"].tolist()
+    assert seconds == ["baseline", "not compared"]  # no interval: no verdict (and faster is not "lower")
+    assert evaluate_tab.comparison_frame(ctx, "acc50", 1)["vs baseline"].tolist() == ["baseline", "within noise"]
 
 
 def test_evaluation_table_shows_unscored_answers_only_when_there_are_some(ctx: Any) -> None:
@@ -493,11 +503,36 @@ def test_evaluation_spreads_fold_into_cells_and_long_names_stay_readable(ctx: An
     table = evaluate_tab.evaluation_table(ctx)
     assert list(table.columns) == ["id", "model", "data", "n", "Acc@0.5", "answer acc", "true-crop acc",
                                    "created"]  # no acc50_std or pairs column; a readable name for the rest
-    assert table["Acc@0.5"].tolist() == ["0.26 ± 0.03", 0.2]  # a zero spread is just the value
-    assert table["answer acc"].tolist()[0] == 0.47
+    # value ± 95% interval's wider side; the 3 seeds' spread widens the first (visrl.uncertainty)
+    assert table["Acc@0.5"].tolist() == ["0.260 ±0.09", "0.200 ±0.06"]
+    assert table["answer acc"].tolist()[0] == "0.470 ±0.07"  # a zero spread: Wilson alone
+    assert evaluate_tab.comparison_frame(ctx, "acc50", 1)["spread"].tolist() == ["sd 0.030", ""]
     assert "acc50_std" not in evaluate_tab.metric_names(ctx.store.evaluations())  # not a score to compare
     labels = [evaluate_tab.evaluation_label(e) for e in ctx.store.evaluations()]
     assert labels == ["#1 warm-up + VisRL (model crop judge)", "#2 …models/qwen25vl-7b-rl-stage2/checkpoint-60"]
+
+
+def test_noise_is_not_called_better_and_other_items_are_marked(ctx: Any) -> None:
+    """Issue 19: a 40-item eval at +0.020 against the 200-item card was green "better", and so was
+    a +0.005 benchmark arm. Both are within noise; the 40 items are other items than the card's."""
+    from visrl_app import evaluate_tab
+
+    ctx.store.add_evaluation({"acc50": 0.255, "answer_acc": 0.51}, "models/tiny-demo", None, "demo",
+                             "test (model card)", 200)
+    ctx.store.add_evaluation({"acc50": 0.26, "acc50_std": 0.0, "seeds": 1}, "learning benchmark (1 seed): "
+                             "SFT warm-up", None, "demo", "test (model card)", 200)
+    ctx.store.add_evaluation({"n": 40, "n_box": 40, "acc50": 0.275, "answer_acc": 0.5}, "models/tiny-demo",
+                             "runs/3/adapter", "demo", "test", 40)
+    frame = evaluate_tab.comparison_frame(ctx, "acc50", baseline=1)
+    assert frame[["n", "vs baseline", "items"]].values.tolist() == [
+        [200, "baseline", "baseline"], [200, "within noise", "same items"], [40, "within noise", "other items"]]
+    chart = evaluate_tab.comparison_plot(ctx, "acc50", 1).value
+    assert "0.275 [0.161, 0.428] · n=40" in chart and "within noise · other items" in chart
+    assert "0.260 [0.204, 0.325] · n=200" in chart and ">better<" not in chart.split("visrl-ec-legend")[0]
+    note = evaluate_tab.comparison_note(ctx, "acc50", 1)
+    assert "(**+0.020**, within noise; other items: demo/test, n=40)" in note
+    assert "(**+0.005**, within noise)" in note
+    assert "seeds" not in evaluate_tab.metric_names(ctx.store.evaluations())  # a count, not a score
 
 
 def test_chat_picker_offers_test_images_first(ctx: Any) -> None:
@@ -524,6 +559,28 @@ def test_chat_streams_box_crop_and_answer(ctx: Any, monkeypatch: pytest.MonkeyPa
     assert (box_text, answer, status) == ("[0.1, 0.2, 0.5, 0.6]", "a dot", "done")
     assert shown_crop is crop and focus.getpixel((10, 25)) == chat_tab.render.ORANGE
     assert [o[3] for o in outs] == ["", "", "a d", "a dot", "a dot"]
+
+
+def test_chat_names_items_and_shows_reference_and_annotated_box(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19: Chat named items "#251" and showed neither the reference answer nor the annotated
+    box. Items are named by their image's stem (the README's "test_3"), and a picked item's
+    reference and annotated box (blue) show beside the model's box (orange), with their IoU."""
+    from visrl_app import chat_tab
+
+    assert chat_tab.item_name({"image": "images/demo/test_3-0123456789abcdef.png"}) == "test_3"
+    choices = chat_tab.item_choices(ctx)
+    assert choices[0][0] == "item0 [train] What colour is square 0?"
+    image, question, reference, shown, picked = chat_tab.pick_item(ctx, choices[0][1])
+    assert (question, reference, picked) == ("What colour is square 0?", "red", choices[0][1])
+    # the annotated box (20, 60, 80, 120) is drawn in blue on the shown image, not on the input
+    assert shown.getpixel((20, 90)) == chat_tab.render.BLUE and image.getpixel((20, 90)) != chat_tab.render.BLUE
+    assert chat_tab.pick_item(ctx, None) == (None, "", "", None, None)
+    monkeypatch.setattr(chat_tab, "reasoner_for", lambda ctx, choice: FakeReasoner(Image.new("RGB", (4, 4))))
+    monkeypatch.setattr(chat_tab, "make_sampling", lambda temperature, max_new_tokens: None)
+    focus, *_, status = list(chat_tab.ask(ctx, "models/x", image, question, 0.0, 32, picked))[-1]
+    assert focus.getpixel((20, 90)) == chat_tab.render.BLUE and focus.getpixel((10, 25)) == chat_tab.render.ORANGE
+    assert status == "done · IoU with the annotated box 0.00: misses the annotated box (IoU ≤ 0.5)"
+    assert chat_tab.finished(Box(20, 60, 80, 120), Box(20, 60, 80, 120)).endswith("1.00: on the annotated box")
 
 
 class FakeReasoner:
@@ -590,7 +647,7 @@ def test_chat_needs_image_and_question(ctx: Any) -> None:
     with pytest.warns(UserWarning, match="upload or pick an image"):
         outs = list(chat_tab.ask(ctx, "models/x", None, "q", 0.0, 32))
     assert outs[-1][-1] == "need an image and a question"
-    image, question = chat_tab.pick_item(ctx, 2)
+    image, question, *_ = chat_tab.pick_item(ctx, 2)
     assert image.size == (320, 240) and question == "What colour is square 1?"
 
 

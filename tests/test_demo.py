@@ -168,6 +168,7 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
     assert visrl["model"] == "learning benchmark (3 seeds): warm-up + VisRL (model crop judge)"
     assert (visrl["metrics"]["acc50"], visrl["metrics"]["acc50_std"], visrl["n"]) == (0.4, 0.03, 200)
     assert visrl["metrics"]["pairs"] == 20 and "pairs" not in control["metrics"]
+    assert visrl["metrics"]["seeds"] == 3  # the spread is over 3 seeds: it widens the intervals
     assert visrl["checkpoint_id"] is None  # no checkpoint: Chat keeps the shipped model
     assert json.loads((root / demo.COMPLETE).read_text())["evaluations"] == 3
 

@@ -126,7 +126,10 @@ def test_unscored_judge_replies_are_counted_apart_not_wrong(store: Store, monkey
     rows = [json.loads(line) for line in (Path(report.output_dir) / "predictions.jsonl").read_text().splitlines()]
     assert [r["answer_score"] for r in rows] == [1.0, 0.0, None, 0.0, None]
     assert [r["direct_unscored"] for r in rows] == [False, False, False, True, False]
-    assert "| Unscored answers (not in accuracy) | 2 | 1 |" in report.table
+    assert "| Unscored answers (not in accuracy) | 2 | – | – | 1 | – | – |" in report.table
+    # each accuracy's n leaves its unscored answers out: 5 - 2 and 5 - 1
+    assert report.metrics["intervals"]["answer_acc"]["n"] == 3
+    assert report.metrics["intervals"]["direct_answer_acc"]["n"] == 4
 
 
 def test_outputs_and_stored_evaluation(store: Store) -> None:
@@ -142,7 +145,9 @@ def test_outputs_and_stored_evaluation(store: Store) -> None:
     written = json.loads((out / "metrics.json").read_text())
     assert written["metrics"] == report.metrics
     assert written["contract"] == TwoStepContract().to_dict()  # what was evaluated: format, crop, budget
-    assert "| Detection Acc@0.5 (%) | 25.0 | – |" in (out / "report.md").read_text()
+    # Acc@0.5 is a share of the 4 boxed items: 1/4 with its Wilson interval [4.6%, 69.9%]
+    assert "| Detection Acc@0.5 (%) | 25.0 | 4.6 – 69.9 | 4 | – | – | – |" in (out / "report.md").read_text()
+    assert written["metrics"]["intervals"]["acc50"] == {"n": 4, "low": 0.0456, "high": 0.6994, "method": "wilson"}
     [ev] = store.evaluations()
     assert (ev["id"], ev["checkpoint_id"], ev["n"]) == (report.evaluation_id, ckpt, 5)
     assert report.checkpoint_id == ckpt and ev["metrics"]["acc50"] == 0.25
@@ -175,6 +180,26 @@ def test_no_direct_baseline_and_job_output_dir(store: Store) -> None:
     assert store.evaluations()[0]["job_id"] == job
 
 
+def test_finished_job_message_is_the_result_not_evaluating(store: Store) -> None:
+    """The job's status line said "evaluating 5 items" after success; now it is the result."""
+    add_cases(store)
+    job = store.create_job("eval", {})
+    progress = Progress(store, job, bar=False)
+    report = run_eval(store.workspace, config(), progress, job_id=job, reasoner=ScriptedReasoner(_script()))
+    assert store.job(job)["message"] == (
+        "evaluated 5 items: Acc@0.5 0.250 [0.046, 0.699], n=4 · answer acc 0.600 [0.231, 0.882], n=5 "
+        f"(evaluation #{report.evaluation_id})")
+
+
+def test_report_calls_two_step_versus_direct_by_the_intervals() -> None:
+    """+20 points on 5 items is noise; the same on 400 items is not."""
+    small = {"n": 5, "answer_acc": 0.6, "direct_answer_acc": 0.4, "unscored": 0, "direct_unscored": 0}
+    assert "+20.0 points, **within noise** (95% intervals overlap)" in metrics_table(small)
+    large = {**small, "n": 400}
+    assert "+20.0 points, **better** (95% intervals do not overlap)" in metrics_table(large)
+    assert "Two-step vs direct" not in metrics_table({"n": 5, "answer_acc": 0.6})  # no baseline ran
+
+
 def test_empty_split_is_a_data_error(store: Store) -> None:
     add_cases(store)
     with pytest.raises(DataError, match="no items in split 'val'"):
@@ -204,7 +229,9 @@ def test_summarize_and_table_without_boxes() -> None:
     m = summarize(preds, seconds=2.0)
     assert (m["acc50"], m["mean_iou"], m["answer_acc"], m["items_per_s"]) == (None, None, 1.0, 0.5)
     assert (m["unscored"], m["direct_unscored"]) == (0, None)  # no direct baseline ran
-    assert "| Mean IoU | – | – |" in metrics_table(m)
+    assert "| Mean IoU | – | – | – | – | – | – |" in metrics_table(m)
+    assert m["intervals"] == {"parse_rate": {"n": 1, "low": 0.0, "high": 0.7935, "method": "wilson"},
+                              "answer_acc": {"n": 1, "low": 0.2065, "high": 1.0, "method": "wilson"}}
 
 
 def test_evals_command_prints_the_comparison(store: Store) -> None:

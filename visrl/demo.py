@@ -197,6 +197,7 @@ def seed_evaluations(store: Store, say: Say) -> int:
             continue
         metrics = {k: v["mean"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("mean"))}
         metrics |= {f"{k}_std": v["std"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("std"))}
+        metrics["seeds"] = n_seeds  # a spread over seeds widens the intervals (visrl.uncertainty)
         pairs = [_pairs(seed, arm) for seed in bench.get("seeds") or [] if isinstance(seed, dict)]
         if pairs and all(_number(n) for n in pairs):  # a VisRL arm: how many pairs it trained on
             metrics["pairs"] = sum(pairs) / len(pairs)

@@ -16,6 +16,8 @@ Metrics (``metrics.json``; keys are stable, the app and :func:`compare_table` re
 ``direct_unscored``    unscored direct answers (left out of ``direct_answer_acc``); None without
                        the baseline.
 ``seconds``, ``items_per_s``.
+``intervals``          each share's 95% interval and its own n: ``{"acc50": {"n", "low", "high",
+                       "method"}, ...}`` (Wilson; :mod:`visrl.uncertainty` says why and how).
 
 Items without an annotated box count for the answer metrics only. A box text that does not
 parse is a failed two-step answer (score 0), as in generation. Each run writes
@@ -47,6 +49,7 @@ from visrl.judges import (
 from visrl.policy import PolicyConfig, check_range, load_reasoner
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
+from visrl.uncertainty import NOISE, interval, intervals, verdict
 from visrl.workspace import Workspace
 
 ACC_IOU = 0.5  # Visual-CoT's detection accuracy: IoU strictly above 0.5
@@ -91,7 +94,7 @@ class EvalConfig(PolicyConfig):
 
 @dataclass
 class EvalReport:
-    metrics: dict[str, float]
+    metrics: dict[str, Any]
     n: int
     output_dir: str  # absolute path
     evaluation_id: int | None  # None when stopped early (partial results are not stored)
@@ -120,14 +123,14 @@ class Prediction:
     direct_unscored: bool = False
 
 
-def summarize(predictions: list[Prediction], seconds: float = 0.0) -> dict[str, float]:
+def summarize(predictions: list[Prediction], seconds: float = 0.0) -> dict[str, Any]:
     """The metrics of the module doc from per-item predictions."""
     n = len(predictions)
     boxed = [p for p in predictions if p.iou is not None]
     direct = [p.direct_score for p in predictions if p.direct_score is not None]
     scored = [p.answer_score for p in predictions if p.answer_score is not None]
     ran_direct = any(p.direct_score is not None or p.direct_unscored for p in predictions)
-    metrics: dict[str, float] = {
+    metrics: dict[str, Any] = {
         "n": n, "n_box": len(boxed),
         "acc50": _mean([float(p.iou > ACC_IOU) for p in boxed]),
         "mean_iou": _mean([p.iou for p in boxed]),
@@ -138,7 +141,8 @@ def summarize(predictions: list[Prediction], seconds: float = 0.0) -> dict[str, 
         "direct_unscored": sum(p.direct_unscored for p in predictions) if ran_direct else None,
         "seconds": round(seconds, 3), "items_per_s": round(n / seconds, 3) if seconds > 0 else None,
     }
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    rounded = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+    return {**rounded, "intervals": intervals(rounded, n)}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -151,22 +155,59 @@ def _fmt(value: Any, percent: bool = True) -> str:
     return f"{100 * value:.1f}" if percent else f"{value:.3f}"
 
 
+def _cells(metrics: dict[str, Any], name: str, percent: bool = True) -> tuple[str, str, str]:
+    """(value, 95% interval, n) of one metric as table cells."""
+    found = interval(metrics, name, int(metrics.get("n") or 0))
+    if found is None:
+        return _fmt(metrics.get(name), percent), "–", "–"
+    return (_fmt(found.value, percent), f"{_fmt(found.low, percent)} – {_fmt(found.high, percent)}",
+            str(found.n))
+
+
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """One evaluation as a markdown table: metric | two-step | direct."""
+    """One evaluation as a markdown table: each metric with its 95% interval and n, two-step and
+    direct, then whether two-step answers beat direct ones by :func:`visrl.uncertainty.verdict`."""
+    none = ("–", "–", "–")
     rows = [
-        ("Detection Acc@0.5 (%)", _fmt(metrics.get("acc50")), "–"),
-        ("Mean IoU", _fmt(metrics.get("mean_iou"), percent=False), "–"),
-        ("Box parse rate (%)", _fmt(metrics.get("parse_rate")), "–"),
-        ("Answer accuracy (%)", _fmt(metrics.get("answer_acc")), _fmt(metrics.get("direct_answer_acc"))),
+        ("Detection Acc@0.5 (%)", *_cells(metrics, "acc50"), *none),
+        ("Mean IoU", *_cells(metrics, "mean_iou", percent=False), *none),
+        ("Box parse rate (%)", *_cells(metrics, "parse_rate"), *none),
+        ("Answer accuracy (%)", *_cells(metrics, "answer_acc"), *_cells(metrics, "direct_answer_acc")),
     ]
     if metrics.get("unscored") or metrics.get("direct_unscored"):  # only model judges leave answers unscored
-        rows.append(("Unscored answers (not in accuracy)", str(metrics.get("unscored") or 0),
-                     str(metrics.get("direct_unscored") or 0)))
-    lines = ["| metric | two-step | direct |", "|---|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        rows.append(("Unscored answers (not in accuracy)", str(metrics.get("unscored") or 0), "–", "–",
+                     str(metrics.get("direct_unscored") or 0), "–", "–"))
+    lines = ["| metric | two-step | 95% interval | n | direct | 95% interval | n |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines.append(f"\nn = {metrics.get('n', 0)} items ({metrics.get('n_box', 0)} with a box), "
                  f"{metrics.get('seconds', 0)} s")
+    versus = two_step_versus_direct(metrics)
+    if versus:
+        lines.append(versus)
+    lines.append("95% intervals: Wilson on each metric's own n; a difference is called better or worse "
+                 "only when the two intervals do not overlap, else within noise (visrl.uncertainty).")
     return "\n".join(lines) + "\n"
+
+
+def two_step_versus_direct(metrics: dict[str, Any]) -> str | None:
+    """One line: the two-step answers against the direct baseline, by the intervals' rule."""
+    n = int(metrics.get("n") or 0)
+    two_step, direct = interval(metrics, "answer_acc", n), interval(metrics, "direct_answer_acc", n)
+    if two_step is None or direct is None:
+        return None
+    called = verdict(two_step, direct)
+    why = "95% intervals overlap" if called == NOISE else "95% intervals do not overlap"
+    return (f"Two-step vs direct answer accuracy: {100 * (two_step.value - direct.value):+.1f} points, "
+            f"**{called}** ({why}).")
+
+
+def headline(metrics: dict[str, Any]) -> str:
+    """The finished job's one-line message: the main shares with their intervals."""
+    n = int(metrics.get("n") or 0)
+    parts = [f"{text} {found.text()}" for name, text in (("acc50", "Acc@0.5"), ("answer_acc", "answer acc"))
+             if (found := interval(metrics, name, n)) is not None]
+    return f"evaluated {n} items" + (": " + " · ".join(parts) if parts else "")
 
 
 def compare_table(store: Store) -> str:
@@ -234,6 +275,8 @@ def run_eval(workspace: str | Path | Workspace | None, cfg: EvalConfig,
         evaluation_id = store.add_evaluation(
             metrics, model=cfg.model_label(), adapter=cfg.adapter_name_or_path, dataset=cfg.dataset,
             split=cfg.split, n=len(predictions), checkpoint_id=checkpoint_id, job_id=job_id)
+        if progress is not None and progress.in_job:  # the result replaces "evaluating N items"
+            progress.message(f"{headline(metrics)} (evaluation #{evaluation_id})")
     return EvalReport(metrics=metrics, n=len(predictions), output_dir=str(out),
                       evaluation_id=evaluation_id, checkpoint_id=checkpoint_id, stopped=stopped,
                       table=table)

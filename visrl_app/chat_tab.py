@@ -1,21 +1,28 @@
 """The Chat tab: ask a checkpoint about an image; see its focus box, the crop, the streamed answer.
 
+An image picked from the workspace's data also shows its reference answer and its annotated box
+(blue) beside the model's (orange), with their IoU: the user sees at once whether the model looked
+at the right place. Items are named by their image's file stem ("test_3"), as the README does.
 torch/transformers are imported on the first question only (the app starts without them).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
+from visrl.boxes import iou
 from visrl.errors import VisRLError
 from visrl.images import open_bounded
+from visrl.store import box_from_json
 from visrl_app import render
 from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
 
@@ -68,14 +75,42 @@ def _get(event: Any, name: str) -> Any:
 
 
 def chat_outputs(image: Image.Image, box: Any, crop: Any, box_text: str, answer: str,
-                 status: str) -> tuple[Any, ...]:
-    shown = render.draw_box(image, box, render.ORANGE, "focus") if box is not None else image
+                 status: str, annotated: Any = None) -> tuple[Any, ...]:
+    """The outputs, with the model's box (orange, labelled "model") and the item's annotated box
+    (blue; unlabelled: a right box lies on it and both labels would overprint, the legend names
+    the colours) drawn on the image when there are such boxes."""
+    shown = image
+    if annotated is not None:
+        shown = render.draw_box(shown, annotated, render.BLUE)
+    if box is not None:
+        shown = render.draw_box(shown, box, render.ORANGE, "model")
     return shown, crop, box_text, answer, status
 
 
+def annotated_box(ctx: AppContext, item_id: int | None) -> Any:
+    """The picked item's annotated box (original pixels), or None (an upload, or no box)."""
+    if item_id is None:
+        return None
+    return box_from_json(ctx.store.item(int(item_id)).get("gt_box"))
+
+
+def finished(box: Any, annotated: Any) -> str:
+    """The last status line: done, and how the model's box meets the annotated one."""
+    if box is None:
+        return "done (no box parsed: answered on the full image)"
+    if annotated is None:
+        return "done"
+    from visrl.evaluate import ACC_IOU  # lazy: the app starts without the evaluator's imports
+
+    overlap = iou(box, annotated)
+    hit = "on the annotated box" if overlap > ACC_IOU else f"misses the annotated box (IoU ≤ {ACC_IOU})"
+    return f"done · IoU with the annotated box {overlap:.2f}: {hit}"
+
+
 def ask(ctx: AppContext, choice: str, image: str | Image.Image | None, question: str,
-        temperature: float, max_new_tokens: float) -> Iterator[tuple[Any, ...]]:
-    """Stream (image with focus box, crop, box text, answer so far, status) as the model works."""
+        temperature: float, max_new_tokens: float, item_id: int | None = None) -> Iterator[tuple[Any, ...]]:
+    """Stream (image with focus box, crop, box text, answer so far, status) as the model works;
+    ``item_id``: the workspace item the image is (its annotated box is drawn too)."""
     if image is None or not (question or "").strip():
         warn("upload or pick an image and type a question")
         yield None, None, "", "", "need an image and a question"
@@ -90,7 +125,8 @@ def ask(ctx: AppContext, choice: str, image: str | Image.Image | None, question:
         warn(str(exc))
         yield None, None, "", "", f"error: {exc}"
         return
-    yield chat_outputs(image, None, None, "", "", f"loading {choice} ...")
+    annotated = annotated_box(ctx, item_id)
+    yield chat_outputs(image, None, None, "", "", f"loading {choice} ...", annotated)
     try:
         reasoner = reasoner_for(ctx, choice)
         sampling = make_sampling(float(temperature), int(max_new_tokens))
@@ -102,12 +138,18 @@ def ask(ctx: AppContext, choice: str, image: str | Image.Image | None, question:
             box_text = _get(event, "box_text") or box_text
             answer = _get(event, "answer") if _get(event, "answer") is not None else answer
             stage = _get(event, "kind") or _get(event, "type") or "working"
-            yield chat_outputs(image, box, crop, box_text, answer, str(stage))
-        yield chat_outputs(image, box, crop, box_text, answer,
-                           "done" if box is not None else "done (no box parsed: answered on the full image)")
+            yield chat_outputs(image, box, crop, box_text, answer, str(stage), annotated)
+        yield chat_outputs(image, box, crop, box_text, answer, finished(box, annotated), annotated)
     except VisRLError as exc:
         warn(str(exc))
         yield image, None, "", "", f"error: {exc}"
+
+
+def item_name(item: dict[str, Any]) -> str:
+    """The item's image file stem without the content hash the import adds
+    (``images/demo/test_3-0123456789abcdef.png`` -> ``test_3``): the name the README uses."""
+    stem = Path(item["image"]).stem
+    return re.sub(r"-[0-9a-f]{16}$", "", stem) or stem
 
 
 def item_choices(ctx: AppContext, limit: int = 300) -> list[tuple[str, int]]:
@@ -115,14 +157,30 @@ def item_choices(ctx: AppContext, limit: int = 300) -> list[tuple[str, int]]:
     demo's 200 train items came first and filled the list the picker shows)."""
     test = ctx.store.items(split="test", limit=limit)
     rest = [i for i in ctx.store.items(limit=limit) if i["split"] != "test"][: limit - len(test)]
-    return [(f"#{i['id']} [{i['split']}] {i['question'][:70]}", i["id"]) for i in test + rest]
+    return [(f"{item_name(i)} [{i['split']}] {i['question'][:70]}", i["id"]) for i in test + rest]
 
 
-def pick_item(ctx: AppContext, item_id: int | None) -> tuple[Any, str]:
+def pick_item(ctx: AppContext, item_id: int | None) -> tuple[Any, ...]:
+    """(image, question, reference answer, image with its annotated box, item id) of a picked item."""
     if item_id is None:
-        return None, ""
+        return None, "", "", None, None
     item = ctx.store.item(int(item_id))
-    return Image.open(ctx.workspace.absolute(item["image"])).convert("RGB"), item["question"]
+    image = Image.open(ctx.workspace.absolute(item["image"])).convert("RGB")
+    annotated = box_from_json(item.get("gt_box"))
+    shown = render.draw_box(image, annotated, render.BLUE) if annotated is not None else image
+    return image, item["question"], item.get("answer") or "", shown, int(item_id)
+
+
+def forget_item() -> tuple[None, str]:
+    """An uploaded or cleared image is no workspace item: no reference, no annotated box."""
+    return None, ""
+
+
+# The boxes' colours (visrl_app.render), as the legend under the image names them.
+LEGEND = ("<div id='chat-legend' style='font-size:13px'>Boxes: "
+          f"<span style='color:rgb{render.ORANGE}'>■ model's focus</span> · "
+          f"<span style='color:rgb{render.BLUE}'>■ annotated box (picked item)</span></div>"
+          )
 
 
 def create_chat_tab(ctx: AppContext) -> dict[str, Any]:
@@ -136,21 +194,28 @@ def create_chat_tab(ctx: AppContext) -> dict[str, Any]:
         # type="filepath" with image_mode=None: gradio hands over the file undecoded (open_bounded decodes it).
         image = gr.Image(type="filepath", image_mode=None, label="Image (upload)", elem_id="chat-image",
                          height=360, sources=["upload", "clipboard"], scale=2)
-        focus = gr.Image(type="pil", label="Focus box", interactive=False, elem_id="chat-focus",
-                         height=360, scale=3)
+        with gr.Column(scale=3):
+            focus = gr.Image(type="pil", label="Focus box", interactive=False, elem_id="chat-focus", height=360)
+            gr.HTML(LEGEND)
         with gr.Column(scale=2):
             crop = gr.Image(type="pil", label="Focus crop (what the answer looked at)", interactive=False,
                             elem_id="chat-crop", height=240)
             box_text = gr.Textbox(label="Box (model's text)", elem_id="chat-box")
             answer = gr.Textbox(label="Answer", lines=3, elem_id="chat-answer")
+            reference = gr.Textbox(label="Reference answer (picked item)", elem_id="chat-reference",
+                                   interactive=False)
             status = gr.Markdown(elem_id="chat-status")
     with gr.Row():
         question = gr.Textbox(label="Question", scale=4, elem_id="chat-question")
         temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.1, label="Box temperature (0 = greedy)", scale=1)
         max_tokens = gr.Slider(8, 256, value=64, step=8, label="Max new tokens", scale=1)
     send = gr.Button("Ask", variant="primary", elem_id="chat-ask")
-    item.change(functools.partial(pick_item, ctx), [item], [image, question], api_visibility="undocumented")
-    inputs = [model, image, question, temperature, max_tokens]
+    picked = gr.State(None)  # the workspace item the image is, until the user uploads another
+    item.change(functools.partial(pick_item, ctx), [item], [image, question, reference, focus, picked],
+                api_visibility="undocumented")
+    for event in (image.upload, image.clear):
+        event(forget_item, None, [picked, reference], api_visibility="undocumented")
+    inputs = [model, image, question, temperature, max_tokens, picked]
     outputs = [focus, crop, box_text, answer, status]
     send.click(functools.partial(ask, ctx), inputs, outputs, api_visibility="undocumented")
     question.submit(functools.partial(ask, ctx), inputs, outputs, api_visibility="undocumented")

@@ -9,7 +9,8 @@ import gradio as gr
 
 from visrl.config import read_yaml
 from visrl.errors import VisRLError
-from visrl_app import job_panel
+from visrl.uncertainty import interval, same_items, verdict
+from visrl_app import eval_chart, job_panel
 from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model
 from visrl_app.generate_tab import split_choices
 
@@ -27,6 +28,9 @@ STD = "_std"
 LABEL_CHARS = 44  # an evaluation's name in the plot and the notes: ~ a bar's width at 1024 px
 RATES = frozenset(PREFERRED)  # fractions in [0, 1]: their axis is fixed to 0-1
 OWN_COLUMNS = ("n",)  # shown once, as the table's n column
+# How many training seeds a benchmark arm averages (visrl.demo stores it): it widens the arm's
+# intervals (visrl.uncertainty), it is no score.
+NOT_SCORES = ("seeds",)
 # In the picker, not the table: seconds = n / items_per_s, n_box is n for boxed data, and pairs
 # (how many a benchmark arm trained on) is an input its name states, not a score.
 TABLE_ONLY_IN_PLOT = ("seconds", "n_box", "pairs")
@@ -67,7 +71,7 @@ def metric_names(evaluations: list[dict[str, Any]]) -> list[str]:
     for row in evaluations:
         for key, value in (row["metrics"] or {}).items():
             if (isinstance(value, (int, float)) and key not in seen
-                    and key not in (*OWN_COLUMNS, *UNSCORED_COUNTS) and not key.endswith(STD)):
+                    and key not in (*OWN_COLUMNS, *UNSCORED_COUNTS, *NOT_SCORES) and not key.endswith(STD)):
                 seen.append(key)
     return [m for m in PREFERRED if m in seen] + [m for m in seen if m not in PREFERRED]
 
@@ -94,14 +98,15 @@ def evaluation_label(row: dict[str, Any]) -> str:
 
 
 def evaluation_table(ctx: AppContext) -> Any:
-    """One row per stored evaluation: who, on what, n once, then one column per metric."""
+    """One row per stored evaluation: who, on what, n once, then one column per metric (a share
+    with its 95% interval, "0.255 ±0.06")."""
     import pandas as pd
 
     evaluations = ctx.store.evaluations()
     names = [n for n in metric_names(evaluations) if n not in TABLE_ONLY_IN_PLOT]
     names += [n for n in UNSCORED_COUNTS if any((e["metrics"] or {}).get(n) for e in evaluations)]
     rows = [[e["id"], e["model"] + (f" + {e['adapter']}" if e["adapter"] else ""),
-             f"{e['dataset']}/{e['split']}", e["n"], *(_cell(e["metrics"], name) for name in names),
+             f"{e['dataset']}/{e['split']}", e["n"], *(_cell(e, name) for name in names),
              (e["created_at"] or "")[:16].replace("T", " ")] for e in evaluations]
     return pd.DataFrame(rows, columns=[*BASE_COLUMNS, *(label(n) for n in names), "created"])
 
@@ -116,39 +121,76 @@ def _round(value: Any) -> Any:
     return round(value, 3) if isinstance(value, float) else value
 
 
-def _cell(metrics: dict[str, Any], name: str) -> Any:
-    """``name``'s value, with its seeds' spread when there is one ("0.26 ± 0.03")."""
-    value, spread = metrics.get(name), metrics.get(name + STD)
-    if isinstance(value, (int, float)) and isinstance(spread, (int, float)) and spread > 0:
-        return f"{_round(float(value))} ± {_round(float(spread))}"
-    return _round(value)
+def _cell(evaluation: dict[str, Any], name: str) -> Any:
+    """``name``'s value, and for a share the half-width of its 95% interval, the wider side
+    ("0.255 ±0.06": the table stays inside a 1024 px window; the chart and the note give the exact
+    interval). A seeds' spread is inside that interval (visrl.uncertainty)."""
+    metrics = evaluation["metrics"] or {}
+    found = interval(metrics, name, int(evaluation["n"] or 0))
+    if found is None:
+        return _round(metrics.get(name))
+    return f"{found.value:.3f} ±{max(found.value - found.low, found.high - found.value):.2f}"
+
+
+def _interval_of(evaluation: dict[str, Any] | None, metric: str | None) -> Any:
+    if evaluation is None or not metric:
+        return None
+    return interval(evaluation["metrics"] or {}, metric, int(evaluation["n"] or 0))
 
 
 def comparison_frame(ctx: AppContext, metric: str | None, baseline: int | None = None) -> Any:
-    """(evaluation label, value, how it compares with ``baseline``'s value) per evaluation."""
+    """Per evaluation: label, value, 95% interval (low, high) and its n, how it compares with
+    ``baseline`` (:func:`versus`), whether it scored the baseline's items, and its seeds' spread."""
     import pandas as pd
 
     evaluations = ctx.store.evaluations()
-    base = next((e["metrics"].get(metric) for e in evaluations if e["id"] == baseline), None) if metric else None
+    base = next((e for e in evaluations if e["id"] == baseline), None)
     rows = []
     for e in evaluations:
         value = (e["metrics"] or {}).get(metric) if metric else None
-        if isinstance(value, (int, float)):
-            rows.append({"evaluation": evaluation_label(e), "value": float(value),
-                         "vs baseline": _versus(e["id"], float(value), baseline, base)})
-    return pd.DataFrame(rows, columns=["evaluation", "value", "vs baseline"])
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        found = _interval_of(e, metric)
+        items = ("" if base is None else "baseline" if e is base
+                 else "same items" if same_items(e, base) else "other items")
+        rows.append({"evaluation": evaluation_label(e), "value": float(value),
+                     "low": found.low if found else None, "high": found.high if found else None,
+                     "n": found.n if found else e["n"], "vs baseline": versus(e, base, metric),
+                     "items": items, "spread": _spread(e, metric)})
+    return pd.DataFrame(rows, columns=["evaluation", "value", "low", "high", "n", "vs baseline", "items", "spread"])
 
 
-def _versus(eval_id: int, value: float, baseline: int | None, base: Any) -> str:
-    if not isinstance(base, (int, float)):
+def versus(evaluation: dict[str, Any], base: dict[str, Any] | None, metric: str | None) -> str:
+    """"baseline", "better", "worse", "within noise" (visrl.uncertainty.verdict: only intervals
+    that do not overlap make a difference), "not compared" for a metric with no interval (seconds),
+    "no baseline"."""
+    if base is None or not isinstance((base["metrics"] or {}).get(metric or ""), (int, float)):
         return "no baseline"
-    if eval_id == baseline:
+    if evaluation["id"] == base["id"]:
         return "baseline"
-    return "better" if value > base + 1e-9 else ("worse" if value < base - 1e-9 else "same")
+    mine, theirs = _interval_of(evaluation, metric), _interval_of(base, metric)
+    if mine is None or theirs is None:
+        return "not compared"
+    return verdict(mine, theirs)
+
+
+def _spread(evaluation: dict[str, Any], metric: str | None) -> str:
+    """"sd 0.030 over 3 seeds" where a result averages seeds with a spread, else ""."""
+    metrics = evaluation["metrics"] or {}
+    std, seeds = metrics.get(f"{metric}{STD}"), metrics.get("seeds")
+    if not isinstance(std, (int, float)) or std <= 0:
+        return ""
+    return f"sd {std:.3f}" + (f" over {int(seeds)} seeds" if isinstance(seeds, (int, float)) else "")
+
+
+def _described(e: dict[str, Any], metric: str, value: float) -> str:
+    found = _interval_of(e, metric)
+    return found.text() if found is not None else f"{value:.3f}, n={e['n']}"
 
 
 def comparison_note(ctx: AppContext, metric: str | None, baseline: int | None) -> str:
-    """Each evaluation's ``metric`` and its difference to the baseline's, as one line."""
+    """Each evaluation's ``metric`` with its interval and n, its difference to the baseline's, and
+    the verdict; comparisons on other items than the baseline's say so."""
     evaluations = ctx.store.evaluations()
     base_row = next((e for e in evaluations if e["id"] == baseline), None)
     base = base_row["metrics"].get(metric) if base_row and metric else None
@@ -158,16 +200,19 @@ def comparison_note(ctx: AppContext, metric: str | None, baseline: int | None) -
     for e in evaluations:
         value = e["metrics"].get(metric)
         if isinstance(value, (int, float)) and e["id"] != baseline:
-            parts.append(f"{evaluation_label(e)}: {value:.3f} (**{value - base:+.3f}**)")
+            other = "" if same_items(e, base_row) else f"; other items: {e['dataset']}/{e['split']}, n={e['n']}"
+            parts.append(f"{evaluation_label(e)}: {_described(e, metric, value)} "
+                         f"(**{value - base:+.3f}**, {versus(e, base_row, metric)}{other})")
     # "Acc@0.5" would render as an e-mail link in Markdown: the entity keeps it text.
-    head = f"**{label(metric).replace('@', '&#64;')}** vs baseline {evaluation_label(base_row)} ({base:.3f})"
-    return head + (": " + " · ".join(parts) if parts else ": no other evaluation yet")
+    head = (f"**{label(metric).replace('@', '&#64;')}** vs baseline {evaluation_label(base_row)} "
+            f"({_described(base_row, metric, base)}; {base_row['dataset']}/{base_row['split']})")
+    return head + (":\n\n- " + "\n- ".join(parts) if parts else ": no other evaluation yet")
 
 
 def comparison_plot(ctx: AppContext, metric: str | None, baseline: int | None) -> Any:
-    """The bar plot of ``metric``; bars start at 0 (rates on a fixed 0-1 axis)."""
-    return gr.BarPlot(comparison_frame(ctx, metric, baseline), y_title=label(metric) if metric else "value",
-                      y_lim=[0, 1] if metric in RATES else [0, None])
+    """The chart of ``metric`` (:mod:`visrl_app.eval_chart`): bars from 0, whiskers, n, verdicts."""
+    rows = comparison_frame(ctx, metric, baseline).to_dict("records")
+    return gr.HTML(eval_chart.chart_html(rows, label(metric) if metric else "value", metric in RATES))
 
 
 def baseline_choices(ctx: AppContext) -> list[tuple[str, int]]:
@@ -217,17 +262,16 @@ def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
         ready = gr.Markdown(elem_id="eval-ready")
         start_button = gr.Button("Run evaluation", variant="primary", elem_id="eval-start", scale=0, min_width=200)
     monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "eval", start_button)
-    gr.Markdown("### Evaluations")
-    shown = gr.Dataframe(evaluation_table(ctx), interactive=False, elem_id="eval-table", wrap=True)
+    gr.Markdown("### Evaluations\nEach share reads value ± its 95% interval (the wider side; the chart "
+                "below gives both ends and each metric's n). n: the items scored.")
+    # Every row shows: a fixed height hid the older evaluations behind an unnoticed scroll.
+    shown = gr.Dataframe(evaluation_table(ctx), interactive=False, elem_id="eval-table", wrap=True,
+                         max_height=10_000)
     with gr.Row():
         metric = gr.Dropdown([], label="Compare on", scale=2, elem_id="eval-metric")
         baseline = gr.Dropdown([], label="Baseline", scale=2, elem_id="eval-baseline")
         again = gr.Button("↻ Refresh", scale=0, min_width=90)
-    plot = gr.BarPlot(comparison_frame(ctx, None), x="evaluation", y="value", color="vs baseline",
-                      title="Per evaluation (bars start at 0)", elem_id="eval-plot", height=300,
-                      y_lim=[0, 1], sort=None,
-                      color_map={"baseline": "#64748b", "better": "#16a34a", "worse": "#dc2626",
-                                 "same": "#2563eb", "no baseline": "#2563eb"})
+    plot = gr.HTML(eval_chart.chart_html([], "value", True), elem_id="eval-plot")
     note = gr.Markdown(elem_id="eval-note")
     form = [model, dataset, split, limit, direct]
     view = functools.partial(refresh, ctx)
