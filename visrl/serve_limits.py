@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,10 +185,17 @@ async def read_body(request: Request, max_bytes: int, ticket: Ticket, pace: Body
     body, seen, start = bytearray(), 0, time.monotonic()
     client = request.client.host if request.client else "?"
     slow = False
+
+    def now_slow() -> None:  # the body is still arriving at start + SLOW_BODY_S
+        nonlocal slow
+        if clients is not None and not slow:
+            clients.take(client)
+            slow = True
+
     try:
         while True:
             expected = max(seen, size if size is not None else seen + 2**16)  # chunked: each chunk buys time
-            chunk, more = await _receive(request, start, pace, expected)
+            chunk, more = await _receive(request, start, pace, expected, None if slow else now_slow)
             seen += len(chunk)
             if over or seen > max_bytes:
                 if not over:
@@ -200,23 +208,29 @@ async def read_body(request: Request, max_bytes: int, ticket: Ticket, pace: Body
                 ticket.hold(BODY_COPIES * len(body))
             if not more:
                 return bytes(body)
-            if clients is not None and not slow and time.monotonic() - start > SLOW_BODY_S:
-                clients.take(client)
-                slow = True
     finally:
         if slow and clients is not None:
             clients.release(client)
 
 
-async def _receive(request: Request, start: float, pace: BodyPace, expected: int) -> tuple[bytes, bool]:
-    """The next piece of the body and whether more follows, within the time ``pace`` allows."""
+async def _receive(request: Request, start: float, pace: BodyPace, expected: int,
+                   now_slow: Callable[[], None] | None) -> tuple[bytes, bool]:
+    """The next piece of the body and whether more follows, within the time ``pace`` allows;
+    ``now_slow()`` is called once the body is still arriving :data:`SLOW_BODY_S` after ``start``."""
     allowed = pace.allowed_s(expected)
+    receive = asyncio.ensure_future(request.receive())
     try:
-        message = await asyncio.wait_for(request.receive(), max(0.0, start + allowed - time.monotonic()))
+        if now_slow is not None:
+            await asyncio.wait({receive}, timeout=max(0.0, start + SLOW_BODY_S - time.monotonic()))
+            if not receive.done():
+                now_slow()
+        message = await asyncio.wait_for(receive, max(0.0, start + allowed - time.monotonic()))
     except TimeoutError:
         raise BadRequest(f"the body did not arrive within {allowed:g} s (bodies get {pace.grace_s:g} s plus "
                          f"their size at {pace.min_rate / 1024:g} KB/s, at most {pace.max_s:g} s)", status=408,
                          code="request_timeout") from None
+    finally:
+        receive.cancel()  # a no-op once it is done
     if message["type"] == "http.disconnect":
         raise BadRequest("the client went away before sending the whole body", status=400)
     return message.get("body", b""), bool(message.get("more_body", False))
