@@ -195,7 +195,12 @@ async def read_body(request: Request, max_bytes: int, ticket: Ticket, pace: Body
     try:
         while True:
             expected = max(seen, size if size is not None else seen + 2**16)  # chunked: each chunk buys time
-            chunk, more = await _receive(request, start, pace, expected, None if slow else now_slow)
+            try:
+                chunk, more = await _receive(request, start, pace, expected, None if slow else now_slow)
+            except BadRequest as exc:
+                if over and exc.status == 408:  # out of time while dropping the excess: its answer stands
+                    raise too_large(max_bytes) from None
+                raise
             seen += len(chunk)
             if over or seen > max_bytes:
                 if not over:
