@@ -14,12 +14,18 @@ for vLLM when a run should generate with a model in another process. Endpoints:
 - ``GET /health`` -- 200 once the model is loaded (no key needed).
 
 Every request's cost is bounded before it is spent (:mod:`visrl.serve_limits`): the body by the
-bytes actually read (413), each image's and the request's pixels from the image headers before
-decoding (400), the prompt's tokens against the model's context (400
-``context_length_exceeded``), and the requests and memory held at once (503 with Retry-After).
-Bodies are parsed and images decoded off the event loop, so ``/health`` answers during any of it,
-and a client that disconnects has its request dropped from the queue (or its batch stopped when it
-was the batch's only client).
+bytes actually read (413) and by time at a minimum rate (408), slow bodies per client address
+(429), the JSON values and content parts (400), each image's and the request's pixels from the
+image headers before decoding and the decode work itself (400, :mod:`visrl.images`), the prompt's
+tokens against the model's context (400 ``context_length_exceeded``), and the requests and memory
+held at once (503 with Retry-After). Bodies are parsed and images decoded off the event loop, so
+``/health`` answers during any of it, and a client that disconnects has its request dropped from
+the queue (or its batch stopped when it was the batch's only client).
+
+One bad request fails only itself: each is checked before it joins a batch as the chat template
+and processor will check it (:class:`visrl.serve_limits.TokenCounter`), and should a batch still
+fail, its requests are run again one by one, so only the guilty one hears an error (a 400 and one
+log line when the model refused its input; a 500 and one logged traceback for a server fault).
 
 One model serves every request: a single worker thread owns it and runs requests in micro-batches
 (up to ``max_batch_size`` requests with the same sampling settings, collected for
@@ -53,15 +59,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 from visrl.errors import ConfigError, VisRLError
-from visrl.images import MAX_IMAGE_PIXELS
+from visrl.images import DECODE_TIMEOUT_S, MAX_IMAGE_PIXELS
 from visrl.reasoning import Reasoner
 from visrl.serve_limits import (
     BODY_COPIES,
+    JSON_VALUE_BYTES,
     RGB_BYTES,
     Admission,
     BadRequest,
+    BodyPace,
+    ClientBodies,
     Ticket,
     TokenCounter,
+    check_json_size,
     check_prompt,
     model_context,
     read_body,
@@ -107,8 +117,20 @@ class ServeConfig:
         "help": "Memory in MB all held requests may take (3x their body while parsed, then 3 bytes per "
                 "decoded pixel); a request that would overdraw it is refused with 503."})
     body_timeout_s: float = field(default=120.0, metadata={
-        "help": "Seconds a client may take to send its body (64 MB in 120 s is ~0.5 MB/s); a slower one gets "
-                "408, so trickling clients cannot hold the queue."})
+        "help": "Most seconds a client may take to send its body (64 MB in 120 s is ~0.5 MB/s); a slower one "
+                "gets 408, so trickling clients cannot hold connections."})
+    body_grace_s: float = field(default=5.0, metadata={
+        "help": "Seconds any body may take beyond its size at min_body_kb_s (a body's deadline is "
+                "body_grace_s + size / min_body_kb_s, at most body_timeout_s)."})
+    min_body_kb_s: float = field(default=256.0, metadata={
+        "help": "Slowest upload rate accepted, in KB/s (2 Mbit/s): a 100 KB body trickled at a byte every 3 s "
+                "gets 408 after ~5 s, not after body_timeout_s."})
+    max_client_bodies: int = field(default=8, metadata={
+        "help": "Bodies one client address may be sending at once once they take over 0.5 s; more get 429."})
+    max_connections: int = field(default=256, metadata={
+        "help": "Open connections (uvicorn's limit_concurrency); past it uvicorn answers 503."})
+    decode_timeout_s: float = field(default=DECODE_TIMEOUT_S, metadata={
+        "help": "Seconds all images of one request may take to decode; a slower one is refused with 400."})
     max_context_tokens: int | None = field(default=None, metadata={
         "help": "Prompt plus max_tokens must fit this many tokens; null = the model's max_position_embeddings."})
 
@@ -120,13 +142,16 @@ class ServeConfig:
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_batch_size", "max_tokens_limit", "max_image_pixels", "max_request_pixels",
-                     "max_pending", "max_pending_mb"):
+                     "max_pending", "max_pending_mb", "max_client_bodies", "max_connections"):
             if not getattr(self, name) >= 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.batch_wait_ms <= 10_000:
             problems.append(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms}")
-        if not 0 < self.body_timeout_s <= 3600:
-            problems.append(f"body_timeout_s must be in (0, 3600], got {self.body_timeout_s}")
+        for name in ("body_timeout_s", "body_grace_s", "decode_timeout_s"):
+            if not 0 < getattr(self, name) <= 3600:
+                problems.append(f"{name} must be in (0, 3600], got {getattr(self, name)}")
+        if not 0 < self.min_body_kb_s < math.inf:
+            problems.append(f"min_body_kb_s must be > 0, got {self.min_body_kb_s}")
         if not 0 < self.max_body_mb <= 4096:
             problems.append(f"max_body_mb must be in (0, 4096], got {self.max_body_mb}")
         # One largest request must fit the memory budget, or it would hear 503 forever.
@@ -237,25 +262,41 @@ class BatchWorker:
         return batch, False
 
     def _generate(self, jobs: list[_Job], key: SamplingKey) -> None:
-        from visrl.reasoning import Sampling
-
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]  # drops cancelled ones
         if not jobs:
             return
+        try:
+            results = self._call(jobs, key)
+        except Exception as exc:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(failure(exc))
+                return
+            # One request the checks let through must not fail the others: run each alone.
+            log.warning("a batch of %d requests failed (%s); running them one by one", len(jobs), _brief(exc))
+            for job in jobs:
+                try:
+                    job.future.set_result(self._call([job], key)[0])
+                except Exception as alone:  # noqa: BLE001 - this request's own failure, reported to it
+                    job.future.set_exception(failure(alone))
+            return
+        except BaseException as exc:  # e.g. SystemExit: every waiting request must hear about it
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        for job, result in zip(jobs, results, strict=True):
+            job.future.set_result(result)
+
+    def _call(self, jobs: list[_Job], key: SamplingKey) -> list[tuple[list[str], dict[str, Any]]]:
+        from visrl.reasoning import Sampling
+
         self._running = jobs
         try:
             sampling = Sampling(temperature=key.temperature, top_p=key.top_p,
                                 max_new_tokens=key.max_new_tokens, n=key.n)
             outputs = self.reasoner.generate([job.conversation for job in jobs], sampling)
-            results = [(texts, self._usage(job, texts, key.max_new_tokens)) for job, texts in zip(jobs, outputs, strict=True)]
-        except BaseException as exc:  # every waiting request must hear about it
-            for job in jobs:
-                job.future.set_exception(exc)
-            return
+            return [(texts, self._usage(job, texts, key.max_new_tokens)) for job, texts in zip(jobs, outputs, strict=True)]
         finally:
             self._running = []
-        for job, result in zip(jobs, results, strict=True):
-            job.future.set_result(result)
 
     def _usage(self, job: _Job, texts: list[str], max_new_tokens: int) -> dict[str, Any]:
         if self.counter is None:
@@ -265,6 +306,31 @@ class BatchWorker:
         # untrained model can re-tokenize longer than generated, hence the cap at max_new_tokens.
         return {"prompt_tokens": prompt,
                 "completion_tokens": [min(self.counter.completion(t), max_new_tokens) for t in texts]}
+
+
+# Raised by tokenizers, processors and chat templates for input they cannot take (jinja2's
+# TemplateError is an Exception subclass of its own; matched by name so jinja2 need not be imported).
+_INPUT_ERRORS = (ValueError, TypeError)
+
+
+def failure(exc: Exception) -> BadRequest:
+    """The answer to a request whose generate call failed on its own (alone, not in a batch).
+
+    The model refusing its input (a ValueError or TypeError from the processor or tokenizer, a
+    template error) is that request's fault: 400 and one log line. Anything else is a server fault
+    (out of memory, a bug): 500, and its traceback is logged once here, never sent to the client.
+    """
+    if isinstance(exc, _INPUT_ERRORS) or type(exc).__name__ == "TemplateError":
+        log.warning("a request the model cannot take was refused: %s", _brief(exc))
+        return BadRequest(f"the model cannot take this request: {_brief(exc)}", "messages")
+    log.error("generation failed", exc_info=exc)
+    return BadRequest(f"generation failed: {type(exc).__name__}: {exc}", status=500, kind="server_error")
+
+
+def _brief(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, at most ``limit`` characters (log lines and client answers)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---------------------------------------------------------------------- the app
@@ -282,6 +348,7 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
     if isinstance(reasoner, ServeReasoner):
         reasoner.should_stop = worker.batch_gone
     admission = Admission(cfg.max_pending, cfg.max_pending_mb * 2**20)
+    clients = ClientBodies(cfg.max_client_bodies)
     context = cfg.max_context_tokens or model_context(reasoner)
     name = cfg.model_name
 
@@ -291,7 +358,7 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
         worker.close()
 
     app = FastAPI(title="visrl serve", lifespan=lifespan)
-    app.state.worker, app.state.admission = worker, admission
+    app.state.worker, app.state.admission, app.state.clients = worker, admission, clients
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -313,11 +380,11 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
     async def chat_completions(request: Request) -> Any:
         try:
             authorize(request, cfg.api_key)
-            ticket = admission.enter()
         except BadRequest as exc:
             return error(exc)
+        ticket = admission.ticket()  # memory while the body arrives; a queue place once it has
         try:
-            return await complete(request, ticket, cfg, worker, context)
+            return await complete(request, ticket, cfg, worker, context, clients)
         except BadRequest as exc:
             return error(exc)
         except VisRLError as exc:  # e.g. a prompt the model cannot take
@@ -333,13 +400,11 @@ def create_app(reasoner_or_loaded: Any, cfg: ServeConfig) -> Any:
 
 
 async def complete(request: Request, ticket: Ticket, cfg: ServeConfig, worker: BatchWorker,
-                   context: int | None) -> Any:
+                   context: int | None, clients: ClientBodies | None = None) -> Any:
     """Read, admit, queue and answer one chat-completions request (BadRequest for a refusal)."""
-    try:
-        raw = await asyncio.wait_for(read_body(request, int(cfg.max_body_mb * 2**20), ticket), cfg.body_timeout_s)
-    except TimeoutError:
-        raise BadRequest(f"the body did not arrive within {cfg.body_timeout_s:g} s", status=408,
-                         code="request_timeout") from None
+    pace = BodyPace(cfg.body_grace_s, cfg.min_body_kb_s * 1024, cfg.body_timeout_s)
+    raw = await read_body(request, int(cfg.max_body_mb * 2**20), ticket, pace, clients)
+    ticket.take_place()  # only now: a client still sending its body holds no place in the queue
     # Parsing JSON and decoding images take CPU seconds: off the event loop, so /health and
     # other clients are served meanwhile.
     body, conversation, sampling, tokens = await asyncio.to_thread(
@@ -356,11 +421,13 @@ async def complete(request: Request, ticket: Ticket, cfg: ServeConfig, worker: B
 def error(exc: BadRequest) -> JSONResponse:
     """OpenAI's error body; a refusal that may leave the body unread closes the connection."""
     headers = {}
-    if exc.status in (408, 413, 503):  # rather than read on what the client still sends
+    if exc.status in (408, 413, 429, 503):  # rather than read on what the client still sends
         headers["Connection"] = "close"
-    if exc.status == 503:
+    if exc.status in (429, 503):
         headers["Retry-After"] = "1"
-    return JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
+    # A message may quote the client's text: never let a lone surrogate make the answer itself fail.
+    message = exc.message.encode("utf-8", "backslashreplace").decode()
+    return JSONResponse({"error": {"message": message, "type": exc.kind, "param": exc.param,
                                    "code": exc.code}}, status_code=exc.status, headers=headers)
 
 
@@ -378,13 +445,17 @@ def admit_request(raw: bytes, cfg: ServeConfig, ticket: Ticket, context: int | N
     """Parse a body read by :func:`read_body`: (body, conversation, sampling, prompt tokens).
 
     The ticket holds the body's bytes while it is parsed, then only its decoded images' bytes."""
+    # Counted before parsing: json.loads holds the GIL throughout, and its objects cost ~650 bytes
+    # a value, far more than the body's bytes.
+    body_bytes = ticket.bytes + check_json_size(raw) * JSON_VALUE_BYTES
+    ticket.hold(body_bytes)
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
         raise BadRequest("the request body is not valid JSON") from None
-    body_bytes = ticket.bytes
     conversation, sampling = parse_request(body, cfg.model_name, cfg.max_tokens_limit, cfg.max_image_pixels,
-                                           cfg.max_request_pixels, lambda n: ticket.hold(body_bytes + n))
+                                           cfg.max_request_pixels, lambda n: ticket.hold(body_bytes + n),
+                                           cfg.decode_timeout_s)
     ticket.hold(sum(p["image"].width * p["image"].height * RGB_BYTES
                     for m in conversation for p in m["content"] if p["type"] == "image"))
     return body, conversation, sampling, check_prompt(conversation, sampling.max_new_tokens, context, counter)
@@ -496,4 +567,5 @@ def serve(cfg: ServeConfig, workspace: str | Path | None = None) -> None:
     app = create_app(loaded, cfg)
     # PIL's own guard (warn over 1x, refuse over 2x this) backs the header check of visrl.images.
     Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    # limit_concurrency: past max_connections open connections uvicorn itself answers 503.
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", limit_concurrency=cfg.max_connections)

@@ -2,13 +2,20 @@
 
 Images arrive only as ``data:image/...;base64,`` URLs (the server reads no files and fetches no
 URLs); their sizes are read from the image headers and checked against a per-image and a
-per-request pixel budget before any of them is decoded (:mod:`visrl.images`).
+per-request pixel budget before any of them is decoded (:mod:`visrl.images`), and all of a
+request's images are decoded under one deadline.
+
+Everything a request holds is checked here, before it can join a batch: a value the model or the
+tokenizer would fail on later (a NaN temperature, a lone UTF-16 surrogate in text, an image in a
+system or assistant message) would otherwise fail every request batched with it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +23,14 @@ from typing import Any
 from PIL import Image
 
 from visrl.errors import DataError
-from visrl.images import MAX_IMAGE_PIXELS, decode_image, peek_image
+from visrl.images import DECODE_TIMEOUT_S, MAX_IMAGE_PIXELS, decode_image, peek_image
 from visrl.serve_limits import RGB_BYTES, BadRequest
 
 MAX_IMAGES = 16  # per request; the two-step prompt has 2
 MAX_N = 16  # completions per request
+# Messages, and content parts of all messages, per request: the two-step prompt has 3 messages and
+# 5 parts. Each part is templated and walked in Python: 1.55 M empty parts took 29 s and 1 GB.
+MAX_PARTS = 256
 
 
 @dataclass(frozen=True)
@@ -34,13 +44,14 @@ class SamplingKey:
 
 
 def parse_request(body: Any, model_name: str, max_tokens_limit: int, max_image_pixels: int = MAX_IMAGE_PIXELS,
-                  max_request_pixels: int = 2 * MAX_IMAGE_PIXELS,
-                  hold: Callable[[int], None] | None = None) -> tuple[list[dict[str, Any]], SamplingKey]:
+                  max_request_pixels: int = 2 * MAX_IMAGE_PIXELS, hold: Callable[[int], None] | None = None,
+                  decode_timeout_s: float = DECODE_TIMEOUT_S) -> tuple[list[dict[str, Any]], SamplingKey]:
     """The HF chat conversation (PIL images inline, RGB) and sampling settings of a request body.
 
     Images are checked from their headers first -- each at most ``max_image_pixels``, all together
     at most ``max_request_pixels`` -- and ``hold(bytes)`` is told their decoded size (3 bytes a
-    pixel) before any is decoded, so it can refuse (e.g. :meth:`Ticket.hold`).
+    pixel) before any is decoded, so it can refuse (e.g. :meth:`Ticket.hold`); all of them must
+    decode within ``decode_timeout_s``.
     """
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
@@ -55,6 +66,11 @@ def parse_request(body: Any, model_name: str, max_tokens_limit: int, max_image_p
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list", "messages")
+    parts = sum(len(m["content"]) if isinstance(m, dict) and isinstance(m.get("content"), list) else 1
+                for m in messages)
+    if max(len(messages), parts) > MAX_PARTS:
+        raise BadRequest(f"at most {MAX_PARTS} messages and {MAX_PARTS} content parts per request, got "
+                         f"{len(messages)} messages and {parts} parts", "messages")
     conversation = [_message(m, i) for i, m in enumerate(messages)]
     if conversation[-1]["role"] != "user":
         raise BadRequest("the last message must be from the user", "messages")
@@ -67,13 +83,14 @@ def parse_request(body: Any, model_name: str, max_tokens_limit: int, max_image_p
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         max_new_tokens=max_tokens_limit if max_tokens is None else _integer(max_tokens, "max_tokens", 1, max_tokens_limit),
         n=_integer(body.get("n", 1), "n", 1, MAX_N))
-    decode_images(images, max_image_pixels, max_request_pixels, hold)
+    decode_images(images, max_image_pixels, max_request_pixels, hold, time.monotonic() + decode_timeout_s)
     return conversation, sampling
 
 
 def decode_images(parts: list[dict[str, Any]], max_image_pixels: int, max_request_pixels: int,
-                  hold: Callable[[int], None] | None) -> None:
-    """Replace each image part's data URL by its decoded RGB image, within the pixel budgets."""
+                  hold: Callable[[int], None] | None, deadline: float | None = None) -> None:
+    """Replace each image part's data URL by its decoded RGB image, within the pixel budgets and,
+    all of them, by ``deadline`` (``time.monotonic()``; None: :data:`DECODE_TIMEOUT_S` each)."""
     opened = []
     try:
         for part in parts:
@@ -86,7 +103,7 @@ def decode_images(parts: list[dict[str, Any]], max_image_pixels: int, max_reques
             hold(pixels * RGB_BYTES)
         for part, image in zip(parts, opened, strict=True):
             try:
-                part["image"] = decode_image(image, part["where"])
+                part["image"] = decode_image(image, part["where"], deadline, max_image_pixels)
             except DataError as exc:
                 raise BadRequest(str(exc), part["where"]) from None
             del part["where"]
@@ -101,16 +118,32 @@ def _message(message: Any, index: int) -> dict[str, Any]:
         raise BadRequest(f"{where} must be an object with role system, user or assistant", where)
     content = message.get("content")
     if isinstance(content, str):
-        return {"role": message["role"], "content": [{"type": "text", "text": content}]}
+        return {"role": message["role"], "content": [{"type": "text", "text": _text(content, f"{where}.content")}]}
     if not isinstance(content, list):
         raise BadRequest(f"{where}.content must be a string or a list of parts", where)
-    return {"role": message["role"], "content": [_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]}
+    parts = [_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]
+    if message["role"] != "user" and any(p["type"] == "image" for p in parts):
+        # Chat templates drop them (Qwen3-VL's) or place them where no model was trained to see one.
+        raise BadRequest(f"{where}: images are accepted in user messages only, not in a {message['role']} "
+                         "message", where)
+    return {"role": message["role"], "content": parts}
+
+
+def _text(text: str, where: str) -> str:
+    """``text`` if it is valid Unicode: JSON's ``\\ud800`` escapes decode to lone surrogates, which
+    no tokenizer takes (they are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(f"{where}: the text holds a lone UTF-16 surrogate ({text[exc.start]!a} at character "
+                         f"{exc.start}); send valid Unicode", where) from None
+    return text
 
 
 def _part(part: Any, where: str) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
-        return {"type": "text", "text": part["text"]}
+        return {"type": "text", "text": _text(part["text"], where)}
     if kind == "image_url":
         spec = part.get("image_url")
         url = spec.get("url") if isinstance(spec, dict) else spec
@@ -146,6 +179,8 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
         value = default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"{name} must be a number, got {value!r}", name)
+    if not math.isfinite(value):  # JSON's NaN passes every comparison below; the sampler then fails
+        raise BadRequest(f"{name} must be a finite number, got {value}", name)
     if value > high or value < low or (low_open and value == low):
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise BadRequest(f"{name} must be in {bound}, got {value}", name)
