@@ -49,8 +49,16 @@ MAX_REPORT_BYTES = 2 * 2**20  # both reports are a few kB; a larger file is not 
 CARD_METRICS = {"acc@0.5": "acc50", "mean_iou": "mean_iou", "parse_rate": "parse_rate",
                 "two_step_acc": "answer_acc", "direct_acc": "direct_answer_acc",
                 "true_crop_acc": "true_crop_answer_acc"}
-BENCH_ARMS = {"warmup": "SFT warm-up (few boxes)", "control": "warm-up + SFT continued (control)",
-              "visrl": "warm-up + VisRL (model crop judge)", "visrl_iou": "VisRL with IoU crop judge (ablation)"}
+# The learning benchmark's arms, in its table's order, with the labels the Evaluate tab shows.
+BENCH_ARMS = {"warmup": "SFT warm-up (few boxes)",
+              "control_a": "control A: warm-up + SFT continued on the few boxes",
+              "control_b": "control B: warm-up + SFT on the answers (no boxes)",
+              "upper": "upper bound: warm-up + SFT with boxes on every item",
+              "visrl": "warm-up + VisRL (answer judge only)",
+              "grpo": "warm-up + GRPO (answer reward only)"}
+# bench/learning.py's output format. Files without it (version 1) came from arms that used a crop
+# judge no longer run: their labels would mislead, so they are skipped with a log line.
+BENCH_VERSION = 2
 DEMO_DATASET = "demo"
 DEMO_MODEL = "models/tiny-demo"  # workspace-relative; configs/demo/*.yaml name this folder
 COMPLETE = ".demo-complete"  # written last: the workspace is whole
@@ -190,6 +198,11 @@ def seed_evaluations(store: Store, say: Say) -> int:
         rows.append((DEMO_MODEL, {**metrics, "source": "data/demo-model/MODEL_CARD.md"},
                      int(card.get("n") or 0), f"{card.get('split') or 'test'} (model card)"))
     bench = read_report(SHIPPED_MODEL / BENCH_FILE) or {}
+    if bench and bench.get("bench_version") != BENCH_VERSION:
+        log.warning("skipping %s: written by an older learning benchmark (version %s, arms %s); "
+                    "run bench/learning.py again for this one's arms", SHIPPED_MODEL / BENCH_FILE,
+                    bench.get("bench_version", 1), ", ".join(map(str, bench.get("summary") or {})))
+        bench = {}
     n_seeds = len(bench.get("seeds") or [])
     n_test = int((bench.get("config") or {}).get("test_items") or 0)
     for arm, values in (bench.get("summary") or {}).items():
@@ -216,7 +229,7 @@ def seed_evaluations(store: Store, say: Say) -> int:
 
 def _pairs(seed: dict[str, Any], arm: str) -> Any:
     """The pairs a seed's VisRL arm trained on (None for the other arms)."""
-    gen = {"visrl": seed.get("generate"), "visrl_iou": seed.get("generate_iou")}.get(arm)
+    gen = seed.get("generate") if arm == "visrl" else None
     return gen.get("pairs") if isinstance(gen, dict) else None
 
 
@@ -233,7 +246,7 @@ def demo_generate_config(n_items: int) -> Any:
         cfg = load_config(GenerateConfig, GENERATE_CONFIG)
     else:  # an install without the repository's configs: the same settings, defaults elsewhere
         cfg = GenerateConfig(model_name_or_path=DEMO_MODEL, dataset=DEMO_DATASET, temperature=1.0,
-                             max_new_tokens=40, crop_judge="iou_threshold")
+                             max_new_tokens=40, crop_judge="none")
     # No adapter: the recipe samples from the SFT run the user trains later; the first pairs come
     # from the demo model itself.
     return replace(cfg, model_name_or_path=DEMO_MODEL, adapter_name_or_path=None, dataset=DEMO_DATASET,
