@@ -137,3 +137,20 @@ def test_summary_and_table_cover_every_arm(bench: Any) -> None:
 def test_bench_arms_match_the_apps_labels(bench: Any) -> None:
     assert bench.SEED_ARMS == ("warmup", "control_a", "control_b", "upper", "visrl", "grpo")
     assert {arm: label for arm, label, _ in bench.ARMS[1:]} == demo.BENCH_ARMS
+
+
+def test_deadline_asks_the_trainer_to_stop_once_its_time_is_spent(bench: Any) -> None:
+    spent, fresh = bench.Deadline(0.0, "grpo"), bench.Deadline(3600.0, "grpo")
+    for progress in (spent, fresh):
+        progress.set_total(100)  # the clock starts when training does
+        progress.update(step=1)
+    assert (spent.stop_requested, fresh.stop_requested) == (True, False)
+
+
+def test_a_base_without_weights_is_refused(bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--base", str(tmp_path)])
+    assert f"--base {tmp_path} holds no model.safetensors" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"w")
+    args = bench.parse_args(["--base", str(tmp_path), "--data", "distinct_details=true", "--data", "max_objects=3"])
+    assert (args.items, args.seeds, args.data) == (2000, 3, {"distinct_details": True, "max_objects": 3})
