@@ -33,7 +33,12 @@ boxes. Writes ``bench/results/learning.json`` and ``bench/results/learning.png``
 
     python bench/learning.py                       # 3 seeds, 2000 RL items
     python bench/learning.py --jobs 2              # seeds in 2 processes of 1 thread each
-    python bench/learning.py --seeds 1 --items 40 --test-items 20 --warmup-minutes 0.5   # smoke run
+    python bench/learning.py --seeds 1 --items 40 --test-items 20 --warmup-minutes 0.5 \
+        --arm-minutes 0.5                          # a smoke run of every arm
+
+Time per seed on one core (``cpu_s`` in the JSON) is about warm-up + 5 x the VisRL arm + the
+evaluations, since four arms get the VisRL arm's wall time; ``--attempts``, ``--gen-batch`` and
+``--gen-tokens`` size its generation, the longest phase.
 """
 
 from __future__ import annotations

@@ -188,18 +188,29 @@ def test_an_arm_that_trained_on_no_pairs_says_so(tmp_path: Path, fake_model: Pat
     assert warmup["model"] == "learning benchmark (1 seed): SFT warm-up (few boxes)"
 
 
-def test_an_older_benchmark_file_is_skipped_with_a_log_line(tmp_path: Path, fake_model: Path,
-                                                            generate_calls: list[Any],
-                                                            caplog: pytest.LogCaptureFixture) -> None:
-    """Version 1 files (arms judged by a crop judge no longer run) would be mislabelled: skipped."""
+def test_an_older_benchmark_file_keeps_its_own_labels(tmp_path: Path, fake_model: Path,
+                                                     generate_calls: list[Any]) -> None:
+    """Version 1 files (no bench_version: a crop judge beside the answer judge) stay readable."""
     arm = {"acc50": {"mean": 0.26, "std": 0.0}}
     (fake_model / "learning_benchmark.json").write_text(json.dumps({
         "config": {"test_items": 200}, "seeds": [{"generate": {"pairs": 0}, "generate_iou": {"pairs": 135}}],
-        "summary": {"warmup": arm, "control": arm, "visrl": arm, "visrl_iou": arm}}))
+        "summary": {"visrl": arm, "visrl_iou": arm, "grpo": arm}}))
+    root = build(tmp_path / "demo", n_pairs_items=0)
+    visrl, ablation = Store(Workspace.open(root)).evaluations()
+    assert visrl["model"] == ("learning benchmark (1 seed): warm-up + VisRL (model crop judge)"
+                              " - 0 pairs, not trained (= warm-up)")
+    assert ablation["model"] == "learning benchmark (1 seed): VisRL with IoU crop judge (ablation)"
+    assert ablation["metrics"]["pairs"] == 135
+
+
+def test_a_benchmark_file_of_an_unknown_version_is_skipped_with_a_log_line(
+        tmp_path: Path, fake_model: Path, generate_calls: list[Any], caplog: pytest.LogCaptureFixture) -> None:
+    (fake_model / "learning_benchmark.json").write_text(json.dumps({
+        "bench_version": 9, "summary": {"visrl": {"acc50": {"mean": 0.9, "std": 0.0}}}}))
     with caplog.at_level("WARNING", logger="visrl.demo"):
         root = build(tmp_path / "demo", n_pairs_items=0)
     assert Store(Workspace.open(root)).evaluations() == []
-    assert "written by an older learning benchmark (version 1, arms warmup, control, visrl, visrl_iou)" in caplog.text
+    assert "learning benchmark version 9 is not one this visrl reads (1, 2)" in caplog.text
 
 
 def test_unreadable_reports_seed_nothing_and_lose_nothing(tmp_path: Path, fake_model: Path,
