@@ -549,9 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     pairs = ", ".join(str(s["pairs"]) for s in seeds)
     rl_min = statistics.fmean(s["rl_seconds"] for s in seeds) / 60
     plot(summary, seeds, args.out.with_suffix(".png"),
-         f"demo test split ({args.test_items} items), {args.seeds} seed(s); warm-up on {args.boxed} boxed scenes; "
-         f"VisRL (answer judge only): {args.items} unboxed items -> {pairs} pairs, {rl_min:.1f} min; "
-         "other arms: same wall time")
+         f"demo test split ({args.test_items} items), {args.seeds} seed(s); warm-up on {args.boxed} boxed scenes\n"
+         f"VisRL (answer judge only): {args.items} unboxed items -> {pairs} pairs, {rl_min:.1f} min; other arms: "
+         + (f"{args.arm_minutes:g} min (smoke run)" if args.arm_minutes else "the same wall time"))
     print("\n" + table(summary, args.seeds))
     seed_min = ", ".join(f"{s['seed_seconds'] / 60:.1f} ({s['seed_cpu_seconds'] / 60:.1f} CPU)" for s in seeds)
     print(f"\npairs per seed: {pairs}; VisRL arm {rl_min:.1f} min per seed; minutes per seed: {seed_min}; "
