@@ -461,8 +461,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, default=50, help="items per evaluation batch")
     # Measured (CPU seconds of one thread, 128 items, the current demo model on the 3-object task):
     # 1 attempt, 64 items a batch: 14.6 s per 100 items, 57% of items paired (2,000 items: ~5 min,
-    # ~1,100 pairs); 2 attempts, 32 a batch: 28 s per 100 items, ~70% paired. Generation is the
-    # VisRL arm's longest phase, and four other arms get its wall time: one attempt.
+    # ~1,100 pairs); 2 attempts: 23.6 s per 100 items, 82% paired (about the same per pair).
+    # Generation is the VisRL arm's longest phase, and four other arms get its wall time: one attempt.
     p.add_argument("--attempts", type=int, default=1, help="generation attempts per item (each: 2 boxes)")
     p.add_argument("--gen-batch", type=int, default=64, help="items per generation batch")
     p.add_argument("--gen-tokens", type=int, default=32, help="max new tokens of a box step (a box is ~28)")
