@@ -64,7 +64,8 @@ def test_demo_workspace_contents(tmp_path: Path, fake_model: Path, generate_call
     [(workspace, cfg)] = generate_calls
     assert Path(workspace.root) == root
     assert (cfg.model_name_or_path, cfg.dataset, cfg.split, cfg.limit) == ("models/tiny-demo", "demo", "train", 3)
-    assert cfg.crop_judge == "iou_threshold" and cfg.box_format is None  # configs/demo/generate.yaml: the checkpoint's
+    # configs/demo/generate.yaml: the answer judge alone; the box format is the checkpoint's
+    assert (cfg.answer_judge, cfg.crop_judge, cfg.box_format) == ("exact", "none", None)
     assert cfg.adapter_name_or_path is None  # no SFT adapter exists yet: the demo model itself
     marker = json.loads((root / demo.COMPLETE).read_text())
     assert (marker["items"], marker["model"], marker["pairs"]) == (7, "models/tiny-demo", 5)
@@ -151,12 +152,13 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
         "two_step_acc": 0.51, "true_crop_acc": 1.0, "direct_acc": 0.315}}))
     arm = {"acc50": {"mean": 0.3, "std": 0.02}, "answer_acc": {"mean": 0.55, "std": 0.01}}
     (fake_model / "learning_benchmark.json").write_text(json.dumps({
-        "config": {"test_items": 200}, "seeds": [{"generate": {"pairs": n}} for n in (10, 20, 30)],
-        "summary": {"base": arm, "control": arm, "visrl": {**arm, "acc50": {"mean": 0.4, "std": 0.03}},
-                    "other": arm}}))
+        "bench_version": 2, "config": {"test_items": 200},
+        "seeds": [{"generate": {"pairs": n}} for n in (10, 20, 30)],
+        "summary": {"base": arm, "control_b": arm, "visrl": {**arm, "acc50": {"mean": 0.4, "std": 0.03}},
+                    "grpo": arm, "other": arm}}))
     root = build(tmp_path / "demo", n_pairs_items=0)
     store = Store(Workspace.open(root))
-    card, control, visrl = store.evaluations()
+    card, control, visrl, grpo = store.evaluations()
     [checkpoint] = store.checkpoints()
     assert (card["model"], card["checkpoint_id"], card["split"], card["n"]) == (
         "models/tiny-demo", checkpoint["id"], "test (model card)", 200)
@@ -164,26 +166,52 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
     assert card["metrics"] == {"acc50": 0.255, "mean_iou": 0.252, "parse_rate": 1.0, "answer_acc": 0.51,
                                "direct_answer_acc": 0.315, "true_crop_answer_acc": 1.0,
                                "source": "data/demo-model/MODEL_CARD.md"}
-    assert control["model"] == "learning benchmark (3 seeds): warm-up + SFT continued (control)"
-    assert visrl["model"] == "learning benchmark (3 seeds): warm-up + VisRL (model crop judge)"
+    assert control["model"] == "learning benchmark (3 seeds): control B: warm-up + SFT on the answers (no boxes)"
+    assert visrl["model"] == "learning benchmark (3 seeds): warm-up + VisRL (answer judge only)"
+    assert grpo["model"] == "learning benchmark (3 seeds): warm-up + GRPO (answer reward only)"
     assert (visrl["metrics"]["acc50"], visrl["metrics"]["acc50_std"], visrl["n"]) == (0.4, 0.03, 200)
-    assert visrl["metrics"]["pairs"] == 20 and "pairs" not in control["metrics"]
+    assert visrl["metrics"]["pairs"] == 20 and "pairs" not in control["metrics"] and "pairs" not in grpo["metrics"]
     assert visrl["metrics"]["seeds"] == 3  # the spread is over 3 seeds: it widens the intervals
     assert visrl["checkpoint_id"] is None  # no checkpoint: Chat keeps the shipped model
-    assert json.loads((root / demo.COMPLETE).read_text())["evaluations"] == 3
+    assert json.loads((root / demo.COMPLETE).read_text())["evaluations"] == 4
 
 
 def test_an_arm_that_trained_on_no_pairs_says_so(tmp_path: Path, fake_model: Path,
                                                  generate_calls: list[Any]) -> None:
     arm = {"acc50": {"mean": 0.26, "std": 0.0}}
     (fake_model / "learning_benchmark.json").write_text(json.dumps({
+        "bench_version": 2, "config": {"test_items": 200}, "seeds": [{"generate": {"pairs": 0}}],
+        "summary": {"warmup": arm, "visrl": arm}}))
+    root = build(tmp_path / "demo", n_pairs_items=0)
+    warmup, visrl = Store(Workspace.open(root)).evaluations()
+    assert visrl["model"] == ("learning benchmark (1 seed): warm-up + VisRL (answer judge only)"
+                              " - 0 pairs, not trained (= warm-up)")
+    assert warmup["model"] == "learning benchmark (1 seed): SFT warm-up (few boxes)"
+
+
+def test_an_older_benchmark_file_keeps_its_own_labels(tmp_path: Path, fake_model: Path,
+                                                     generate_calls: list[Any]) -> None:
+    """Version 1 files (no bench_version: a crop judge beside the answer judge) stay readable."""
+    arm = {"acc50": {"mean": 0.26, "std": 0.0}}
+    (fake_model / "learning_benchmark.json").write_text(json.dumps({
         "config": {"test_items": 200}, "seeds": [{"generate": {"pairs": 0}, "generate_iou": {"pairs": 135}}],
-        "summary": {"visrl": arm, "visrl_iou": arm}}))
+        "summary": {"visrl": arm, "visrl_iou": arm, "grpo": arm}}))
     root = build(tmp_path / "demo", n_pairs_items=0)
     visrl, ablation = Store(Workspace.open(root)).evaluations()
     assert visrl["model"] == ("learning benchmark (1 seed): warm-up + VisRL (model crop judge)"
                               " - 0 pairs, not trained (= warm-up)")
     assert ablation["model"] == "learning benchmark (1 seed): VisRL with IoU crop judge (ablation)"
+    assert ablation["metrics"]["pairs"] == 135
+
+
+def test_a_benchmark_file_of_an_unknown_version_is_skipped_with_a_log_line(
+        tmp_path: Path, fake_model: Path, generate_calls: list[Any], caplog: pytest.LogCaptureFixture) -> None:
+    (fake_model / "learning_benchmark.json").write_text(json.dumps({
+        "bench_version": 9, "summary": {"visrl": {"acc50": {"mean": 0.9, "std": 0.0}}}}))
+    with caplog.at_level("WARNING", logger="visrl.demo"):
+        root = build(tmp_path / "demo", n_pairs_items=0)
+    assert Store(Workspace.open(root)).evaluations() == []
+    assert "learning benchmark version 9 is not one this visrl reads (1, 2)" in caplog.text
 
 
 def test_unreadable_reports_seed_nothing_and_lose_nothing(tmp_path: Path, fake_model: Path,

@@ -260,3 +260,91 @@ def test_two_grpo_steps_move_lora_and_save_a_loadable_adapter(
     assert loaded.adapter and loaded.box_format == "viscot"
     [record] = store.checkpoints()
     assert (record["path"], record["stage"]) == ("models/grpo", "grpo")
+
+
+# ---------------------------------------------------------------------- the answer reward alone
+
+ANSWER_ONLY = {**BASE, "grpo_iou_reward": False, "grpo_answer_reward": True}
+
+
+def test_answer_only_rows_read_no_box(store: Any) -> None:
+    add_boxed_items(store, n=2)
+    ds = store.dataset("boxes")["id"]
+    store.add_items(ds, [{"image": "images/1.png", "width": 64, "height": 48, "question": "unanswered?",
+                          "answer": "", "split": "train", "source_id": "noanswer"}])
+    rows = grpo_rows(TrainConfig(**ANSWER_ONLY), store, store.workspace)
+    # The unboxed item is a row now; the one without a reference answer is not (nothing to judge).
+    assert [r["question"] for r in rows] == ["What colour is square 0?", "What colour is square 1?", "no box?"]
+    assert all("gt_box" not in r for r in rows)
+    assert rows[2]["references"] == ["x"] and rows[2]["prompt"] == box_prompt("no box?")
+
+
+def test_answer_only_rows_from_an_export_keep_rows_without_a_box(store: Any, tmp_path: Path) -> None:
+    from visrl.formats.trl import save_dataset, sft_rows
+
+    add_boxed_items(store, n=2)
+    folder = save_dataset(sft_rows(store, store.workspace), tmp_path / "export")
+    rows = grpo_rows(TrainConfig(**{**ANSWER_ONLY, "dataset": str(folder)}), store, store.workspace)
+    assert [(r["question"], r["references"]) for r in rows] == [
+        ("What colour is square 0?", ["red"]), ("What colour is square 1?", ["red"])]
+    assert all("gt_box" not in r for r in rows)
+
+
+def test_answer_only_with_no_answers_is_a_data_error(store: Any) -> None:
+    from visrl.errors import DataError
+
+    with pytest.raises(DataError, match="no items with a reference answer"):
+        grpo_rows(TrainConfig(**ANSWER_ONLY), store, store.workspace)
+
+
+def test_grpo_without_any_task_reward_is_refused() -> None:
+    with pytest.raises(ConfigError, match="grpo_iou_reward and grpo_answer_reward are both false"):
+        TrainConfig(**{**BASE, "grpo_iou_reward": False})
+    # Other stages never read the grpo rewards.
+    assert TrainConfig(stage="sft", model_name_or_path="m", output_dir="o", grpo_iou_reward=False)
+
+
+def test_demo_answer_only_recipe_loads() -> None:
+    cfg = load_train_config(Path(__file__).resolve().parent.parent / "configs" / "demo" / "train_grpo_answer.yaml")
+    assert (cfg.stage, cfg.grpo_iou_reward, cfg.grpo_answer_reward) == ("grpo", False, True)
+    assert cfg.adapter_name_or_path is None  # it starts from a model that boxes: no SFT adapter needed
+
+
+@pytest.mark.slow
+def test_answer_only_grpo_runs_on_unboxed_items(tiny_dir: Path, store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from trl.trainer.utils import get_callable_name
+
+    import visrl.train.grpo as grpo
+    import visrl.train.run as run
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(grpo, "default_parse", lambda fmt: text_box)
+    add_boxed_items(store)
+    # Delete every annotated box: the run must not need them.
+    with store.atomic():
+        for item in store.items():
+            store.db["items"].update(item["id"], {"gt_box": None})
+    built: dict[str, Any] = {}
+    build = run.build_trainer
+
+    def keep(*args: Any) -> Any:
+        built["trainer"] = build(*args)
+        return built["trainer"]
+
+    monkeypatch.setattr(run, "build_trainer", keep)
+    cfg = TrainConfig(stage="grpo", model_name_or_path=str(tiny_dir), output_dir="models/grpo-answer",
+                      max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=16, learning_rate=1e-2, lora_rank=4, bf16=False,
+                      gradient_checkpointing=False, grpo_iou_reward=False, grpo_answer_reward=True,
+                      save_steps=100)
+    result = run.train(cfg, store.workspace)
+
+    assert result.global_step == 2 and not result.stopped
+    trainer = built["trainer"]
+    assert [get_callable_name(f) for f in trainer.reward_funcs] == ["format", "answer"]
+    assert len(trainer.train_dataset) == 5 and "gt_box" not in trainer.train_dataset.column_names
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"rewards/format/mean", "rewards/answer/mean"} <= logged
+    assert not any(k.startswith("rewards/iou") for k in logged)
+    assert (store.workspace.models_dir / "grpo-answer" / "adapter_model.safetensors").is_file()

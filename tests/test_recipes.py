@@ -48,6 +48,7 @@ DEMO_RECIPE = [
     ("eval", "eval.yaml"),
     ("serve", "serve.yaml"),
     ("train", "train_grpo.yaml"),
+    ("train", "train_grpo_answer.yaml"),  # GRPO on the answer reward alone, from the demo model itself
 ]
 DEMO_BASES = {"models/tiny-demo"}  # visrl.demo.DEMO_MODEL: the shipped model, copied in by `visrl demo`
 DEMO_IMPORTS = {"demo"}  # the synthetic benchmark `visrl demo` builds

@@ -49,8 +49,21 @@ MAX_REPORT_BYTES = 2 * 2**20  # both reports are a few kB; a larger file is not 
 CARD_METRICS = {"acc@0.5": "acc50", "mean_iou": "mean_iou", "parse_rate": "parse_rate",
                 "two_step_acc": "answer_acc", "direct_acc": "direct_answer_acc",
                 "true_crop_acc": "true_crop_answer_acc"}
-BENCH_ARMS = {"warmup": "SFT warm-up (few boxes)", "control": "warm-up + SFT continued (control)",
-              "visrl": "warm-up + VisRL (model crop judge)", "visrl_iou": "VisRL with IoU crop judge (ablation)"}
+# The learning benchmark's arms, in its table's order, with the labels the Evaluate tab shows.
+BENCH_ARMS = {"warmup": "SFT warm-up (few boxes)",
+              "control_a": "control A: warm-up + SFT continued on the few boxes",
+              "control_b": "control B: warm-up + SFT on the answers (no boxes)",
+              "upper": "upper bound: warm-up + SFT with boxes on every item",
+              "visrl": "warm-up + VisRL (answer judge only)",
+              "grpo": "warm-up + GRPO (answer reward only)"}
+BENCH_VERSION = 2  # bench/learning.py's output format (its ``bench_version`` key)
+# The arms of each version. Version 1 files (no ``bench_version``) judged with a crop judge beside
+# the answer judge; their arms keep their own labels. A version not listed is skipped with a log line.
+BENCH_ARMS_BY_VERSION = {
+    1: {"warmup": "SFT warm-up (few boxes)", "control": "warm-up + SFT continued (control)",
+        "visrl": "warm-up + VisRL (model crop judge)", "visrl_iou": "VisRL with IoU crop judge (ablation)"},
+    BENCH_VERSION: BENCH_ARMS}
+PAIR_KEYS = {"visrl": "generate", "visrl_iou": "generate_iou"}  # a seed's record of a VisRL arm's run
 DEMO_DATASET = "demo"
 DEMO_MODEL = "models/tiny-demo"  # workspace-relative; configs/demo/*.yaml name this folder
 COMPLETE = ".demo-complete"  # written last: the workspace is whole
@@ -189,23 +202,7 @@ def seed_evaluations(store: Store, say: Say) -> int:
         metrics = {new: card[old] for old, new in CARD_METRICS.items() if _number(card.get(old))}
         rows.append((DEMO_MODEL, {**metrics, "source": "data/demo-model/MODEL_CARD.md"},
                      int(card.get("n") or 0), f"{card.get('split') or 'test'} (model card)"))
-    bench = read_report(SHIPPED_MODEL / BENCH_FILE) or {}
-    n_seeds = len(bench.get("seeds") or [])
-    n_test = int((bench.get("config") or {}).get("test_items") or 0)
-    for arm, values in (bench.get("summary") or {}).items():
-        if arm not in BENCH_ARMS or not isinstance(values, dict):
-            continue
-        metrics = {k: v["mean"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("mean"))}
-        metrics |= {f"{k}_std": v["std"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("std"))}
-        metrics["seeds"] = n_seeds  # a spread over seeds widens the intervals (visrl.uncertainty)
-        pairs = [_pairs(seed, arm) for seed in bench.get("seeds") or [] if isinstance(seed, dict)]
-        if pairs and all(_number(n) for n in pairs):  # a VisRL arm: how many pairs it trained on
-            metrics["pairs"] = sum(pairs) / len(pairs)
-        label = f"learning benchmark ({n_seeds} seed{'s' * (n_seeds != 1)}): {BENCH_ARMS[arm]}"
-        if metrics.get("pairs") == 0:  # no DPO step ran: its numbers are the warm-up's, not a result
-            label += " - 0 pairs, not trained (= warm-up)"
-        rows.append((label, {**metrics, "source": "data/demo-model/learning_benchmark.json"}, n_test,
-                     "test (learning benchmark)"))
+    rows += bench_rows(read_report(SHIPPED_MODEL / BENCH_FILE) or {})
     checkpoint = next((c["id"] for c in store.checkpoints() if c["path"] == DEMO_MODEL), None)
     with store.atomic():
         for model, metrics, n, split in rows:
@@ -215,9 +212,38 @@ def seed_evaluations(store: Store, say: Say) -> int:
     return len(rows)
 
 
+def bench_rows(bench: dict[str, Any]) -> list[tuple[str, dict[str, Any], int, str]]:
+    """(label, metrics, n, split) of each arm of a learning benchmark report: the seeds' mean and
+    std of every metric (``acc50`` and ``acc50_std``), and a VisRL arm's mean pairs."""
+    version = bench.get("bench_version", 1)
+    arms = BENCH_ARMS_BY_VERSION.get(version) if bench else {}
+    if arms is None:
+        log.warning("skipping %s: learning benchmark version %r is not one this visrl reads (%s)",
+                    SHIPPED_MODEL / BENCH_FILE, version, ", ".join(map(str, BENCH_ARMS_BY_VERSION)))
+        return []
+    n_seeds = len(bench.get("seeds") or [])
+    n_test = int((bench.get("config") or {}).get("test_items") or 0)
+    rows = []
+    for arm, values in (bench.get("summary") or {}).items():
+        if arm not in arms or not isinstance(values, dict):
+            continue
+        metrics = {k: v["mean"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("mean"))}
+        metrics |= {f"{k}_std": v["std"] for k, v in values.items() if isinstance(v, dict) and _number(v.get("std"))}
+        metrics["seeds"] = n_seeds  # a spread over seeds widens the intervals (visrl.uncertainty)
+        pairs = [_pairs(seed, arm) for seed in bench.get("seeds") or [] if isinstance(seed, dict)]
+        if pairs and all(_number(n) for n in pairs):  # a VisRL arm: how many pairs it trained on
+            metrics["pairs"] = sum(pairs) / len(pairs)
+        label = f"learning benchmark ({n_seeds} seed{'s' * (n_seeds != 1)}): {arms[arm]}"
+        if metrics.get("pairs") == 0:  # no DPO step ran: its numbers are the warm-up's, not a result
+            label += " - 0 pairs, not trained (= warm-up)"
+        rows.append((label, {**metrics, "source": "data/demo-model/learning_benchmark.json"}, n_test,
+                     "test (learning benchmark)"))
+    return rows
+
+
 def _pairs(seed: dict[str, Any], arm: str) -> Any:
     """The pairs a seed's VisRL arm trained on (None for the other arms)."""
-    gen = {"visrl": seed.get("generate"), "visrl_iou": seed.get("generate_iou")}.get(arm)
+    gen = seed.get(PAIR_KEYS[arm]) if arm in PAIR_KEYS else None
     return gen.get("pairs") if isinstance(gen, dict) else None
 
 
@@ -234,7 +260,7 @@ def demo_generate_config(n_items: int) -> Any:
         cfg = load_config(GenerateConfig, GENERATE_CONFIG)
     else:  # an install without the repository's configs: the same settings, defaults elsewhere
         cfg = GenerateConfig(model_name_or_path=DEMO_MODEL, dataset=DEMO_DATASET, temperature=1.0,
-                             max_new_tokens=40, crop_judge="iou_threshold")
+                             max_new_tokens=40, crop_judge="none")
     # No adapter: the recipe samples from the SFT run the user trains later; the first pairs come
     # from the demo model itself.
     return replace(cfg, model_name_or_path=DEMO_MODEL, adapter_name_or_path=None, dataset=DEMO_DATASET,

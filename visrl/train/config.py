@@ -3,7 +3,8 @@
 ``stage`` picks the method: ``sft`` (two-step conversations of items with a gt box), ``dpo``
 (VisRL stage 1: preference on the box step), ``visrl`` (VisRL stage 2: 0.5·DPO(box) +
 0.5·DPO(answer), each answer conditioned on its own crop), ``grpo`` (online RL on the box step:
-sampled boxes rewarded by their IoU with the gt box, as Ground-R1 / VLM-R1 do). Paths that are
+sampled boxes rewarded by their IoU with the gt box, as Ground-R1 / VLM-R1 do, and/or by the
+answer given on their crop). Paths that are
 relative name folders of the workspace (``models/tiny-demo``); see :func:`resolve_path`.
 """
 
@@ -124,6 +125,10 @@ class TrainConfig:
     grpo_answer_reward: bool = field(default=False, metadata=_help(
         "grpo: also reward the answer a greedy second step gives on the sampled box's crop "
         "(rule judge, 0-1); costs one extra generation per completion."))
+    grpo_iou_reward: bool = field(default=True, metadata=_help(
+        "grpo: reward the IoU of the sampled box with the item's annotated box. false: no box is "
+        "read, so items without one become rows too and the answer reward (grpo_answer_reward: "
+        "true, required then) is the judge: VisRL's setting, answer rewards instead of region labels."))
     assistant_only_loss: bool = field(default=True, metadata=_help(
         "sft: loss on the assistant turns (box and answer) only."))
     max_length: int | None = field(default=None, metadata=_help(
@@ -220,6 +225,11 @@ class TrainConfig:
             raise ConfigError(f"temperature must be > 0 (GRPO samples), got {self.temperature}")
         if self.grpo_beta < 0:
             raise ConfigError(f"grpo_beta must be >= 0, got {self.grpo_beta}")
+        if self.stage == "grpo" and not (self.grpo_iou_reward or self.grpo_answer_reward):
+            # The format reward alone pays for any parseable box: nothing about the task is learned.
+            raise ConfigError("grpo_iou_reward and grpo_answer_reward are both false: grpo needs one "
+                              "reward that reads the task; set grpo_answer_reward: true to reward "
+                              "answers alone (no annotated boxes), or grpo_iou_reward: true")
         rows = self.per_device_train_batch_size * self.gradient_accumulation_steps
         if self.stage == "grpo" and rows % self.num_generations:
             # trl generates whole groups per optimizer step; a partial group has no advantage.

@@ -6,17 +6,23 @@ each is scored by reward functions and the group's rewards become advantages:
 Completions are parsed by the run's :class:`visrl.contract.TwoStepContract` (its box format in
 the frame of the processor being trained, crops with its margin), as inference parses them.
 
-``iou``     IoU of the parsed box with the item's annotated box (0 when nothing parses), 0-1;
+``iou``     (``grpo_iou_reward: true``, the default) IoU of the parsed box with the item's
+            annotated box (0 when nothing parses), 0-1;
 ``format``  1 when the completion holds a box in ``box_format``, else 0;
 ``answer``  (``grpo_answer_reward: true``) the rule-judge score (0-1) of the answer a greedy
             second step gives on the sampled box's crop, asked of the policy being trained —
             the two-step inference of :class:`visrl.reasoning.Reasoner`. None (skipped by trl)
             for items without a reference answer.
 
-Rows (:func:`grpo_rows`) are the store's items with a gt box — ``images`` [full], ``prompt``
-(the box step), ``gt_box`` (pixels of the full image), ``question``, ``references`` — or an
-exported sft folder, whose assistant box turn gives the gt box back. trl hands every extra column
-to the reward functions as a keyword argument, one value per completion.
+With ``grpo_iou_reward: false`` and ``grpo_answer_reward: true`` the answer is the only judge
+(with the format reward): no annotated box is read, as in VisRL's self-evolution, and items
+without a box are rows too.
+
+Rows (:func:`grpo_rows`) are the store's items — with a gt box when the IoU reward is on —
+``images`` [full], ``prompt`` (the box step), ``gt_box`` (pixels of the full image; only with the
+IoU reward), ``question``, ``references`` — or an exported sft folder, whose assistant box turn
+gives the gt box back. trl hands every extra column to the reward functions as a keyword
+argument, one value per completion.
 """
 
 from __future__ import annotations
@@ -48,15 +54,21 @@ Parse = Callable[[str, Image.Image], Box | None]  # (completion text, full image
 # ---------------------------------------------------------------------- rows
 
 def grpo_rows(cfg: TrainConfig, store: Store, ws: Workspace, contract: TwoStepContract | None = None) -> list[Row]:
-    """Box-step prompts with their gt boxes (see module doc); none is a DataError that says why.
-    An export's box turns are read by ``contract`` (default: the config's box format)."""
+    """Box-step prompts (see module doc), with their gt boxes when ``cfg.grpo_iou_reward``; none is
+    a DataError that says why. An export's box turns are read by ``contract`` (default: the
+    config's box format)."""
     contract = contract or TwoStepContract(box_format=cfg.box_format, crop_margin=cfg.crop_margin)
     folder = _exported_folder(ws, cfg.dataset)
-    rows = _rows_from_export(folder, contract) if folder else _rows_from_store(cfg, store, ws, contract)
+    rows = (_rows_from_export(folder, contract, cfg.grpo_iou_reward) if folder
+            else _rows_from_store(cfg, store, ws, contract))
     if not rows:
         where = f"dataset {cfg.dataset!r}" if cfg.dataset else "the workspace"
-        raise DataError(f"no items with a ground-truth box in split {cfg.split!r} of {where}: grpo "
-                        "rewards boxes by IoU with the gt box (import Visual-CoT data or set split/dataset)")
+        if cfg.grpo_iou_reward:
+            raise DataError(f"no items with a ground-truth box in split {cfg.split!r} of {where}: grpo "
+                            "rewards boxes by IoU with the gt box (import Visual-CoT data or set split/dataset, "
+                            "or reward answers alone: grpo_iou_reward: false, grpo_answer_reward: true)")
+        raise DataError(f"no items with a reference answer in split {cfg.split!r} of {where}: the answer "
+                        "reward judges answers against it (import VQA data or set split/dataset)")
     return rows
 
 
@@ -66,11 +78,13 @@ def _rows_from_store(cfg: TrainConfig, store: Store, ws: Workspace, contract: Tw
 
     images = ImageCache(ws)
     rows = []
-    for item in store.items(dataset=cfg.dataset or None, split=cfg.split, with_box=True):
-        box = store.item_box(item)
-        if box is None:
-            continue
-        rows.append(_row(contract, images(item["image"]), item["question"], box, references(item)))
+    with_box = True if cfg.grpo_iou_reward else None  # the answer reward alone reads no box
+    for item in store.items(dataset=cfg.dataset or None, split=cfg.split, with_box=with_box):
+        box = store.item_box(item) if cfg.grpo_iou_reward else None
+        refs = references(item)
+        if box is None if cfg.grpo_iou_reward else not any(refs):
+            continue  # nothing its reward could score: IoU needs a box, the answer a reference
+        rows.append(_row(contract, images(item["image"]), item["question"], box, refs))
     return rows
 
 
@@ -82,8 +96,9 @@ def _exported_folder(ws: Workspace, dataset: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def _rows_from_export(folder: Path, contract: TwoStepContract) -> list[Row]:
-    """Rows from an sft export: the first assistant turn is the gt box written by ``contract``."""
+def _rows_from_export(folder: Path, contract: TwoStepContract, with_box: bool = True) -> list[Row]:
+    """Rows from an sft export: the first assistant turn is the gt box written by ``contract``
+    (read only ``with_box``: for the answer reward alone, an answer is all a row needs)."""
     from visrl.formats.trl import load_rows
 
     rows = []
@@ -92,23 +107,26 @@ def _rows_from_export(folder: Path, contract: TwoStepContract) -> list[Row]:
             raise DataError(f"{folder} is not an sft export (row {n} has no messages/images); "
                             "export it with `visrl export --format trl-sft`")
         messages, full = sft["messages"], sft["images"][0]
-        box = contract.parse(message_text(messages[1]) if len(messages) > 1 else "", full.size)
-        if box is None:
+        box = contract.parse(message_text(messages[1]) if len(messages) > 1 else "", full.size) if with_box else None
+        answer = message_text(messages[3]) if len(messages) > 3 else ""
+        if box is None if with_box else not answer:
             continue
         question = re.sub(rf"\s*{re.escape(BOX_PROMPT)}\s*$", "", message_text(messages[0]))
-        answer = message_text(messages[3]) if len(messages) > 3 else ""
         rows.append(_row(contract, full, question, box, [answer]))
     return rows
 
 
-def _row(contract: TwoStepContract, original: Image.Image, question: str, box: Box, references: list[str]) -> Row:
+def _row(contract: TwoStepContract, original: Image.Image, question: str, box: Box | None,
+         references: list[str]) -> Row:
     """The row holds the full image as the model is given it (``full_max_pixels``); the gt box is
-    scaled into it, so rewards parse completions against the row's own image."""
+    scaled into it, so rewards parse completions against the row's own image. Without a box
+    (the answer reward alone) the row has no ``gt_box`` column."""
     full = contract.prepare_full(original)
-    sx, sy = full.width / original.width, full.height / original.height
-    gt = Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy)
-    return {"images": [full], "prompt": box_prompt(question, contract.prompt_layout), "gt_box": gt.as_list(),
-            "question": question, "references": references}
+    row = {"images": [full], "prompt": box_prompt(question, contract.prompt_layout), "question": question, "references": references}
+    if box is not None:
+        sx, sy = full.width / original.width, full.height / original.height
+        row["gt_box"] = Box(box.x1 * sx, box.y1 * sy, box.x2 * sx, box.y2 * sy).as_list()
+    return row
 
 
 def message_text(message: Any) -> str:
@@ -248,7 +266,7 @@ def grpo_args(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> Any:
 
 def build_grpo_trainer(cfg: TrainConfig, tm: TrainModel, train_ds: Any, eval_ds: Any | None,
                        output_dir: Path, callbacks: list[Any]) -> Any:
-    """A ``GRPOTrainer`` on box-step prompts with the iou + format (+ answer) rewards."""
+    """A ``GRPOTrainer`` on box-step prompts with the (iou +) format (+ answer) rewards."""
     from trl import GRPOTrainer
 
     from visrl.reasoning import Reasoner
@@ -258,7 +276,8 @@ def build_grpo_trainer(cfg: TrainConfig, tm: TrainModel, train_ds: Any, eval_ds:
     policy = TrainingPolicy(tm.model, tm.processor, tm.contract)
     reasoner = Reasoner(policy)
     parse = default_parse(reasoner.contract)
-    rewards: list[Any] = [IoUReward(parse), FormatReward(parse)]
+    rewards: list[Any] = [IoUReward(parse)] if cfg.grpo_iou_reward else []
+    rewards.append(FormatReward(parse))
     answer = AnswerReward(reasoner, parse, cfg.max_completion_length) if cfg.grpo_answer_reward else None
     if answer is not None:
         rewards.append(answer)
