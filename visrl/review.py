@@ -453,19 +453,19 @@ def undo(store: Store, pair_id: int, version: int, reviewer: str = "local") -> d
                       undoes=last["id"])
 
 
-def describe(row: dict[str, Any]) -> str:
+def describe(row: dict[str, Any], limit: int | None = 40) -> str:
     """One line for an audit row: who did what when, e.g. "ana's accept (status pending ->
-    accepted) at 2026-12-01T09:00:00+00:00"."""
+    accepted) at 2026-12-01T09:00:00+00:00"; values cut at ``limit`` characters (None: whole)."""
     before, after = loads(row.get("before"), {}), loads(row.get("after"), {})
-    changes = ", ".join(f"{k} {_short(before.get(k))} -> {_short(v)}" for k, v in after.items()
+    changes = ", ".join(f"{k} {_short(before.get(k), limit)} -> {_short(v, limit)}" for k, v in after.items()
                         if k not in _QUIET_FIELDS)
     batch = " (bulk)" if row.get("batch") else ""
     return f"{row.get('reviewer') or 'local'}'s {action_label(row['action'])}{batch} ({changes}) at {row['created_at']}"
 
 
-def _short(value: Any, limit: int = 40) -> str:
+def _short(value: Any, limit: int | None = 40) -> str:
     text = "—" if value is None else str(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def reviews(store: Store, pair_id: int) -> list[dict[str, Any]]:
