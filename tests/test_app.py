@@ -219,7 +219,8 @@ def test_undo_discards_unsaved_edits_then_reverts_only_this_tab(ctx: Any) -> Non
     assert "Discarded your unsaved edits to pair 1" in undo["ticket"] and undo["chosen_answer"] == "grey"
     assert review.get_pair(ctx.store, 1)["version"] == 2  # the swap stands
     undo = view_dict(pairs_tab.act(ctx, "undo", undo["state"], *NO_EDITS, *FILTERS))
-    assert "Undone: ana's swap sides" in undo["ticket"] and undo["chosen_answer"] == "red"
+    assert "Undone: ana's swap sides" in undo["ticket"] and "pair 1 is back as it was before" in undo["ticket"]
+    assert undo["chosen_answer"] == "red"
     # Another tab (same reviewer) accepts pair 1; a freshly loaded tab has nothing to undo.
     review.accept(ctx.store, 1, 3, reviewer="ana")
     fresh = view_dict(pairs_tab.load(ctx, pairs_tab.empty_state("ana"), *FILTERS))

@@ -84,7 +84,7 @@ def test_an_edit_that_cannot_be_saved_is_reported_as_kept(ctx: Any) -> None:
 
 def test_a_new_box_replaces_the_side_picked(ctx: Any) -> None:
     """Issue 19: a new box always replaced the chosen box; "A new box replaces the" picks the side."""
-    from visrl_app import pairs_tab, render
+    from visrl_app import pairs_info, pairs_tab, render
 
     view = login(ctx, "ana")
     boxes = [dict(b) for b in view["annotated"]["boxes"]]
@@ -97,7 +97,7 @@ def test_a_new_box_replaces_the_side_picked(ctx: Any) -> None:
     after = review.get_pair(ctx.store, 1)
     assert after["chosen_box"] == before["chosen_box"]
     assert review.pair_boxes(after)["rejected"].as_list() == pytest.approx([10, 10, 90, 90], abs=1)
-    info = pairs_tab.info_markdown(after)  # no judge keys on the seeded rollouts: marked, not kept
+    info = pairs_info.info_markdown(after)  # no judge keys on the seeded rollouts: marked, not kept
     assert "~~0.00~~ *edited — not re-scored*" in info and "scores partly stale" in info
 
 

@@ -2,10 +2,12 @@
 
 One key press = one review action (:mod:`visrl.review`, version-checked) + the next pair to show
 (claimed for this reviewer, so nobody else is served it at the same time) + the progress line.
-Counts come from the ``pair_counts`` / ``review_counts`` tables that triggers keep exact; the
-count of pairs matching a filter with a search or margins is counted once when the filter is set
-and then moved by the pair each action changed (:meth:`visrl.review.PairFilter.accepts`), so no
-key press scans the table (bench/bench_store.py times it: p95 targets 30 ms at 100,000 pairs).
+Counts come from the ``pair_counts`` / ``decision_counts`` tables that triggers keep exact. The
+count of pairs matching a filter with a search or margins is recounted on every key press by the
+desk (a count carried from press to press missed other reviewers' actions); a caller acting alone
+may pass the previous count, which :func:`act` moves by the pair it changed
+(:meth:`visrl.review.PairFilter.accepts`). bench/bench_store.py times it: p95 targets 30 ms at
+100,000 pairs.
 
 Bulk actions change every pair a filter matches in one transaction, after the caller confirmed
 the count, and share one ``batch`` id in the audit so :func:`undo_batch` reverts them as a unit.
@@ -180,7 +182,9 @@ def act(store: Store, action: str, pair_id: int, version: int, flt: PairFilter, 
 def undone_note(target: dict[str, Any], pair: dict[str, Any]) -> str:
     """What an undo did, worded as a reversal: "Undone: ana's accept (status pending -> accepted)
     at ...; pair 3 is pending again"."""
-    return f"Undone: {review.describe(target)}; pair {pair['id']} is {pair['status']} again"
+    if "status" in json.loads(target.get("after") or "{}"):
+        return f"Undone: {review.describe(target)}; pair {pair['id']} is {pair['status']} again"
+    return f"Undone: {review.describe(target)}; pair {pair['id']} is back as it was before"
 
 
 # ---------------------------------------------------------------------- bulk
