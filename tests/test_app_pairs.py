@@ -3,6 +3,7 @@ the all-done state, edits kept on screen, the side a new box replaces, stale sco
 
 from __future__ import annotations
 
+import html
 from types import SimpleNamespace
 from typing import Any
 
@@ -111,5 +112,5 @@ def test_history_uses_labels_and_cuts_long_lines(ctx: Any) -> None:
     assert "edit_chosen_answer" not in history and "| ana | edit chosen answer" in history
     long_line = next(line for line in history.splitlines() if "<details>" in line)
     summary = long_line.split("<summary>")[1].split("</summary>")[0]
-    assert len(summary) <= pairs_team.HISTORY_CHARS and long.strip() in long_line
+    assert len(html.unescape(summary)) <= pairs_team.HISTORY_CHARS and long.strip() in long_line
     assert "&lt;b>bold&lt;/b> &#124; piped" in history
