@@ -56,6 +56,24 @@ def desk_page(desk_app: dict[str, Any], browser: Any) -> Iterator[Any]:
     page.close()
 
 
+LINE_COUNTS = """() => {
+  const rows = (range) => new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size;
+  const buttons = {};
+  for (const b of document.querySelectorAll('#pairs-buttons button')) {
+    const r = document.createRange(); r.selectNodeContents(b); buttons[b.innerText] = rows(r);
+  }
+  const walker = document.createTreeWalker(document.querySelector('#pairs-info'), NodeFilter.SHOW_TEXT);
+  let annotated = 0;
+  while (walker.nextNode()) {
+    const at = walker.currentNode.textContent.indexOf('annotated');
+    if (at < 0) continue;
+    const r = document.createRange(); r.setStart(walker.currentNode, at); r.setEnd(walker.currentNode, at + 9);
+    annotated = rows(r);
+  }
+  return {buttons, annotated};
+}"""
+
+
 @pytest.mark.parametrize("width, height", [(1440, 900), (1024, 768)])
 def test_desk_layout(desk_app: dict[str, Any], browser: Any, width: int, height: int) -> None:
     page = open_desk(desk_app, browser, width, height)
@@ -67,6 +85,10 @@ def test_desk_layout(desk_app: dict[str, Any], browser: Any, width: int, height:
         chosen = page.locator("#pairs-chosen-answer textarea").bounding_box()
         rejected = page.locator("#pairs-rejected-answer textarea").bounding_box()
         assert canvas["width"] >= 300 and chosen["width"] >= 200  # usable at both sizes
+        # Nothing wraps mid-word, no button label wraps (issue 19: at 1024 px "annotate/d", and
+        # the key buttons broke onto two lines): count the line boxes each text is laid out on.
+        lines = page.evaluate(LINE_COUNTS)
+        assert lines["annotated"] == 1 and all(n == 1 for n in lines["buttons"].values()), lines
         if width >= 1440:
             # both answers beside the image, above the fold
             assert chosen["x"] >= canvas["x"] + canvas["width"] - 1

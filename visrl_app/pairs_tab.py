@@ -387,8 +387,9 @@ def _pair_panel() -> tuple[Any, ...]:
                         "side picked here; double-click a box to relabel it · select a box and press "
                         "Del to remove it · mouse wheel zooms",
                         elem_id="pairs-legend")
-            new_side = gr.Radio(["chosen", "rejected"], value="chosen", label="A new box replaces the",
-                                elem_id="pairs-new-side", container=False)
+            # With container=False gradio drops the label, and the two bare options said nothing.
+            new_side = gr.Radio(["chosen", "rejected"], value="chosen", label="A new box replaces the … box",
+                                elem_id="pairs-new-side")
         with gr.Column(scale=2, min_width=300):
             chosen_answer = gr.Textbox(label="Chosen answer", lines=2, max_lines=6, elem_id="pairs-chosen-answer")
             rejected_answer = gr.Textbox(label="Rejected answer", lines=2, max_lines=6,
