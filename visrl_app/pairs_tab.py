@@ -388,7 +388,7 @@ def _pair_panel() -> tuple[Any, ...]:
                         "Del to remove it · mouse wheel zooms",
                         elem_id="pairs-legend")
             # With container=False gradio drops the label, and the two bare options said nothing.
-            new_side = gr.Radio(["chosen", "rejected"], value="chosen", label="A new box replaces the … box",
+            new_side = gr.Radio(["chosen", "rejected"], value="chosen", label="A new box replaces the box of",
                                 elem_id="pairs-new-side")
         with gr.Column(scale=2, min_width=300):
             chosen_answer = gr.Textbox(label="Chosen answer", lines=2, max_lines=6, elem_id="pairs-chosen-answer")
