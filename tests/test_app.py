@@ -216,10 +216,11 @@ def test_undo_discards_unsaved_edits_then_reverts_only_this_tab(ctx: Any) -> Non
     view = view_dict(pairs_tab.show_first(ctx, pairs_tab.empty_state("ana"), *NO_EDITS, *FILTERS))
     view = view_dict(pairs_tab.act(ctx, "swap", view["state"], *NO_EDITS, *FILTERS))
     undo = view_dict(pairs_tab.act(ctx, "undo", view["state"], None, "typed, not saved", None, *FILTERS))
-    assert "undid your unsaved edits to pair 1" in undo["ticket"] and undo["chosen_answer"] == "grey"
+    assert "Discarded your unsaved edits to pair 1" in undo["ticket"] and undo["chosen_answer"] == "grey"
     assert review.get_pair(ctx.store, 1)["version"] == 2  # the swap stands
     undo = view_dict(pairs_tab.act(ctx, "undo", undo["state"], *NO_EDITS, *FILTERS))
-    assert "undid ana's swap" in undo["ticket"] and undo["chosen_answer"] == "red"
+    assert "Undone: ana's swap sides" in undo["ticket"] and "pair 1 is back as it was before" in undo["ticket"]
+    assert undo["chosen_answer"] == "red"
     # Another tab (same reviewer) accepts pair 1; a freshly loaded tab has nothing to undo.
     review.accept(ctx.store, 1, 3, reviewer="ana")
     fresh = view_dict(pairs_tab.load(ctx, pairs_tab.empty_state("ana"), *FILTERS))
@@ -241,7 +242,7 @@ def test_reviewer_claims_history_and_jump(ctx: Any) -> None:
     ana = view_dict(pairs_tab.act(ctx, "accept", ana["state"], *NO_EDITS, *FILTERS))
     assert ana["state"]["pair_id"] == 3  # 2 is on bo's screen
     assert review.reviews(ctx.store, 1)[0]["reviewer"] == "ana"
-    assert "ana: 1 accept" in ana["progress"]
+    assert "ana: 1 accepted, 0 rejected" in ana["progress"]
     bo = view_dict(pairs_tab.act(ctx, "reject", bo["state"], *NO_EDITS, *FILTERS))
     assert "Team: ana 1 accepted, 0 rejected" in bo["progress"]
     jumped = view_dict(pairs_tab.jump(ctx, bo["state"], *NO_EDITS, "#1", *FILTERS))
@@ -281,7 +282,7 @@ def test_save_answers_and_filters(ctx: Any) -> None:
     narrow = view_dict(pairs_tab.show_first(ctx, view["state"], *NO_EDITS, "any", "any", 0.85, None, "", "priority"))
     assert narrow["state"]["pair_id"] == 2  # margins 1.0, 0.9, 0.8, 0.7: >= 0.85 -> pairs 1, 2; priority: smaller margin first
     empty = view_dict(pairs_tab.show_first(ctx, view["state"], *NO_EDITS, "accepted", "any", None, None, "", "priority"))
-    assert empty["state"]["pair_id"] is None and "No pairs" in empty["info"]
+    assert empty["state"]["pair_id"] is None and "All done" in empty["info"]
 
 
 @pytest.mark.parametrize(("host", "auth", "ok"), [

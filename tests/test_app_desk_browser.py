@@ -22,6 +22,7 @@ pytestmark = pytest.mark.browser
 
 SHOTS = Path(os.environ.get("VISRL_DESK_SHOTS") or "/tmp/shots_desk")
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+SLOW_S = 90  # one answer of the desk on a machine loaded by training runs (seen: over 30 s)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def desk_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 def open_desk(app: dict[str, Any], browser: Any, width: int, height: int) -> Any:
     page = browser.new_page(viewport={"width": width, "height": height})
     page.goto(app["url"])
-    page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=30_000)
+    # 120 s: on a machine loaded by training runs the first answer has taken over 30 s
+    page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=120_000)
     time.sleep(0.5)  # let the annotator draw
     return page
 
@@ -52,6 +54,24 @@ def desk_page(desk_app: dict[str, Any], browser: Any) -> Iterator[Any]:
     page = open_desk(desk_app, browser, 1440, 900)
     yield page
     page.close()
+
+
+LINE_COUNTS = """() => {
+  const rows = (range) => new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size;
+  const buttons = {};
+  for (const b of document.querySelectorAll('#pairs-buttons button')) {
+    const r = document.createRange(); r.selectNodeContents(b); buttons[b.innerText] = rows(r);
+  }
+  const walker = document.createTreeWalker(document.querySelector('#pairs-info'), NodeFilter.SHOW_TEXT);
+  let annotated = 0;
+  while (walker.nextNode()) {
+    const at = walker.currentNode.textContent.indexOf('annotated');
+    if (at < 0) continue;
+    const r = document.createRange(); r.setStart(walker.currentNode, at); r.setEnd(walker.currentNode, at + 9);
+    annotated = rows(r);
+  }
+  return {buttons, annotated};
+}"""
 
 
 @pytest.mark.parametrize("width, height", [(1440, 900), (1024, 768)])
@@ -65,6 +85,10 @@ def test_desk_layout(desk_app: dict[str, Any], browser: Any, width: int, height:
         chosen = page.locator("#pairs-chosen-answer textarea").bounding_box()
         rejected = page.locator("#pairs-rejected-answer textarea").bounding_box()
         assert canvas["width"] >= 300 and chosen["width"] >= 200  # usable at both sizes
+        # Nothing wraps mid-word, no button label wraps (issue 19: at 1024 px "annotate/d", and
+        # the key buttons broke onto two lines): count the line boxes each text is laid out on.
+        lines = page.evaluate(LINE_COUNTS)
+        assert lines["annotated"] == 1 and all(n == 1 for n in lines["buttons"].values()), lines
         if width >= 1440:
             # both answers beside the image, above the fold
             assert chosen["x"] >= canvas["x"] + canvas["width"] - 1
@@ -92,6 +116,46 @@ def test_unsaved_marker_and_autosave_on_next(desk_app: dict[str, Any], desk_page
     wait_for(lambda: page.evaluate(marker) == "none", what="the marker cleared")
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "pairs-after-autosave.png"))
+
+
+def test_kept_edits_stay_dirty_esc_leaves_a_text_box_and_all_done(desk_app: dict[str, Any], desk_page: Any) -> None:
+    """Issue 19: an edit kept on screen after a conflict lost its unsaved mark (a reload dropped
+    it without asking); Esc did not leave a text box ("a" was typed into it); an empty filter
+    showed no "all done" and A did nothing visible."""
+    from visrl import review
+
+    store = store_of(desk_app)
+    page = desk_page
+    pair_id = shown_pair_id(page)
+    answer = page.locator("#pairs-chosen-answer textarea")
+    answer.fill("typed by me")
+    answer.dispatch_event("input")
+    wait_for(lambda: page.evaluate("window.visrlDirty()"), what="the unsaved mark", timeout=SLOW_S)
+    pair = review.get_pair(store, pair_id)
+    review.reject(store, pair_id, pair["version"], reviewer="someone-else")  # another reviewer acts
+    answer.press("Escape")  # leaves the text box: the next key is a shortcut
+    assert page.evaluate("document.activeElement.tagName") != "TEXTAREA"
+    page.keyboard.press("j")
+    wait_for(lambda: "edits kept on screen, not saved" in page.locator("#pairs-ticket").inner_text(),
+             what="the conflict answer", timeout=SLOW_S)
+    time.sleep(0.5)  # keyboard.js reads the new ticket every 100 ms
+    assert page.evaluate("window.visrlDirty()") is True and answer.input_value() == "typed by me"
+    assert shown_pair_id(page) == pair_id and review.get_pair(store, pair_id)["chosen_answer"] != "typed by me"
+    page.keyboard.press("u")  # the user discards them
+    wait_for(lambda: "Discarded your unsaved edits" in page.locator("#pairs-ticket").inner_text(), what="discard", timeout=SLOW_S)
+    wait_for(lambda: page.evaluate("window.visrlDirty()") is False, what="the mark cleared", timeout=SLOW_S)
+    # An empty filter: "All done", and A says it does nothing.
+    search = page.get_by_label("Search question / answers")
+    search.fill("no pair says this")
+    search.press("Enter")
+    wait_for(lambda: "All done" in page.locator("#pairs-info").inner_text(), what="the all-done state", timeout=SLOW_S)
+    search.press("Escape")
+    counts = review.status_counts(store)
+    page.keyboard.press("a")
+    wait_for(lambda: "nothing to accept" in page.locator("#pairs-ticket").inner_text(), what="A's answer", timeout=SLOW_S)
+    assert review.status_counts(store) == counts and search.input_value() == "no pair says this"
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "pairs-all-done.png"))
 
 
 def test_review_round_trip_is_measured(desk_page: Any) -> None:
@@ -134,7 +198,7 @@ def test_label_at_the_top_edge_shows_and_jump(desk_app: dict[str, Any], desk_pag
     top = canvas.bounding_box()
     covering = page.evaluate("([x, y]) => document.elementFromPoint(x, y).tagName", [top["x"] + 60, top["y"] + 8])
     assert covering == "CANVAS"
-    assert "| setup | edit_chosen_box" in page.locator("#pairs-history").inner_text().replace("\t", " | ")
+    assert "| setup | edit chosen box" in page.locator("#pairs-history").inner_text().replace("\t", " | ")
 
 
 @pytest.mark.slow  # ~60-90 s: 220 key presses through two browsers

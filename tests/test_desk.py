@@ -69,15 +69,16 @@ def test_key_press_acts_advances_claims_and_counts(store: Store, pairs: list[int
     assert step.shown["id"] == PRIORITY_ORDER[1]
     assert step.progress.matching == 5 == count_pairs(store, PairFilter())  # moved by one, no recount
     assert step.progress.counts == {"pending": 5, "accepted": 1, "rejected": 0}
-    assert step.progress.mine == {"accept": 1}
-    assert "ana: 1 accept" in step.progress.line("ana") and "Reviewed 1 / 6" in step.progress.line("ana")
+    assert step.progress.mine == {"accepted": 1}
+    assert "ana: 1 accepted, 0 rejected" in step.progress.line("ana") and "Reviewed 1 / 6" in step.progress.line("ana")
     # The pair now on ana's screen is claimed: bo is served the one after it.
     assert next_pair(store, PairFilter(viewer="bo"))["id"] == PRIORITY_ORDER[2]
     assert next_pair(store, PairFilter(viewer="ana"))["id"] == PRIORITY_ORDER[1]
     # Undo says what it reverts.
     undo = desk.act(store, "undo", 6, 2, flt, "priority", "ana", matching=5)
-    assert undo.note.startswith("undid ana's accept (status pending -> accepted) at ")
-    assert undo.shown["id"] == 6 and undo.progress.matching == 6
+    assert undo.note.startswith("Undone: ana's accept (status pending -> accepted) at ")
+    assert undo.note.endswith("; pair 6 is pending again")
+    assert undo.shown["id"] == 6 and undo.progress.matching == 6 and undo.progress.mine == {}
     with pytest.raises(DataError, match="unknown action 'eat'"):
         desk.act(store, "eat", 6, 3, flt, "priority", "ana")
 
@@ -107,7 +108,8 @@ def test_claims_expire_and_move(store: Store, pairs: list[int]) -> None:
 def test_bulk_confirmed_and_undone_as_one_unit(store: Store, pairs: list[int]) -> None:
     flt = PairFilter(dataset="shapes")
     assert desk.bulk_preview(store, flt, "accept") == 4
-    with pytest.raises(ConflictError, match="the filters now match 4 pairs to accept, not the 3 you confirmed"):
+    with pytest.raises(ConflictError, match="nothing changed: the filters match 4 pairs to accept now, but 3 "
+                                            "were expected; the set of matching pairs is not the one counted"):
         desk.bulk_apply(store, flt, "accept", "ana", expect=3)
     assert status_counts(store)["accepted"] == 0
     batch, n = desk.bulk_apply(store, flt, "accept", "ana", expect=4)
@@ -115,7 +117,8 @@ def test_bulk_confirmed_and_undone_as_one_unit(store: Store, pairs: list[int]) -
     rows = [r for r in store.db["reviews"].rows if r["batch"] == batch]
     assert sorted(r["pair_id"] for r in rows) == [1, 2, 3, 4]
     assert {(r["reviewer"], r["action"], r["before"], r["after"]) for r in rows} == {
-        ("ana", "accept", json.dumps({"status": "pending"}), json.dumps({"status": "accepted"}))}
+        ("ana", "accept", json.dumps({"status": "pending", "decided_by": None}),
+         json.dumps({"status": "accepted", "decided_by": "ana"}))}
     assert review.get_pair(store, 1)["version"] == 2
     assert desk.bulk_preview(store, PairFilter(status=None, dataset="shapes"), "accept") == 0
     assert desk.last_batch(store, "ana") == batch and desk.last_batch(store, "bo") is None
@@ -139,7 +142,8 @@ def test_team_progress(store: Store, pairs: list[int]) -> None:
     review.reject(store, 2, 1, reviewer="bo")
     review.undo(store, 2, 2, reviewer="bo")
     desk.bulk_apply(store, PairFilter(dataset="other"), "reject", "ana", expect=2)
-    assert desk.team_progress(store) == {"ana": {"accept": 1, "reject": 2}, "bo": {"reject": 1, "undo": 1}}
+    # Standing decisions, not audit rows: bo's undone reject counts for nobody.
+    assert desk.team_progress(store) == {"ana": {"accepted": 1, "rejected": 2}}
     assert desk.reviewer_counts(store, "carl") == {}
 
 
@@ -167,4 +171,46 @@ def test_existing_workspace_is_upgraded(tmp_path: Path) -> None:
     assert status_counts(store) == {"pending": 1, "accepted": 1, "rejected": 0}
     assert [p["id"] for p in review.page_pairs(store, PairFilter(status=None, search="okapi"))] == [1]
     assert [p["id"] for p in review.page_pairs(store, PairFilter(status=None, search="CRIMSON"))] == [2]
-    assert desk.team_progress(store) == {"ana": {"accept": 1}}
+    assert desk.team_progress(store) == {"ana": {"accepted": 1}}  # m005: the decider from the audit
+
+
+def test_progress_is_a_recount_of_the_pairs_current_state(store: Store, pairs: list[int]) -> None:
+    """Two reviewers with undo, reset, bulk, bulk undo and an overruled decision: per-reviewer and
+    team progress equal a recount of who set each pair's current status (issue 19: the header
+    counted audit rows, "ana: 19 accept … 13 undo · Team: bo 12 accepted" for 1 accepted)."""
+    flt = PairFilter(status=None)
+    def version(pair_id: int) -> int:
+        return review.get_pair(store, pair_id)["version"]
+    desk.act(store, "accept", 1, 1, flt, "priority", "bo")
+    desk.act(store, "reject", 2, 1, flt, "priority", "bo")
+    desk.act(store, "undo", 2, 2, flt, "priority", "bo")  # bo's reject is gone
+    desk.act(store, "accept", 3, 1, flt, "priority", "ana")
+    desk.act(store, "reset", 3, 2, flt, "priority", "ana")  # and so is ana's accept
+    desk.act(store, "reject", 1, version(1), flt, "priority", "ana")  # ana overrules bo on pair 1
+    batch, _ = desk.bulk_apply(store, PairFilter(dataset="other"), "accept", "bo", expect=2)
+    desk.bulk_apply(store, PairFilter(dataset="shapes", status="pending"), "reject", "ana", expect=3)
+    desk.undo_batch(store, desk.last_batch(store, "ana") or "", "ana")
+    review.swap(store, 5, version(5), reviewer="ana")  # not a decision
+    assert desk.team_progress(store) == desk.recount_decisions(store) == {
+        "ana": {"rejected": 1}, "bo": {"accepted": 2}}
+    step = desk.act(store, "accept", 2, version(2), flt, "priority", "bo")
+    assert step.progress.mine == {"accepted": 3} and "bo: 3 accepted, 0 rejected" in step.progress.line("bo")
+    assert desk.reviewer_counts(store, "ana") == {"rejected": 1}
+    assert desk.undo_batch(store, batch, "bo") == (1, 1)  # pair 5 was swapped since: kept
+    assert desk.team_progress(store) == desk.recount_decisions(store) == {
+        "ana": {"rejected": 1}, "bo": {"accepted": 2}}
+
+
+def test_a_decision_never_leaves_the_decided_pair_on_screen(store: Store, pairs: list[int]) -> None:
+    """The last pending pair accepted: nothing is shown (all done), not that pair again (where a
+    second A or R would decide it again); pairs skipped earlier come round first."""
+    flt = PairFilter(viewer="ana")
+    *others, last = PRIORITY_ORDER
+    desk.bulk_apply(store, PairFilter(), "accept", "bo", expect=6)
+    desk.undo_batch(store, desk.last_batch(store, "bo") or "", "bo")
+    for pair_id in others[1:]:
+        review.accept(store, pair_id, review.get_pair(store, pair_id)["version"], reviewer="bo")
+    step = desk.act(store, "accept", last, review.get_pair(store, last)["version"], flt, "priority", "ana")
+    assert step.shown is not None and step.shown["id"] == others[0]  # skipped earlier: wraps to it
+    step = desk.act(store, "accept", others[0], step.shown["version"], flt, "priority", "ana")
+    assert step.shown is None and step.progress.counts["pending"] == 0

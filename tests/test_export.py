@@ -367,3 +367,16 @@ def test_training_rows_refuse_a_missing_image_before_training(demo: Store) -> No
     demo.workspace.absolute(records[1]["image"]).unlink()
     with pytest.raises(DataError, match=f"1 image.*missing.*{records[1]['image']}"):
         deferred_rows(records, "dpo2", TwoStepContract(), demo.workspace)
+
+
+@pytest.mark.parametrize("fmt", ["trl-dpo", "llamafactory"])
+def test_export_counts_edits_not_rescored(demo: Store, tmp_path: Path, fmt: str) -> None:
+    """An edited answer the judges cannot re-score here (no judge keys on these rollouts) goes out
+    as edited, and the export says how many such pairs it holds (issue 19: scores follow edits)."""
+    assert export(demo, demo.workspace, fmt, tmp_path / "a")["edited_not_rescored"] == 0
+    review.edit_answer(demo, 1, 2, "chosen", "a reviewer's answer")
+    result = export(demo, demo.workspace, fmt, tmp_path / "b")
+    assert result["edited_not_rescored"] == 1 and result["rows"] == 3
+    if fmt == "trl-dpo":
+        assert "1 pairs were edited by a reviewer after judging and not re-scored" in (
+            tmp_path / "b" / "README.md").read_text()

@@ -227,18 +227,20 @@ def test_pages_and_counts(store: Store, pairs: list[int]) -> None:
 def test_accept_reject(store: Store, pairs: list[int], action: Any, status: str) -> None:
     before = review.get_pair(store, 2)
     after = action(store, 2, 1, reviewer="ana")
-    assert (after["status"], after["version"]) == (status, 2)
-    assert {k: v for k, v in after.items() if k not in ("status", "version", "updated_at")} == {
-        k: v for k, v in before.items() if k not in ("status", "version", "updated_at")}
+    assert (after["status"], after["version"], after["decided_by"]) == (status, 2, "ana")
+    assert {k: v for k, v in after.items() if k not in ("status", "version", "updated_at", "decided_by")} == {
+        k: v for k, v in before.items() if k not in ("status", "version", "updated_at", "decided_by")}
     [row] = review.reviews(store, 2)
     assert (row["reviewer"], row["action"], row["undoes"]) == ("ana", action.__name__, None)
-    assert (json.loads(row["before"]), json.loads(row["after"])) == ({"status": "pending"}, {"status": status})
+    assert (json.loads(row["before"]), json.loads(row["after"])) == (
+        {"status": "pending", "decided_by": None}, {"status": status, "decided_by": "ana"})
     assert review.reviews(store, 1) == []  # other pairs untouched
     # The same decision again changes nothing: no new version, no audit row.
     assert action(store, 2, 2, reviewer="ana") == after and len(review.reviews(store, 2)) == 1
     back = review.reset(store, 2, 2)
     assert (back["status"], back["version"]) == ("pending", 3)
-    assert audit(store, 2)[-1] == ("reset", {"status": status}, {"status": "pending"}, None)
+    assert audit(store, 2)[-1] == ("reset", {"status": status, "decided_by": "ana"},
+                                   {"status": "pending", "decided_by": None}, None)
 
 
 def test_swap_exchanges_every_side_field(store: Store, pairs: list[int]) -> None:
@@ -264,8 +266,12 @@ def test_edit_box(store: Store, pairs: list[int], side: str) -> None:
     assert json.loads(after[f"{side}_box"]) == [5.0, 6.0, 50.5, 70.25]
     assert after[f"{other}_box"] == before[f"{other}_box"]
     assert (after["edited"], after["version"]) == (1, 2)
-    assert audit(store, 1) == [(f"edit_{side}_box", {f"{side}_box": before[f"{side}_box"], "edited": 0},
-                                {f"{side}_box": after[f"{side}_box"], "edited": 1}, None)]
+    # These rollouts carry no judge keys: a crop score cannot be recomputed and is marked stale
+    # (pair 1's chosen side had none: nothing goes stale).
+    was, now = ({}, {}) if before[f"{side}_crop_score"] is None else (
+        {"stale_scores": None}, {"stale_scores": f"{side}_crop_score"})
+    assert audit(store, 1) == [(f"edit_{side}_box", {f"{side}_box": before[f"{side}_box"], "edited": 0, **was},
+                                {f"{side}_box": after[f"{side}_box"], "edited": 1, **now}, None)]
     # Within a pixel of the edge (a drawn box's rounding) is clamped onto the image.
     edge = review.edit_box(store, 1, 2, side, Box(-0.5, 0.0, 100.4, 80.9))
     assert json.loads(edge[f"{side}_box"]) == [0.0, 0.0, 100.0, 80.0]
@@ -291,8 +297,9 @@ def test_edit_answer(store: Store, pairs: list[int]) -> None:
     after = review.edit_answer(store, 2, 1, "rejected", "  four \n")
     assert (after["rejected_answer"], after["chosen_answer"], after["edited"], after["version"]) == (
         "four", "three", 1, 2)
-    assert audit(store, 2) == [("edit_rejected_answer", {"rejected_answer": "two", "edited": 0},
-                                {"rejected_answer": "four", "edited": 1}, None)]
+    assert audit(store, 2) == [("edit_rejected_answer",
+                                {"rejected_answer": "two", "edited": 0, "stale_scores": None},
+                                {"rejected_answer": "four", "edited": 1, "stale_scores": "rejected_score"}, None)]
     with pytest.raises(DataError, match="an answer cannot be empty"):
         review.edit_answer(store, 2, 2, "chosen", "   ")
     with pytest.raises(DataError, match="side must be 'chosen' or 'rejected', not 'left'"):
@@ -307,7 +314,7 @@ def test_undo_restores_and_is_audited(store: Store, pairs: list[int]) -> None:
     review.edit_answer(store, 2, 3, "chosen", "five", reviewer="bo")
     assert review.get_pair(store, 2)["chosen_answer"] == "five"
     # Only the reviewer who made a change can undo it; the refusal says whose change it is.
-    with pytest.raises(ConflictError, match=r"pair 2's latest change is bo's edit_chosen_answer "
+    with pytest.raises(ConflictError, match=r"pair 2's latest change is bo's edit chosen answer "
                                             r"\(chosen_answer two -> five\) at .*; only bo can undo it"):
         review.undo(store, 2, 4, reviewer="ana")
     assert review.get_pair(store, 2)["version"] == 4
@@ -318,7 +325,8 @@ def test_undo_restores_and_is_audited(store: Store, pairs: list[int]) -> None:
     rows = review.reviews(store, 2)
     assert len(rows) == 4 and (rows[-1]["action"], rows[-1]["undoes"], rows[-1]["reviewer"]) == (
         "undo", rows[2]["id"], "bo")
-    assert json.loads(rows[-1]["after"]) == {"chosen_answer": "two", "edited": 0}
+    assert json.loads(rows[-1]["after"]) == {"chosen_answer": "two", "edited": 0, "stale_scores": None}
+    assert p["chosen_score"] == original["rejected_score"]  # the score the answer had, fresh again
 
     p = review.undo(store, 2, 5, reviewer="bo")  # undo of undo walks further back: undoes the swap
     assert (p["chosen_answer"], p["rejected_answer"], p["margin"], p["status"], p["version"]) == (

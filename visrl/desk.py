@@ -2,10 +2,12 @@
 
 One key press = one review action (:mod:`visrl.review`, version-checked) + the next pair to show
 (claimed for this reviewer, so nobody else is served it at the same time) + the progress line.
-Counts come from the ``pair_counts`` / ``review_counts`` tables that triggers keep exact; the
-count of pairs matching a filter with a search or margins is counted once when the filter is set
-and then moved by the pair each action changed (:meth:`visrl.review.PairFilter.accepts`), so no
-key press scans the table (bench/bench_store.py times it: p95 targets 30 ms at 100,000 pairs).
+Counts come from the ``pair_counts`` / ``decision_counts`` tables that triggers keep exact. The
+count of pairs matching a filter with a search or margins is recounted on every key press by the
+desk (a count carried from press to press missed other reviewers' actions); a caller acting alone
+may pass the previous count, which :func:`act` moves by the pair it changed
+(:meth:`visrl.review.PairFilter.accepts`). bench/bench_store.py times it: p95 targets 30 ms at
+100,000 pairs.
 
 Bulk actions change every pair a filter matches in one transaction, after the caller confirmed
 the count, and share one ``batch`` id in the audit so :func:`undo_batch` reverts them as a unit.
@@ -54,8 +56,8 @@ def check_reviewer(name: str) -> str:
 
 @dataclass
 class Progress:
-    """Pairs per status (for the filter's dataset), pairs matching the filter, and what this
-    reviewer has done (review rows per action)."""
+    """Pairs per status (for the filter's dataset), pairs matching the filter, and this
+    reviewer's standing decisions: pairs whose current status they set, per status."""
 
     counts: dict[str, int]
     matching: int
@@ -64,24 +66,45 @@ class Progress:
     def line(self, reviewer: str) -> str:
         total = sum(self.counts.values())
         reviewed = self.counts["accepted"] + self.counts["rejected"]
-        mine = ", ".join(f"{n} {a}" for a, n in sorted(self.mine.items())) or "nothing yet"
+        mine = decisions_text(self.mine) if self.mine else "nothing decided yet"
         return (f"**Reviewed {reviewed} / {total}** · accepted {self.counts['accepted']} · rejected "
                 f"{self.counts['rejected']} · pending {self.counts['pending']} · {self.matching} match "
                 f"the filters · {reviewer}: {mine}")
 
 
+DECIDED = ("accepted", "rejected")
+
+
+def decisions_text(counts: dict[str, int]) -> str:
+    """"3 accepted, 1 rejected": one reviewer's standing decisions."""
+    return ", ".join(f"{counts.get(status, 0)} {status}" for status in DECIDED)
+
+
 def reviewer_counts(store: Store, reviewer: str) -> dict[str, int]:
-    """Review rows by ``reviewer`` per action (accept, reject, swap, undo, ...)."""
-    return dict(store.db.execute("SELECT action, n FROM review_counts WHERE reviewer = ? AND n > 0",
-                                 [reviewer]).fetchall())
+    """Pairs whose current status ``reviewer`` set, per status (accepted, rejected).
+
+    The pairs' current rows, not the audit: an accept later undone, reset or overruled by another
+    reviewer no longer counts. Read from ``decision_counts``, which triggers keep equal to
+    :func:`recount_decisions`."""
+    return dict(store.db.execute("SELECT status, n FROM decision_counts WHERE reviewer = ? AND n > 0 "
+                                 "AND status != 'pending'", [reviewer]).fetchall())
 
 
 def team_progress(store: Store) -> dict[str, dict[str, int]]:
-    """Every reviewer's review rows per action."""
+    """Every reviewer's standing decisions, as :func:`reviewer_counts`."""
     out: dict[str, dict[str, int]] = {}
-    for who, action, n in store.db.execute("SELECT reviewer, action, n FROM review_counts WHERE n > 0 "
-                                           "ORDER BY reviewer, action"):
-        out.setdefault(who, {})[action] = n
+    for who, status, n in store.db.execute("SELECT reviewer, status, n FROM decision_counts WHERE n > 0 "
+                                           "AND status != 'pending' ORDER BY reviewer, status"):
+        out.setdefault(who, {})[status] = n
+    return out
+
+
+def recount_decisions(store: Store) -> dict[str, dict[str, int]]:
+    """:func:`team_progress` counted from the pairs table itself (a full scan: checks and tests)."""
+    out: dict[str, dict[str, int]] = {}
+    for who, status, n in store.db.execute("SELECT decided_by, status, count(*) FROM pairs WHERE decided_by "
+                                           "IS NOT NULL AND status != 'pending' GROUP BY 1, 2 ORDER BY 1, 2"):
+        out.setdefault(who, {})[status] = n
     return out
 
 
@@ -132,7 +155,11 @@ class Step:
 def act(store: Store, action: str, pair_id: int, version: int, flt: PairFilter, sort: str,
         reviewer: str, matching: int | None = None) -> Step:
     """Apply ``action`` (accept, reject, swap, reset, undo) with the version the reviewer holds,
-    then pick and claim the pair to show. Raises what the action raises (ConflictError, ...)."""
+    then pick and claim the pair to show. Raises what the action raises (ConflictError, ...).
+
+    After a decision the desk shows the next matching pair, else the first one (pairs skipped
+    earlier), else none (``shown`` None: the filter has run empty, all done) - never the pair just
+    decided, where a second key press would decide it again."""
     if action not in ACTIONS:
         raise DataError(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
     # One transaction for the action and the next pair's claim: one commit (one fsync, ~8 ms on
@@ -143,12 +170,21 @@ def act(store: Store, action: str, pair_id: int, version: int, flt: PairFilter, 
         pair = ACTIONS[action](store, pair_id, version, reviewer=reviewer)
         shown = pair
         if action in ADVANCE_AFTER:
-            shown = review.next_pair(store, flt, sort, after=pair_id) or pair
-            claim(store, shown["id"], reviewer)
+            shown = review.next_pair(store, flt, sort, after=pair_id) or review.next_pair(store, flt, sort)
+            if shown is not None:
+                claim(store, shown["id"], reviewer)
     if matching is not None:
         matching += int(flt.accepts(pair)) - int(flt.accepts(before))
-    note = f"undid {review.describe(target)}" if target else f"{action} pair {pair_id}"
+    note = undone_note(target, pair) if target else f"{review.action_label(action)}: pair {pair_id}"
     return Step(pair, shown, progress(store, flt, reviewer, matching), note)
+
+
+def undone_note(target: dict[str, Any], pair: dict[str, Any]) -> str:
+    """What an undo did, worded as a reversal: "Undone: ana's accept (status pending -> accepted)
+    at ...; pair 3 is pending again"."""
+    if "status" in json.loads(target.get("after") or "{}"):
+        return f"Undone: {review.describe(target)}; pair {pair['id']} is {pair['status']} again"
+    return f"Undone: {review.describe(target)}; pair {pair['id']} is back as it was before"
 
 
 # ---------------------------------------------------------------------- bulk
@@ -171,18 +207,20 @@ def bulk_apply(store: Store, flt: PairFilter, action: str, reviewer: str, expect
     stamp = now()
     with store.write() as db:
         where, args = flt.sql(store)
-        rows = db.execute(f"SELECT p.id, p.status FROM pairs p WHERE {where} AND p.status != ?",
+        rows = db.execute(f"SELECT p.id, p.status, p.decided_by FROM pairs p WHERE {where} AND p.status != ?",
                           [*args, target]).fetchall()
         if len(rows) != expect:
-            raise ConflictError(f"the filters now match {len(rows)} pairs to {action}, not the {expect} "
-                                "you confirmed (someone acted meanwhile); look again and confirm the new count")
-        db.conn.executemany("UPDATE pairs SET status = ?, version = version + 1, updated_at = ? WHERE id = ?",
-                            [(target, stamp, pid) for pid, _ in rows])
+            raise ConflictError(f"nothing changed: the filters match {len(rows)} pairs to {action} now, "
+                                f"but {expect} were expected; the set of matching pairs is not the one "
+                                "counted. Preview again and confirm the new count")
+        decider = None if target == "pending" else reviewer
+        db.conn.executemany("UPDATE pairs SET status = ?, decided_by = ?, version = version + 1, "
+                            "updated_at = ? WHERE id = ?", [(target, decider, stamp, pid) for pid, *_ in rows])
         db.conn.executemany(
             "INSERT INTO reviews (pair_id, reviewer, action, before, after, undoes, created_at, batch) "
             "VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
-            [(pid, reviewer, action, json.dumps({"status": status}), json.dumps({"status": target}),
-              stamp, batch) for pid, status in rows])
+            [(pid, reviewer, action, json.dumps({"status": status, "decided_by": was}),
+              json.dumps({"status": target, "decided_by": decider}), stamp, batch) for pid, status, was in rows])
     return batch, len(rows)
 
 
@@ -206,8 +244,11 @@ def undo_batch(store: Store, batch: str, reviewer: str) -> tuple[int, int]:
         live = [r for r in rows if r[0] == r[4]]
         if not live:
             raise DataError(f"every pair of bulk action {batch} has changed since; nothing to undo")
-        db.conn.executemany("UPDATE pairs SET status = ?, version = version + 1, updated_at = ? WHERE id = ?",
-                            [(json.loads(r[3])["status"], stamp, r[1]) for r in live])
+        # an audit row from before m005 has no decided_by: the restored status then has no decider
+        db.conn.executemany("UPDATE pairs SET status = ?, decided_by = ?, version = version + 1, "
+                            "updated_at = ? WHERE id = ?",
+                            [(json.loads(r[3])["status"], json.loads(r[3]).get("decided_by"), stamp, r[1])
+                             for r in live])
         db.conn.executemany(
             "INSERT INTO reviews (pair_id, reviewer, action, before, after, undoes, created_at, batch) "
             "SELECT pair_id, ?, 'undo', after, before, id, ?, ? FROM reviews WHERE id = ?",

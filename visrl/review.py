@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from visrl import rescore
 from visrl.boxes import Box
 from visrl.errors import ConflictError, DataError, NotFoundError
 from visrl.store import Store, box_from_json, box_to_json, loads, now
@@ -26,6 +27,18 @@ SORTS = {
     "newest": ("p.id DESC", ("id",)),
 }
 _SIDE_FIELDS = ("rollout_id", "box", "answer", "score", "crop_score")
+# What each audit action is called on screen and in the CLI (one mapping, so no internal name
+# such as "edit_chosen_answer" shows anywhere).
+ACTION_LABELS = {
+    "accept": "accept", "reject": "reject", "reset": "back to pending", "swap": "swap sides",
+    "undo": "undo", "edit_chosen_box": "edit chosen box", "edit_rejected_box": "edit rejected box",
+    "edit_chosen_answer": "edit chosen answer", "edit_rejected_answer": "edit rejected answer",
+}
+_QUIET_FIELDS = {"edited", "decided_by", "stale_scores"}  # bookkeeping, not shown in a change line
+
+
+def action_label(action: str) -> str:
+    return ACTION_LABELS.get(action, action.replace("_", " "))
 
 
 @dataclass
@@ -354,17 +367,27 @@ def _query(store: Store, sql: str, args: list[Any]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------- review actions
 
+def _decide(status: str, reviewer: str) -> Any:
+    """The change that sets ``status`` and records who decided it (``decided_by``: nobody for
+    pending). Setting a pair's own status again changes nothing (no audit row, no new decider)."""
+    def change(p: dict[str, Any]) -> dict[str, Any]:
+        if p["status"] == status:
+            return {"status": status}
+        return {"status": status, "decided_by": None if status == "pending" else reviewer}
+    return change
+
+
 def accept(store: Store, pair_id: int, version: int, reviewer: str = "local") -> dict[str, Any]:
-    return _apply(store, pair_id, version, reviewer, "accept", lambda p: {"status": "accepted"})
+    return _apply(store, pair_id, version, reviewer, "accept", _decide("accepted", reviewer))
 
 
 def reject(store: Store, pair_id: int, version: int, reviewer: str = "local") -> dict[str, Any]:
-    return _apply(store, pair_id, version, reviewer, "reject", lambda p: {"status": "rejected"})
+    return _apply(store, pair_id, version, reviewer, "reject", _decide("rejected", reviewer))
 
 
 def reset(store: Store, pair_id: int, version: int, reviewer: str = "local") -> dict[str, Any]:
     """Back to pending (a reviewer changing their mind without undoing later edits)."""
-    return _apply(store, pair_id, version, reviewer, "reset", lambda p: {"status": "pending"})
+    return _apply(store, pair_id, version, reviewer, "reset", _decide("pending", reviewer))
 
 
 def swap(store: Store, pair_id: int, version: int, reviewer: str = "local") -> dict[str, Any]:
@@ -374,19 +397,23 @@ def swap(store: Store, pair_id: int, version: int, reviewer: str = "local") -> d
         for field in _SIDE_FIELDS:
             out[f"chosen_{field}"], out[f"rejected_{field}"] = p[f"rejected_{field}"], p[f"chosen_{field}"]
         out["margin"] = -(p["margin"] or 0.0)
+        out["stale_scores"] = rescore.swapped(p)
         return out
     return _apply(store, pair_id, version, reviewer, "swap", change)
 
 
 def edit_box(store: Store, pair_id: int, version: int, side: Side, box: Box,
              reviewer: str = "local") -> dict[str, Any]:
-    """Replace one side's box (pixels of the original image); it must lie inside the image."""
+    """Replace one side's box (pixels of the original image); it must lie inside the image.
+    Its crop score is re-scored or marked stale (:mod:`visrl.rescore`)."""
     def change(p: dict[str, Any]) -> dict[str, Any]:
         size = (p["width"], p["height"])
         if not box.is_valid() or not box.inside(size):
             raise DataError(f"box {box.as_list()} is empty or leaves the {size[0]}x{size[1]} image; "
                             "draw it inside the image")
-        return {f"{_side(side)}_box": box_to_json(box.clamp(size)), "edited": 1}
+        clamped = box.clamp(size)
+        return {f"{_side(side)}_box": box_to_json(clamped), "edited": 1,
+                **rescore.after_edit(store, p, side, box=clamped)}
     return _apply(store, pair_id, version, reviewer, f"edit_{side}_box", change)
 
 
@@ -395,7 +422,8 @@ def edit_answer(store: Store, pair_id: int, version: int, side: Side, answer: st
     def change(p: dict[str, Any]) -> dict[str, Any]:
         if not answer.strip():
             raise DataError("an answer cannot be empty; type the answer or undo")
-        return {f"{_side(side)}_answer": answer.strip(), "edited": 1}
+        return {f"{_side(side)}_answer": answer.strip(), "edited": 1,
+                **rescore.after_edit(store, p, _side(side), answer=answer.strip())}
     return _apply(store, pair_id, version, reviewer, f"edit_{side}_answer", change)
 
 
@@ -425,18 +453,19 @@ def undo(store: Store, pair_id: int, version: int, reviewer: str = "local") -> d
                       undoes=last["id"])
 
 
-def describe(row: dict[str, Any]) -> str:
+def describe(row: dict[str, Any], limit: int | None = 40) -> str:
     """One line for an audit row: who did what when, e.g. "ana's accept (status pending ->
-    accepted) at 2026-12-01T09:00:00+00:00"."""
+    accepted) at 2026-12-01T09:00:00+00:00"; values cut at ``limit`` characters (None: whole)."""
     before, after = loads(row.get("before"), {}), loads(row.get("after"), {})
-    changes = ", ".join(f"{k} {_short(before.get(k))} -> {_short(v)}" for k, v in after.items() if k != "edited")
+    changes = ", ".join(f"{k} {_short(before.get(k), limit)} -> {_short(v, limit)}" for k, v in after.items()
+                        if k not in _QUIET_FIELDS)
     batch = " (bulk)" if row.get("batch") else ""
-    return f"{row.get('reviewer') or 'local'}'s {row['action']}{batch} ({changes}) at {row['created_at']}"
+    return f"{row.get('reviewer') or 'local'}'s {action_label(row['action'])}{batch} ({changes}) at {row['created_at']}"
 
 
-def _short(value: Any, limit: int = 40) -> str:
+def _short(value: Any, limit: int | None = 40) -> str:
     text = "—" if value is None else str(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def reviews(store: Store, pair_id: int) -> list[dict[str, Any]]:

@@ -237,3 +237,48 @@ def m005_generate_runs(db: Database) -> None:
         pk="run_key", not_null={"lineage", "identity", "created_at"},
     )
     db["generate_runs"].create_index(["lineage"])
+
+
+@migrations()
+def m006_pair_decisions_and_stale_scores(db: Database) -> None:
+    """Who made each pair's current decision, per-reviewer counts of those, and stale scores.
+
+    Progress counted review rows per action before, so an accept later undone or reset still
+    counted ("ana: 19 accept … 13 undo"). ``pairs.decided_by`` is the reviewer whose action set
+    the pair's current status (NULL while pending or when set outside the review layer); undo
+    restores it with the status. ``decision_counts`` is kept by triggers, like ``pair_counts``, so
+    it always equals ``SELECT decided_by, status, count(*) FROM pairs GROUP BY 1, 2``.
+
+    ``pairs.stale_scores``: the score columns (space separated, e.g. "chosen_crop_score") that
+    describe a side as it was before a reviewer's edit and could not be recomputed cheaply.
+    """
+    db["pairs"].add_column("decided_by", str)
+    db["pairs"].add_column("stale_scores", str)
+    # Existing decisions: the latest accept (reject) of an accepted (rejected) pair; bulk rows
+    # carry the same action names.
+    db.execute("""
+        UPDATE pairs SET decided_by = (
+          SELECT coalesce(r.reviewer, 'local') FROM reviews r WHERE r.pair_id = pairs.id
+            AND r.action = CASE pairs.status WHEN 'accepted' THEN 'accept' ELSE 'reject' END
+          ORDER BY r.id DESC LIMIT 1)
+        WHERE status IN ('accepted', 'rejected')""")
+    db["decision_counts"].create({"reviewer": str, "status": str, "n": int}, pk=("reviewer", "status"),
+                                 not_null={"n"})
+    db.execute("INSERT INTO decision_counts (reviewer, status, n) SELECT decided_by, status, count(*) "
+               "FROM pairs WHERE decided_by IS NOT NULL GROUP BY 1, 2")
+    db.executescript("""
+        CREATE TRIGGER pairs_decision_insert AFTER INSERT ON pairs WHEN new.decided_by IS NOT NULL BEGIN
+          INSERT INTO decision_counts (reviewer, status, n) VALUES (new.decided_by, new.status, 1)
+            ON CONFLICT (reviewer, status) DO UPDATE SET n = n + 1;
+        END;
+        CREATE TRIGGER pairs_decision_delete AFTER DELETE ON pairs WHEN old.decided_by IS NOT NULL BEGIN
+          UPDATE decision_counts SET n = n - 1 WHERE reviewer = old.decided_by AND status = old.status;
+        END;
+        CREATE TRIGGER pairs_decision_update AFTER UPDATE OF status, decided_by ON pairs
+          WHEN old.status IS NOT new.status OR old.decided_by IS NOT new.decided_by BEGIN
+          UPDATE decision_counts SET n = n - 1 WHERE reviewer = old.decided_by AND status = old.status;
+          INSERT INTO decision_counts (reviewer, status, n)
+            SELECT new.decided_by, new.status, 1 WHERE new.decided_by IS NOT NULL
+            ON CONFLICT (reviewer, status) DO UPDATE SET n = n + 1;
+        END;
+    """)

@@ -56,7 +56,14 @@
     if (event.ctrlKey || event.metaKey || event.altKey) return;
     const target = event.target;
     const tag = target && target.tagName;
-    if (tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || (target && target.isContentEditable)) return;
+    const typing = tag === "INPUT" || tag === "TEXTAREA" || tag === "SELECT" || (target && target.isContentEditable);
+    // Esc leaves a text box on the desk, so the next key is a shortcut again, not text.
+    if (typing && event.key === "Escape" && target.closest && target.closest("#pairs-desk")) {
+      event.preventDefault();
+      target.blur();
+      return;
+    }
+    if (typing) return;
     const desk = document.querySelector("#pairs-desk");
     if (!desk || desk.offsetParent === null) return; // the Pairs tab is not on screen
     const id = KEYS[event.key.length === 1 ? event.key.toLowerCase() : event.key];
@@ -69,7 +76,10 @@
 
   // Unsaved edits: a typed answer or a touched box marks the desk dirty (a marker shows, and
   // leaving or reloading the page asks first). Every desk action saves the edits on screen
-  // before it moves on, so the next ticket (the server's answer) clears the mark.
+  // before it moves on, so the next ticket (the server's answer) clears the mark, unless that
+  // answer says the edits were kept on screen unsaved (a conflict, an invalid box): they stay
+  // dirty until saved or discarded (U). KEPT is pairs_tab.EDITS_KEPT.
+  const KEPT = "edits kept on screen, not saved";
   let dirty = false;
   let lastTicket = null;
   const setDirty = (value) => {
@@ -95,7 +105,10 @@
   }, true);
   setInterval(() => {
     const now = ticket();
-    if (lastTicket !== null && now !== lastTicket) setDirty(false);
+    if (lastTicket !== null && now !== lastTicket) {
+      const el = document.querySelector("#pairs-ticket");
+      if (!(el && el.textContent.includes(KEPT))) setDirty(false);
+    }
     lastTicket = now;
   }, 100);
   window.addEventListener("beforeunload", (event) => {

@@ -19,13 +19,15 @@ BOX_TOLERANCE_PX = 0.75  # the annotator rounds to whole pixels; smaller moves a
 
 
 def read_annotator_boxes(value: dict[str, Any] | None, stored: dict[str, Box | None] | None = None,
-                         pad: int = 0, size: tuple[int, int] | None = None, scale: float = 1.0) -> dict[str, Box]:
+                         pad: int = 0, size: tuple[int, int] | None = None, scale: float = 1.0,
+                         new_side: str = "chosen") -> dict[str, Box]:
     """{"chosen": Box, "rejected": Box} from the annotator's value, in original-image pixels.
 
     Undoes the display scaling and label padding (:func:`visrl_app.render.display_geometry`) and
     any rotation the annotator's rotate buttons applied. A new box gets the default label "chosen"; when a side then has two
-    boxes, the one that is not the stored box is the new one: it replaces the stored box, or,
-    when the other side has no box (deleted), becomes that side.
+    boxes, the one that is not the stored box is the new one: it replaces the stored box of
+    ``new_side`` (the desk's "A new box replaces" choice; a box relabelled by double-click keeps its
+    label), or, when the other side has no box (deleted), becomes that side.
     """
     stored = stored or {}
     orientation = int((value or {}).get("orientation") or 0)
@@ -50,7 +52,9 @@ def read_annotator_boxes(value: dict[str, Any] | None, stored: dict[str, Box | N
             # the box that is not the stored one is new (both moved: the later one, drawn last)
             newest = ([b for b in boxes if _changed(stored.get(side), b, scale)] or boxes)[-1]
             kept = boxes[0] if boxes[1] is newest else boxes[1]
-            if found[other]:
+            if found[other] and side == "chosen" and new_side == "rejected":
+                out[side], out[other] = kept, newest  # drawn with the default label, meant for rejected
+            elif found[other]:
                 out[side] = newest  # a new box replaces this side's box
             else:
                 out[side], out[other] = kept, newest  # the other side's box was deleted: it takes that
@@ -67,14 +71,15 @@ def _changed(a: Box | None, b: Box, scale: float = 1.0) -> bool:
 
 
 def pending_edits(pair: dict[str, Any], annotated: dict[str, Any] | None, chosen: str | None,
-                  rejected: str | None, pad: int, scale: float = 1.0) -> list[tuple[str, str, Any]]:
+                  rejected: str | None, pad: int, scale: float = 1.0,
+                  new_side: str = "chosen") -> list[tuple[str, str, Any]]:
     """The edits on screen that differ from the stored pair: (kind, side, value) with kind "box"
     or "answer". ``None`` inputs mean "not on screen" (nothing to save)."""
     edits: list[tuple[str, str, Any]] = []
     if annotated is not None:
         stored = review.pair_boxes(pair)
         size = (pair["width"], pair["height"])
-        for side, box in read_annotator_boxes(annotated, stored, pad, size, scale).items():
+        for side, box in read_annotator_boxes(annotated, stored, pad, size, scale, new_side).items():
             # The annotator keeps boxes inside the image: a stored box that leaves it (imported
             # data) comes back clamped without anyone touching it.
             on_image = stored[side].clamp(size) if stored[side] is not None else None

@@ -22,12 +22,12 @@ import gradio as gr
 from gradio_image_annotation import image_annotator
 
 from visrl import desk, review
-from visrl.boxes import Box
 from visrl.errors import ConflictError, VisRLError
 from visrl_app import desk_images, pairs_team, render
 from visrl_app.context import AppContext, warn
 from visrl_app.pairs_edits import pending_edits
 from visrl_app.pairs_export import create_export_panel
+from visrl_app.pairs_info import all_done_markdown, info_markdown, team_line
 
 ANY = "any"
 STATUS_CHOICES = [ANY, *review.STATUSES]
@@ -40,14 +40,17 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
 }
 HISTORY_LIMIT = 200  # undo depth per browser session
 NO_EDITS = (None, None, None)  # (annotator value, chosen answer, rejected answer): nothing on screen
+# In the ticket of an answer that left the edits on screen unsaved (stay()): keyboard.js keeps the
+# desk marked dirty when it sees this, so a reload still asks before dropping them.
+EDITS_KEPT = "edits kept on screen, not saved"
 
 
 def empty_state(reviewer: str | None = None) -> dict[str, Any]:
     """Per-browser desk state: the pair on screen, its version, an action counter, this session's
-    actions as [pair id, version after] (what Undo reverts, newest last), the reviewer, the
-    matching count with the filter it counts, and how the image is displayed (render.display_geometry)."""
+    actions as [pair id, version after] (what Undo reverts, newest last), the reviewer, how the
+    image is displayed (render.display_geometry) and which side a newly drawn box replaces."""
     return {"pair_id": None, "version": None, "n": 0, "history": [], "reviewer": reviewer,
-            "count": None, "pad": 0, "scale": 1.0}
+            "count": None, "pad": 0, "scale": 1.0, "new_side": "chosen"}
 
 
 def reviewer_of(ctx: AppContext, state: dict[str, Any]) -> str:
@@ -64,10 +67,6 @@ def make_filter(ctx: AppContext, status: str | None, dataset: str | None, min_ma
         search=(search or "").strip() or None)
 
 
-def _count_key(flt: review.PairFilter) -> str:
-    return repr({**flt.__dict__, "viewer": None})
-
-
 # ---------------------------------------------------------------------- the view
 
 def pair_view(ctx: AppContext, pair: dict[str, Any] | None, state: dict[str, Any],
@@ -77,18 +76,13 @@ def pair_view(ctx: AppContext, pair: dict[str, Any] | None, state: dict[str, Any
     state = {**state, "n": state.get("n", 0) + 1}
     reviewer = reviewer_of(ctx, state)
     if progress is None:
-        cached = state.get("count")
-        # a status/dataset count is exact and cheap (pair_counts): recount it; a search or margin
-        # count is carried (it moves with this tab's actions; others' show on the next filter change)
-        matching = cached[1] if cached and cached[0] == _count_key(flt) and not flt.counted else None
-        progress = desk.progress(ctx.store, flt, reviewer, matching)
-    state["count"] = [_count_key(flt), progress.matching]
+        # Recounted on every answer: a carried count missed other reviewers' actions (issue 19).
+        progress = desk.progress(ctx.store, flt, reviewer)
     progress_md = progress.line(reviewer) + team_line(ctx, reviewer)
     if pair is None:
         state.update(pair_id=None, version=None, pad=0)
-        ticket = f"No pair matches the filters. · #{state['n']}" + (f" · {note}" if note else "")
-        return (None, None, None, "### No pairs\nNothing matches these filters.", "", "",
-                progress_md, ticket, "", state)
+        ticket = f"All done: no pair matches the filters · #{state['n']}" + (f" · {note}" if note else "")
+        return (None, None, None, all_done_markdown(flt), "", "", progress_md, ticket, "", state)
     if claim:
         holder = desk.claim(ctx.store, pair["id"], reviewer)
         if holder:
@@ -112,47 +106,9 @@ def stay(state: dict[str, Any], message: str) -> tuple[Any, ...]:
     must not vanish by navigating away)."""
     state = {**state, "n": state.get("n", 0) + 1}
     message = f"{message} (Undo (U) discards your unsaved edits)" if "Undo (U)" not in message else message
-    ticket = f"pair {state.get('pair_id')} · v{state.get('version')} · #{state['n']} · {warn(message)}"
+    ticket = f"pair {state.get('pair_id')} · v{state.get('version')} · #{state['n']} · {EDITS_KEPT} · {warn(message)}"
     keep = gr.update()
     return (keep, keep, keep, keep, keep, keep, keep, ticket, keep, state)
-
-
-def team_line(ctx: AppContext, reviewer: str) -> str:
-    others = {who: counts for who, counts in desk.team_progress(ctx.store).items() if who != reviewer}
-    if not others:
-        return ""
-    return "  \nTeam: " + " · ".join(
-        f"{who} {counts.get('accept', 0)} accepted, {counts.get('reject', 0)} rejected"
-        for who, counts in sorted(others.items()))
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
-
-
-def _box_text(box: Box | None) -> str:
-    return "—" if box is None else "[" + ", ".join(f"{v:.0f}" for v in box.as_list()) + "]"
-
-
-def info_markdown(pair: dict[str, Any]) -> str:
-    boxes = review.pair_boxes(pair)
-    edited = " · edited" if pair.get("edited") else ""
-    return "\n".join([
-        f"### Pair {pair['id']} — **{pair['status']}** (version {pair['version']}{edited})",
-        "",
-        f"**Question:** {pair['question']}",
-        "",
-        f"**Reference answer:** {pair['reference'] or '—'}",
-        "",
-        "| | box (px) | answer score | crop score |",
-        "|---|---|---|---|",
-        f"| <span style='color:#22c55e'>■</span> chosen | {_box_text(boxes['chosen'])} | {_fmt(pair['chosen_score'])} | {_fmt(pair['chosen_crop_score'])} |",
-        f"| <span style='color:#ef4444'>■</span> rejected | {_box_text(boxes['rejected'])} | {_fmt(pair['rejected_score'])} | {_fmt(pair['rejected_crop_score'])} |",
-        f"| <span style='color:#2563eb'>┅</span> annotated | {_box_text(boxes['gt'])} | | |",
-        "",
-        f"margin {_fmt(pair['margin'])} · priority {_fmt(pair['priority'])} · dataset `{pair['dataset']}` "
-        f"· split {pair['split']} · {pair['width']}×{pair['height']} px · source {pair.get('source') or '—'}",
-    ])
 
 
 # ---------------------------------------------------------------------- edits on screen
@@ -167,7 +123,8 @@ def save_edits(ctx: AppContext, state: dict[str, Any], annotated: dict[str, Any]
     if pair_id is None or (annotated, chosen, rejected) == NO_EDITS:
         return state, ""
     pair = review.get_pair(ctx.store, pair_id)
-    edits = pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0, state.get("scale") or 1.0)
+    edits = pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0, state.get("scale") or 1.0,
+                          state.get("new_side") or "chosen")
     if not edits:
         return state, ""
     if pair["version"] != state["version"]:
@@ -274,12 +231,10 @@ def _act(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilt
          action: str) -> tuple[Any, ...]:
     history = list(state.get("history") or [])
     pair_id, version = state.get("pair_id"), state.get("version")
-    if pair_id is None:
-        return pair_view(ctx, None, state, flt, warn("no pair on screen"))
-    cached = state.get("count")
-    matching = cached[1] if cached and cached[0] == _count_key(flt) else None
+    if pair_id is None:  # all done: say so, change nothing
+        return pair_view(ctx, None, state, flt, f"nothing to {review.action_label(action)}: no pair on screen")
     try:
-        step = desk.act(ctx.store, action, pair_id, version, flt, sort, reviewer_of(ctx, state), matching)
+        step = desk.act(ctx.store, action, pair_id, version, flt, sort, reviewer_of(ctx, state))
     except VisRLError as exc:
         return pair_view(ctx, _reload(ctx, pair_id), {**state, "history": history}, flt, warn(str(exc)))
     if step.acted["version"] != version:  # a no-op (Accept on an accepted pair) is not undoable
@@ -301,11 +256,11 @@ def _undo(ctx: AppContext, state: dict[str, Any], annotated: Any, chosen: Any, r
     if pair is not None:
         try:
             unsaved = bool(pending_edits(pair, annotated, chosen, rejected, state.get("pad") or 0,
-                                         state.get("scale") or 1.0))
+                                         state.get("scale") or 1.0, state.get("new_side") or "chosen"))
         except VisRLError:
             unsaved = True  # boxes that cannot even be read are unsaved edits too
         if unsaved:
-            return pair_view(ctx, pair, state, flt, f"undid your unsaved edits to pair {pair_id}")
+            return pair_view(ctx, pair, state, flt, f"Discarded your unsaved edits to pair {pair_id}")
     if not history:
         return pair_view(ctx, pair, state, flt,
                          warn("nothing of yours to undo in this tab (Undo reverts only what you did here)"))
@@ -363,6 +318,11 @@ def bulk(ctx: AppContext, step: str, state: dict[str, Any], action: str, *filter
         message, state = pairs_team.bulk_undo(ctx, state, reviewer)
     flt.viewer = reviewer
     return (*pair_view(ctx, review.next_pair(ctx.store, flt, sort), state, flt), message)
+
+
+def choose_new_side(state: dict[str, Any], side: str) -> dict[str, Any]:
+    """Which stored box a newly drawn box replaces (it is drawn with the default label, chosen)."""
+    return {**state, "new_side": side if side in ("chosen", "rejected") else "chosen"}
 
 
 def bulk_preview(ctx: AppContext, state: dict[str, Any], action: str, *filters: Any) -> tuple[str, dict[str, Any]]:
@@ -423,9 +383,13 @@ def _pair_panel() -> tuple[Any, ...]:
             gr.Markdown("<span style='color:#22c55e'>■</span> chosen · "
                         "<span style='color:#ef4444'>■</span> rejected · "
                         "<span style='color:#2563eb'>┅</span> annotated (reference only) · drag a box "
-                        "to fix it (saved by your next action) · a new box replaces its side's box · "
-                        "select a box and press Del to remove it · mouse wheel zooms",
+                        "to fix it (saved by your next action) · a new box (drawn green) replaces the "
+                        "side picked here; double-click a box to relabel it · select a box and press "
+                        "Del to remove it · mouse wheel zooms",
                         elem_id="pairs-legend")
+            # With container=False gradio drops the label, and the two bare options said nothing.
+            new_side = gr.Radio(["chosen", "rejected"], value="chosen", label="A new box replaces the box of",
+                                elem_id="pairs-new-side")
         with gr.Column(scale=2, min_width=300):
             chosen_answer = gr.Textbox(label="Chosen answer", lines=2, max_lines=6, elem_id="pairs-chosen-answer")
             rejected_answer = gr.Textbox(label="Rejected answer", lines=2, max_lines=6,
@@ -436,7 +400,7 @@ def _pair_panel() -> tuple[Any, ...]:
                 rejected_crop = gr.Image(label="Rejected crop", type="pil", interactive=False, height=150,
                                          buttons=[])
             history = gr.Markdown(elem_id="pairs-history")
-    return annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history
+    return annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history, new_side
 
 
 def _bulk_panel() -> tuple[Any, ...]:
@@ -472,7 +436,7 @@ def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
         # keyboard.js marks #pairs-desk "visrl-dirty" while edits are unsaved; style.css then
         # appends "● unsaved edits" to this line.
         ticket = gr.Markdown(elem_id="pairs-ticket")
-        annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history = _pair_panel()
+        annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history, new_side = _pair_panel()
         bulk_action, bulk_go, bulk_confirm, bulk_undo, bulk_message = _bulk_panel()
         create_export_panel(ctx, dataset)
 
@@ -500,6 +464,8 @@ def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
     for component in (min_margin, max_margin):
         component.release(first, [state, *edits, *filters], **common)
     search.submit(first, [state, *edits, *filters], **common)
+    new_side.change(choose_new_side, [state, new_side], [state], api_visibility="undocumented",
+                    concurrency_id="pairs-review", show_progress="hidden")
     target.submit(current_view(functools.partial(jump, ctx)), [state, *edits, target, *filters], **common)
     bulk_go.click(functools.partial(bulk_preview, ctx), [state, bulk_action, *filters], [bulk_message, state],
                   api_visibility="undocumented", concurrency_id="pairs-review")

@@ -15,6 +15,7 @@ from visrl.errors import VisRLError
 from visrl_app.context import AppContext, warn
 
 HISTORY_ROWS = 12  # newest audit rows shown under the pair
+HISTORY_CHARS = 90  # a history line longer than this is cut; the whole change opens below it
 BULK_LABELS = {"accept": "accept", "reject": "reject", "reset": "put back to pending"}
 
 
@@ -26,12 +27,24 @@ def history_markdown(ctx: AppContext, pair_id: int) -> str:
     lines = [f"**History of pair {pair_id}** ({len(rows)} actions, newest first)", "",
              "| when (UTC) | who | what |", "|---|---|---|"]
     for row in reversed(rows[-HISTORY_ROWS:]):
-        what = review.describe(row).split("'s ", 1)[1].rsplit(" at ", 1)[0]
-        if row["undoes"]:
-            what += f" (reverts #{row['undoes']})"
         lines.append(f"| {row['created_at'][:19].replace('T', ' ')} | {row['reviewer'] or 'local'} | "
-                     f"{what.replace('|', '/')} |")
+                     f"{history_cell(row)} |")
     return "\n".join(lines)
+
+
+def history_cell(row: dict[str, Any]) -> str:
+    """What an audit row changed, cut to :data:`HISTORY_CHARS`; a cut line opens to the whole
+    change (every value in full) on a click."""
+    def what(limit: int | None) -> str:
+        text = review.describe(row, limit).split("'s ", 1)[1].rsplit(" at ", 1)[0]
+        return text + (f" (reverts #{row['undoes']})" if row["undoes"] else "")
+
+    def cell(text: str) -> str:  # inside a markdown table: no pipes, no line breaks, no markup
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace("|", "&#124;").replace("\n", " ")
+    short = what(40)
+    if len(short) <= HISTORY_CHARS:
+        return cell(short)
+    return f"<details><summary>{cell(short[:HISTORY_CHARS - 1])}…</summary>{cell(what(None))}</details>"
 
 
 def bulk_preview(ctx: AppContext, state: dict[str, Any], action: str, flt: review.PairFilter,

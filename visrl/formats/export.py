@@ -46,6 +46,10 @@ def export(store: Store, ws: Workspace, fmt: str, out_dir: str | Path,
            split: str | None = "train", contract: TwoStepContract | None = None) -> dict[str, Any]:
     """Write the export into ``out_dir`` (new or empty); returns ``{"rows": n, "path": ...}``.
 
+    Pair exports also return ``edited_not_rescored``: the exported pairs a reviewer edited whose
+    judge scores could not be recomputed (:mod:`visrl.rescore`). No export carries scores; every
+    pair goes out with the box and answer the reviewer left, by its status alone.
+
     Box texts and crops follow ``contract`` (e.g. a checkpoint's, :func:`visrl.contract.read_contract`;
     default Visual-CoT boxes, no margin), with ``box_format`` / ``crop_margin`` overriding it.
     ``split`` applies to ``trl-sft`` only (items); pair exports take every split.
@@ -58,7 +62,8 @@ def export(store: Store, ws: Workspace, fmt: str, out_dir: str | Path,
     if stage is not None and fmt != "trl-dpo":
         raise DataError("--stage applies to trl-dpo only")
     if fmt == "llamafactory":
-        return export_llamafactory(store, ws, out, statuses, dataset, contract)
+        return {**export_llamafactory(store, ws, out, statuses, dataset, contract),
+                "edited_not_rescored": _stale(store, statuses, dataset)}
     if fmt == "trl-sft":
         rows = trl.sft_rows(store, ws, dataset=dataset, split=split, contract=contract)
         what = "items with a box and an answer" + (f" in split {split!r}" if split else "")
@@ -71,8 +76,19 @@ def export(store: Store, ws: Workspace, fmt: str, out_dir: str | Path,
         description = f"VisRL DPO stage {stage} rows ({'box step' if stage == 1 else 'box + answer steps'})."
     if not rows:
         raise DataError(f"nothing to export: no {what}" + (f" in dataset {dataset!r}" if dataset else ""))
+    result = {"rows": len(rows), "path": str(out), "format": fmt, "stage": stage}
+    if fmt == "trl-dpo":
+        result["edited_not_rescored"] = stale = _stale(store, statuses, dataset)
+        description += (f" {stale} pairs were edited by a reviewer after judging and not re-scored: "
+                        "they train as edited, by their status, like every pair.") if stale else ""
     trl.save_dataset(rows, out, description=description)
-    return {"rows": len(rows), "path": str(out), "format": fmt, "stage": stage}
+    return result
+
+
+def _stale(store: Store, statuses: tuple[str, ...], dataset: str | None) -> int:
+    from visrl.rescore import count_stale
+
+    return count_stale(trl.selected_pairs(store, statuses, dataset))
 
 
 def export_llamafactory(store: Store, ws: Workspace, out: Path, statuses: tuple[str, ...],
