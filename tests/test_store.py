@@ -94,7 +94,7 @@ def test_wal_and_migrations(store: Store) -> None:
     assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 6
     assert migrations.pending(store.db) == []
     # A second Store on the same file sees the same database.
-    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 5
+    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 6
 
 
 def test_schema_tables_and_columns(store: Store) -> None:
@@ -106,7 +106,10 @@ def test_schema_tables_and_columns(store: Store) -> None:
         "chosen_box": str, "chosen_answer": str, "chosen_score": float, "chosen_crop_score": float,
         "rejected_box": str, "rejected_answer": str, "rejected_score": float, "rejected_crop_score": float,
         "margin": float, "priority": float, "status": str, "version": int, "edited": int, "source": str,
-        "created_at": str, "updated_at": str}
+        "created_at": str, "updated_at": str, "decided_by": str, "stale_scores": str}
+    assert db["decision_counts"].pks == ["reviewer", "status"]
+    assert list(db["generate_runs"].columns_dict) == ["run_key", "lineage", "model", "identity", "created_at",
+                                                      "updated_at"]
     assert list(db["reviews"].columns_dict) == [
         "id", "pair_id", "reviewer", "action", "before", "after", "undoes", "created_at", "batch"]
     assert db["pair_counts"].pks == ["dataset_id", "status"] and db["review_counts"].pks == ["reviewer", "action"]
