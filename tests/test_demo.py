@@ -107,8 +107,9 @@ def test_demo_task_is_the_shipped_models(monkeypatch: pytest.MonkeyPatch, tmp_pa
     data = demo.demo_data()
     assert data["dataset_name"] == "visrl_demo" and SyntheticConfig(**data)
     report = json.loads(demo.MODEL_REPORT.read_text(encoding="utf-8"))
-    assert {k: data[k] for k in report["config"]["data"]} == report["config"]["data"]
-    assert data["detail"] == "pattern"
+    trained = {k: v for k, v in report["config"]["data"].items() if k not in demo.ANSWER_JUDGE_TASK}
+    assert {k: data[k] for k in trained} == trained
+    assert data["detail"] == "pattern" and data["distinct_details"] and data["min_objects"] == data["max_objects"] == 3
     monkeypatch.setattr(demo, "MODEL_REPORT", tmp_path / "missing.json")
     assert demo.demo_data() == demo.DEMO_DATA
 

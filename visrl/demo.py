@@ -71,8 +71,14 @@ BUILDING = ".demo-building"  # written first: a crash leaves it, and the next st
 # The task of the shipped model, used when its training report is not at hand: a small line
 # pattern (horizontal, vertical, checkered) that blurs to the same grey in the overview and is
 # legible only in the crop; objects of distinct colours.
+# The workspace's scenes hold 3 objects, each with its own pattern, whatever the model was trained
+# on: then a crop of any other object answers wrong, so the exact answer judge alone (the demo's
+# generate.yaml: crop_judge: none) tells a right box from a wrong one, as the paper's answer rewards
+# do, with no box annotation read.
+ANSWER_JUDGE_TASK: dict[str, Any] = {"min_objects": 3, "max_objects": 3, "distinct_details": True}
 DEMO_DATA: dict[str, Any] = {"detail": "pattern", "pattern_size": 13, "pattern_line": 1,
-                             "object_size": (80, 96), "distinct_colours": True, "dataset_name": "visrl_demo"}
+                             "object_size": (80, 96), "distinct_colours": True, "dataset_name": "visrl_demo",
+                             **ANSWER_JUDGE_TASK}
 
 Say = Callable[[str], None]
 SAY_EVERY_S = 10.0  # generating the first pairs takes minutes: a line every 10 s shows it moves
@@ -131,11 +137,12 @@ def _clear(root: Path) -> None:
 
 
 def demo_data() -> dict[str, Any]:
-    """SyntheticConfig fields of the task the shipped model was trained on (its training report)."""
+    """SyntheticConfig fields of the demo workspace: the task the shipped model was trained on (its
+    training report), as :data:`ANSWER_JUDGE_TASK` scenes."""
     if MODEL_REPORT.is_file():
         data = json.loads(MODEL_REPORT.read_text(encoding="utf-8")).get("config", {}).get("data")
         if isinstance(data, dict) and data:
-            return {"dataset_name": "visrl_demo", **data}
+            return {"dataset_name": "visrl_demo", **data, **ANSWER_JUDGE_TASK}
     return dict(DEMO_DATA)
 
 
