@@ -14,6 +14,7 @@ import io
 import json
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -280,6 +281,20 @@ def test_tiff_import_is_refused_and_changes_nothing(seeded: tuple[Store, Path, P
     err = refused_import(ws, write_json(src / "d.json", [vqa("ok.png"), vqa("scan.tif", id="b")]), capsys)
     assert "record 1, field 'image': 'scan.tif' is a TIFF image, a format VisRL does not take" in err
     assert "PNG, JPEG, WEBP, GIF, BMP" in err
+    assert snapshot(store) == before and integrity_ok(store)
+
+
+def test_jpeg_scan_bomb_import_is_refused_before_decoding(seeded: tuple[Store, Path, Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from test_abuse import scan_bomb  # the bomb: 4096² progressive, its last scan x 1,000
+
+    store, ws, src = seeded
+    (src / "bomb.jpg").write_bytes(scan_bomb())
+    before = snapshot(store)
+    started = time.monotonic()
+    err = refused_import(ws, write_json(src / "d.json", [vqa("ok.png"), vqa("bomb.jpg", id="b")]), capsys)
+    assert time.monotonic() - started < 10  # decoding it whole took 18.7 s
+    assert "record 1, field 'image': 'bomb.jpg' cannot be imported: it: the JPEG has" in err, err
     assert snapshot(store) == before and integrity_ok(store)
 
 

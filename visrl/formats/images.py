@@ -33,7 +33,13 @@ from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
 from visrl.errors import DataError
 from visrl.formats.records import os_reason, record_error, short_path, short_value
-from visrl.images import ACCEPTED_IMAGE_FORMATS, FILE_MAX_PIXELS, orientation, upright
+from visrl.images import (
+    ACCEPTED_IMAGE_FORMATS,
+    FILE_MAX_PIXELS,
+    check_decode_work,
+    orientation,
+    upright,
+)
 from visrl.store import Store
 
 # A pixel budget per image, read from the header before any decoding (64 M pixels; see there).
@@ -174,6 +180,10 @@ class ImageSource:
                 if size[0] * size[1] > MAX_IMAGE_PIXELS:
                     raise fail(f"is {size[0]}x{size[1]} pixels, over the limit of {MAX_IMAGE_PIXELS:,}; "
                                "downscale it before importing")
+                try:  # a progressive JPEG's scans bound its decode work, which the header does not
+                    check_decode_work(image, "it", MAX_IMAGE_PIXELS)
+                except DataError as exc:
+                    raise fail(f"cannot be imported: {exc}") from None
                 image.load()  # the full decode: truncated or corrupt data fails here, not in a run
                 turn = orientation(image)
                 stored = upright_file(image) if turn != 1 else None
