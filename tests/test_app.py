@@ -821,6 +821,32 @@ def test_loss_curve_spans_a_resumed_job_and_overlays_runs(ctx: Any) -> None:
     assert [value for _, value in curves.overlay_choices(ctx)] == [fresh, resumed, other, first]
 
 
+def test_loss_frame_is_numeric_even_before_the_first_point(ctx: Any) -> None:
+    """The browser builds the chart's spec from the first frame it gets (an empty one on a page
+    opened before the job logs): object columns made the axes text and the line invisible."""
+    import gradio as gr
+
+    from visrl_app import curves
+
+    job = ctx.store.create_job("train", {"output_dir": "models/out", "logging_steps": 1}, name="sft")
+    for chart in (curves.loss_frame(ctx, None), curves.loss_frame(ctx, job)):  # nothing logged yet
+        assert chart.empty and {c: str(t) for c, t in chart.dtypes.items()} == {
+            "step": "int64", "value": "float64", "name": "str"}
+        sent = gr.LinePlot(x="step", y="value", color="name").postprocess(chart)
+        assert sent.datatypes == {"step": "quantitative", "value": "quantitative", "name": "nominal"}
+    ctx.store.add_metrics(job, 1, {"loss": 0.1227363348, "learning_rate": 1e-3})
+    ctx.store.add_metrics(job, 2, {"loss": 0.9717247009, "eval_loss": 1.5})
+    chart = curves.loss_frame(ctx, job)
+    assert chart.to_dict("records") == [{"step": 1, "value": 0.1227363348, "name": "loss"},
+                                        {"step": 2, "value": 0.9717247009, "name": "loss"},
+                                        {"step": 2, "value": 1.5, "name": "eval_loss"}]
+    assert {c: str(t) for c, t in chart.dtypes.items()} == {"step": "int64", "value": "float64", "name": "str"}
+    # The colours follow the series the browser shows (its value, as it sends it back).
+    shown = gr.LinePlot(x="step", y="value", color="name").postprocess(chart).model_dump()
+    assert curves.recolor(shown).color_map == {"loss": curves.PALETTE[0], "eval_loss": curves.PALETTE[1]}
+    assert curves.recolor(None).color_map == {}
+
+
 def test_generate_form_says_nothing_to_do_and_defaults_to_new_items(ctx: Any,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from visrl_app import generate_tab, job_panel

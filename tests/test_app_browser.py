@@ -7,6 +7,7 @@ copied to /tmp/visrl-screens/ for a human to look at.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -283,3 +284,80 @@ def test_chat_shows_focus_box_crop_and_answer(app: dict[str, Any], page: Any,
     page.wait_for_selector("#chat-focus img", timeout=10_000)
     assert page.locator("#chat-box textarea, #chat-box input").first.input_value() == "[0.1, 0.2, 0.5, 0.6]"
     screenshot(page, "chat", app["root"])
+
+
+# The drawn chart, read back from Vega's SVG: each axis's tick positions with their labels, and
+# the vertices of each line mark with its stroke colour (all in the plot's pixel frame).
+READ_CHART = """(root) => {
+  const svg = root.querySelector('svg');
+  if (!svg) return null;
+  const axis = (name) => {
+    const group = svg.querySelector(`g[aria-label^="${name}-axis"]`);
+    if (!group) return null;
+    const at = [...group.querySelectorAll('.role-axis-tick line')].map(
+      (l) => l.getAttribute('transform').match(/translate\\(([-\\d.e]+),([-\\d.e]+)\\)/).slice(1).map(Number));
+    const labels = [...group.querySelectorAll('.role-axis-label text')].map((t) => t.textContent);
+    return {label: group.getAttribute('aria-label'), at, labels};
+  };
+  const lines = [...svg.querySelectorAll('path[aria-roledescription="line mark"]')].map((p) => ({
+    stroke: p.getAttribute('stroke'),
+    points: (p.getAttribute('d') || '').replace(/^M/, '').split('L').filter(Boolean).map((xy) => xy.split(',').map(Number)),
+  }));
+  return {x: axis('X'), y: axis('Y'), lines};
+}"""
+
+
+def drawn_points(page: Any, selector: str) -> tuple[list[tuple[float, float]], dict[str, Any]]:
+    """The (step, value) points of the lines drawn in the plot at ``selector``, inverted through
+    its axes' ticks (pixel -> data), and the raw reading. Lines without a stroke are not drawn."""
+    chart = page.locator(selector).evaluate(READ_CHART)
+    if not chart or not chart["x"] or not chart["y"] or len(chart["y"]["labels"]) < 2:
+        return [], chart or {}
+
+    def scale(axis: dict[str, Any], coordinate: int) -> Callable[[float], float]:
+        (p0, v0), (p1, v1) = [(axis["at"][i][coordinate], float(axis["labels"][i])) for i in (0, -1)]
+        return lambda pixel: v0 + (pixel - p0) * (v1 - v0) / (p1 - p0)
+
+    to_step, to_value = scale(chart["x"], 0), scale(chart["y"], 1)
+    points = [(to_step(x), to_value(y)) for line in chart["lines"] if line["stroke"] for x, y in line["points"]]
+    return points, chart
+
+
+def drawn_count(page: Any, selector: str, n: int) -> tuple[list[tuple[float, float]], dict[str, Any]] | None:
+    """:func:`drawn_points` once ``n`` points are drawn, else None."""
+    points, chart = drawn_points(page, selector)
+    return (points, chart) if len(points) == n else None
+
+
+def test_live_loss_chart_draws_the_logged_points_within_one_poll(app: dict[str, Any], page: Any) -> None:
+    """A page opened before the job logged anything: each new point is drawn at the next poll, on
+    numeric axes, with the values the job logged (the chart used to list them as text labels
+    on the y axis and draw no line until a reload)."""
+    from visrl.store import now
+    from visrl_app.job_panel import POLL_S
+
+    store = store_of(app)
+    job = store.create_job("train", {"output_dir": "models/live-chart", "logging_steps": 1}, name="sft")
+    # A running job as the app sees it: its row, and a live process (this one) behind it.
+    store.update_job(job, status="running", pid=os.getpid(), started_at=now(), total=40)
+    try:
+        page.reload()
+        page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=30_000)
+        page.get_by_role("tab", name="Train").click()
+        wait_for(lambda: f"job {job} " in page.locator("#train-progress").inner_text(), what="the job watched")
+        time.sleep(POLL_S + 0.5)  # the empty chart is drawn first: the case that broke
+        for step, loss in enumerate((1.25, 0.9, 0.95, 0.5, 0.41), start=1):
+            store.add_metrics(job, step, {"loss": loss, "learning_rate": 1e-3})
+            store.update_job(job, step=step, progress=step / 40)
+            logged = [(r["step"], r["value"]) for r in store.metrics(job) if r["name"] == "loss"]
+            # One poll, plus slack for the request and Vega's redraw on a loaded machine.
+            points, chart = wait_for(functools.partial(drawn_count, page, "#train-loss", len(logged)),
+                                     timeout=POLL_S + 4, what=f"{len(logged)} points drawn")
+            assert [round(s) for s, _ in points] == [s for s, _ in logged]
+            assert [v for _, v in points] == pytest.approx([v for _, v in logged], abs=0.02), chart
+            assert "linear scale" in chart["y"]["label"] and "linear scale" in chart["x"]["label"], chart
+            assert float(chart["y"]["labels"][0]) == 0.0  # numeric, from 0, smallest at the bottom
+            assert chart["y"]["at"][0][1] > chart["y"]["at"][-1][1]
+        screenshot(page, "train-live-chart", app["root"])
+    finally:
+        store.update_job(job, status="stopped", ended_at=now())

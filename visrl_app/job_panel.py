@@ -222,8 +222,9 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
         cancel = gr.Button("Cancel", elem_id=f"{prefix}-kill-cancel", scale=0, min_width=90)
     with gr.Row(visible=plot):
         # From 0: on an axis fitted to the data, a loss going 1.27 -> 1.00 (-21 %) looked like a fall to nothing.
-        loss = gr.LinePlot(curves.loss_frame(ctx, None), x="step", y="value", color="name", title="Loss",
-                           elem_id=f"{prefix}-loss", height=260, scale=4, y_lim=[0, None])
+        empty = curves.loss_frame(ctx, None)
+        loss = gr.LinePlot(empty, x="step", y="value", color="name", title="Loss", elem_id=f"{prefix}-loss",
+                           height=260, scale=4, y_lim=[0, None], color_map=curves.color_map([]))
         overlay = gr.Dropdown(curves.overlay_choices(ctx) if plot else [], multiselect=True, value=[],
                               label="Overlay runs", elem_id=f"{prefix}-overlay", scale=1, min_width=180)
     log = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True,
@@ -234,6 +235,8 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
     outputs = [status, bar, log, history, loss, start_button, stop_button, kill_button]
     view = functools.partial(panel_view, ctx, kinds)
     watched = [job_state, overlay]
+    loss.change(curves.recolor, [loss], [loss], api_visibility="undocumented", queue=False,
+                show_progress="hidden")
     timer = gr.Timer(POLL_S)
     timer.tick(view, watched, outputs, api_visibility="undocumented", show_progress="hidden")
     overlay.input(view, watched, outputs, api_visibility="undocumented")
