@@ -87,13 +87,14 @@ def test_wal_and_migrations(store: Store) -> None:
     applied = store.db.execute(
         "SELECT migration_set, name FROM _sqlite_migrations ORDER BY rowid").fetchall()
     assert applied == [("visrl", "m001_initial"), ("visrl", "m002_pair_desk_indexes"),
-                       ("visrl", "m003_desk_counts_search_team"), ("visrl", "m004_run_leases")]
+                       ("visrl", "m003_desk_counts_search_team"), ("visrl", "m004_run_leases"),
+                       ("visrl", "m005_job_start_step")]
     # Applying again (another process opening the file) changes nothing and records nothing.
     migrations.apply(store.db)
-    assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 4
+    assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 5
     assert migrations.pending(store.db) == []
     # A second Store on the same file sees the same database.
-    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 4
+    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 5
 
 
 def test_schema_tables_and_columns(store: Store) -> None:

@@ -222,3 +222,12 @@ def m004_run_leases(db: Database) -> None:
          "started_at": str, "job_id": int},
         pk="key", not_null={"pid", "host", "started_at"},
     )
+
+
+@migrations()
+def m005_job_start_step(db: Database) -> None:
+    # The step a job's run started at: 0 from scratch, N when it resumed from checkpoint-N. A
+    # resumed job logs from N on; its curve is the run it continues up to N, then its own points.
+    # Guessing from the first logged step failed when the resumed part logged no point at all
+    # (an 8-step run stopped at 6 and resumed logs nothing before its end: no curve shown).
+    db["jobs"].add_column("start_step", int)

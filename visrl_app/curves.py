@@ -46,27 +46,40 @@ def _config(job: dict[str, Any]) -> dict[str, Any]:
 def resumed_points(ctx: AppContext, job_id: int, contains: str = "loss") -> list[dict[str, Any]]:
     """``job_id``'s points, preceded by those of the earlier jobs it resumed (oldest first).
 
-    A job resumed when its first logged step is past its ``logging_steps``; the job before it
-    into the same output folder contributes its points below that step, and so on back.
+    A job that resumed from checkpoint-N (its ``start_step``, written when training begins)
+    continues the newest earlier job into the same output folder that reached step N: that
+    job's curve up to N (itself joined the same way), then this job's points, which may be none.
     """
-    points = _points(ctx, job_id, contains)
     job = ctx.store.job(job_id)
-    if job["kind"] != "train" or not points:
+    points = _points(ctx, job_id, contains)
+    if job["kind"] != "train":
         return points
+    start = _start_step(job, points)
+    earlier = _continued_job(ctx, job, start) if start else None
+    if earlier is None:
+        return points
+    return [p for p in resumed_points(ctx, earlier["id"], contains) if p["step"] <= start] + points
+
+
+def _start_step(job: dict[str, Any], points: list[dict[str, Any]]) -> int:
+    """The step ``job`` started at; for a row older than ``start_step``, a guess: it resumed at
+    the step before its first logged one when that is past its first logging step."""
+    if job.get("start_step") is not None:
+        return int(job["start_step"])
+    logging = _config(job).get("logging_steps") or 1
+    first = min((p["step"] for p in points), default=0)
+    return first - 1 if first > logging else 0
+
+
+def _continued_job(ctx: AppContext, job: dict[str, Any], start: int) -> dict[str, Any] | None:
+    """The newest train job before ``job`` into the same output folder that got to ``start``."""
     root = ctx.root
     target = jobs.job_target("train", _config(job), root)
-    earlier = [j for j in ctx.store.jobs(limit=200, kind="train")
-               if j["id"] < job_id and jobs.job_target("train", _config(j), root) == target]
-    first, logging = min(p["step"] for p in points), _config(job).get("logging_steps") or 1
-    for prev in earlier:  # newest first
-        if target is None or first <= logging:
-            break  # this part started from scratch
-        before = _points(ctx, prev["id"], contains, before=first)
-        if not before:
-            break
-        points = before + points
-        first, logging = min(p["step"] for p in before), _config(prev).get("logging_steps") or 1
-    return points
+    if target is None:
+        return None
+    return next((j for j in ctx.store.jobs(limit=200, kind="train")  # newest first
+                 if j["id"] < job["id"] and (j["step"] or 0) >= start
+                 and jobs.job_target("train", _config(j), root) == target), None)
 
 
 def loss_frame(ctx: AppContext, job_id: int | None, overlay: Sequence[int] = (),
