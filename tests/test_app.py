@@ -376,7 +376,8 @@ def test_train_recipe_validation(ctx: Any) -> None:
     with pytest.warns(UserWarning, match=r"no dataset named 'demo' \(datasets: shapes\)"):
         train_tab.validate(ctx, stage, text)
     text = text.replace("dataset: demo", "dataset: shapes")
-    assert train_tab.validate(ctx, stage, text) == "✅ valid train recipe · writes `models/tiny-demo-sft`"
+    assert train_tab.validate(ctx, stage, text) == (
+        "✅ valid train recipe · writes `models/tiny-demo-sft` · starts from scratch")
     with pytest.warns(UserWarning, match="unknown key.*lerning_rate"):
         verdict = train_tab.validate(ctx, stage, text + "\nlerning_rate: 0.1\n")
     assert verdict.startswith("train recipe: unknown key(s) lerning_rate")  # no temporary file's path
@@ -617,12 +618,12 @@ def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
 
     text = "stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/out\ndataset: shapes\nmax_steps: 2\n"
     with pytest.warns(UserWarning, match="model_name_or_path 'models/base': model 'models/base' not found"):
-        assert train_tab.start_training(ctx, None, "sft", text) is None
+        assert train_tab.start_training(ctx, None, "sft", text)[0] is None
     assert ctx.store.jobs() == []  # refused before a row or a process
     model_folder(ctx, "base")
     text = text.replace("dataset: shapes", "dataset: shapes\nsplit: holdout")  # passes checks, fails in the child
-    job_id = train_tab.start_training(ctx, None, "sft", text)
-    assert isinstance(job_id, int)
+    job_id, asked, _ = train_tab.start_training(ctx, None, "sft", text)
+    assert isinstance(job_id, int) and not asked.visible
     job = ctx.store.job(job_id)
     assert Path(job["config_path"]).read_text() == text
     assert Path(job["config_path"]).parent == ctx.root / "runs" / "app-configs"
@@ -636,7 +637,7 @@ def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
     assert "-m visrl train" in log.splitlines()[0]  # the log starts with the command it ran
     assert history[0][:4] == [job_id, "train", "sft", "failed"]
     with pytest.warns(UserWarning, match="unknown key"):
-        assert train_tab.start_training(ctx, job_id, "sft", text + "bogus: 1\n") == job_id
+        assert train_tab.start_training(ctx, job_id, "sft", text + "bogus: 1\n")[0] == job_id
     from visrl import jobs
 
     while jobs.process_state(job["pid"], job["started_at"])[0] and time.monotonic() < deadline:

@@ -26,6 +26,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 SHARED_SCREENS = Path("/tmp/visrl-screens")
+SIZES = ((1440, 900), (1024, 768))  # viewports the screenshots are looked at in (issue 19)
 
 if not Path(CHROMIUM).is_file():
     # scripts/setup.sh installs it; in CI a missing browser is a failure, not a reason to skip.
@@ -358,6 +359,53 @@ def test_live_loss_chart_draws_the_logged_points_within_one_poll(app: dict[str, 
             assert "linear scale" in chart["y"]["label"] and "linear scale" in chart["x"]["label"], chart
             assert float(chart["y"]["labels"][0]) == 0.0  # numeric, from 0, smallest at the bottom
             assert chart["y"]["at"][0][1] > chart["y"]["at"][-1][1]
-        screenshot(page, "train-live-chart", app["root"])
+        for width, height in SIZES:
+            page.set_viewport_size({"width": width, "height": height})
+            time.sleep(1.0)
+            screenshot(page, f"train-running-{width}x{height}", app["root"])
     finally:
         store.update_job(job, status="stopped", ended_at=now())
+
+
+def test_train_tab_shows_the_watched_jobs_config_and_asks_before_rerunning_it(app: dict[str, Any],
+                                                                            page: Any) -> None:
+    """After a reload the editor shows the config of the job the panel shows (it showed the
+    stage's recipe file), and Start on that finished run asks instead of "succeeding" at once."""
+    import json
+
+    from visrl.store import now
+
+    root, store = app["root"], store_of(app)
+    (root / "models" / "base").mkdir(parents=True, exist_ok=True)
+    (root / "models" / "base" / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    checkpoint = root / "models" / "finished" / "checkpoint-8"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 8, "max_steps": 8}))
+    recipe = root / "runs" / "app-configs" / "train-finished.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text("stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/finished\n"
+                      "dataset: shapes\nsplit: train\nmax_steps: 8\nlogging_steps: 2\n")
+    job = store.create_job("train", {"stage": "sft", "output_dir": "models/finished", "logging_steps": 2},
+                           config_path=str(recipe), name="sft")
+    store.update_job(job, status="succeeded", step=8, total=8, progress=1.0, start_step=0, ended_at=now())
+    for step in (2, 4, 6, 8):
+        store.add_metrics(job, step, {"loss": 1.0 / step})
+    before = len(store.jobs(kind="train"))
+    page.reload()
+    page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=30_000)
+    page.get_by_role("tab", name="Train").click()
+    wait_for(lambda: "models/finished" in page.locator("#train-config").inner_text(), what="the job's config")
+    assert f"job {job} " in page.locator("#train-progress").inner_text()
+    wait_for(lambda: len(drawn_points(page, "#train-loss")[0]) == 4, timeout=10, what="the job's curve")
+    page.locator("#train-start").click()
+    page.wait_for_selector("#train-finished-question", state="visible", timeout=20_000)
+    assert "already holds a finished run" in page.locator("#train-finished-question").inner_text()
+    page.get_by_text("Job history").click()
+    wait_for(lambda: "100%" in page.locator("#train-history").inner_text(), what="percent in the history")
+    for width, height in SIZES:
+        page.set_viewport_size({"width": width, "height": height})
+        time.sleep(1.0)
+        screenshot(page, f"train-finished-{width}x{height}", root)
+    page.locator("#train-finished-cancel").click()
+    page.wait_for_selector("#train-finished-question", state="hidden", timeout=10_000)
+    assert len(store.jobs(kind="train")) == before  # nothing started
