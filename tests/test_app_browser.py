@@ -312,11 +312,13 @@ def drawn_points(page: Any, selector: str) -> tuple[list[tuple[float, float]], d
     """The (step, value) points of the lines drawn in the plot at ``selector``, inverted through
     its axes' ticks (pixel -> data), and the raw reading. Lines without a stroke are not drawn."""
     chart = page.locator(selector).evaluate(READ_CHART)
-    if not chart or not chart["x"] or not chart["y"] or len(chart["y"]["labels"]) < 2:
+    if not chart or not chart["x"] or not chart["y"] or len(chart["y"]["labels"]) < 2 or not chart["x"]["labels"]:
         return [], chart or {}
 
     def scale(axis: dict[str, Any], coordinate: int) -> Callable[[float], float]:
         (p0, v0), (p1, v1) = [(axis["at"][i][coordinate], float(axis["labels"][i])) for i in (0, -1)]
+        if p1 == p0:  # one tick: a domain of one value (the first point's step)
+            return lambda pixel: v0
         return lambda pixel: v0 + (pixel - p0) * (v1 - v0) / (p1 - p0)
 
     to_step, to_value = scale(chart["x"], 0), scale(chart["y"], 1)

@@ -238,8 +238,9 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
     outputs = [status, bar, log, history, loss, start_button, stop_button, kill_button]
     view = functools.partial(panel_view, ctx, kinds)
     watched = [job_state, overlay]
-    loss.change(curves.recolor, [loss], [loss], api_visibility="undocumented", queue=False,
-                show_progress="hidden")
+    if plot:  # (a hidden plot needs no colours, nor a request at every poll)
+        loss.change(curves.recolor, [loss], [loss], api_visibility="undocumented", queue=False,
+                    show_progress="hidden")
     timer = gr.Timer(POLL_S)
     timer.tick(view, watched, outputs, api_visibility="undocumented", show_progress="hidden")
     overlay.input(view, watched, outputs, api_visibility="undocumented")

@@ -115,8 +115,8 @@ def start_training(ctx: AppContext, job_id: int | None, stage: str, text: str) -
     Returns (watched job, choice row, its question)."""
     question = finished_question(ctx, stage, text)
     if question:
-        return job_id, gr.Row(visible=True), question
-    return _start(ctx, job_id, stage, text), gr.Row(visible=False), ""
+        return job_id, gr.Column(visible=True), question
+    return _start(ctx, job_id, stage, text), gr.Column(visible=False), ""
 
 
 def _start(ctx: AppContext, job_id: int | None, stage: str, text: str) -> int | None:
@@ -137,8 +137,8 @@ def start_changed(ctx: AppContext, how: str, job_id: int | None, stage: str, tex
         text = changed_recipe(ctx, stage, text, how)
     except VisRLError as exc:
         warn(str(exc))
-        return job_id, gr.Row(visible=False), text
-    return _start(ctx, job_id, stage, text), gr.Row(visible=False), text
+        return job_id, gr.Column(visible=False), text
+    return _start(ctx, job_id, stage, text), gr.Column(visible=False), text
 
 
 def stage_of(job: dict[str, Any]) -> str | None:
@@ -210,12 +210,15 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
         check = gr.Button("Validate", elem_id="train-validate", scale=0, min_width=120)
         start_button = gr.Button("Start training", variant="primary", elem_id="train-start", scale=0,
                                  min_width=200)
-    with gr.Row(visible=False, elem_id="train-finished") as finished_row:
+    # The question on a line of its own, the answers below it: beside it, at 1024 px, each
+    # button's label wrapped onto two lines.
+    with gr.Column(visible=False, elem_id="train-finished") as finished_row:
         question = gr.Markdown(elem_id="train-finished-question")
-        fresh = gr.Button("Start fresh in a new folder", variant="primary", elem_id="train-fresh", scale=0,
-                          min_width=220)
-        more = gr.Button("Continue training", elem_id="train-continue", scale=0, min_width=170)
-        cancel = gr.Button("Cancel", elem_id="train-finished-cancel", scale=0, min_width=90)
+        with gr.Row():
+            fresh = gr.Button("Start fresh in a new folder", variant="primary", elem_id="train-fresh", scale=0,
+                              min_width=260)
+            more = gr.Button("Continue training", elem_id="train-continue", scale=0, min_width=200)
+            cancel = gr.Button("Cancel", elem_id="train-finished-cancel", scale=0, min_width=100)
     monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "train", start_button, plot=True)
     history = monitor["outputs"][3]
     # .input, not .change: showing a job's config sets these too, and must not load a file over it.
@@ -228,7 +231,7 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
         button.click(functools.partial(start_changed, ctx, how), [job_state, stage, code],
                      [job_state, finished_row, code], api_visibility="undocumented").then(
             monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
-    cancel.click(lambda: gr.Row(visible=False), None, [finished_row], queue=False, api_visibility="undocumented")
+    cancel.click(lambda: gr.Column(visible=False), None, [finished_row], queue=False, api_visibility="undocumented")
     history.select(watch_selected, [history], [job_state],
                    api_visibility="undocumented").then(
         functools.partial(job_recipe, ctx), [job_state], [stage, recipe, code],
