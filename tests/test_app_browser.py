@@ -302,7 +302,8 @@ READ_CHART = """(root) => {
   };
   const lines = [...svg.querySelectorAll('path[aria-roledescription="line mark"]')].map((p) => ({
     stroke: p.getAttribute('stroke'),
-    points: (p.getAttribute('d') || '').replace(/^M/, '').split('L').filter(Boolean).map((xy) => xy.split(',').map(Number)),
+    // "M x,y L x,y ..." (a one-point line ends in "Z")
+    points: (p.getAttribute('d') || '').split(/[MLZ]/).filter((xy) => xy.includes(',')).map((xy) => xy.split(',').map(Number)),
   }));
   return {x: axis('X'), y: axis('Y'), lines};
 }"""
