@@ -380,7 +380,8 @@ def test_train_recipe_validation(ctx: Any) -> None:
     with pytest.warns(UserWarning, match=r"no dataset named 'demo' \(datasets: shapes\)"):
         train_tab.validate(ctx, stage, text)
     text = text.replace("dataset: demo", "dataset: shapes")
-    assert train_tab.validate(ctx, stage, text) == "✅ valid train recipe · writes `models/tiny-demo-sft`"
+    assert train_tab.validate(ctx, stage, text) == (
+        "✅ valid train recipe · writes `models/tiny-demo-sft` · starts from scratch")
     with pytest.warns(UserWarning, match="unknown key.*lerning_rate"):
         verdict = train_tab.validate(ctx, stage, text + "\nlerning_rate: 0.1\n")
     assert verdict.startswith("train recipe: unknown key(s) lerning_rate")  # no temporary file's path
@@ -439,6 +440,9 @@ def test_job_view_progress_metrics_and_history(ctx: Any) -> None:
     assert frame.to_dict("records") == [{"step": 5, "value": 2.0, "name": "loss"},
                                         {"step": 10, "value": 1.5, "name": "loss"}]
     assert [row[0] for row in history] == [job_id] and log == ""
+    ctx.store.update_job(job_id, status="running", pid=os.getpid(), progress=0.013)
+    [row] = job_panel.job_view(ctx, ("train",), job_id)[3]
+    assert row[job_panel.HISTORY_COLUMNS.index("progress")] == "1%"  # percent, as the bar says
     assert job_panel.latest_job(ctx, ("train",)) == job_id
     assert job_panel.latest_job(ctx, ("eval",)) is None
 
@@ -672,12 +676,12 @@ def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
 
     text = "stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/out\ndataset: shapes\nmax_steps: 2\n"
     with pytest.warns(UserWarning, match="model_name_or_path 'models/base': model 'models/base' not found"):
-        assert train_tab.start_training(ctx, None, "sft", text) is None
+        assert train_tab.start_training(ctx, None, "sft", text)[0] is None
     assert ctx.store.jobs() == []  # refused before a row or a process
     model_folder(ctx, "base")
     text = text.replace("dataset: shapes", "dataset: shapes\nsplit: holdout")  # passes checks, fails in the child
-    job_id = train_tab.start_training(ctx, None, "sft", text)
-    assert isinstance(job_id, int)
+    job_id, asked, _ = train_tab.start_training(ctx, None, "sft", text)
+    assert isinstance(job_id, int) and not asked.visible
     job = ctx.store.job(job_id)
     assert Path(job["config_path"]).read_text() == text
     assert Path(job["config_path"]).parent == ctx.root / "runs" / "app-configs"
@@ -691,7 +695,7 @@ def test_start_from_tab_writes_config_and_watches_the_job(ctx: Any) -> None:
     assert "-m visrl train" in log.splitlines()[0]  # the log starts with the command it ran
     assert history[0][:4] == [job_id, "train", "sft", "failed"]
     with pytest.warns(UserWarning, match="unknown key"):
-        assert train_tab.start_training(ctx, job_id, "sft", text + "bogus: 1\n") == job_id
+        assert train_tab.start_training(ctx, job_id, "sft", text + "bogus: 1\n")[0] == job_id
     from visrl import jobs
 
     while jobs.process_state(job["pid"], job["started_at"])[0] and time.monotonic() < deadline:
@@ -861,6 +865,7 @@ def test_loss_curve_spans_a_resumed_job_and_overlays_runs(ctx: Any) -> None:
     first = ctx.store.create_job("train", config, name="sft")
     for step in (5, 10, 15, 20):
         ctx.store.add_metrics(first, step, {"loss": 2.0 - step / 20})
+    ctx.store.update_job(first, step=20)  # rows from before start_step: the resume is guessed
     other = ctx.store.create_job("train", {"output_dir": "models/other", "logging_steps": 5}, name="dpo")
     ctx.store.add_metrics(other, 5, {"loss": 0.7})
     ctx.store.add_metrics(other, 5, {"train_loss": 0.7})  # the Trainer's end-of-run mean: no curve point
@@ -877,6 +882,118 @@ def test_loss_curve_spans_a_resumed_job_and_overlays_runs(ctx: Any) -> None:
     assert both.to_dict("records") == [{"step": 5, "value": 3.0, "name": f"#{fresh} loss"},
                                        {"step": 5, "value": 0.7, "name": f"#{other} loss"}]
     assert [value for _, value in curves.overlay_choices(ctx)] == [fresh, resumed, other, first]
+
+
+def test_loss_frame_is_numeric_even_before_the_first_point(ctx: Any) -> None:
+    """The browser builds the chart's spec from the first frame it gets (an empty one on a page
+    opened before the job logs): object columns made the axes text and the line invisible."""
+    import gradio as gr
+
+    from visrl_app import curves
+
+    job = ctx.store.create_job("train", {"output_dir": "models/out", "logging_steps": 1}, name="sft")
+    for chart in (curves.loss_frame(ctx, None), curves.loss_frame(ctx, job)):  # nothing logged yet
+        assert chart.empty and {c: str(t) for c, t in chart.dtypes.items()} == {
+            "step": "int64", "value": "float64", "name": "str"}
+        sent = gr.LinePlot(x="step", y="value", color="name").postprocess(chart)
+        assert sent.datatypes == {"step": "quantitative", "value": "quantitative", "name": "nominal"}
+    ctx.store.add_metrics(job, 1, {"loss": 0.1227363348, "learning_rate": 1e-3})
+    ctx.store.add_metrics(job, 2, {"loss": 0.9717247009, "eval_loss": 1.5})
+    chart = curves.loss_frame(ctx, job)
+    assert chart.to_dict("records") == [{"step": 1, "value": 0.1227363348, "name": "loss"},
+                                        {"step": 2, "value": 0.9717247009, "name": "loss"},
+                                        {"step": 2, "value": 1.5, "name": "eval_loss"}]
+    assert {c: str(t) for c, t in chart.dtypes.items()} == {"step": "int64", "value": "float64", "name": "str"}
+    # The colours follow the series the browser shows (its value, as it sends it back).
+    shown = gr.LinePlot(x="step", y="value", color="name").postprocess(chart).model_dump()
+    assert curves.recolor(shown).color_map == {"loss": curves.PALETTE[0], "eval_loss": curves.PALETTE[1]}
+    assert curves.recolor(None).color_map == {}
+
+
+def test_a_resumed_job_that_logged_nothing_shows_the_run_it_continues(ctx: Any) -> None:
+    """An 8-step run (logging every 5) stopped at step 6 and resumed: the resumed part logs no
+    loss point before its end (only the Trainer's summary), and the chart showed nothing."""
+    from visrl_app import curves
+
+    config = {"output_dir": "models/out", "logging_steps": 5, "max_steps": 8}
+    first = ctx.store.create_job("train", config, name="sft")
+    ctx.store.add_metrics(first, 5, {"loss": 0.8})
+    ctx.store.update_job(first, status="stopped", step=6, start_step=0)
+    failed = ctx.store.create_job("train", config, name="sft")  # died while loading: reached no step
+    ctx.store.update_job(failed, status="failed", step=0)
+    resumed = ctx.store.create_job("train", config, name="sft")
+    ctx.store.update_job(resumed, status="succeeded", step=8, start_step=6)
+    ctx.store.add_metrics(resumed, 8, {"train_loss": 0.7})
+    assert curves.loss_frame(ctx, resumed).to_dict("records") == [{"step": 5, "value": 0.8, "name": "loss"}]
+    again = ctx.store.create_job("train", config, name="sft")  # resumed at 8 from the resumed one
+    ctx.store.update_job(again, status="running", step=10, start_step=8)
+    ctx.store.add_metrics(again, 10, {"loss": 0.5})
+    assert curves.loss_frame(ctx, again)["step"].tolist() == [5, 10]
+    fresh = ctx.store.create_job("train", config, name="sft")  # start_step 0: from scratch
+    ctx.store.update_job(fresh, status="running", step=7, start_step=0)
+    ctx.store.add_metrics(fresh, 7, {"loss": 3.0})
+    assert curves.loss_frame(ctx, fresh)["step"].tolist() == [7]
+
+
+def finished_run(ctx: Any, output: str = "models/sft", step: int = 60) -> str:
+    """A recipe whose output folder holds a finished run (checkpoint-60 of max_steps 60)."""
+    import json
+
+    model_folder(ctx, "base")
+    folder = ctx.root / output / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": step}))
+    return (f"stage: sft\nmodel_name_or_path: models/base\noutput_dir: {output}  # the run's folder\n"
+            f"dataset: shapes\nmax_steps: {step}\n")
+
+
+def test_start_asks_before_re_running_a_finished_recipe(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to start, "succeed" in ~10 s at step 61/60 and train nothing, without a word."""
+    from visrl import jobs
+    from visrl_app import train_tab
+
+    started: list[str] = []
+    monkeypatch.setattr(jobs, "start_job", lambda ws, kind, path, name="": started.append(
+        Path(path).read_text()) or len(started))
+    text = finished_run(ctx)
+    with pytest.warns(UserWarning, match="already holds a finished run"):
+        assert "finished run" in train_tab.validate(ctx, "sft", text)
+    job, row, question = train_tab.start_training(ctx, None, "sft", text)
+    assert (job, row.visible, started) == (None, True, [])
+    assert "already holds a finished run" in question and "`models/sft-2`" in question
+    assert "up to step 120" in question
+    job, row, shown = train_tab.start_changed(ctx, "fresh", None, "sft", text)
+    assert (job, row.visible) == (1, False) and started == [shown]
+    assert "output_dir: models/sft-2\n" in shown and "max_steps: 60" in shown  # the editor shows what runs
+    job, row, shown = train_tab.start_changed(ctx, "continue", None, "sft", text)
+    assert job == 2 and "output_dir: models/sft  #" in shown and "max_steps: 120\n" in shown
+    assert train_tab.validate(ctx, "sft", shown).endswith("resumes from checkpoint-60 at step 60 of 120")
+
+
+def test_the_editor_shows_the_config_of_the_job_the_panel_shows(ctx: Any) -> None:
+    """After a reload the editor showed the stage's recipe file while the panel showed (and
+    offered to resume) a job started with another config."""
+    import json
+
+    from visrl_app import train_tab
+
+    recipe = ctx.root / "runs" / "app-configs" / "train-1.yaml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text("stage: dpo\noutput_dir: models/mine  # edited in the app\n")
+    job = ctx.store.create_job("train", {"stage": "dpo", "output_dir": "models/mine"},
+                               config_path=str(recipe), name="dpo")
+    ctx.store.update_job(job, status="stopped")
+    loaded = train_tab.load(ctx)
+    assert loaded[0] == job
+    stage, dropdown, text = loaded[-3:]
+    assert (stage.value, dropdown.value, text) == (
+        "dpo (VisRL stage 1: box step)", str(recipe), recipe.read_text())
+    recipe.unlink()  # gone: the config the job recorded
+    merge = ctx.store.create_job("merge", {"export_dir": "models/m"}, config_path=str(recipe), name="merge")
+    stage, dropdown, text = train_tab.job_recipe(ctx, merge)
+    assert stage.value == "merge LoRA" and json.loads(json.dumps(__import__("yaml").safe_load(text))) == {
+        "export_dir": "models/m"}
+    assert all(isinstance(part, type(train_tab.gr.skip())) for part in train_tab.job_recipe(ctx, None))
 
 
 def test_generate_form_says_nothing_to_do_and_defaults_to_new_items(ctx: Any,

@@ -7,6 +7,7 @@ copied to /tmp/visrl-screens/ for a human to look at.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -25,6 +26,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 SHARED_SCREENS = Path("/tmp/visrl-screens")
+SIZES = ((1440, 900), (1024, 768))  # viewports the screenshots are looked at in (issue 19)
 
 if not Path(CHROMIUM).is_file():
     # scripts/setup.sh installs it; in CI a missing browser is a failure, not a reason to skip.
@@ -283,3 +285,130 @@ def test_chat_shows_focus_box_crop_and_answer(app: dict[str, Any], page: Any,
     page.wait_for_selector("#chat-focus img", timeout=10_000)
     assert page.locator("#chat-box textarea, #chat-box input").first.input_value() == "[0.1, 0.2, 0.5, 0.6]"
     screenshot(page, "chat", app["root"])
+
+
+# The drawn chart, read back from Vega's SVG: each axis's tick positions with their labels, and
+# the vertices of each line mark with its stroke colour (all in the plot's pixel frame).
+READ_CHART = """(root) => {
+  const svg = root.querySelector('svg');
+  if (!svg) return null;
+  const axis = (name) => {
+    const group = svg.querySelector(`g[aria-label^="${name}-axis"]`);
+    if (!group) return null;
+    const at = [...group.querySelectorAll('.role-axis-tick line')].map(
+      (l) => l.getAttribute('transform').match(/translate\\(([-\\d.e]+),([-\\d.e]+)\\)/).slice(1).map(Number));
+    const labels = [...group.querySelectorAll('.role-axis-label text')].map((t) => t.textContent);
+    return {label: group.getAttribute('aria-label'), at, labels};
+  };
+  const lines = [...svg.querySelectorAll('path[aria-roledescription="line mark"]')].map((p) => ({
+    stroke: p.getAttribute('stroke'),
+    // "M x,y L x,y ..." (a one-point line ends in "Z")
+    points: (p.getAttribute('d') || '').split(/[MLZ]/).filter((xy) => xy.includes(',')).map((xy) => xy.split(',').map(Number)),
+  }));
+  return {x: axis('X'), y: axis('Y'), lines};
+}"""
+
+
+def drawn_points(page: Any, selector: str) -> tuple[list[tuple[float, float]], dict[str, Any]]:
+    """The (step, value) points of the lines drawn in the plot at ``selector``, inverted through
+    its axes' ticks (pixel -> data), and the raw reading. Lines without a stroke are not drawn."""
+    chart = page.locator(selector).evaluate(READ_CHART)
+    if not chart or not chart["x"] or not chart["y"] or len(chart["y"]["labels"]) < 2 or not chart["x"]["labels"]:
+        return [], chart or {}
+
+    def scale(axis: dict[str, Any], coordinate: int) -> Callable[[float], float]:
+        (p0, v0), (p1, v1) = [(axis["at"][i][coordinate], float(axis["labels"][i])) for i in (0, -1)]
+        if p1 == p0:  # one tick: a domain of one value (the first point's step)
+            return lambda pixel: v0
+        return lambda pixel: v0 + (pixel - p0) * (v1 - v0) / (p1 - p0)
+
+    to_step, to_value = scale(chart["x"], 0), scale(chart["y"], 1)
+    points = [(to_step(x), to_value(y)) for line in chart["lines"] if line["stroke"] for x, y in line["points"]]
+    return points, chart
+
+
+def drawn_count(page: Any, selector: str, n: int) -> tuple[list[tuple[float, float]], dict[str, Any]] | None:
+    """:func:`drawn_points` once ``n`` points are drawn, else None."""
+    points, chart = drawn_points(page, selector)
+    return (points, chart) if len(points) == n else None
+
+
+def test_live_loss_chart_draws_the_logged_points_within_one_poll(app: dict[str, Any], page: Any) -> None:
+    """A page opened before the job logged anything: each new point is drawn at the next poll, on
+    numeric axes, with the values the job logged (the chart used to list them as text labels
+    on the y axis and draw no line until a reload)."""
+    from visrl.store import now
+    from visrl_app.job_panel import POLL_S
+
+    store = store_of(app)
+    job = store.create_job("train", {"output_dir": "models/live-chart", "logging_steps": 1}, name="sft")
+    # A running job as the app sees it: its row, and a live process (this one) behind it.
+    store.update_job(job, status="running", pid=os.getpid(), started_at=now(), total=40)
+    try:
+        page.reload()
+        page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=30_000)
+        page.get_by_role("tab", name="Train").click()
+        wait_for(lambda: f"job {job} " in page.locator("#train-progress").inner_text(), what="the job watched")
+        time.sleep(POLL_S + 0.5)  # the empty chart is drawn first: the case that broke
+        for step, loss in enumerate((1.25, 0.9, 0.95, 0.5, 0.41), start=1):
+            store.add_metrics(job, step, {"loss": loss, "learning_rate": 1e-3})
+            store.update_job(job, step=step, progress=step / 40)
+            logged = [(r["step"], r["value"]) for r in store.metrics(job) if r["name"] == "loss"]
+            # One poll, plus slack for the request and Vega's redraw on a loaded machine.
+            points, chart = wait_for(functools.partial(drawn_count, page, "#train-loss", len(logged)),
+                                     timeout=POLL_S + 4, what=f"{len(logged)} points drawn")
+            assert [round(s) for s, _ in points] == [s for s, _ in logged]
+            assert [v for _, v in points] == pytest.approx([v for _, v in logged], abs=0.02), chart
+            assert "linear scale" in chart["y"]["label"] and "linear scale" in chart["x"]["label"], chart
+            assert float(chart["y"]["labels"][0]) == 0.0  # numeric, from 0, smallest at the bottom
+            assert chart["y"]["at"][0][1] > chart["y"]["at"][-1][1]
+        for width, height in SIZES:
+            page.set_viewport_size({"width": width, "height": height})
+            time.sleep(1.0)
+            screenshot(page, f"train-running-{width}x{height}", app["root"])
+    finally:
+        store.update_job(job, status="stopped", ended_at=now())
+
+
+def test_train_tab_shows_the_watched_jobs_config_and_asks_before_rerunning_it(app: dict[str, Any],
+                                                                            page: Any) -> None:
+    """After a reload the editor shows the config of the job the panel shows (it showed the
+    stage's recipe file), and Start on that finished run asks instead of "succeeding" at once."""
+    import json
+
+    from visrl.store import now
+
+    root, store = app["root"], store_of(app)
+    (root / "models" / "base").mkdir(parents=True, exist_ok=True)
+    (root / "models" / "base" / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    checkpoint = root / "models" / "finished" / "checkpoint-8"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 8, "max_steps": 8}))
+    recipe = root / "runs" / "app-configs" / "train-finished.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text("stage: sft\nmodel_name_or_path: models/base\noutput_dir: models/finished\n"
+                      "dataset: shapes\nsplit: train\nmax_steps: 8\nlogging_steps: 2\n")
+    job = store.create_job("train", {"stage": "sft", "output_dir": "models/finished", "logging_steps": 2},
+                           config_path=str(recipe), name="sft")
+    store.update_job(job, status="succeeded", step=8, total=8, progress=1.0, start_step=0, ended_at=now())
+    for step in (2, 4, 6, 8):
+        store.add_metrics(job, step, {"loss": 1.0 / step})
+    before = len(store.jobs(kind="train"))
+    page.reload()
+    page.wait_for_selector("#pairs-ticket:has-text(' v')", timeout=30_000)
+    page.get_by_role("tab", name="Train").click()
+    wait_for(lambda: "models/finished" in page.locator("#train-config").inner_text(), what="the job's config")
+    assert f"job {job} " in page.locator("#train-progress").inner_text()
+    wait_for(lambda: len(drawn_points(page, "#train-loss")[0]) == 4, timeout=10, what="the job's curve")
+    page.locator("#train-start").click()
+    page.wait_for_selector("#train-finished-question", state="visible", timeout=20_000)
+    assert "already holds a finished run" in page.locator("#train-finished-question").inner_text()
+    page.get_by_text("Job history").click()
+    wait_for(lambda: "100%" in page.locator("#train-history").inner_text(), what="percent in the history")
+    for width, height in SIZES:
+        page.set_viewport_size({"width": width, "height": height})
+        time.sleep(1.0)
+        screenshot(page, f"train-finished-{width}x{height}", root)
+    page.locator("#train-finished-cancel").click()
+    page.wait_for_selector("#train-finished-question", state="hidden", timeout=10_000)
+    assert len(store.jobs(kind="train")) == before  # nothing started

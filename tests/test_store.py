@@ -88,13 +88,14 @@ def test_wal_and_migrations(store: Store) -> None:
         "SELECT migration_set, name FROM _sqlite_migrations ORDER BY rowid").fetchall()
     assert applied == [("visrl", "m001_initial"), ("visrl", "m002_pair_desk_indexes"),
                        ("visrl", "m003_desk_counts_search_team"), ("visrl", "m004_run_leases"),
-                       ("visrl", "m005_generate_runs"), ("visrl", "m006_pair_decisions_and_stale_scores")]
+                       ("visrl", "m005_generate_runs"), ("visrl", "m006_pair_decisions_and_stale_scores"),
+                       ("visrl", "m007_job_start_step")]
     # Applying again (another process opening the file) changes nothing and records nothing.
     migrations.apply(store.db)
-    assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 6
+    assert store.db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 7
     assert migrations.pending(store.db) == []
     # A second Store on the same file sees the same database.
-    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 6
+    assert Store(store.workspace).db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 7
 
 
 def test_schema_tables_and_columns(store: Store) -> None:

@@ -384,16 +384,35 @@ class StopAfter:
 
     def __init__(self, stop_at: int) -> None:
         self.stop_at, self.stop_requested, self.total, self.steps = stop_at, False, 0, []
+        self.begin: int | None = None
         self.metrics: dict[str, float] = {}
 
     def set_total(self, total: int) -> None:
         self.total = total
+
+    def begin_at(self, step: int, message: str | None = None) -> None:
+        self.begin = step
 
     def update(self, step: int | None = None, metrics: dict[str, float] | None = None,
                message: str | None = None, **_: Any) -> None:
         self.steps.append(step)
         self.metrics.update(metrics or {})
         self.stop_requested = step is not None and step >= self.stop_at
+
+
+def test_a_run_records_the_step_it_started_at(store: Any) -> None:
+    """A resumed job says where it resumed (the app joins its curve to the run it continues)."""
+    from transformers import TrainerControl, TrainerState
+
+    from visrl.progress import Progress
+    from visrl.train.callbacks import ProgressCallback
+
+    for begin, message in ((6, "resumed at step 6"), (0, None)):
+        job = store.create_job("train", {}, name="sft")
+        ProgressCallback(Progress(store, job, bar=False)).on_train_begin(
+            None, TrainerState(global_step=begin, max_steps=8), TrainerControl())
+        row = store.job(job)
+        assert (row["start_step"], row["step"], row["total"], row["message"]) == (begin, begin, 8, message)
 
 
 @pytest.mark.slow
@@ -417,8 +436,9 @@ def test_stop_leaves_a_loadable_checkpoint_and_resume_finishes(
     [record] = store.checkpoints()
     assert record["path"] == "models/stage2/checkpoint-1" and record["stage"] == "visrl"
 
-    second = run.train(cfg, store.workspace, progress=StopAfter(stop_at=99))
-    assert not second.stopped and second.global_step == 3
+    progress = StopAfter(stop_at=99)
+    second = run.train(cfg, store.workspace, progress=progress)
+    assert not second.stopped and second.global_step == 3 and progress.begin == 1
     out = store.workspace.models_dir / "stage2"
     assert (out / "adapter_config.json").is_file()
     final = [c for c in store.checkpoints() if c["path"] == "models/stage2"]

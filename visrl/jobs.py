@@ -133,7 +133,8 @@ def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: 
               name: str = "") -> int:
     """Validate the config and what it needs, create the job row and spawn the stage.
 
-    Returns the job id. Refused (JobError naming it) while another active job writes the same
+    Returns the job id. Refused (JobError naming what to do) for a train recipe whose output
+    already holds a finished run, and while another active job writes the same
     output folder or generation run: the check and the new row are one write transaction, so
     two quick clicks from two tabs cannot both pass.
     """
@@ -149,6 +150,10 @@ def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: 
     store = Store.open(workspace)
     ws = store.workspace
     config = validate_config(kind, config_path, ws)
+    if kind == "train" and not extra_args:  # (extra arguments may change output_dir or max_steps)
+        from visrl.train.plan import check_will_train
+
+        check_will_train(config, ws.root)  # a recipe that would train nothing is said so now
     job_id = create_exclusive_job(store, kind, config, config_path=str(config_path), name=name or kind)
     log_path = ws.run_dir(job_id) / LOG_NAME
     command = build_command(kind, config_path, ws.root, job_id, launcher, extra_args)

@@ -26,6 +26,7 @@ class Progress:
         self.step = 0
         self.stop_requested = False
         self._start = time.monotonic()
+        self._start_step = 0  # steps before it (a resumed run's) took no time of this run
         self._last_write = 0.0
         self._min_interval_s = min_interval_s
         self._bar = None
@@ -56,10 +57,11 @@ class Progress:
             self._bar.refresh()
 
     def eta_s(self) -> float | None:
-        if not self.total or not self.step:
+        done = self.step - self._start_step
+        if not self.total or done <= 0:
             return None
         elapsed = time.monotonic() - self._start
-        return elapsed / self.step * max(0, self.total - self.step)
+        return elapsed / done * max(0, self.total - self.step)
 
     def update(self, step: int | None = None, advance: int = 1, metrics: dict[str, float] | None = None,
                message: str | None = None, force: bool = False) -> None:
@@ -78,6 +80,15 @@ class Progress:
         if force or metrics or now_s - self._last_write >= self._min_interval_s or self.step >= self.total > 0:
             self._write(message)
             self._last_write = now_s
+
+    def begin_at(self, step: int, message: str | None = None) -> None:
+        """Start counting at ``step``: 0 for a run from scratch, N for one resumed from a
+        checkpoint of step N. Recorded as the job's ``start_step``, so its loss curve joins the
+        run it continues (the app's ``curves.resumed_points``)."""
+        self._start, self._start_step = time.monotonic(), step
+        self.update(step=step, advance=0, message=message, force=True)
+        if self.in_job:
+            self.store.update_job(self.job_id, start_step=step)
 
     def message(self, text: str) -> None:
         if self._bar is not None:

@@ -282,3 +282,12 @@ def m006_pair_decisions_and_stale_scores(db: Database) -> None:
             ON CONFLICT (reviewer, status) DO UPDATE SET n = n + 1;
         END;
     """)
+
+
+@migrations()
+def m007_job_start_step(db: Database) -> None:
+    # The step a job's run started at: 0 from scratch, N when it resumed from checkpoint-N. A
+    # resumed job logs from N on; its curve is the run it continues up to N, then its own points.
+    # Guessing from the first logged step failed when the resumed part logged no point at all
+    # (an 8-step run stopped at 6 and resumed logs nothing before its end: no curve shown).
+    db["jobs"].add_column("start_step", int)

@@ -17,9 +17,16 @@ from visrl.errors import VisRLError
 from visrl_app.context import AppContext
 
 COLUMNS = ["step", "value", "name"]
+# The chart's vega spec is built once, from the types of the FIRST frame it gets, and later frames
+# only swap the data (gradio 6.31's NativePlot). An empty frame has object columns, which gradio
+# calls "nominal": a page opened before any point was logged drew no line and listed the losses
+# as text labels on the y axis. Every frame, empty or not, carries these types.
+DTYPES = {"step": "int64", "value": "float64", "name": "str"}
 # The Trainer's end-of-run summary: the mean loss of the whole run, logged once at the last step.
 # It is no point of the curve (drawn, it was a lone one-point series beside the real one).
 SUMMARY_METRICS = frozenset({"train_loss"})
+# Series colours, in order of first appearance (gradio's own accent first).
+PALETTE = ("#f97316", "#3b82f6", "#22c55e", "#a855f7", "#ef4444", "#14b8a6", "#eab308", "#64748b")
 
 
 def _points(ctx: AppContext, job_id: int, contains: str, before: float = float("inf")) -> list[dict[str, Any]]:
@@ -39,27 +46,40 @@ def _config(job: dict[str, Any]) -> dict[str, Any]:
 def resumed_points(ctx: AppContext, job_id: int, contains: str = "loss") -> list[dict[str, Any]]:
     """``job_id``'s points, preceded by those of the earlier jobs it resumed (oldest first).
 
-    A job resumed when its first logged step is past its ``logging_steps``; the job before it
-    into the same output folder contributes its points below that step, and so on back.
+    A job that resumed from checkpoint-N (its ``start_step``, written when training begins)
+    continues the newest earlier job into the same output folder that reached step N: that
+    job's curve up to N (itself joined the same way), then this job's points, which may be none.
     """
-    points = _points(ctx, job_id, contains)
     job = ctx.store.job(job_id)
-    if job["kind"] != "train" or not points:
+    points = _points(ctx, job_id, contains)
+    if job["kind"] != "train":
         return points
+    start = _start_step(job, points)
+    earlier = _continued_job(ctx, job, start) if start else None
+    if earlier is None:
+        return points
+    return [p for p in resumed_points(ctx, earlier["id"], contains) if p["step"] <= start] + points
+
+
+def _start_step(job: dict[str, Any], points: list[dict[str, Any]]) -> int:
+    """The step ``job`` started at; for a row older than ``start_step``, a guess: it resumed at
+    the step before its first logged one when that is past its first logging step."""
+    if job.get("start_step") is not None:
+        return int(job["start_step"])
+    logging = _config(job).get("logging_steps") or 1
+    first = min((p["step"] for p in points), default=0)
+    return first - 1 if first > logging else 0
+
+
+def _continued_job(ctx: AppContext, job: dict[str, Any], start: int) -> dict[str, Any] | None:
+    """The newest train job before ``job`` into the same output folder that got to ``start``."""
     root = ctx.root
     target = jobs.job_target("train", _config(job), root)
-    earlier = [j for j in ctx.store.jobs(limit=200, kind="train")
-               if j["id"] < job_id and jobs.job_target("train", _config(j), root) == target]
-    first, logging = min(p["step"] for p in points), _config(job).get("logging_steps") or 1
-    for prev in earlier:  # newest first
-        if target is None or first <= logging:
-            break  # this part started from scratch
-        before = _points(ctx, prev["id"], contains, before=first)
-        if not before:
-            break
-        points = before + points
-        first, logging = min(p["step"] for p in before), _config(prev).get("logging_steps") or 1
-    return points
+    if target is None:
+        return None
+    return next((j for j in ctx.store.jobs(limit=200, kind="train")  # newest first
+                 if j["id"] < job["id"] and (j["step"] or 0) >= start
+                 and jobs.job_target("train", _config(j), root) == target), None)
 
 
 def loss_frame(ctx: AppContext, job_id: int | None, overlay: Sequence[int] = (),
@@ -69,8 +89,6 @@ def loss_frame(ctx: AppContext, job_id: int | None, overlay: Sequence[int] = (),
     Without overlays the names are the metric names (``loss``, ``eval_loss``); with them each
     is prefixed ``#id`` so the legend tells runs apart.
     """
-    import pandas as pd  # gradio depends on pandas; imported here to keep start-up lean
-
     shown = [job_id] if job_id is not None else []
     shown += [int(j) for j in overlay or () if j is not None and int(j) not in shown]
     rows: list[dict[str, Any]] = []
@@ -82,7 +100,38 @@ def loss_frame(ctx: AppContext, job_id: int | None, overlay: Sequence[int] = (),
         if len(shown) > 1:
             points = [{**p, "name": f"#{j} {p['name']}"} for p in points]
         rows += points
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return frame(rows)
+
+
+def frame(rows: Sequence[dict[str, Any]]) -> Any:
+    """``rows`` of (step, value, name) as the chart's frame, with :data:`DTYPES` even when empty."""
+    import pandas as pd  # gradio depends on pandas; imported here to keep start-up lean
+
+    return pd.DataFrame({column: pd.Series([row[column] for row in rows], dtype=dtype)
+                         for column, dtype in DTYPES.items()})
+
+
+def color_map(names: Sequence[str]) -> dict[str, str]:
+    """A colour per series name, in order of first appearance."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(dict.fromkeys(names))}
+
+
+def recolor(shown: Any) -> Any:
+    """The plot's colour map for the series it shows now (``shown``: its value as the browser
+    sends it back, columns and rows).
+
+    The browser builds the chart's spec, colour scale included, from the props it has when the
+    spec is (re)built, and a new frame only swaps the data: a series first named after that (the
+    first logged point of a running job, an overlaid run) had no colour and drew no line. A
+    changed map makes it rebuild the spec. This runs on the plot's change event, after the new
+    frame is in place: a map sent with the frame rebuilt the spec from the previous frame.
+    """
+    import gradio as gr
+
+    shown = shown.model_dump() if hasattr(shown, "model_dump") else shown or {}
+    columns, rows = shown.get("columns") or [], shown.get("data") or []
+    at = columns.index("name") if "name" in columns else None
+    return gr.LinePlot(color_map=color_map([row[at] for row in rows] if at is not None else []))
 
 
 def overlay_choices(ctx: AppContext) -> list[tuple[str, int]]:

@@ -87,13 +87,16 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def done_fraction(job: dict[str, Any]) -> float:
+    """How much of ``job`` is done, 0-1 (a succeeded job is done, whatever its last step said)."""
+    return 1.0 if job["status"] == "succeeded" else float(job.get("progress") or 0.0)
+
+
 def progress_html(job: dict[str, Any] | None) -> str:
     """A progress bar with step, percentage and ETA (the job's ``eta_s`` as its Progress wrote it)."""
     if job is None:
         return "<div class='visrl-progress'>No job yet.</div>"
-    fraction = float(job.get("progress") or 0.0)
-    if job["status"] == "succeeded":
-        fraction = 1.0
+    fraction = done_fraction(job)
     step, total = job.get("step") or 0, job.get("total") or 0
     steps = f"step {step}/{total}" if total else f"step {step}"
     eta = f" · ETA {_duration(job.get('eta_s'))}" if job["status"] in jobs.ACTIVE and job.get("eta_s") else ""
@@ -116,7 +119,7 @@ def status_markdown(job: dict[str, Any] | None) -> str:
 
 def history_rows(ctx: AppContext, kinds: tuple[str, ...]) -> list[list[Any]]:
     jobs.refresh_jobs(ctx.store)
-    return [[j["id"], j["kind"], j["name"], j["status"], round(float(j.get("progress") or 0.0), 3),
+    return [[j["id"], j["kind"], j["name"], j["status"], f"{done_fraction(j):.0%}",
              j["created_at"], j.get("ended_at") or "", (j.get("message") or "").splitlines()[0][:120]
              if j.get("message") else ""]
             for j in ctx.store.jobs(limit=50) if j["kind"] in kinds]
@@ -222,8 +225,9 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
         cancel = gr.Button("Cancel", elem_id=f"{prefix}-kill-cancel", scale=0, min_width=90)
     with gr.Row(visible=plot):
         # From 0: on an axis fitted to the data, a loss going 1.27 -> 1.00 (-21 %) looked like a fall to nothing.
-        loss = gr.LinePlot(curves.loss_frame(ctx, None), x="step", y="value", color="name", title="Loss",
-                           elem_id=f"{prefix}-loss", height=260, scale=4, y_lim=[0, None])
+        empty = curves.loss_frame(ctx, None)
+        loss = gr.LinePlot(empty, x="step", y="value", color="name", title="Loss", elem_id=f"{prefix}-loss",
+                           height=260, scale=4, y_lim=[0, None], color_map=curves.color_map([]))
         overlay = gr.Dropdown(curves.overlay_choices(ctx) if plot else [], multiselect=True, value=[],
                               label="Overlay runs", elem_id=f"{prefix}-overlay", scale=1, min_width=180)
     log = gr.Textbox(label="Log (tail)", lines=12, max_lines=12, autoscroll=True,
@@ -234,6 +238,9 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
     outputs = [status, bar, log, history, loss, start_button, stop_button, kill_button]
     view = functools.partial(panel_view, ctx, kinds)
     watched = [job_state, overlay]
+    if plot:  # (a hidden plot needs no colours, nor a request at every poll)
+        loss.change(curves.recolor, [loss], [loss], api_visibility="undocumented", queue=False,
+                    show_progress="hidden")
     timer = gr.Timer(POLL_S)
     timer.tick(view, watched, outputs, api_visibility="undocumented", show_progress="hidden")
     overlay.input(view, watched, outputs, api_visibility="undocumented")
@@ -254,12 +261,13 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
 
 
 def wire_start(start_button: gr.Button, start_fn: Any, inputs: list[Any], job_state: gr.State,
-               monitor: dict[str, Any]) -> None:
-    """Start button: disabled at once (a double click sends one start), then ``start_fn``,
-    then the panel shows the new job (and enables Start again if nothing runs)."""
+               monitor: dict[str, Any], outputs: Sequence[Any] = ()) -> None:
+    """Start button: disabled at once (a double click sends one start), then ``start_fn``
+    (returning the job to watch, then one value per extra ``outputs``), then the panel shows
+    the new job (and enables Start again if nothing runs)."""
     start_button.click(lambda: gr.Button(interactive=False), None, [start_button], queue=False,
                        api_visibility="undocumented").then(
-        start_fn, inputs, [job_state], api_visibility="undocumented").then(
+        start_fn, inputs, [job_state, *outputs], api_visibility="undocumented").then(
         monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
 
 

@@ -10,13 +10,17 @@ come from the store, so a reloaded page finds a running job again.
 from __future__ import annotations
 
 import functools
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import yaml
 
 from visrl import jobs
 from visrl.errors import VisRLError
+from visrl.train import plan as train_plan
 from visrl_app import job_panel
 from visrl_app.context import AppContext, warn
 
@@ -55,13 +59,67 @@ def validate(ctx: AppContext, stage: str, text: str) -> str:
         config = job_panel.check(ctx, kind, text)
     except VisRLError as exc:
         return warn(str(exc))
+    if kind == "train":
+        try:
+            train_plan.check_will_train(config, ctx.root)
+        except VisRLError as exc:
+            return warn(str(exc))
     gr.Info("the recipe is valid")
     output = jobs.job_target(kind, config, ctx.root)
-    return f"✅ valid {kind} recipe" + (f" · writes `{ctx.workspace.relative(output)}`"
-                                       if output and ctx.workspace.contains(output) else "")
+    writes = f" · writes `{ctx.workspace.relative(output)}`" if output and ctx.workspace.contains(output) else ""
+    return f"✅ valid {kind} recipe{writes}" + (
+        f" · {train_plan.plan_run(config, ctx.root).describe()}" if kind == "train" else "")
 
 
-def start_training(ctx: AppContext, job_id: int | None, stage: str, text: str) -> int | None:
+def finished_question(ctx: AppContext, stage: str, text: str) -> str | None:
+    """What to ask before starting ``text`` when its output already holds a finished run (it
+    would train nothing), else None. An invalid recipe is left to the start's own checks."""
+    kind = STAGES[stage][0]
+    if kind != "train":
+        return None
+    try:
+        config = job_panel.check(ctx, kind, text)
+    except VisRLError:
+        return None
+    run = train_plan.plan_run(config, ctx.root)
+    if not run.finished:
+        return None
+    steps = train_plan.continued(config, run)["max_steps"]
+    return (f"**`{config['output_dir']}` already holds a finished run** ({run.checkpoint.name if run.checkpoint else ''}, "
+            f"step {run.start_step} of {run.max_steps}): starting it again would train nothing. "
+            f"**Start fresh** writes to `{train_plan.fresh_output(config, ctx.root)}`; **continue training** "
+            f"resumes from step {run.start_step} up to step {steps} (max_steps {steps}).")
+
+
+def set_key(text: str, key: str, value: Any) -> str:
+    """``text`` (a YAML recipe) with top-level ``key`` set to ``value``; the rest, comments
+    included, as it was. The new line says what changed, so the editor shows what runs."""
+    line = f"{key}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+    pattern = re.compile(rf"^{re.escape(key)}\s*:.*$", re.MULTILINE)
+    if pattern.search(text):
+        return pattern.sub(lambda _: line, text, count=1)
+    return text.rstrip("\n") + f"\n{line}\n"
+
+
+def changed_recipe(ctx: AppContext, stage: str, text: str, how: str) -> str:
+    """``text`` made to train something: ``fresh`` = into the next free folder, ``continue`` =
+    from its last checkpoint for as many steps again."""
+    config = job_panel.check(ctx, STAGES[stage][0], text)
+    if how == "fresh":
+        return set_key(text, "output_dir", train_plan.fresh_output(config, ctx.root))
+    return set_key(text, "max_steps", train_plan.continued(config, train_plan.plan_run(config, ctx.root))["max_steps"])
+
+
+def start_training(ctx: AppContext, job_id: int | None, stage: str, text: str) -> tuple[Any, ...]:
+    """Start the recipe, unless its output holds a finished run: then ask (the choice row).
+    Returns (watched job, choice row, its question)."""
+    question = finished_question(ctx, stage, text)
+    if question:
+        return job_id, gr.Column(visible=True), question
+    return _start(ctx, job_id, stage, text), gr.Column(visible=False), ""
+
+
+def _start(ctx: AppContext, job_id: int | None, stage: str, text: str) -> int | None:
     kind = STAGES[stage][0]
     try:
         new_id = job_panel.start(ctx, kind, text, name=stage.split(" ")[0])
@@ -70,6 +128,62 @@ def start_training(ctx: AppContext, job_id: int | None, stage: str, text: str) -
         return job_id
     gr.Info(f"started {kind} job {new_id}")
     return new_id
+
+
+def start_changed(ctx: AppContext, how: str, job_id: int | None, stage: str, text: str) -> tuple[Any, ...]:
+    """The choice row's answer: start the recipe changed ``how`` (``fresh`` / ``continue``); the
+    editor shows the recipe that runs. Returns (watched job, choice row, editor text)."""
+    try:
+        text = changed_recipe(ctx, stage, text, how)
+    except VisRLError as exc:
+        warn(str(exc))
+        return job_id, gr.Column(visible=False), text
+    return _start(ctx, job_id, stage, text), gr.Column(visible=False), text
+
+
+def stage_of(job: dict[str, Any]) -> str | None:
+    """The Stage choice a job was started as (its kind, and a train job's ``stage``)."""
+    config = _job_config(job)
+    for label, (kind, _) in STAGES.items():
+        if kind == job["kind"] and (kind != "train" or label.split(" ")[0] == config.get("stage")):
+            return label
+    return None
+
+
+def _job_config(job: dict[str, Any]) -> dict[str, Any]:
+    try:
+        config = json.loads(job.get("config") or "{}")
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def job_recipe(ctx: AppContext, job_id: int | None) -> tuple[Any, Any, Any]:
+    """(stage, recipe, editor) showing the config of the job the panel shows: its recipe file
+    as it was started, else its recorded config. Unchanged when no job is shown."""
+    job = None
+    if job_id is not None:
+        try:
+            job = ctx.store.job(job_id)
+        except VisRLError:
+            job = None
+    if job is None or job["kind"] not in KINDS:
+        return gr.skip(), gr.skip(), gr.skip()
+    path = Path(job.get("config_path") or "")
+    path = path if path.is_absolute() else ctx.root / path
+    text = (path.read_text(encoding="utf-8") if job.get("config_path") and path.is_file()
+            else yaml.safe_dump(_job_config(job), sort_keys=False))
+    stage = stage_of(job)
+    files = recipe_files(ctx, stage) if stage else []
+    shown = str(path) if job.get("config_path") else None
+    return (gr.Radio(value=stage) if stage else gr.skip(),
+            gr.Dropdown(choices=files + ([shown] if shown and shown not in files else []), value=shown), text)
+
+
+def load(ctx: AppContext) -> tuple[Any, ...]:
+    """On page load: the newest job of the tab, and its config in the editor."""
+    watched = job_panel.load_latest(ctx, KINDS)
+    return (*watched, *job_recipe(ctx, watched[0]))
 
 
 def watch_selected(rows: Any, evt: gr.SelectData) -> int | None:
@@ -96,15 +210,32 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
         check = gr.Button("Validate", elem_id="train-validate", scale=0, min_width=120)
         start_button = gr.Button("Start training", variant="primary", elem_id="train-start", scale=0,
                                  min_width=200)
+    # The question on a line of its own, the answers below it: beside it, at 1024 px, each
+    # button's label wrapped onto two lines.
+    with gr.Column(visible=False, elem_id="train-finished") as finished_row:
+        question = gr.Markdown(elem_id="train-finished-question")
+        with gr.Row():
+            fresh = gr.Button("Start fresh in a new folder", variant="primary", elem_id="train-fresh", scale=0,
+                              min_width=260)
+            more = gr.Button("Continue training", elem_id="train-continue", scale=0, min_width=200)
+            cancel = gr.Button("Cancel", elem_id="train-finished-cancel", scale=0, min_width=100)
     monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "train", start_button, plot=True)
     history = monitor["outputs"][3]
-    stage.change(functools.partial(load_recipe, ctx), [stage], [recipe, code], api_visibility="undocumented")
-    recipe.change(read_recipe, [recipe], [code], api_visibility="undocumented")
+    # .input, not .change: showing a job's config sets these too, and must not load a file over it.
+    stage.input(functools.partial(load_recipe, ctx), [stage], [recipe, code], api_visibility="undocumented")
+    recipe.input(read_recipe, [recipe], [code], api_visibility="undocumented")
     check.click(functools.partial(validate, ctx), [stage, code], [verdict], api_visibility="undocumented")
     job_panel.wire_start(start_button, functools.partial(start_training, ctx), [job_state, stage, code],
-                         job_state, monitor)
+                         job_state, monitor, outputs=[finished_row, question])
+    for button, how in ((fresh, "fresh"), (more, "continue")):
+        button.click(functools.partial(start_changed, ctx, how), [job_state, stage, code],
+                     [job_state, finished_row, code], api_visibility="undocumented").then(
+            monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
+    cancel.click(lambda: gr.Column(visible=False), None, [finished_row], queue=False, api_visibility="undocumented")
     history.select(watch_selected, [history], [job_state],
                    api_visibility="undocumented").then(
+        functools.partial(job_recipe, ctx), [job_state], [stage, recipe, code],
+        api_visibility="undocumented").then(
         monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
-    return {"load": functools.partial(job_panel.load_latest, ctx, KINDS), "load_inputs": [],
-            "load_outputs": [job_state, *monitor["outputs"]]}
+    return {"load": functools.partial(load, ctx), "load_inputs": [],
+            "load_outputs": [job_state, *monitor["outputs"], stage, recipe, code]}

@@ -11,18 +11,29 @@ from visrl.cli import cli, workspace_option
 @click.argument("config", type=click.Path(dir_okay=False))
 @workspace_option
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (overrides the config).")
+@click.option("--output-dir", default=None, help="Write to this folder (overrides the config's output_dir).")
 @click.option("--job-id", type=int, default=None, hidden=True)
-def train(config: str, workspace: str | None, max_steps: int | None, job_id: int | None) -> None:
+def train(config: str, workspace: str | None, max_steps: int | None, output_dir: str | None,
+          job_id: int | None) -> None:
     """Train a stage (sft, dpo = VisRL stage 1, visrl = stage 2, grpo = online RL) from a YAML CONFIG.
 
     Resumes from the last checkpoint in output_dir (resume_from_checkpoint: auto). A stop
-    (Ctrl-C once, or `visrl jobs stop`) saves a checkpoint after the current step.
+    (Ctrl-C once, or `visrl jobs stop`) saves a checkpoint after the current step. An output_dir
+    that holds a finished run is refused (it would train nothing): --output-dir starts fresh
+    elsewhere, a larger --max-steps continues it.
     """
     from visrl.train import load_train_config
 
     # The config first: a bad value is reported in ~0.3 s, before the store (sqlite-utils, pandas:
     # ~0.9 s) and torch (seconds) are imported.
-    cfg = load_train_config(config, {"max_steps": max_steps} if max_steps else None)
+    overrides = {k: v for k, v in (("max_steps", max_steps), ("output_dir", output_dir)) if v}
+    cfg = load_train_config(config, overrides or None)
+    if job_id is None:  # said as this command's options (a job's child says it as recipe keys)
+        from visrl.config import to_dict
+        from visrl.train.plan import check_will_train
+        from visrl.workspace import Workspace
+
+        check_will_train(to_dict(cfg), Workspace.open(workspace).root, flags=True)
     from visrl.jobs import run_stage
     from visrl.train.run import train as run_train
     result = run_stage(workspace, job_id, f"train {cfg.stage}",

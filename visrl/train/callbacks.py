@@ -30,8 +30,8 @@ class ProgressCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
         self.progress.set_total(state.max_steps)
-        if state.global_step:  # resumed
-            self.progress.update(step=state.global_step, message=f"resumed at step {state.global_step}")
+        self.progress.begin_at(state.global_step,  # > 0: resumed from that step's checkpoint
+                               message=f"resumed at step {state.global_step}" if state.global_step else None)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:

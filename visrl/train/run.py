@@ -13,9 +13,7 @@ rows of the store (the checkpoint). The others return the same :class:`TrainResu
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from visrl.train.data import pair_ids, split_rows, stage_rows, to_dataset
 from visrl.train.grpo import grpo_rows
 from visrl.train.lengths import check_training_rows
 from visrl.train.lora import load_train_model, save_merged_base, training_contract
+from visrl.train.plan import check_will_train, last_complete_checkpoint
 from visrl.workspace import Workspace
 
 
@@ -78,36 +77,18 @@ def resume_checkpoint(cfg: TrainConfig, output_dir: Path, root: Path) -> str | N
     return str(path)
 
 
-def last_complete_checkpoint(output_dir: Path) -> str | None:
-    """The highest ``checkpoint-N`` in ``output_dir`` whose save finished, or None.
-
-    HF Trainer writes ``trainer_state.json`` last in a checkpoint (after weights, optimizer and
-    RNG state), so a folder without a readable one is a save that was killed: skipped, left in
-    place (the resumed run saves that step again into it).
-    """
-    if not output_dir.is_dir():
-        return None
-    steps = sorted(((int(m.group(1)), p) for p in output_dir.iterdir()
-                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
-    for _, path in steps:
-        try:
-            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        return str(path)
-    return None
-
-
 def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
           job_id: int | None = None, progress: Progress | None = None) -> TrainResult:
     """Run ``cfg`` in ``workspace``; returns where the result is (see :class:`TrainResult`).
 
     One run per output folder at a time: a second one gets a JobError ("already running")
-    before any model loads. Under ``accelerate launch`` only rank 0 holds that lease.
+    before any model loads, as does a run whose output already holds a finished run
+    (:func:`visrl.train.plan.check_will_train`). Under ``accelerate launch`` only rank 0 holds that lease.
     """
     store = Store.open(workspace)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return _train(cfg, store, job_id, progress)
+    check_will_train(to_dict(cfg), store.workspace.root)  # a finished run: say so, train nothing
     output_dir = resolve_output(store.workspace.root, cfg.output_dir)
     with store.acquire_lease(f"train:{output_dir.resolve()}", job_id=job_id):
         return _train(cfg, store, job_id, progress)
