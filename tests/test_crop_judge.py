@@ -146,14 +146,16 @@ def bench() -> Any:
 
 
 @pytest.mark.slow
-def test_visrl_arm_generate_reads_no_annotated_box(tmp_path: Path) -> None:
-    """The benchmark's VisRL generate step (policy crop judge) run twice from the same seed, on a
-    workspace with the train items' boxes and on one without: the same rollouts, the same scores."""
+def test_policy_crop_judge_generate_reads_no_annotated_box(tmp_path: Path) -> None:
+    """generate with the policy crop judge, run twice from the same seed, on a workspace with the
+    train items' boxes and on one without: the same rollouts, the same scores."""
     import torch
 
     torch.set_num_threads(1)
     learning = bench()
-    from visrl.demo import create_demo_workspace
+    from visrl.config import load_config
+    from visrl.demo import GENERATE_CONFIG, create_demo_workspace
+    from visrl.generate import GenerateConfig, run_generate
     from visrl.store import Store
 
     data = {"n_train": 3, "n_val": 0, "n_test": 0}
@@ -162,10 +164,13 @@ def test_visrl_arm_generate_reads_no_annotated_box(tmp_path: Path) -> None:
     unboxed = tmp_path / "unboxed"
     withheld = learning.strip_boxes(unboxed, "train")
     assert len(withheld) == 3 and all(i["gt_box"] is None for i in Store.open(unboxed).items("demo", "train"))
+    cfg = load_config(GenerateConfig, GENERATE_CONFIG, {
+        "model_name_or_path": "models/tiny-demo", "adapter_name_or_path": None, "limit": 2, "attempts": 3,
+        "crop_judge": "policy", "judge_model": "models/tiny-demo", "min_parse_rate": 0.0, "seed": 0})
     scores = []
     for ws in (boxed, unboxed):
         torch.manual_seed(0)
-        learning.generate_pairs(ws, "models/tiny-demo", 2, seed=0, crop_judge="policy")
+        run_generate(ws, cfg)
         rows = Store.open(ws).rollouts()
         scores.append({(r["item_id"], r["attempt"], r["kind"]): (r["box_text"], r["crop_score"], r["answer_score"])
                        for r in rows})

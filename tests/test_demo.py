@@ -56,7 +56,7 @@ def test_demo_workspace_contents(tmp_path: Path, fake_model: Path, generate_call
     assert store.stats()["datasets"]["demo"]["items"] == {"test": 2, "train": 4, "val": 1}
     assert store.dataset("demo")["source"] == "visrl.synthetic (demo)"
     item = store.items("demo", "train")[0]
-    assert item["question"].startswith("What") and store.item_box(item) is not None
+    assert "pattern" in item["question"] and store.item_box(item) is not None
     assert (root / item["image"]).is_file()
     assert (root / "models" / "tiny-demo" / "model.safetensors").read_bytes() == b"weights"
     [checkpoint] = store.checkpoints()
