@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's visrl
+from bench_stage2 import StepTimer  # noqa: E402  (beside this script; stdlib-only at import)
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_smoke.json"
 RECIPE_MAX_PIXELS = 1280 * 28 * 28  # configs/train_*.yaml image_max_pixels: 1280 visual tokens
 PHOTO = (1280, 960)  # px; under the budget: smart_resize to 1148x840 -> 41x30 = 1230 tokens
@@ -88,28 +89,6 @@ def make_rows(n: int, size: tuple[int, int]) -> dict[str, list[dict[str, Any]]]:
             "rejected_answer_images": [full, wrong], "rejected_answer_prompt": answer_prompt(question, bad),
             "rejected_answer": assistant("blue")})
     return rows
-
-
-class StepTimer:
-    """A TrainerCallback keeping the wall time between consecutive step ends."""
-
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class _Callback(TrainerCallback):
-            def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-                timer.last = time.perf_counter()
-
-            def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-                now = time.perf_counter()
-                timer.times.append(now - timer.last)
-                timer.last = now
-
-        self.times: list[float] = []
-        self.last = 0.0
-        self.callback = _Callback()
 
 
 def peak_memory_mb(cuda: bool) -> float:
