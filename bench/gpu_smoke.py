@@ -43,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's visrl
 from bench_stage2 import StepTimer  # noqa: E402  (beside this script; stdlib-only at import)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_smoke.json"
 RECIPE_MAX_PIXELS = 1280 * 28 * 28  # configs/train_*.yaml image_max_pixels: 1280 visual tokens
 PHOTO = (1280, 960)  # px; under the budget: smart_resize to 1148x840 -> 41x30 = 1230 tokens
