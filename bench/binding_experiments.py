@@ -27,7 +27,8 @@ RESULTS = ROOT / "bench" / "results"
 TASK = ["data.min_objects=3", "data.max_objects=3", "data.distinct_details=true"]
 COMMON = ["batch_size=16", "threads=1", "n_eval=100", "data_split=train"]
 # name -> (what it tests, minutes, --set overrides). init: the weights shipped before issue 17 (they
-# localise objects and read crops, but pick the named object at chance), kept as data/demo-base.
+# localise objects and read crops, but pick the named object at chance), kept as data/demo-base;
+# the scratch arms set init_from=null (a random Qwen3-VL of the config's sizes, seed 0).
 ARMS: dict[str, tuple[str, float, list[str]]] = {
     "base": ("continued from the base weights, the shipped recipe (lr 5e-4)", 12,
              ["learning_rate=5e-4", "warmup_steps=20", "eval_every=100", "save_every=100"]),
@@ -47,6 +48,13 @@ ARMS: dict[str, tuple[str, float, list[str]]] = {
                    ["learning_rate=1e-3", "warmup_steps=50", "eval_every=250", "save_every=200",
                     "binding_weight=10", "name_fraction=0.4", "box_fraction=0.6", "direct_fraction=0.0",
                     "question_first=true"]),
+    "scratch-qfirst": ("from a random start, question first: 50% box rows, 10% direct, lr 1e-3, x10", 28,
+                       ["init_from=null", "learning_rate=1e-3", "warmup_steps=50", "eval_every=250",
+                        "save_every=200", "binding_weight=10", "box_fraction=0.5", "direct_fraction=0.1",
+                        "question_first=true"]),
+    "scratch-ifirst": ("the same from the same random start, image first", 28,
+                       ["init_from=null", "learning_rate=1e-3", "warmup_steps=50", "eval_every=250",
+                        "save_every=200", "binding_weight=10", "box_fraction=0.5", "direct_fraction=0.1"]),
     "long-bw30": ("box-heavy rows, lr 2e-3, leading digits x30 (stopped at step ~600)", 55,
                   ["learning_rate=2e-3", "warmup_steps=50", "eval_every=250", "save_every=200",
                    "binding_weight=30", "box_fraction=0.6", "direct_fraction=0.1"]),
