@@ -53,3 +53,29 @@ def browser() -> Iterator[Any]:
             yield chromium
         finally:
             chromium.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The "test" preset tiny model, loaded once per test module (serve and abuse tests)."""
+    import torch
+
+    from visrl.models import load_model
+    from visrl.tiny import build_tiny_model
+
+    torch.set_num_threads(1)
+    return load_model(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", preset="test"), device="cpu")
+
+
+def load_script(relative: str, name: str) -> Any:
+    """A script of this repository that is not a package module (``bench/learning.py``,
+    ``scripts/train_demo_model.py``) imported as module ``name``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relative)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module

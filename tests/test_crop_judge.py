@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_script
 from PIL import Image
 
 from visrl.boxes import Box, crop_box
@@ -137,12 +136,7 @@ def test_policy_judge_scores_a_crop_that_shows_the_object_above_one_that_does_no
 
 
 def bench() -> Any:
-    spec = importlib.util.spec_from_file_location("learning_bench", ROOT / "bench" / "learning.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/learning.py", "learning_bench")
 
 
 @pytest.mark.slow

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "data" / "demo-model"
@@ -16,12 +15,7 @@ MODEL = ROOT / "data" / "demo-model"
 
 def recipe() -> Any:
     """scripts/train_demo_model.py as a module (its evaluate_model is the card's evaluation)."""
-    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/train_demo_model.py", "train_demo_model")
 
 
 def load(path: Path) -> tuple[Any, Any]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import load_script
 from PIL import Image
 
 import visrl.demo as demo
@@ -27,12 +26,7 @@ N_ITEMS = 6
 
 @pytest.fixture(scope="module")
 def bench() -> Any:
-    spec = importlib.util.spec_from_file_location("learning_bench", ROOT / "bench" / "learning.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/learning.py", "learning_bench")
 
 
 def _key(image: Image.Image) -> str:

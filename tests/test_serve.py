@@ -296,17 +296,6 @@ def test_bad_configs(tmp_path: Path, data: str, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_loaded(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    import torch
-
-    from visrl.models import load_model
-    from visrl.tiny import build_tiny_model
-
-    torch.set_num_threads(1)
-    return load_model(build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", preset="test"), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def tiny_client(tiny_loaded: Any) -> Iterator[TestClient]:
     cfg = ServeConfig(model_name_or_path=str(tiny_loaded.path), max_batch_size=4)
     with TestClient(create_app(tiny_loaded, cfg)) as client:
