@@ -181,9 +181,9 @@ class ImageSource:
                     raise fail(f"is {size[0]}x{size[1]} pixels, over the limit of {MAX_IMAGE_PIXELS:,}; "
                                "downscale it before importing")
                 try:  # a progressive JPEG's scans bound its decode work, which the header does not
-                    check_decode_work(image, "it", MAX_IMAGE_PIXELS)
+                    check_decode_work(image, "its markers", MAX_IMAGE_PIXELS)
                 except DataError as exc:
-                    raise fail(f"cannot be imported: {exc}") from None
+                    raise fail(f"is refused before decoding ({exc})") from None
                 image.load()  # the full decode: truncated or corrupt data fails here, not in a run
                 turn = orientation(image)
                 stored = upright_file(image) if turn != 1 else None
