@@ -29,32 +29,25 @@ COMMON = ["batch_size=16", "threads=1", "n_eval=100", "data_split=train"]
 # name -> (what it tests, minutes, --set overrides). init: the weights shipped before issue 17 (they
 # localise objects and read crops, but pick the named object at chance), kept as data/demo-base;
 # the scratch arms set init_from=null (a random Qwen3-VL of the config's sizes, seed 0).
+SHORT = ["learning_rate=5e-4", "warmup_steps=20", "eval_every=100", "save_every=100"]  # 12-minute arms
+LONG = ["learning_rate=1e-3", "warmup_steps=50", "eval_every=250", "save_every=200", "binding_weight=10"]
+NAMES = ["name_fraction=0.4"]
+QFIRST = ["question_first=true"]
 ARMS: dict[str, tuple[str, float, list[str]]] = {
-    "base": ("continued from the base weights, the shipped recipe (lr 5e-4)", 12,
-             ["learning_rate=5e-4", "warmup_steps=20", "eval_every=100", "save_every=100"]),
-    "bw10": ("the same, box leading digits weighted x10", 12,
-             ["learning_rate=5e-4", "warmup_steps=20", "eval_every=100", "save_every=100", "binding_weight=10"]),
+    "base": ("continued from the base weights, the shipped recipe (lr 5e-4)", 12, SHORT),
+    "bw10": ("the same, box leading digits weighted x10", 12, [*SHORT, "binding_weight=10"]),
     "long-bw10": ("box-heavy rows (60% box-only, 10% direct), lr 1e-3, x10 (stopped at step ~1,050)", 55,
-                  ["learning_rate=1e-3", "warmup_steps=50", "eval_every=250", "save_every=200",
-                   "binding_weight=10", "box_fraction=0.6", "direct_fraction=0.1"]),
+                  [*LONG, "box_fraction=0.6", "direct_fraction=0.1"]),
     "long-names": ("40% name rows ('red circle' -> box), 30% box rows, 10% direct, lr 1e-3, x10 (stopped ~1,050)", 45,
-                   ["learning_rate=1e-3", "warmup_steps=50", "eval_every=250", "save_every=200",
-                    "binding_weight=10", "name_fraction=0.4", "box_fraction=0.3", "direct_fraction=0.1"]),
+                   [*LONG, *NAMES, "box_fraction=0.3", "direct_fraction=0.1"]),
     "long-qfirst": ("as long-names, with the question before the image in every user turn", 40,
-                    ["learning_rate=1e-3", "warmup_steps=50", "eval_every=250", "save_every=200",
-                     "binding_weight=10", "name_fraction=0.4", "box_fraction=0.3", "direct_fraction=0.1",
-                     "question_first=true"]),
+                    [*LONG, *NAMES, "box_fraction=0.3", "direct_fraction=0.1", *QFIRST]),
     "qfirst-box": ("question first, box-step rows only (60% box, 40% name), lr 1e-3, x10 (stopped ~850)", 25,
-                   ["learning_rate=1e-3", "warmup_steps=50", "eval_every=250", "save_every=200",
-                    "binding_weight=10", "name_fraction=0.4", "box_fraction=0.6", "direct_fraction=0.0",
-                    "question_first=true"]),
+                   [*LONG, *NAMES, "box_fraction=0.6", "direct_fraction=0.0", *QFIRST]),
     "scratch-qfirst": ("from a random start, question first: 50% box rows, 10% direct, lr 1e-3, x10", 28,
-                       ["init_from=null", "learning_rate=1e-3", "warmup_steps=50", "eval_every=250",
-                        "save_every=200", "binding_weight=10", "box_fraction=0.5", "direct_fraction=0.1",
-                        "question_first=true"]),
+                       ["init_from=null", *LONG, "box_fraction=0.5", "direct_fraction=0.1", *QFIRST]),
     "scratch-ifirst": ("the same from the same random start, image first", 28,
-                       ["init_from=null", "learning_rate=1e-3", "warmup_steps=50", "eval_every=250",
-                        "save_every=200", "binding_weight=10", "box_fraction=0.5", "direct_fraction=0.1"]),
+                       ["init_from=null", *LONG, "box_fraction=0.5", "direct_fraction=0.1"]),
     "long-bw30": ("box-heavy rows, lr 2e-3, leading digits x30 (stopped at step ~600)", 55,
                   ["learning_rate=2e-3", "warmup_steps=50", "eval_every=250", "save_every=200",
                    "binding_weight=30", "box_fraction=0.6", "direct_fraction=0.1"]),
