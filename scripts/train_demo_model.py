@@ -86,6 +86,15 @@ class DemoTrainConfig:
                 "ones that choose *which* object the box is on (the column, then the row); at weight 1 "
                 "they are ~2 of ~35 loss tokens, so the choice is learned last, if at all (the card's "
                 "'boxes some object, not the named one')."})
+    pointer_weight: float = field(default=0.0, metadata={
+        "help": "Weight of an auxiliary pointer loss (0: off; needs question_first): a linear head on "
+                "each overview visual token's hidden state at ``pointer_layer`` scores 'I am the named "
+                "object', trained with a softmax over the image's tokens. It supervises the one hop a "
+                "question-first model needs (a visual token matching the colour word before it), which "
+                "a plain transformer learns in ~100 steps (bench/binding_capacity.py, readout cells). "
+                "The head is training-only: it is kept in the checkpoint, never in the saved model."})
+    pointer_layer: int = field(default=2, metadata={
+        "help": "Which hidden state the pointer head reads (0: embeddings, N: after decoder layer N)."})
     save_every: int = field(default=200, metadata={
         "help": "Save a resumable checkpoint (weights, optimizer, step, history) every this many "
                 "steps to <out>/checkpoint; a run started again on the same --out resumes there."})
@@ -118,6 +127,9 @@ class DemoTrainConfig:
             raise ConfigError(f"direct, check, colour, box and name fractions add up to more than 1: {shares}")
         if self.binding_weight <= 0:
             raise ConfigError(f"binding_weight must be > 0, got {self.binding_weight}")
+        if self.pointer_weight < 0 or (self.pointer_weight and not self.question_first):
+            raise ConfigError("pointer_weight must be >= 0 and needs question_first: true (image-first visual "
+                              f"tokens cannot see the question), got {self.pointer_weight}")
         if self.boxed_items < 0:
             raise ConfigError(f"boxed_items must be >= 0 (0: fresh scenes), got {self.boxed_items}")
 
@@ -271,6 +283,26 @@ def weighted_loss(model: Any, batch: dict[str, Any]) -> Any:
     return (ce * w).sum() / w.sum()
 
 
+def training_loss(model: Any, batch: dict[str, Any], head: Any = None, weight: float = 0.0,
+                  layer: int = 2) -> tuple[Any, Any]:
+    """(total loss, pointer loss or None): the weighted next-token loss plus ``weight`` x the
+    pointer head's loss on the hidden state after decoder layer ``layer``."""
+    counts, targets = batch.pop("pointer_counts", None), batch.pop("pointer_targets", None)
+    if head is None or targets is None:
+        return weighted_loss(model, batch), None
+    captured: dict[str, Any] = {}
+    hook_layer = model.model.language_model.layers[layer - 1] if layer > 0 else model.model.language_model.embed_tokens
+    handle = hook_layer.register_forward_hook(
+        lambda _m, _i, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        input_ids = batch["input_ids"]
+        lm = weighted_loss(model, batch)
+    finally:
+        handle.remove()
+    ptr = pointer_loss(captured["h"], input_ids, model.config.image_token_id, counts, targets, head)
+    return lm + weight * ptr, ptr
+
+
 def rope_positions(model_config: Any, batch: dict[str, Any]) -> Any:
     """Qwen3-VL's multimodal rotary positions (3, batch, length) of a collated batch, computed on
     the CPU. The model computes them itself when not given, but its loop over rows syncs with
@@ -306,11 +338,53 @@ class TrainBatches:
         step = index + 1
         rng = random.Random(f"{self.cfg.seed}/{step}")
         first = index * self.cfg.batch_size
-        rows = [make_row(render_item(self.data, self.cfg.data_split, self._scene_index(first + j)),
-                         row_kind(rng, self.cfg), rng) for j in range(self.cfg.batch_size)]
+        scenes = [render_item(self.data, self.cfg.data_split, self._scene_index(first + j))
+                  for j in range(self.cfg.batch_size)]
+        kinds = [row_kind(rng, self.cfg) for _ in scenes]
+        rows = [make_row(scene, kind, rng) for scene, kind in zip(scenes, kinds, strict=True)]
         batch = collate(self.processor, rows, self.cfg.binding_weight, self.cfg.question_first)
         batch["position_ids"] = rope_positions(self.model_config, batch)
+        if self.cfg.pointer_weight:
+            batch.update(pointer_targets(scenes, kinds, rows, batch["image_grid_thw"]))
         return batch
+
+
+POINTER_KINDS = ("two_step", "direct", "box", "name")  # rows whose first image is the scene and whose text names the target
+
+
+def pointer_targets(scenes: list[Any], kinds: list[str], rows: list[tuple[list[dict], list[Any]]],
+                    grids: Any, merge: int = 2) -> dict[str, Any]:
+    """Per row: how many merged visual tokens its first image has, and which of them (raster order)
+    holds the named object's box centre (-1: the row names no object in a full scene)."""
+    import torch
+
+    counts, targets, k = [], [], 0
+    for scene, kind, (_, images) in zip(scenes, kinds, rows, strict=True):
+        _, gh, gw = (int(v) // m for v, m in zip(grids[k].tolist(), (1, merge, merge), strict=True))
+        k += len(images)
+        counts.append(gh * gw)
+        if kind not in POINTER_KINDS:
+            targets.append(-1)
+            continue
+        box, (w, h) = scene.target_object.box, scene.size
+        cx, cy = (box.x1 + box.x2) / 2, (box.y1 + box.y2) / 2
+        targets.append(min(int(cy / h * gh), gh - 1) * gw + min(int(cx / w * gw), gw - 1))
+    return {"pointer_counts": torch.tensor(counts), "pointer_targets": torch.tensor(targets)}
+
+
+def pointer_loss(hidden: Any, input_ids: Any, image_token_id: int, counts: Any, targets: Any, head: Any) -> Any:
+    """Mean cross-entropy of the pointer head's softmax over each row's first-image tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    losses = []
+    for b in range(hidden.shape[0]):
+        if targets[b] < 0:
+            continue
+        positions = (input_ids[b] == image_token_id).nonzero().squeeze(-1)[: int(counts[b])]
+        logits = head(hidden[b, positions]).squeeze(-1)
+        losses.append(F.cross_entropy(logits[None], targets[b:b + 1]))
+    return torch.stack(losses).mean() if losses else hidden.sum() * 0
 
 
 def _worker_init(_: int) -> None:
@@ -475,9 +549,14 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
     torch.manual_seed(cfg.seed)
     model.to(device).train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and cfg.bf16)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                            fused=device == "cuda")
-    resumed = load_checkpoint(out_dir / "checkpoint", model, opt)
+    # The pointer head (training only) is saved in the checkpoint, never with the model.
+    if cfg.pointer_weight and not 0 <= cfg.pointer_layer <= model.config.text_config.num_hidden_layers:
+        raise ConfigError(f"pointer_layer must be between 0 and the model's {model.config.text_config.num_hidden_layers} "
+                          f"decoder layers, got {cfg.pointer_layer}")
+    head = torch.nn.Linear(model.config.text_config.hidden_size, 1).to(device) if cfg.pointer_weight else None
+    params = [*model.parameters(), *(head.parameters() if head is not None else ())]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device == "cuda")
+    resumed = load_checkpoint(out_dir / "checkpoint", model, opt, head)
     first_step = resumed["step"] + 1 if resumed else 1
     batches = torch.utils.data.DataLoader(
         TrainBatches(processor, model.config, data, cfg), batch_size=None, shuffle=False,
@@ -502,14 +581,15 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
             group["lr"] = lr
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            loss = weighted_loss(model, batch)
+            loss, ptr = training_loss(model, batch, head, cfg.pointer_weight, cfg.pointer_layer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % cfg.log_every == 0:
             losses.append(round(loss.item(), 4))
-            print(f"step {step} loss {losses[-1]:.4f} lr {lr:.2e} {elapsed:.0f}s", flush=True)
+            pointer = f" pointer {ptr.item():.4f}" if ptr is not None else ""
+            print(f"step {step} loss {losses[-1]:.4f}{pointer} lr {lr:.2e} {elapsed:.0f}s", flush=True)
         if cfg.eval_every and step % cfg.eval_every == 0:
             t = time.time()
             metrics = evaluate_model(model, processor, data, "val", min(cfg.n_eval, 50), cfg.eval_batch,
@@ -522,7 +602,7 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
         if cfg.save_every and step % cfg.save_every == 0 and progress < 1.0:
             save_checkpoint(out_dir / "checkpoint", model, opt, {
                 "step": step, "train_seconds": time.time() - start - eval_seconds,
-                "history": history, "losses": losses})
+                "history": history, "losses": losses}, head)
         if progress >= 1.0:
             print(f"schedule done at step {step} ({elapsed:.0f}s of training)", flush=True)
             break
@@ -537,7 +617,7 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
             "loss_every_log": losses, "val_history": history, "config": asdict(cfg)}, model, processor
 
 
-def save_checkpoint(folder: Path, model: Any, opt: Any, state: dict[str, Any]) -> None:
+def save_checkpoint(folder: Path, model: Any, opt: Any, state: dict[str, Any], head: Any = None) -> None:
     """Weights, optimizer and loop state, written to a temporary folder and renamed into place, so
     a run killed mid-save keeps its previous checkpoint."""
     import shutil
@@ -547,13 +627,16 @@ def save_checkpoint(folder: Path, model: Any, opt: Any, state: dict[str, Any]) -
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp / "state.pt")
+    blob = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    if head is not None:
+        blob["pointer_head"] = head.state_dict()
+    torch.save(blob, tmp / "state.pt")
     (tmp / "loop.json").write_text(json.dumps(state) + "\n", encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
-def load_checkpoint(folder: Path, model: Any, opt: Any) -> dict[str, Any] | None:
+def load_checkpoint(folder: Path, model: Any, opt: Any, head: Any = None) -> dict[str, Any] | None:
     """Restore a checkpoint written by :func:`save_checkpoint`; None when there is none."""
     import torch
 
@@ -561,6 +644,8 @@ def load_checkpoint(folder: Path, model: Any, opt: Any) -> dict[str, Any] | None
         return None
     blob = torch.load(folder / "state.pt", map_location="cpu")
     model.load_state_dict(blob["model"])
+    if head is not None:
+        head.load_state_dict(blob["pointer_head"])
     opt.load_state_dict(blob["optimizer"])
     return json.loads((folder / "loop.json").read_text(encoding="utf-8"))
 

@@ -193,3 +193,78 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert first["steps"] == 3 and (tmp_path / "run" / "checkpoint" / "loop.json").is_file()
     resumed, _, _ = module.train(config(6), tmp_path / "run")  # restarted: continues after step 2
     assert resumed["steps"] == 6 and len(resumed["loss_every_log"]) == 6  # 2 restored + steps 3..6
+
+
+def test_pointer_targets_name_the_overview_token_that_holds_the_named_object() -> None:
+    import torch
+
+    from visrl.synthetic import SyntheticConfig, render_item
+
+    module = recipe()
+    processor = load(MODEL)[1]
+    data = SyntheticConfig(detail="pattern", object_size=(80, 96), distinct_colours=True, min_objects=3,
+                           max_objects=3, distinct_details=True)
+    scenes = [render_item(data, "train", i) for i in range(4)]
+    kinds = ["two_step", "check", "box", "name"]
+    rows = [module.make_row(s, k, __import__("random").Random(0)) for s, k in zip(scenes, kinds, strict=True)]
+    batch = module.collate(processor, rows, question_first=True)
+    got = module.pointer_targets(scenes, kinds, rows, batch["image_grid_thw"])
+    assert [got["pointer_counts"][k].item() for k in (0, 2, 3)] == [12, 12, 12]  # the scene's 4x3 merged tokens
+    assert got["pointer_targets"][1].item() == -1  # a crop names no object of a full scene
+    for k in (0, 2, 3):
+        box = scenes[k].target_object.box  # the 448x336 scene's cells of 112 px are its 4x3 tokens
+        cell = int((box.y1 + box.y2) / 2 // 112) * 4 + int((box.x1 + box.x2) / 2 // 112)
+        assert got["pointer_targets"][k].item() == cell
+    # The loss reads those tokens: a head that scores only the named token's hidden state wins.
+    hidden = torch.zeros(len(rows), batch["input_ids"].shape[1], 1)
+    image_id = load(MODEL)[0].config.image_token_id
+    for b in range(len(rows)):
+        positions = (batch["input_ids"][b] == image_id).nonzero().squeeze(-1)
+        if got["pointer_targets"][b] >= 0:
+            hidden[b, positions[got["pointer_targets"][b]]] = 20.0
+    loss = module.pointer_loss(hidden, batch["input_ids"], image_id, got["pointer_counts"], got["pointer_targets"],
+                               torch.nn.Identity())
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_pointer_loss_needs_question_first_and_a_layer_of_the_model() -> None:
+    from visrl.errors import ConfigError
+
+    module = recipe()
+    with pytest.raises(ConfigError, match="question_first"):
+        module.DemoTrainConfig(pointer_weight=1.0)
+    with pytest.raises(ConfigError, match="pointer_weight"):
+        module.DemoTrainConfig(pointer_weight=-1.0, question_first=True)
+
+
+def test_a_pointer_run_resumes_with_its_head_and_saves_a_stock_model(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from visrl.errors import ConfigError
+    from visrl.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3
+
+    module = recipe()
+    spec = TinyQwen3Spec(text_hidden=64, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
+                         vision_hidden=32, vision_depth=2, vision_heads=2, vision_intermediate=32)
+    init = build_tiny_qwen3(tmp_path / "init", spec)
+    data = {"detail": "pattern", "object_size": [80, 96], "distinct_colours": True, "min_objects": 3,
+            "max_objects": 3, "distinct_details": True}
+
+    def config(steps: int, layer: int = 1) -> Any:
+        return module.DemoTrainConfig(init_from=str(init), steps=steps, max_minutes=10, batch_size=2, threads=1,
+                                      device="cpu", eval_every=0, log_every=1, save_every=2, warmup_steps=1,
+                                      question_first=True, pointer_weight=1.0, pointer_layer=layer,
+                                      box_fraction=0.5, data=data)
+
+    with pytest.raises(ConfigError, match="pointer_layer"):
+        module.train(config(3, layer=2), tmp_path / "bad")  # the model has one decoder layer
+    first, _, _ = module.train(config(3), tmp_path / "run")
+    import torch
+
+    saved = torch.load(tmp_path / "run" / "checkpoint" / "state.pt", map_location="cpu")
+    assert set(saved["pointer_head"]) == {"weight", "bias"}
+    resumed, _, _ = module.train(config(5), tmp_path / "run")
+    assert first["steps"] == 3 and resumed["steps"] == 5 and len(resumed["loss_every_log"]) == 5
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "pointer" in k]  # the head is training-only
+    assert json.loads((tmp_path / "run" / "visrl_model.json").read_text())["prompt_layout"] == "question_first"
