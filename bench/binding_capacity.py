@@ -54,11 +54,21 @@ def features(model, processor, data, split: str, n: int):
     return torch.stack(xs), torch.tensor(cs), torch.tensor(ys)
 
 
+READOUTS = ("cells", "query", "causal_qfirst", "causal_ifirst")
+
+
 def binder(d_in: int, cells: int, colours: int, readout: str, width: int = 128, layers: int = 2):
     """``readout: cells``: the visual tokens see the colour and each gives its own logit (question
     before image: the match is computed at the visual token). ``readout: query``: the visual tokens
     do not see the colour (a causal mask, as when the image comes first) and the colour token alone
-    names the cell, through attention over them (the VLM's image-first box step)."""
+    names the cell, through attention over them.
+
+    The ``causal_*`` readouts are the VLM's box step exactly: a causal decoder over [colour, 12
+    visual tokens, query] (``causal_qfirst``) or [12 visual tokens, colour, query]
+    (``causal_ifirst``), and the last token names the cell as a class, so the position must be read
+    out of the chosen token, as box digits must."""
+    if readout.startswith("causal_"):
+        return _causal_binder(d_in, cells, colours, readout == "causal_qfirst", width, layers)
     import torch
     from torch import nn
 
@@ -86,14 +96,42 @@ def binder(d_in: int, cells: int, colours: int, readout: str, width: int = 128, 
     return Binder()
 
 
+def _causal_binder(d_in: int, cells: int, colours: int, question_first: bool, width: int, layers: int):
+    import torch
+    from torch import nn
+
+    class CausalBinder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vis = nn.Linear(d_in, width)
+            self.pos = nn.Parameter(torch.randn(cells, width) * 0.02)
+            self.colour = nn.Embedding(colours, width)
+            self.query = nn.Parameter(torch.randn(width) * 0.02)
+            layer = nn.TransformerEncoderLayer(width, 4, 2 * width, 0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers)
+            self.head = nn.Linear(width, cells)
+            n = cells + 2
+            self.register_buffer("mask", torch.triu(torch.ones(n, n, dtype=torch.bool), 1))
+
+        def forward(self, x, c):  # a logit per cell, from the last token
+            v, col = self.vis(x) + self.pos, self.colour(c)[:, None]
+            q = self.query.expand(len(x), 1, -1)
+            h = torch.cat([col, v, q] if question_first else [v, col, q], 1)
+            return self.head(self.encoder(h, mask=self.mask)[:, -1])
+
+    return CausalBinder()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default=str(ROOT / "data" / "demo-base"), help="model whose vision tower is read")
     p.add_argument("--train", type=int, default=4000, help="train scenes")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--readout", choices=("cells", "query"), default="cells",
-                   help="cells: question-first (the default measured first); query: image-first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--readout", choices=READOUTS, default="cells",
+                   help="cells: question-first pointer; query: image-first; causal_qfirst / causal_ifirst: "
+                        "a causal decoder whose last token names the cell (the VLM's box step)")
     p.add_argument("--out", type=Path, help="default: bench/results/binding_capacity_<readout>.json")
     args = p.parse_args(argv)
     args.out = args.out or ROOT / "bench" / "results" / f"binding_capacity_{args.readout}.json"
@@ -105,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     from visrl.tiny_qwen3 import load_processor
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     data = SyntheticConfig(**TASK)
     processor = load_processor(args.source)
     model = AutoModelForImageTextToText.from_pretrained(args.source, dtype=torch.float32).eval()
@@ -127,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                 acc = (net(x_va, c_va).argmax(-1) == y_va).float().mean().item()
             curve.append({"step": step, "seconds": round(time.time() - t), "val_cell_acc": round(acc, 3)})
             print(curve[-1], flush=True)
-    report = {"source": str(args.source), "readout": args.readout, "train_scenes": args.train, "batch": 64, "lr": args.lr,
+    report = {"source": str(args.source), "readout": args.readout, "seed": args.seed, "train_scenes": args.train,
+              "batch": 64, "lr": args.lr,
               "chance": round(1 / 3, 3), "curve": curve}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
