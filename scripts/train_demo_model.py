@@ -86,6 +86,10 @@ class DemoTrainConfig:
                 "ones that choose *which* object the box is on (the column, then the row); at weight 1 "
                 "they are ~2 of ~35 loss tokens, so the choice is learned last, if at all (the card's "
                 "'boxes some object, not the named one')."})
+    crop_jitter: float = field(default=0.0, metadata={
+        "help": "Two-step rows crop a box whose sides are moved by up to this share of its width and "
+                "height (the box text stays the annotated one), so the answer step learns to read the "
+                "imprecise crops the model's own boxes give (0: the exact annotated crop)."})
     pointer_weight: float = field(default=0.0, metadata={
         "help": "Weight of an auxiliary pointer loss (0: off; needs question_first): a linear head on "
                 "each overview visual token's hidden state at ``pointer_layer`` scores 'I am the named "
@@ -130,6 +134,8 @@ class DemoTrainConfig:
         if self.pointer_weight < 0 or (self.pointer_weight and not self.question_first):
             raise ConfigError("pointer_weight must be >= 0 and needs question_first: true (image-first visual "
                               f"tokens cannot see the question), got {self.pointer_weight}")
+        if not 0.0 <= self.crop_jitter < 0.5:
+            raise ConfigError(f"crop_jitter must be in [0, 0.5), got {self.crop_jitter}")
         if self.boxed_items < 0:
             raise ConfigError(f"boxed_items must be >= 0 (0: fresh scenes), got {self.boxed_items}")
 
@@ -171,9 +177,10 @@ def row_kind(rng: random.Random, cfg: DemoTrainConfig) -> str:
     return "two_step"
 
 
-def make_row(scene: Any, direct: bool | str, rng: random.Random | None = None) -> tuple[list[dict], list[Any]]:
+def make_row(scene: Any, direct: bool | str, rng: random.Random | None = None,
+             crop_jitter: float = 0.0) -> tuple[list[dict], list[Any]]:
     """(messages, images) of one training conversation; ``direct`` is a bool (direct or two-step)
-    or one of :data:`ROW_KINDS`."""
+    or one of :data:`ROW_KINDS`; ``crop_jitter``: see :class:`DemoTrainConfig`."""
     kind = direct if isinstance(direct, str) else ("direct" if direct else "two_step")
     if kind == "direct":
         return [*direct_prompt(scene.question), _assistant(scene.answer)], [scene.image]
@@ -190,7 +197,8 @@ def make_row(scene: Any, direct: bool | str, rng: random.Random | None = None) -
     if kind == "name":
         obj = scene.target_object
         return [_user_text(f"{obj.colour} {obj.shape}", images=1), _assistant(text)], [scene.image]
-    return two_step_conversation(scene.question, text, scene.answer), [scene.image, crop_box(scene.image, box)]
+    crop = jitter_box(box, scene.size, rng or random.Random(0), crop_jitter) if crop_jitter else box
+    return two_step_conversation(scene.question, text, scene.answer), [scene.image, crop_box(scene.image, crop)]
 
 
 def check_row(scene: Any, rng: random.Random) -> tuple[list[dict], list[Any]]:
@@ -341,7 +349,7 @@ class TrainBatches:
         scenes = [render_item(self.data, self.cfg.data_split, self._scene_index(first + j))
                   for j in range(self.cfg.batch_size)]
         kinds = [row_kind(rng, self.cfg) for _ in scenes]
-        rows = [make_row(scene, kind, rng) for scene, kind in zip(scenes, kinds, strict=True)]
+        rows = [make_row(scene, kind, rng, self.cfg.crop_jitter) for scene, kind in zip(scenes, kinds, strict=True)]
         batch = collate(self.processor, rows, self.cfg.binding_weight, self.cfg.question_first)
         batch["position_ids"] = rope_positions(self.model_config, batch)
         if self.cfg.pointer_weight:

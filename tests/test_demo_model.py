@@ -56,7 +56,11 @@ def test_shipped_model_scores_its_card_on_50_test_items() -> None:
     card = report["evaluation"]
     model, processor = load(MODEL)
     data = SyntheticConfig(**report["config"]["data"])
-    got = module.evaluate_model(model, processor, data, "test", 50)
+    from visrl.contract import read_contract
+
+    # The card's numbers were measured in the layout the model was trained in (its contract).
+    question_first = read_contract(MODEL).prompt_layout == "question_first"
+    got = module.evaluate_model(model, processor, data, "test", 50, question_first=question_first)
     # 50 of the card's test items: a proportion's standard error is <= 0.07 here; allow 3 of them,
     # plus the first 50 items being an easier or harder half of the card's set.
     for key in ("acc@0.5", "two_step_acc", "true_crop_acc", "direct_acc", "parse_rate"):
@@ -268,3 +272,34 @@ def test_a_pointer_run_resumes_with_its_head_and_saves_a_stock_model(tmp_path: P
     with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "pointer" in k]  # the head is training-only
     assert json.loads((tmp_path / "run" / "visrl_model.json").read_text())["prompt_layout"] == "question_first"
+
+
+def test_phase_two_recipe_continues_phase_one_question_first_with_the_pointer_loss() -> None:
+    from visrl.config import load_config
+
+    module = recipe()
+    cfg = load_config(module.DemoTrainConfig, ROOT / "configs" / "demo" / "train_demo_binding.yaml")
+    assert cfg.init_from == "data/demo-base" and (ROOT / cfg.init_from / "model.safetensors").is_file()
+    assert cfg.question_first and cfg.pointer_weight > 0 and cfg.output_dir == "data/demo-model"
+    assert cfg.max_minutes <= 120 and cfg.save_every > 0  # the budget; a stopped run resumes
+
+
+def test_crop_jitter_moves_the_crop_not_the_box_text() -> None:
+    import random
+
+    from visrl.boxes import crop_box, format_box
+    from visrl.errors import ConfigError
+    from visrl.synthetic import SyntheticConfig, render_item
+
+    module = recipe()
+    scene = render_item(SyntheticConfig(detail="pattern", object_size=(80, 96), distinct_colours=True), "train", 3)
+    exact_messages, exact_images = module.make_row(scene, "two_step", random.Random(1))
+    messages, images = module.make_row(scene, "two_step", random.Random(1), crop_jitter=0.2)
+    assert messages == exact_messages  # same question, same annotated box text, same answer
+    assert format_box(scene.target_object.box, "viscot", scene.size) in str(messages)
+    assert exact_images[1].tobytes() == crop_box(scene.image, scene.target_object.box).tobytes()
+    assert images[1].tobytes() != exact_images[1].tobytes()
+    w, h = scene.target_object.box.width, scene.target_object.box.height
+    assert abs(images[1].width - w) <= 0.4 * w + 1 and abs(images[1].height - h) <= 0.4 * h + 1
+    with pytest.raises(ConfigError, match="crop_jitter"):
+        module.DemoTrainConfig(crop_jitter=0.5)
