@@ -142,10 +142,12 @@ def recipe() -> Any:
 
 
 def sft(ws: Path, start: str, out: str, args: argparse.Namespace, seed: int, *, split: str, scenes: int,
-        direct: float, minutes: float, steps: int = 0) -> dict:
+        direct: float, minutes: float, steps: int = 0, boxes: bool = True) -> dict:
     """The demo recipe from ``start`` into ``out`` (workspace folders) on scenes 0..``scenes``-1
     of ``split``'s stream, cycled; ``direct`` is the share of direct rows. Runs ``minutes`` of
-    training, or ``steps`` when given (the cosine spans whichever ends first)."""
+    training, or ``steps`` when given (the cosine spans whichever ends first). ``boxes``: the arm
+    reads box annotations, so it gets the pointer loss too (``--pointer-weight``); control B does not."""
+    from visrl.contract import read_contract
     from visrl.models import copy_model_info
 
     module = recipe()
@@ -154,9 +156,11 @@ def sft(ws: Path, start: str, out: str, args: argparse.Namespace, seed: int, *, 
         max_minutes=minutes if not steps else 1e6, batch_size=args.sft_batch, learning_rate=args.sft_lr,
         warmup_steps=10, direct_fraction=direct, binding_weight=args.binding_weight, save_every=0,
         data_split=split, boxed_items=scenes, threads=args.threads, device="cpu", workers=0,
-        log_every=50, eval_every=0, data=task_data(args.data))
+        log_every=50, eval_every=0, data=task_data(args.data), question_first=args.question_first,
+        pointer_weight=args.pointer_weight if boxes and args.question_first else 0.0)
     report, _, _ = module.train(cfg, ws / out)
-    copy_model_info(ws / start, ws / out)
+    # A new model id; the layout is the one this run trained in (train wrote it), not the start's.
+    copy_model_info(ws / start, ws / out, contract=read_contract(ws / out))
     return {"steps": report["steps"], "seconds": report["train_seconds"], "rows_seen": report["scenes_seen"]}
 
 
@@ -344,7 +348,7 @@ def run_seed(parent: Path, args: argparse.Namespace, seed: int) -> dict:
     steps = {**rl["steps"], "warmup": warm["steps"]}
     runs: dict[str, dict[str, Any]] = {"warmup": {"model": FOLDERS["warmup"], "adapter": None}, "visrl": rl}
     for arm, kwargs in (("control_a", {"split": "warmup", "scenes": args.boxed, "direct": args.direct_share}),
-                        ("control_b", {"split": "train", "scenes": args.items, "direct": 1.0}),
+                        ("control_b", {"split": "train", "scenes": args.items, "direct": 1.0, "boxes": False}),
                         ("upper", {"split": "train", "scenes": args.items, "direct": args.direct_share})):
         with clock(arm):
             done = sft(ws, FOLDERS["warmup"], FOLDERS[arm], args, seed, minutes=budget / 60, **kwargs)
@@ -454,6 +458,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=0, help="warm-up steps instead of minutes (0: minutes)")
     p.add_argument("--binding-weight", type=float, default=10.0,
                    help="loss weight of the box's leading digits in every SFT arm (train_demo_model.py)")
+    p.add_argument("--question-first", action=argparse.BooleanOptionalAction, default=True,
+                   help="SFT arms put the question before the image (the shipped model's layout, written "
+                        "to each arm's visrl_model.json, so generation, DPO and evaluation follow it)")
+    p.add_argument("--pointer-weight", type=float, default=1.0,
+                   help="the pointer loss of the SFT arms that read boxes (train_demo_model.py; 0: off)")
     p.add_argument("--direct-share", type=float, default=0.1, help="share of direct rows in the two-step SFT arms")
     p.add_argument("--sft-lr", type=float, default=3e-4, help="peak lr of the SFT arms (cosine)")
     p.add_argument("--sft-batch", type=int, default=16, help="rows per SFT step")
