@@ -52,8 +52,8 @@ DEMO_RECIPE = [
 ]
 DEMO_BASES = {"models/tiny-demo"}  # visrl.demo.DEMO_MODEL: the shipped model, copied in by `visrl demo`
 DEMO_IMPORTS = {"demo"}  # the synthetic benchmark `visrl demo` builds
-# scripts/train_demo_model.py's recipes (phases 1-3 of the shipped demo model), not stages
-NOT_IN_CHAIN = {"demo/train_demo_model.yaml", "demo/train_demo_binding.yaml", "demo/train_demo_crops.yaml"}
+# scripts/train_demo_model.py's recipes (phases 1 and 2 of the shipped demo model), not stages
+NOT_IN_CHAIN = {"demo/train_demo_model.yaml", "demo/train_demo_binding.yaml"}
 
 
 def _norm(path: str | None) -> str | None:
