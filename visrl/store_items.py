@@ -93,7 +93,7 @@ class ItemTables(StoreConnection):
 
     def source_ids(self, dataset_id: int) -> set[tuple[str, str]]:
         """(split, source id) of every item of the dataset: what a new import must not repeat."""
-        return {tuple(r) for r in self.db.execute(  # type: ignore[misc]
+        return {(split, source_id) for split, source_id in self.db.execute(
             "SELECT split, source_id FROM items WHERE dataset_id = ?", [dataset_id]).fetchall()}
 
     def images_in_use(self, images: list[str]) -> set[str]:
