@@ -33,7 +33,6 @@ from typing import Any
 
 from visrl.errors import ConfigError, VisRLError, WorkspaceError
 from visrl.progress import Progress
-from visrl.schema import migrations
 from visrl.store import Store, now
 from visrl.workspace import DB_NAME, Workspace
 
@@ -101,8 +100,7 @@ def create_demo_workspace(root: str | Path, force: bool = False, n_pairs_items: 
     (root / BUILDING).write_text(now() + "\n")
     store = Store(ws)
     # The store migrates a database file once per process; a rebuilt one is a new file.
-    store.db.enable_wal()
-    migrations.apply(store.db)
+    store.migrate()
     summary: dict[str, Any] = {"created_at": now()}
     summary["items"] = import_benchmark(store, {**demo_data(), **(data or {})}, say)
     summary["model"] = install_model(store, say)
@@ -159,7 +157,7 @@ def import_benchmark(store: Store, data: dict[str, Any], say: Say) -> int:
             if split_sizes(cfg)[split]:  # an empty file is an import error
                 total += import_viscot(store, path, DEMO_DATASET, split=split)["items"]
     # The files were temporary; say where the data really comes from.
-    store.db["datasets"].update(store.dataset(DEMO_DATASET)["id"], {"source": "visrl.synthetic (demo)"})
+    store.set_dataset_source(DEMO_DATASET, "visrl.synthetic (demo)")
     return total
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 from visrl import review
 from visrl.errors import ConflictError, DataError
 from visrl.review import PairFilter
-from visrl.store import Store, now
+from visrl.store import Store
 
 CLAIM_TTL_S = 300.0  # a pair stays on one screen this long without a key press (5 min), then frees
 BULK_ACTIONS = {"accept": "accepted", "reject": "rejected", "reset": "pending"}
@@ -86,26 +85,17 @@ def reviewer_counts(store: Store, reviewer: str) -> dict[str, int]:
     The pairs' current rows, not the audit: an accept later undone, reset or overruled by another
     reviewer no longer counts. Read from ``decision_counts``, which triggers keep equal to
     :func:`recount_decisions`."""
-    return dict(store.db.execute("SELECT status, n FROM decision_counts WHERE reviewer = ? AND n > 0 "
-                                 "AND status != 'pending'", [reviewer]).fetchall())
+    return store.reviewer_decisions(reviewer)
 
 
 def team_progress(store: Store) -> dict[str, dict[str, int]]:
     """Every reviewer's standing decisions, as :func:`reviewer_counts`."""
-    out: dict[str, dict[str, int]] = {}
-    for who, status, n in store.db.execute("SELECT reviewer, status, n FROM decision_counts WHERE n > 0 "
-                                           "AND status != 'pending' ORDER BY reviewer, status"):
-        out.setdefault(who, {})[status] = n
-    return out
+    return store.team_decisions()
 
 
 def recount_decisions(store: Store) -> dict[str, dict[str, int]]:
     """:func:`team_progress` counted from the pairs table itself (a full scan: checks and tests)."""
-    out: dict[str, dict[str, int]] = {}
-    for who, status, n in store.db.execute("SELECT decided_by, status, count(*) FROM pairs WHERE decided_by "
-                                           "IS NOT NULL AND status != 'pending' GROUP BY 1, 2 ORDER BY 1, 2"):
-        out.setdefault(who, {})[status] = n
-    return out
+    return store.recount_decisions()
 
 
 def progress(store: Store, flt: PairFilter, reviewer: str, matching: int | None = None) -> Progress:
@@ -122,21 +112,11 @@ def claim(store: Store, pair_id: int, reviewer: str, ttl_s: float = CLAIM_TTL_S)
     """Put ``pair_id`` on ``reviewer``'s screen: their previous claim ends, this one lasts
     ``ttl_s`` seconds. Returns None, or the other reviewer who holds a live claim on it (the pair
     is then shown anyway but not claimed: two tabs may race to it; versions keep that safe)."""
-    stamp = time.time()
-    with store.write() as db:
-        holder = db.execute("SELECT reviewer FROM pair_claims WHERE pair_id = ? AND expires_at > ?",
-                            [pair_id, stamp]).fetchone()
-        if holder is not None and holder[0] != reviewer:
-            return holder[0]
-        db.execute("DELETE FROM pair_claims WHERE reviewer = ? OR expires_at <= ?", [reviewer, stamp])
-        db.execute("INSERT OR REPLACE INTO pair_claims (pair_id, reviewer, expires_at) VALUES (?, ?, ?)",
-                   [pair_id, reviewer, stamp + ttl_s])
-    return None
+    return store.claim_pair(pair_id, reviewer, ttl_s)
 
 
 def release(store: Store, reviewer: str) -> None:
-    with store.write() as db:
-        db.execute("DELETE FROM pair_claims WHERE reviewer = ?", [reviewer])
+    store.release_claims(reviewer)
 
 
 # ---------------------------------------------------------------------- one key press
@@ -192,10 +172,7 @@ def undone_note(target: dict[str, Any], pair: dict[str, Any]) -> str:
 def bulk_preview(store: Store, flt: PairFilter, action: str) -> int:
     """How many pairs :func:`bulk_apply` would change (those matching, not already in the target
     status): the count the user confirms."""
-    target = _bulk_status(action)
-    where, args = flt.sql(store)
-    return store.db.execute(f"SELECT count(*) FROM pairs p WHERE {where} AND p.status != ?",
-                            [*args, target]).fetchone()[0]
+    return store.count_pairs_to_set(flt, _bulk_status(action))
 
 
 def bulk_apply(store: Store, flt: PairFilter, action: str, reviewer: str, expect: int) -> tuple[str, int]:
@@ -204,65 +181,37 @@ def bulk_apply(store: Store, flt: PairFilter, action: str, reviewer: str, expect
     another number (someone acted meanwhile), nothing changes and :class:`ConflictError` says so."""
     target = _bulk_status(action)
     batch = f"bulk-{uuid.uuid4().hex[:12]}"
-    stamp = now()
-    with store.write() as db:
-        where, args = flt.sql(store)
-        rows = db.execute(f"SELECT p.id, p.status, p.decided_by FROM pairs p WHERE {where} AND p.status != ?",
-                          [*args, target]).fetchall()
+    with store.write():
+        rows = store.pairs_to_set(flt, target)
         if len(rows) != expect:
             raise ConflictError(f"nothing changed: the filters match {len(rows)} pairs to {action} now, "
                                 f"but {expect} were expected; the set of matching pairs is not the one "
                                 "counted. Preview again and confirm the new count")
-        decider = None if target == "pending" else reviewer
-        db.conn.executemany("UPDATE pairs SET status = ?, decided_by = ?, version = version + 1, "
-                            "updated_at = ? WHERE id = ?", [(target, decider, stamp, pid) for pid, *_ in rows])
-        db.conn.executemany(
-            "INSERT INTO reviews (pair_id, reviewer, action, before, after, undoes, created_at, batch) "
-            "VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
-            [(pid, reviewer, action, json.dumps({"status": status, "decided_by": was}),
-              json.dumps({"status": target, "decided_by": decider}), stamp, batch) for pid, status, was in rows])
+        store.set_pair_statuses(rows, target, None if target == "pending" else reviewer, reviewer, action, batch)
     return batch, len(rows)
 
 
 def undo_batch(store: Store, batch: str, reviewer: str) -> tuple[int, int]:
     """Revert a bulk action as one unit; returns (pairs reverted, pairs skipped). A pair changed
     again since the batch is skipped (its later change stands). Only the batch's reviewer may."""
-    stamp = now()
-    with store.write() as db:
-        rows = db.execute(
-            "SELECT r.id, r.pair_id, r.reviewer, r.before, "
-            "(SELECT max(id) FROM reviews l WHERE l.pair_id = r.pair_id) AS latest "
-            "FROM reviews r WHERE r.batch = ? AND r.action != 'undo' "
-            "AND NOT EXISTS (SELECT 1 FROM reviews u WHERE u.undoes = r.id)", [batch]).fetchall()
-        undone = db.execute("SELECT 1 FROM reviews WHERE batch = ? LIMIT 1", [f"undo-{batch}"]).fetchone()
-        if not rows or undone:
+    with store.write():
+        rows = store.batch_reviews(batch)
+        if not rows or store.has_batch(f"undo-{batch}"):
             raise DataError(f"no bulk action {batch!r} left to undo")
-        owners = {r[2] for r in rows}
+        owners = {r["reviewer"] for r in rows}
         if owners != {reviewer}:
             raise ConflictError(f"bulk action {batch} was made by {', '.join(sorted(owners))}; "
                                 f"only they can undo it")
-        live = [r for r in rows if r[0] == r[4]]
+        live = [r for r in rows if r["id"] == r["latest"]]  # nothing changed the pair since
         if not live:
             raise DataError(f"every pair of bulk action {batch} has changed since; nothing to undo")
-        # an audit row from before m005 has no decided_by: the restored status then has no decider
-        db.conn.executemany("UPDATE pairs SET status = ?, decided_by = ?, version = version + 1, "
-                            "updated_at = ? WHERE id = ?",
-                            [(json.loads(r[3])["status"], json.loads(r[3]).get("decided_by"), stamp, r[1])
-                             for r in live])
-        db.conn.executemany(
-            "INSERT INTO reviews (pair_id, reviewer, action, before, after, undoes, created_at, batch) "
-            "SELECT pair_id, ?, 'undo', after, before, id, ?, ? FROM reviews WHERE id = ?",
-            [(reviewer, stamp, f"undo-{batch}", r[0]) for r in live])
+        store.revert_reviews(live, reviewer, f"undo-{batch}")
     return len(live), len(rows) - len(live)
 
 
 def last_batch(store: Store, reviewer: str) -> str | None:
     """The reviewer's latest bulk action not yet undone (what "Undo bulk" reverts)."""
-    row = store.db.execute(
-        "SELECT r.batch FROM reviews r WHERE r.reviewer = ? AND r.batch LIKE 'bulk-%' AND "
-        "NOT EXISTS (SELECT 1 FROM reviews u WHERE u.batch = 'undo-' || r.batch) ORDER BY r.id DESC LIMIT 1",
-        [reviewer]).fetchone()
-    return row[0] if row else None
+    return store.last_batch(reviewer)
 
 
 def _bulk_status(action: str) -> str:

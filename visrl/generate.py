@@ -372,8 +372,7 @@ def judge_rollouts(store: Store, run_key: str, answer_judge: Judge, crop_judge: 
     """
     contract = contract or TwoStepContract()
     judges = [j for j in (answer_judge, crop_judge) if j is not None]
-    rows = store.rollouts(run_key=run_key) if item_ids is None else list(store.db["rollouts"].rows_where(
-        f"run_key = ? AND item_id IN ({', '.join('?' for _ in item_ids)})", [run_key, *item_ids]))
+    rows = store.rollouts(run_key=run_key, item_ids=item_ids)
     rollouts = [r for r in rows if r["box"] and not all(j.key in loads(r["scores"], {}) for j in judges)]
     if not rollouts:
         return 0

@@ -42,6 +42,8 @@ from visrl.store import Store, now
 from visrl.workspace import Workspace
 
 ACTIVE: tuple[str, ...] = ("queued", "running", "stopping")
+SPAWNED = ACTIVE[1:]  # running, stopping: statuses of a job whose process was started
+STOPPABLE = ACTIVE[:2]  # queued, running: not asked to stop yet
 LOG_NAME = "log.txt"
 # A process created more than this many seconds after the job started is another process that
 # got the recycled pid (start_job stamps started_at right after the spawn; clocks are 1 s coarse).
@@ -181,21 +183,14 @@ def create_exclusive_job(store: Store, kind: str, config: dict[str, Any], config
                          name: str = "") -> int:
     """Create a ``queued`` job row unless an active job writes the same :func:`job_target`.
 
-    The read of the active jobs and the insert run under one ``BEGIN IMMEDIATE`` (SQLite's
+    The read of the active jobs and the insert are one ``store.write()`` transaction (SQLite's
     write lock, waited for up to the store's 30 s busy timeout), so of two concurrent starts
     into one folder exactly one gets a row; the other gets a JobError naming the running job.
     """
     refresh_jobs(store)  # a dead job must not hold its folder
-    conn = store.db.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.write():
         _refuse_busy(store, kind, config)
-        job_id = store.create_job(kind, config, config_path=config_path, name=name or kind)
-    except BaseException:
-        conn.rollback()
-        raise
-    conn.commit()
-    return job_id
+        return store.create_job(kind, config, config_path=config_path, name=name or kind)
 
 
 def check_output_free(store: Store, kind: str, config: dict[str, Any]) -> None:
@@ -210,16 +205,13 @@ def _refuse_busy(store: Store, kind: str, config: dict[str, Any]) -> None:
     target = job_target(kind, config, root)
     if target is None:
         return
-    rows = store.db.conn.execute(
-        f"SELECT id, kind, name, status, config FROM jobs WHERE status IN ({', '.join('?' for _ in ACTIVE)}) "
-        "ORDER BY id", ACTIVE).fetchall()
-    for job_id, other_kind, other_name, status, text in rows:
+    for job in store.jobs_with_status(ACTIVE):
         try:
-            other = job_target(other_kind, json.loads(text or "{}"), root)
+            other = job_target(job["kind"], json.loads(job["config"] or "{}"), root)
         except (TypeError, ValueError):  # a row written by hand: it claims nothing
             continue
         if other == target:
-            raise JobError(f"job {job_id} ({other_kind} {other_name!r}, {status}) is already writing "
+            raise JobError(f"job {job['id']} ({job['kind']} {job['name']!r}, {job['status']}) is already writing "
                            f"{target}; wait for it or stop it, or choose another output folder")
 
 
@@ -345,7 +337,7 @@ def refresh_jobs(store: Store) -> list[int]:
     """Mark jobs whose process is gone as failed (stopped, if a stop was asked); returns ids."""
     _reap_children()
     failed = []
-    for job in store.db["jobs"].rows_where("status IN ('running', 'stopping')", order_by="id"):
+    for job in store.jobs_with_status(SPAWNED):
         alive, code = process_state(job["pid"], job["started_at"])
         if alive:
             continue
@@ -356,19 +348,11 @@ def refresh_jobs(store: Store) -> list[int]:
         # before the stop handler existed) did what was asked: stopped, not failed.
         status = "stopped" if job["status"] == "stopping" else "failed"
         # Conditional: the child may have written its final status just before exiting.
-        with store.atomic() as db:
-            cursor = db.execute(
-                "UPDATE jobs SET status = ?, exit_code = ?, message = ?, ended_at = ? "
-                "WHERE id = ? AND status IN ('running', 'stopping')",
-                [status, code if code is not None else -1, message, now(), job["id"]])
-        if cursor.rowcount:
+        if store.update_job_if(job["id"], SPAWNED, status=status, message=message,
+                               exit_code=code if code is not None else -1, ended_at=now()):
             failed.append(job["id"])
     stale = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=QUEUED_STALE_S)).isoformat(timespec="seconds")
-    with store.atomic() as db:
-        cursor = db.execute(
-            "UPDATE jobs SET status = 'failed', exit_code = -1, ended_at = ?, message = "
-            "'never started: the process starting it ended before it spawned the job' "
-            "WHERE status = 'queued' AND pid IS NULL AND created_at < ?", [now(), stale])
+    store.fail_unstarted_jobs(stale, "never started: the process starting it ended before it spawned the job")
     return failed
 
 
@@ -387,10 +371,8 @@ def stop_job(workspace: str | Path | Workspace | None, job_id: int, force: bool 
     if job["status"] not in ACTIVE:
         raise JobError(f"job {job_id} is not running (status {job['status']})")
     pid = job["pid"]
-    with store.atomic() as db:  # conditional: the job may have ended or been stopped since it was read
-        cursor = db.execute("UPDATE jobs SET status = 'stopping', message = 'stop requested' "
-                            "WHERE id = ? AND status IN ('queued', 'running')", [job_id])
-    if cursor.rowcount:
+    # Conditional: the job may have ended or been stopped since it was read.
+    if store.update_job_if(job_id, STOPPABLE, status="stopping", message="stop requested"):
         _signal_group(pid, signal.SIGTERM)
     wait = grace if force else timeout
     if wait > 0 and not _wait_exit(pid, job["started_at"], wait) and force:
@@ -410,11 +392,8 @@ def kill_job(workspace: str | Path | Workspace | None, job_id: int,
         raise JobError(f"job {job_id} is not running (status {job['status']})")
     _signal_group(job["pid"], signal.SIGKILL)
     _wait_exit(job["pid"], job["started_at"], 5.0)
-    with store.atomic() as db:
-        db.execute(
-            "UPDATE jobs SET status = 'stopped', exit_code = ?, message = ?, ended_at = ? "
-            "WHERE id = ? AND status IN ('queued', 'running', 'stopping')",
-            [-signal.SIGKILL, reason, now(), job_id])
+    store.update_job_if(job_id, ACTIVE, status="stopped", exit_code=-signal.SIGKILL, message=reason,
+                        ended_at=now())
     refresh_jobs(store)
     return store.job(job_id)
 
@@ -454,15 +433,7 @@ def job_status(workspace: str | Path | Workspace | None, job_id: int) -> dict[st
     """The job row with ``command``/``config`` decoded and ``metrics``: name -> latest (step, value)."""
     store = Store.open(workspace)
     refresh_jobs(store)
-    job = dict(store.job(job_id))
-    for key in ("command", "config"):
-        with contextlib.suppress(TypeError, ValueError):
-            job[key] = json.loads(job[key]) if job[key] else None
-    latest: dict[str, dict[str, float]] = {}
-    for row in store.metrics(job_id):
-        latest[row["name"]] = {"step": row["step"], "value": row["value"]}
-    job["metrics"] = latest
-    return job
+    return store.job_details(job_id)
 
 
 def log_path(workspace: str | Path | Workspace | None, job_id: int,

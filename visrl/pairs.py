@@ -158,4 +158,4 @@ def _rollout_ids(pair: dict[str, Any]) -> tuple[int, int]:
 
 
 def _count(store: Store, source: str) -> int:
-    return store.db.execute("SELECT count(*) FROM pairs WHERE source = ?", [source]).fetchone()[0]
+    return store.count_source_pairs(source)

@@ -73,10 +73,8 @@ def count_stale(pairs: list[dict[str, Any]]) -> int:
 
 
 def _rollout_scores(store: Store, rollout_id: int | None) -> str | None:
-    if rollout_id is None:
-        return None
-    row = store.db.execute("SELECT scores FROM rollouts WHERE id = ?", [rollout_id]).fetchone()
-    return row[0] if row else None
+    row = store.rollout(rollout_id)
+    return row["scores"] if row else None
 
 
 def _references(store: Store, item_id: int) -> list[str]:

@@ -104,8 +104,7 @@ def useful_limit(ctx: AppContext, *form: Any) -> Any:
 
 
 def split_choices(ctx: AppContext) -> list[str]:
-    rows = ctx.store.db.execute("SELECT DISTINCT split FROM items ORDER BY split").fetchall()
-    return [r[0] for r in rows] or ["train"]
+    return ctx.store.splits() or ["train"]
 
 
 def create_generate_tab(ctx: AppContext) -> dict[str, Any]:

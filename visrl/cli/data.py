@@ -118,17 +118,14 @@ def datasets_command(workspace: str | None, as_json: bool) -> None:
     from visrl.store import Store
 
     store = Store.open(workspace, create=False)
-    rows = store.db.execute(
-        "SELECT d.name, d.format, d.source, count(i.id) FROM datasets d "
-        "LEFT JOIN items i ON i.dataset_id = d.id GROUP BY d.id ORDER BY d.id").fetchall()
+    rows = store.dataset_summaries()
     if as_json:
-        click.echo(json.dumps([dict(zip(("name", "format", "source", "items"), r, strict=True))
-                               for r in rows], indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
         click.echo("no datasets; import one with `visrl import PATH --dataset NAME`")
-    for name, fmt, source, count in rows:
-        click.echo(f"{name:<20} {fmt:<9} {count:>7} items  {source}")
+    for row in rows:
+        click.echo(f"{row['name']:<20} {row['format']:<9} {row['items']:>7} items  {row['source']}")
 
 
 @cli.command("stats")

@@ -22,11 +22,10 @@ image is an error, not "no box".
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,7 +168,7 @@ class ImportPlan:
 def commit_import(store: Store, plan: ImportPlan) -> dict[str, Any]:
     """Place the images and write dataset, items (and rollouts, pairs) in one transaction.
 
-    The transaction takes SQLite's write lock first (``BEGIN IMMEDIATE``): a concurrent import
+    The transaction takes SQLite's write lock first (``store.write()``): a concurrent import
     waits for it (busy timeout) instead of failing on a lock upgrade, then sees what the first
     one wrote and reports a duplicate as a DataError. Placed images are undone under that lock,
     and never a file that a committed item uses (another import may have reused it).
@@ -181,19 +180,20 @@ def commit_import(store: Store, plan: ImportPlan) -> dict[str, Any]:
     try:
         plan.images.place_all(created)
     except BaseException:
-        with _write_lock(store):
+        with store.write():
             _undo_images(store, created)
         raise
-    with _write_lock(store):
+    with store.write():
         try:
-            with store.atomic() as db:  # a savepoint: undone on error while the lock stays held
+            with store.atomic():  # a savepoint: undone on error while the lock stays held
                 missing = plan.images.missing()
                 if missing:
                     raise DataError(f"{missing[0]} was removed by another import that failed at the "
                                     "same time; run this import again")
                 _check_new_source_ids(store, plan)
-                rows = db.execute("SELECT id, format FROM datasets WHERE name = ?", [plan.dataset]).fetchall()
-                dataset_id = rows[0][0] if rows else store.add_dataset(plan.dataset, plan.format, str(plan.path))
+                dataset_id = store.dataset_id(plan.dataset)
+                if dataset_id is None:
+                    dataset_id = store.add_dataset(plan.dataset, plan.format, str(plan.path))
                 ids = store.add_items(dataset_id, plan.items)
                 extra = plan.after_items(store, ids) if plan.after_items else {}
         except BaseException:
@@ -206,28 +206,10 @@ def commit_import(store: Store, plan: ImportPlan) -> dict[str, Any]:
             "items": len(ids), "splits": splits, "images": sum(p.is_file() for p in created), **extra}
 
 
-@contextlib.contextmanager
-def _write_lock(store: Store) -> Iterator[None]:
-    """One transaction that holds SQLite's write lock from its start (``BEGIN IMMEDIATE``)."""
-    conn = store.db.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.rollback()
-        raise
-    conn.commit()
-
-
 def _undo_images(store: Store, created: list[Path]) -> None:
     """Remove what this import placed, except files that committed items use (call under the lock)."""
     root = store.workspace.root
-    files = [p.relative_to(root).as_posix() for p in created]
-    used: set[str] = set()
-    for start in range(0, len(files), 500):  # SQLite allows 999 parameters per statement
-        chunk = files[start:start + 500]
-        used.update(r[0] for r in store.db.execute(
-            f"SELECT image FROM items WHERE image IN ({', '.join('?' for _ in chunk)})", chunk))
+    used = store.images_in_use([p.relative_to(root).as_posix() for p in created])
     remove_files(created, keep=lambda path: path.relative_to(root).as_posix() in used)
 
 
@@ -239,11 +221,10 @@ def _check_new_source_ids(store: Store, plan: ImportPlan) -> None:
             raise DataError(f"{plan.path.name}: records {seen[key]} and {index} share the id "
                             f"{key[1]!r} in split {key[0]!r}; ids must be unique")
         seen[key] = index
-    rows = store.db.execute("SELECT id FROM datasets WHERE name = ?", [plan.dataset]).fetchall()
-    if not rows:
+    dataset_id = store.dataset_id(plan.dataset)
+    if dataset_id is None:
         return
-    existing = {tuple(r) for r in store.db.execute(
-        "SELECT split, source_id FROM items WHERE dataset_id = ?", [rows[0][0]]).fetchall()}
+    existing = store.source_ids(dataset_id)
     for index, item in enumerate(plan.items):
         if (item["split"], item["source_id"]) in existing:
             raise DataError(f"{plan.path.name}: record {index} (id {item['source_id']!r}) is already in "

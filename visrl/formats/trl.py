@@ -147,8 +147,8 @@ def pair_records(store: Store, statuses: Iterable[str] = ("accepted",), stage: i
 
 
 def _rollout_text(store: Store, rollout_id: int | None) -> str | None:
-    row = store.db.execute("SELECT box_text FROM rollouts WHERE id = ?", [rollout_id]).fetchone()
-    return row[0] if row and row[0] else None
+    row = store.rollout(rollout_id)
+    return row["box_text"] if row and row["box_text"] else None
 
 
 def build_row(record: Record, kind: str, contract: TwoStepContract, refs: _Refs) -> Row:
