@@ -39,7 +39,6 @@ from visrl.boxes import iou
 from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError, DataError
 from visrl.judges import (
-    ANSWER_JUDGES,
     Judge,
     JudgeInput,
     JudgeOptions,
@@ -50,6 +49,7 @@ from visrl.policy import PolicyConfig, check_range, load_reasoner
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
 from visrl.uncertainty import NOISE, interval, intervals, verdict
+from visrl.vocabulary import ANSWER_JUDGES
 from visrl.workspace import Workspace
 
 ACC_IOU = 0.5  # Visual-CoT's detection accuracy: IoU strictly above 0.5

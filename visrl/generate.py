@@ -39,8 +39,6 @@ from visrl.boxes import iou, random_negative_box
 from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError
 from visrl.judges import (
-    ANSWER_JUDGES,
-    CROP_JUDGES,
     Judge,
     JudgeInput,
     JudgeOptions,
@@ -54,6 +52,7 @@ from visrl.run_identity import policy_identity, run_key
 from visrl.run_plan import RunPlan, judges_for, plan_run  # noqa: F401  (RunPlan: re-exported)
 from visrl.runtime import seed_everything
 from visrl.store import Store, box_from_json, loads
+from visrl.vocabulary import ANSWER_JUDGES, CROP_JUDGES
 from visrl.workspace import Workspace
 
 NEGATIVE_MAX_IOU = 0.05  # the method: a second sample overlapping the first more is replaced

@@ -39,9 +39,10 @@ from visrl.errors import ConfigError, JobError
 from visrl.job_config import KINDS, job_target, validate_config, validate_text  # noqa: F401  (re-exported)
 from visrl.progress import Progress
 from visrl.store import Store, now
+from visrl.vocabulary import ACTIVE_JOB_STATUSES
 from visrl.workspace import Workspace
 
-ACTIVE: tuple[str, ...] = ("queued", "running", "stopping")
+ACTIVE: tuple[str, ...] = ACTIVE_JOB_STATUSES
 LOG_NAME = "log.txt"
 # A process created more than this many seconds after the job started is another process that
 # got the recycled pid (start_job stamps started_at right after the spawn; clocks are 1 s coarse).

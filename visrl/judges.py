@@ -39,9 +39,8 @@ from PIL import Image
 
 from visrl.boxes import Box, iou
 from visrl.errors import ConfigError, RemoteError, RemoteRefused
+from visrl.vocabulary import ANSWER_JUDGES, CROP_JUDGES  # noqa: F401  (re-exported)
 
-ANSWER_JUDGES = ("auto", "exact", "f1", "anls", "number", "model")
-CROP_JUDGES = ("none", "iou", "iou_threshold", "model", "policy")
 RETRIES = 3  # attempts per judge-model call; waits 0.5 s, 1 s between them
 
 ANSWER_PROMPT = (

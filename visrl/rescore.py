@@ -23,9 +23,10 @@ from typing import Any
 from visrl.boxes import Box
 from visrl.judges import IoUCropJudge, JudgeInput, JudgeOptions, RuleAnswerJudge
 from visrl.store import Store, box_from_json, loads
+from visrl.vocabulary import RULE_ANSWER_JUDGES
 
 STALE_LABEL = "edited — not re-scored"
-_RULE_ANSWER = re.compile(r"^answer:(exact|f1|anls|number|auto)(?:@([\d.]+)(?:,([\d.]+))?)?$")
+_RULE_ANSWER = re.compile(rf"^answer:({'|'.join(RULE_ANSWER_JUDGES)})(?:@([\d.]+)(?:,([\d.]+))?)?$")
 _IOU_CROP = re.compile(r"^crop:iou(?:>=([\d.]+))?$")
 
 

@@ -18,9 +18,10 @@ from visrl import rescore
 from visrl.boxes import Box
 from visrl.errors import ConflictError, DataError, NotFoundError
 from visrl.store import Store, box_from_json, box_to_json, loads, now
+from visrl.vocabulary import PAIR_STATUSES
 
 Side = Literal["chosen", "rejected"]
-STATUSES = ("pending", "accepted", "rejected")
+STATUSES = PAIR_STATUSES  # the name review callers know
 SORTS = {
     "priority": ("p.priority DESC, p.id ASC", ("priority", "id")),
     "oldest": ("p.id ASC", ("id",)),
