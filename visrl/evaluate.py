@@ -319,8 +319,7 @@ def _score(judge: Judge, item: dict[str, Any], refs: list[str], answer: str | No
 
 def _output_dir(ws: Workspace, cfg: EvalConfig, job_id: int | None) -> Path:
     if cfg.output_dir:
-        out = Path(cfg.output_dir)
-        out = out if out.is_absolute() else ws.root / out
+        out = ws.resolve(cfg.output_dir)
     elif job_id is not None:
         out = ws.run_dir(job_id)
     else:
@@ -349,16 +348,12 @@ def _write_outputs(out: Path, cfg: EvalConfig, metrics: dict[str, Any], table: s
 
 def find_checkpoint(store: Store, cfg: EvalConfig) -> int | None:
     """The ``checkpoints`` row whose path is the evaluated adapter, else the model, else None."""
-    root = store.workspace.root
-    by_path: dict[Path, int] = {}
-    for ckpt in store.checkpoints():
-        path = Path(ckpt["path"])
-        by_path[(path if path.is_absolute() else root / path).resolve()] = ckpt["id"]
+    ws = store.workspace
+    by_path = {ws.resolve(ckpt["path"]).resolve(): ckpt["id"] for ckpt in store.checkpoints()}
     for candidate in (cfg.adapter_name_or_path, cfg.model_name_or_path):
         if not candidate or cfg.backend == "remote":
             continue
-        path = Path(candidate)
-        resolved = (path if path.is_absolute() else root / path).resolve()
+        resolved = ws.resolve(candidate).resolve()
         if resolved in by_path:
             return by_path[resolved]
     return None

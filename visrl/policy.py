@@ -87,12 +87,10 @@ def resolve_model_path(ws: Workspace, path: str | None) -> str | None:
     """A relative model path names a folder of the workspace when one is there (``models/x``),
     else a folder of the current directory; any other name (a Hub id) is kept as given for
     :func:`visrl.models.locate_model`."""
-    if not path or Path(path).is_absolute():
+    if not path:
         return path
-    in_ws = ws.root / path
-    if in_ws.exists():
-        return str(in_ws)
-    return str(Path(path).resolve()) if Path(path).exists() else path
+    found = ws.resolve(path, search_cwd=True)
+    return str(found) if found.exists() else path
 
 
 def load_reasoner(ws: Workspace, cfg: PolicyConfig) -> Any:

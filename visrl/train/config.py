@@ -19,6 +19,7 @@ from typing import Any
 from visrl.contract_fields import ContractFields
 from visrl.errors import ConfigError
 from visrl.vocabulary import BOX_FORMATS, PAIR_STATUSES
+from visrl.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +277,9 @@ def _resume_value(value: Any) -> str | bool:
 
 
 def resolve_path(root: Path, path: str | None) -> str | None:
-    """A relative path names a folder of the workspace when one is there, else the CWD's."""
-    if not path or Path(path).is_absolute():
-        return path
-    in_ws = root / path
-    return str(in_ws) if in_ws.exists() or not Path(path).exists() else str(Path(path).resolve())
+    """A relative path names a folder of the workspace when one is there, else the CWD's
+    (:meth:`visrl.workspace.Workspace.resolve`)."""
+    return str(Workspace(root).resolve(path, search_cwd=True)) if path else path
 
 
 MERGED_BASE_DIR = "base"  # train/run.py writes base + previous adapter here, beside the new adapter
@@ -303,8 +302,8 @@ def result_base(cfg: TrainConfig) -> str:
 
 
 def resolve_output(root: Path, path: str) -> Path:
-    """Output folders that are relative always go inside the workspace."""
-    return Path(path) if Path(path).is_absolute() else root / path
+    """Output folders that are relative always go inside the workspace (:meth:`Workspace.resolve`)."""
+    return Workspace(root).resolve(path)
 
 
 # Keys of LLaMA-Factory / the VisRL seed's training YAMLs that mean one of our fields.
