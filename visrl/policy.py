@@ -7,7 +7,6 @@ share, their checks and the loading of the reasoner live here once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from visrl.boxes import QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
