@@ -44,6 +44,7 @@ from visrl.judges import (
     JudgeOptions,
     make_judges,
     model_judge_key,
+    references,
 )
 from visrl.policy import PolicyConfig, check_range, load_reasoner
 from visrl.progress import Progress
@@ -284,7 +285,7 @@ def run_eval(workspace: str | Path | Workspace | None, cfg: EvalConfig,
 
 def _eval_batch(ws: Workspace, reasoner: Any, sampling: Any, judge: Judge, cfg: EvalConfig,
                 batch: list[dict[str, Any]]) -> list[Prediction]:
-    from visrl.generate import load_image, references
+    from visrl.generate import load_image
 
     images = [load_image(ws, item) for item in batch]
     questions = [item["question"] for item in batch]
