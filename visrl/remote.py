@@ -44,7 +44,7 @@ from PIL import Image
 from visrl.boxes import QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
 from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError, RemoteError, RemoteRefused
-from visrl.reasoning import TwoStep, with_images  # noqa: F401  (with_images: re-exported)
+from visrl.two_step import TwoStep, with_images  # noqa: F401  (with_images: re-exported)
 from visrl.vocabulary import BOX_FORMATS
 
 Message = dict[str, Any]
