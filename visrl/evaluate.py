@@ -62,7 +62,7 @@ class EvalConfig(PolicyConfig):
 
     split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     answer_judge: str = field(default="auto", metadata={
-        "help": "auto | exact | f1 | anls | number | model (see visrl.judges)."})
+        "help": f"{' | '.join(ANSWER_JUDGES)} (see visrl.judges)."})
     judge_base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible endpoint of the judge model (answer_judge: model)."})
     judge_model: str | None = field(default=None, metadata={"help": "Judge model name on that endpoint."})

@@ -73,9 +73,10 @@ class GenerateConfig(PolicyConfig):
     batch_size: int = field(default=8, metadata={
         "help": "Items per batch; one batch asks attempts x 2 boxes per item in one generate call."})
     answer_judge: str = field(default="auto", metadata={
-        "help": "auto | exact | f1 | anls | number | model (see visrl.judges)."})
+        "help": f"{' | '.join(ANSWER_JUDGES)} (see visrl.judges)."})
     crop_judge: str = field(default="iou", metadata={
-        "help": "iou | iou_threshold | model | none; IoU judges apply only to items with an annotated box."})
+        "help": f"{' | '.join(CROP_JUDGES)}; IoU judges apply only to items with an annotated box; policy is "
+                "a local model folder (judge_model, visrl.crop_judge)."})
     judge_base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible endpoint of the judge model (for 'model' judges)."})
     judge_model: str | None = field(default=None, metadata={

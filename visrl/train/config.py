@@ -79,7 +79,7 @@ class TrainConfig(ContractFields):
         "Keep the vision-to-text projector (Qwen's merger) out of training, like freeze_vision_tower."))
     split: str = field(default="train", metadata=_help("Item split for sft and grpo rows."))
     pair_status: list[str] = field(default_factory=lambda: ["accepted"], metadata=_help(
-        "Pair statuses trained on by dpo/visrl (pending, accepted, rejected)."))
+        f"Pair statuses trained on by dpo/visrl ({', '.join(PAIR_STATUSES)})."))
     # A run teaches the boxes and crops its recipe reads, whatever the starting checkpoint recorded:
     # so, unlike the other stages, box_format and crop_margin default to the contract's documented
     # defaults, not to None ("the checkpoint's"). The pixel budgets stay the mixin's (None).
