@@ -18,6 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # shared CI CPU one thread is the fast choice, and it keeps test timings steady.
 os.environ.setdefault("VISRL_NUM_THREADS", "1")
 
+from visrl.contract import TwoStepContract  # noqa: E402  (after the environment above)
+from visrl.two_step import TwoStep  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def visrl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -79,3 +82,47 @@ def load_script(relative: str, name: str) -> Any:
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+class ScriptedTwoStep(TwoStep):
+    """A real two-step policy whose model is a script (as llm's ``MockModel`` is a ``Model``): a
+    test subclass overrides :meth:`reply` alone, and the prompts, box parsing, random boxes, crops
+    and images are the production code's (``self.contract``'s).
+
+    A conversation (image_first layout) is one user turn for the box step (and the direct
+    baseline), three for the answer step: user (full image, question), assistant (box text),
+    user (crop, answer prompt). The helpers below read those parts.
+    """
+
+    def __init__(self, contract: TwoStepContract | None = None) -> None:
+        if contract is not None:  # else the class's contract (TwoStep's default unless a subclass sets one)
+            self.contract = contract
+
+    def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
+        return [self.reply(conversation, sampling) for conversation in conversations]
+
+    def reply(self, conversation: list, sampling: Any) -> list[str]:
+        """The ``sampling.n`` texts the scripted model writes for one conversation."""
+        raise NotImplementedError
+
+    @staticmethod
+    def is_box_step(conversation: list) -> bool:
+        return len(conversation) == 1  # the direct baseline is one turn too
+
+    @staticmethod
+    def full_image(conversation: list) -> Any:
+        return conversation[0]["content"][0]["image"]
+
+    @staticmethod
+    def question_text(conversation: list) -> str:
+        return conversation[0]["content"][1]["text"]
+
+    @staticmethod
+    def box_text(conversation: list) -> str:
+        """The answer step's step-1 box text (the assistant turn)."""
+        return conversation[1]["content"][0]["text"]
+
+    @staticmethod
+    def crop_image(conversation: list) -> Any:
+        """The answer step's crop, as the contract cut and prepared it."""
+        return conversation[2]["content"][0]["image"]

@@ -627,15 +627,17 @@ def test_chat_upload_within_the_pixel_budget(ctx: Any, tmp_path: Path, monkeypat
 def test_chat_crops_with_the_checkpoints_contract(ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real two-step policy (generation scripted): the chat shows the crop the contract cuts,
     margin included, as generation and evaluation cut it."""
+    from conftest import ScriptedTwoStep
+
     from visrl.contract import TwoStepContract
-    from visrl.reasoning import Sampling, TwoStep
+    from visrl.reasoning import Sampling
     from visrl_app import chat_tab
 
-    class Scripted(TwoStep):
+    class Scripted(ScriptedTwoStep):
         contract = TwoStepContract(box_format="normalized", crop_margin=0.5)
 
-        def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
-            return [["[0.25, 0.25, 0.50, 0.50]" if len(c) == 1 else "a dot"] for c in conversations]
+        def reply(self, conversation: list, sampling: Any) -> list[str]:
+            return ["[0.25, 0.25, 0.50, 0.50]" if self.is_box_step(conversation) else "a dot"]
 
     monkeypatch.setattr(chat_tab, "reasoner_for", lambda ctx, choice: Scripted())
     monkeypatch.setattr(chat_tab, "make_sampling", lambda temperature, max_new_tokens: Sampling())

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ScriptedTwoStep
 from PIL import Image
 
 from visrl.boxes import BOX_FORMATS, Box
 from visrl.contract import CONTRACT_FILE, TwoStepContract, fit_size, read_contract, write_contract
 from visrl.errors import ConfigError
-from visrl.reasoning import TwoStep
 
 CAP_1280 = 1280 * 28 * 28  # ~1280 visual tokens of Qwen2/2.5-VL (28 px per merged token side)
 
@@ -135,28 +135,24 @@ def model_text(fmt: str, box: Box, size: tuple[int, int]) -> str:
                                    round(box.x2 * rw / w), round(box.y2 * rh / h)]})
 
 
-class ScriptedPolicy(TwoStep):
-    """A real two-step policy whose generation is scripted: it writes the good box, then the far
-    one, in its family's text, and answers "7" when the crop it is shown is the good box's crop
-    (as the contract cuts it), else "3". Parsing, random boxes and crops are the production code."""
+class ScriptedPolicy(ScriptedTwoStep):
+    """A scripted two-step policy: it writes the good box, then the far one, in its family's text,
+    and answers "7" when the crop it is shown is the good box's crop (as the contract cuts it),
+    else "3"."""
 
     def __init__(self, contract: TwoStepContract) -> None:
-        self.contract = contract
+        super().__init__(contract)
         self.crop_sizes: list[tuple[int, int]] = []
 
-    def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
+    def reply(self, conversation: list, sampling: Any) -> list[str]:
         fmt = self.contract.box_format
-        if len(conversations[0]) == 1:
-            texts = [model_text(fmt, GOOD, ROUND_SIZE), model_text(fmt, FAR, ROUND_SIZE)]
-            return [texts[: sampling.n] for _ in conversations]
+        if self.is_box_step(conversation):
+            return [model_text(fmt, GOOD, ROUND_SIZE), model_text(fmt, FAR, ROUND_SIZE)][: sampling.n]
         good = self.contract.crop_region(GOOD, ROUND_SIZE)
-        out = []
-        for conversation in conversations:
-            crop = conversation[2]["content"][0]["image"]
-            self.crop_sizes.append(crop.size)
-            near = abs(crop.width - good.width) <= 4 and abs(crop.height - good.height) <= 4  # text precision
-            out.append(["7" if near else "3"])
-        return out
+        crop = self.crop_image(conversation)
+        self.crop_sizes.append(crop.size)
+        near = abs(crop.width - good.width) <= 4 and abs(crop.height - good.height) <= 4  # text precision
+        return ["7" if near else "3"]
 
 
 def _close(a: Box | None, b: Box, tolerance: float) -> bool:
@@ -223,16 +219,16 @@ def test_one_box_round_trips_item_generate_pair_export_parse(fmt: str, store: An
 
 # ---------------------------------------------------------------------- prompt layout
 
-class RecordingPolicy(TwoStep):
+class RecordingPolicy(ScriptedTwoStep):
     """Records the conversations it is asked to complete and answers with a fixed box."""
 
     def __init__(self, contract: TwoStepContract) -> None:
-        self.contract = contract
+        super().__init__(contract)
         self.seen: list[list[dict]] = []
 
-    def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
-        self.seen.extend(conversations)
-        return [["[0.1, 0.2, 0.5, 0.6]"] * sampling.n for _ in conversations]
+    def reply(self, conversation: list, sampling: Any) -> list[str]:
+        self.seen.append(conversation)
+        return ["[0.1, 0.2, 0.5, 0.6]"] * sampling.n
 
 
 def _part_order(message: dict) -> list[str]:

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import ScriptedTwoStep
 from PIL import Image
 
 from visrl.boxes import Box
@@ -16,38 +17,37 @@ from visrl.errors import ConfigError, DataError
 from visrl.evaluate import EvalConfig, Prediction, compare_table, metrics_table, run_eval, summarize
 from visrl.progress import Progress
 from visrl.prompts import DIRECT_SUFFIX
-from visrl.reasoning import Sampling, TwoStep
+from visrl.reasoning import Sampling
 from visrl.store import Store
 
 _register()
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ScriptedReasoner(TwoStep):
-    """A real two-step policy whose model is a script keyed by question: (box or None, answer,
-    direct answer). Only :meth:`generate` is scripted: the box is written as the contract's text
-    and parsed back, the crop cut and the prompts built by the production code."""
+class ScriptedReasoner(ScriptedTwoStep):
+    """A scripted two-step policy keyed by question: (box or None, answer, direct answer). The box
+    is written as the contract's text and parsed back by the production code."""
 
     def __init__(self, script: dict[str, tuple[list[float] | None, str, str]],
                  progress: Progress | None = None, stop_after_calls: int | None = None) -> None:
+        super().__init__()
         self.script, self.progress, self.stop_after_calls = script, progress, stop_after_calls
         self.calls = 0  # box steps, i.e. two_step batches
         self.sampling: list[Any] = []
 
+    def reply(self, conversation: list, sampling: Any) -> list[str]:
+        text = self.question_text(conversation)
+        box, answer, direct = self.script[text.split(" ")[0]]
+        if len(conversation) == 3:  # the answer step, after a box that parsed or not
+            return [answer]
+        if text.endswith(DIRECT_SUFFIX):
+            return [direct]
+        return [self.contract.format(Box.from_list(box), self.full_image(conversation).size) if box else "garbage"]
+
     def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
-        out = []
-        for conversation in conversations:
-            text = conversation[0]["content"][1]["text"]
-            full = conversation[0]["content"][0]["image"]
-            question = text.split(" ")[0]
-            box, answer, direct = self.script[question]
-            if len(conversation) == 3:  # the answer step, after a box that parsed or not
-                out.append([answer])
-            elif text.endswith(DIRECT_SUFFIX):
-                out.append([direct])
-            else:
-                out.append([self.contract.format(Box.from_list(box), full.size) if box else "garbage"])
-        if len(conversations[0]) == 1 and not conversations[0][0]["content"][1]["text"].endswith(DIRECT_SUFFIX):
+        """The replies, then a count of the box-step batches (stopping after ``stop_after_calls``)."""
+        out = super().generate(conversations, sampling)
+        if self.is_box_step(conversations[0]) and not self.question_text(conversations[0]).endswith(DIRECT_SUFFIX):
             self.calls += 1
             self.sampling.append(sampling)
             if self.stop_after_calls is not None and self.calls >= self.stop_after_calls:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import ScriptedTwoStep
 from PIL import Image
 
 from visrl import generate as gen
@@ -24,7 +25,6 @@ from visrl.generate import GenerateConfig, judge_rollouts, run_generate, run_key
 from visrl.judges import make_judges
 from visrl.progress import Progress
 from visrl.prompts import BOX_PROMPT
-from visrl.reasoning import TwoStep
 from visrl.review import PairFilter, count_pairs
 from visrl.store import Store, box_from_json
 
@@ -33,9 +33,9 @@ GT = Box(10, 10, 40, 40)  # every item's object; the fake answers right only whe
 FAR = Box(80, 50, 110, 80)  # never overlaps GT
 
 
-class ScriptedReasoner(TwoStep):
-    """A real two-step policy whose model is a script: only :meth:`generate` is replaced, so the
-    prompts, parsing, random boxes and crops are the production ones (the contract's).
+class ScriptedReasoner(ScriptedTwoStep):
+    """A scripted two-step policy (the prompts, parsing, random boxes and crops are the production
+    ones, the contract's); box steps are scripted per batch, to count and delay them.
 
     ``boxes(question, attempt_index)`` gives the two texts of one box prompt; an answer is right
     ("7") when the box text the answer prompt carries names a box overlapping the object
@@ -44,7 +44,7 @@ class ScriptedReasoner(TwoStep):
 
     def __init__(self, boxes: Any = None, progress: Progress | None = None, stop_after: int | None = None,
                  delay_s: float = 0.0, contract: TwoStepContract | None = None) -> None:
-        self.contract = contract or TwoStepContract()
+        super().__init__(contract)
         self.boxes = boxes or (lambda q, i: [self.contract.format(GT, SIZE), self.contract.format(FAR, SIZE)])
         self.progress, self.stop_after, self.delay_s = progress, stop_after, delay_s
         self.box_calls: list[int] = []
@@ -54,16 +54,16 @@ class ScriptedReasoner(TwoStep):
 
     def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
         self.samplings.append(sampling)
-        if len(conversations[0]) == 1:  # the box step: one user turn
+        if self.is_box_step(conversations[0]):
             return self._boxes(conversations, sampling)
         self.answer_calls.append(len(conversations))
-        out = []
-        for conversation in conversations:
-            full = conversation[0]["content"][0]["image"]
-            self.crops.append(conversation[2]["content"][0]["image"])
-            box = self.parse(conversation[1]["content"][0]["text"], full)
-            out.append(["7" if iou(box, GT) > 0.5 else "3"] * sampling.n)
-        return out
+        return super().generate(conversations, sampling)
+
+    def reply(self, conversation: list, sampling: Any) -> list[str]:
+        """The answer step: right when the box text it carries names a box on the object."""
+        self.crops.append(self.crop_image(conversation))
+        box = self.parse(self.box_text(conversation), self.full_image(conversation))
+        return ["7" if iou(box, GT) > 0.5 else "3"] * sampling.n
 
     def _boxes(self, conversations: list, sampling: Any) -> list[list[str]]:
         assert sampling.n == 2

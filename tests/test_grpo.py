@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ScriptedTwoStep
 from PIL import Image
 
 from visrl.boxes import Box
 from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError
 from visrl.prompts import box_prompt
-from visrl.reasoning import TwoStep
 from visrl.train.config import TrainConfig, load_train_config
 from visrl.train.grpo import (
     AnswerReward,
@@ -67,21 +67,25 @@ def test_reward_names_are_the_logged_metric_names() -> None:
     assert names == ["iou", "format", "answer"]
 
 
-class CannedReasoner(TwoStep):
-    """A real two-step policy whose generation is canned: it answers by the width of the crop the
-    production code cut and put in the answer prompt ("red" for the 50 px wide right crop)."""
+class CannedReasoner(ScriptedTwoStep):
+    """A scripted two-step policy: it answers by the width of the crop the production code cut and
+    put in the answer prompt ("red" for the 50 px wide right crop)."""
 
     def __init__(self) -> None:
         import torch
 
+        super().__init__()
         self.model = torch.nn.Linear(1, 1)
         self.calls: list[list[str]] = []
 
     def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
         assert sampling.greedy and sampling.max_new_tokens == 8
         assert not self.model.training  # answers are generated in eval mode
-        self.calls.append([c[1]["content"][0]["text"] for c in conversations])
-        return [["red" if c[2]["content"][0]["image"].width == 50 else "blue"] for c in conversations]
+        self.calls.append([self.box_text(c) for c in conversations])
+        return super().generate(conversations, sampling)
+
+    def reply(self, conversation: list, sampling: Any) -> list[str]:
+        return ["red" if self.crop_image(conversation).width == 50 else "blue"]
 
 
 def test_answer_reward_judges_the_answer_on_each_sampled_crop() -> None:

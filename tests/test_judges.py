@@ -244,3 +244,18 @@ def test_model_judge_skips_failed_rollouts() -> None:
     judge = ModelJudge("crop", JudgeOptions(base_url="http://x", model="j", chat=lambda *a, **k: calls.append(a)))
     got = judge(JudgeInput("q", ["a"], None))
     assert got.score == 0.0 and calls == []
+
+
+@pytest.mark.parametrize("answer_judge, crop_judge, expected", [
+    ("exact", "iou", (False, False)),
+    ("auto", "iou_threshold", (False, False)),
+    ("model", "model", (True, True)),  # both prompts send the image
+    ("number", "none", (False, None)),
+])
+def test_each_judge_declares_whether_it_reads_pixels(answer_judge: str, crop_judge: str,
+                                                     expected: tuple[bool, bool | None]) -> None:
+    from visrl.judgement import Judge
+
+    answer, crop = make_judges(answer_judge, crop_judge, JudgeOptions(base_url="http://x", model="m"))
+    assert (answer.needs_image, None if crop is None else crop.needs_image) == expected
+    assert isinstance(answer, Judge) and (crop is None or isinstance(crop, Judge))

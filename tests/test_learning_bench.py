@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import load_script
+from conftest import ScriptedTwoStep, load_script
 from PIL import Image
 
 import visrl.demo as demo
 from visrl.boxes import iou
-from visrl.reasoning import TwoStep
 from visrl.store import Store, box_from_json
 from visrl.synthetic import SyntheticConfig, render_item
 
@@ -33,30 +32,30 @@ def _key(image: Image.Image) -> str:
     return hashlib.sha1(image.convert("RGB").tobytes()).hexdigest()
 
 
-class SceneReader(TwoStep):
-    """A real two-step policy whose model is a script that knows the scenes: attempt k of an item
-    boxes objects k and k+1 (of 3); an answer is the detail of the object its box text covers
-    (IoU > 0.5), as a perfect crop reader would give. Prompts, parsing, negatives and crops are
-    the production ones. It never sees the store, so it cannot read an annotated box."""
+class SceneReader(ScriptedTwoStep):
+    """A scripted two-step policy that knows the scenes: attempt k of an item (its k-th
+    conversation in one call) boxes objects k and k+1 (of 3); an answer is the detail of the
+    object its box text covers (IoU > 0.5), as a perfect crop reader would give. It never sees the
+    store, so it cannot read an annotated box."""
 
     def __init__(self, scenes: list[Any]) -> None:
+        super().__init__()
         self.scenes = {_key(s.image): s for s in scenes}
+        self.attempts: dict[str, int] = {}
 
     def generate(self, conversations: list, sampling: Any, progress: bool = False) -> list[list[str]]:
-        seen: dict[str, int] = {}
-        out = []
-        for conversation in conversations:
-            full = conversation[0]["content"][0]["image"]
-            scene = self.scenes[_key(full)]
-            if len(conversation) == 1:  # the box step: one box per sample, attempt k -> objects k, k+1
-                k = seen[_key(full)] = seen.get(_key(full), -1) + 1
-                out.append([self.contract.format(scene.objects[(k + j) % 3].box, full.size)
-                            for j in range(sampling.n)])
-                continue
-            box = self.parse(conversation[1]["content"][0]["text"], full)
-            hit = [o for o in scene.objects if iou(box, o.box) > 0.5]
-            out.append([hit[0].detail_answer if hit else "none"] * sampling.n)
-        return out
+        self.attempts = {}  # attempts are counted within one call
+        return super().generate(conversations, sampling)
+
+    def reply(self, conversation: list, sampling: Any) -> list[str]:
+        full = self.full_image(conversation)
+        scene = self.scenes[_key(full)]
+        if self.is_box_step(conversation):  # one box per sample, attempt k -> objects k, k+1
+            k = self.attempts[_key(full)] = self.attempts.get(_key(full), -1) + 1
+            return [self.contract.format(scene.objects[(k + j) % 3].box, full.size) for j in range(sampling.n)]
+        box = self.parse(self.box_text(conversation), full)
+        hit = [o for o in scene.objects if iou(box, o.box) > 0.5]
+        return [hit[0].detail_answer if hit else "none"] * sampling.n
 
 
 def _args(**kw: Any) -> argparse.Namespace:

@@ -21,12 +21,11 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 from PIL import Image
 
-BoxFormat = Literal["viscot", "qwen2", "qwen2_5", "qwen3", "normalized"]
-BOX_FORMATS: tuple[str, ...] = ("viscot", "qwen2", "qwen2_5", "qwen3", "normalized")
+from visrl.vocabulary import BOX_FORMATS  # noqa: F401  (re-exported: BOX_FORMATS lived here)
+
 Size = tuple[int, int]  # (width, height) in pixels
 # The pixel budget of Qwen2.5-VL's shipped processor (preprocessor_config.json), which servers such
 # as vLLM resize images into unless told otherwise: ``qwen2_5`` boxes are pixels of that resize.

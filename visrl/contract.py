@@ -36,7 +36,6 @@ from typing import Any
 from PIL import Image
 
 from visrl.boxes import (
-    BOX_FORMATS,
     QWEN2_5_MAX_PIXELS,
     QWEN2_5_MIN_PIXELS,
     Box,
@@ -47,7 +46,7 @@ from visrl.boxes import (
     parse_box,
 )
 from visrl.errors import ConfigError
-from visrl.prompts import LAYOUTS
+from visrl.vocabulary import BOX_FORMATS, PROMPT_LAYOUTS
 
 CONTRACT_FILE = "visrl_model.json"  # beside a model's config.json or an adapter's adapter_config.json
 QWEN_RESIZE_FACTOR = 28  # Qwen2/2.5-VL: 14 px patches, 2x2 merged into one visual token
@@ -75,8 +74,8 @@ class TwoStepContract:
         # per side, in box widths; NaN compares false and fails too
         if not (isinstance(self.crop_margin, (int, float)) and 0 <= self.crop_margin <= MAX_CROP_MARGIN):
             raise ConfigError(f"crop_margin must be in [0.0, {MAX_CROP_MARGIN:.1f}], got {self.crop_margin!r}")
-        if self.prompt_layout not in LAYOUTS:
-            raise ConfigError(f"prompt_layout {self.prompt_layout!r} unknown; use one of {', '.join(LAYOUTS)}")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ConfigError(f"prompt_layout {self.prompt_layout!r} unknown; use one of {', '.join(PROMPT_LAYOUTS)}")
         if self.crop_min_size < 1 or self.resize_factor < 1:
             raise ConfigError(f"crop_min_size and resize_factor must be >= 1, got {self.crop_min_size} "
                               f"and {self.resize_factor}")

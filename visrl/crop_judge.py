@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from visrl.errors import ConfigError
-from visrl.judges import JudgeInput, Judgement
+from visrl.judgement import Judge, JudgeInput, Judgement
 
 # Worded for any data (a real photo's "sign" or "car" as well as the demo's "red circle"): the
 # judge model learns the reply's form from its training rows, not from this sentence.
@@ -62,7 +62,7 @@ def check_messages(question: str) -> list[dict[str, Any]]:
 
 
 @dataclass
-class PolicyCropJudge:
+class PolicyCropJudge(Judge):
     """``crop_judge: policy``: a local VLM's probability that the crop shows the question's object
     (module doc). ``model_path`` (and optional ``adapter``) is loaded on the first call, once;
     calls from the generate step's judge threads share it under a lock."""

@@ -26,6 +26,7 @@ from visrl import review
 from visrl.errors import ConflictError, DataError
 from visrl.review import PairFilter
 from visrl.store import Store
+from visrl.vocabulary import DECIDED_PAIR_STATUSES
 
 CLAIM_TTL_S = 300.0  # a pair stays on one screen this long without a key press (5 min), then frees
 BULK_ACTIONS = {"accept": "accepted", "reject": "rejected", "reset": "pending"}
@@ -71,7 +72,7 @@ class Progress:
                 f"the filters · {reviewer}: {mine}")
 
 
-DECIDED = ("accepted", "rejected")
+DECIDED = DECIDED_PAIR_STATUSES
 
 
 def decisions_text(counts: dict[str, int]) -> str:

@@ -39,17 +39,18 @@ from visrl.boxes import iou
 from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError, DataError
 from visrl.judges import (
-    ANSWER_JUDGES,
     Judge,
     JudgeInput,
     JudgeOptions,
     make_judges,
     model_judge_key,
+    references,
 )
 from visrl.policy import PolicyConfig, check_range, load_reasoner
 from visrl.progress import Progress
 from visrl.store import Store, box_from_json, loads
 from visrl.uncertainty import NOISE, interval, intervals, verdict
+from visrl.vocabulary import ANSWER_JUDGES
 from visrl.workspace import Workspace
 
 ACC_IOU = 0.5  # Visual-CoT's detection accuracy: IoU strictly above 0.5
@@ -61,7 +62,7 @@ class EvalConfig(PolicyConfig):
 
     split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     answer_judge: str = field(default="auto", metadata={
-        "help": "auto | exact | f1 | anls | number | model (see visrl.judges)."})
+        "help": f"{' | '.join(ANSWER_JUDGES)} (see visrl.judges)."})
     judge_base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible endpoint of the judge model (answer_judge: model)."})
     judge_model: str | None = field(default=None, metadata={"help": "Judge model name on that endpoint."})
@@ -284,7 +285,7 @@ def run_eval(workspace: str | Path | Workspace | None, cfg: EvalConfig,
 
 def _eval_batch(ws: Workspace, reasoner: Any, sampling: Any, judge: Judge, cfg: EvalConfig,
                 batch: list[dict[str, Any]]) -> list[Prediction]:
-    from visrl.generate import load_image, references
+    from visrl.generate import load_image
 
     images = [load_image(ws, item) for item in batch]
     questions = [item["question"] for item in batch]
@@ -319,8 +320,7 @@ def _score(judge: Judge, item: dict[str, Any], refs: list[str], answer: str | No
 
 def _output_dir(ws: Workspace, cfg: EvalConfig, job_id: int | None) -> Path:
     if cfg.output_dir:
-        out = Path(cfg.output_dir)
-        out = out if out.is_absolute() else ws.root / out
+        out = ws.resolve(cfg.output_dir)
     elif job_id is not None:
         out = ws.run_dir(job_id)
     else:
@@ -349,16 +349,12 @@ def _write_outputs(out: Path, cfg: EvalConfig, metrics: dict[str, Any], table: s
 
 def find_checkpoint(store: Store, cfg: EvalConfig) -> int | None:
     """The ``checkpoints`` row whose path is the evaluated adapter, else the model, else None."""
-    root = store.workspace.root
-    by_path: dict[Path, int] = {}
-    for ckpt in store.checkpoints():
-        path = Path(ckpt["path"])
-        by_path[(path if path.is_absolute() else root / path).resolve()] = ckpt["id"]
+    ws = store.workspace
+    by_path = {ws.resolve(ckpt["path"]).resolve(): ckpt["id"] for ckpt in store.checkpoints()}
     for candidate in (cfg.adapter_name_or_path, cfg.model_name_or_path):
         if not candidate or cfg.backend == "remote":
             continue
-        path = Path(candidate)
-        resolved = (path if path.is_absolute() else root / path).resolve()
+        resolved = ws.resolve(candidate).resolve()
         if resolved in by_path:
             return by_path[resolved]
     return None

@@ -39,13 +39,11 @@ from visrl.boxes import iou, random_negative_box
 from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError
 from visrl.judges import (
-    ANSWER_JUDGES,
-    CROP_JUDGES,
     Judge,
     JudgeInput,
     JudgeOptions,
-    ModelJudge,
     model_judge_key,
+    references,
 )
 from visrl.pairs import UNSCORED, PairsConfig, build_pairs
 from visrl.policy import PolicyConfig, check_range, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
@@ -54,6 +52,7 @@ from visrl.run_identity import policy_identity, run_key
 from visrl.run_plan import RunPlan, judges_for, plan_run  # noqa: F401  (RunPlan: re-exported)
 from visrl.runtime import seed_everything
 from visrl.store import Store, box_from_json, loads
+from visrl.vocabulary import ANSWER_JUDGES, CROP_JUDGES
 from visrl.workspace import Workspace
 
 NEGATIVE_MAX_IOU = 0.05  # the method: a second sample overlapping the first more is replaced
@@ -74,9 +73,10 @@ class GenerateConfig(PolicyConfig):
     batch_size: int = field(default=8, metadata={
         "help": "Items per batch; one batch asks attempts x 2 boxes per item in one generate call."})
     answer_judge: str = field(default="auto", metadata={
-        "help": "auto | exact | f1 | anls | number | model (see visrl.judges)."})
+        "help": f"{' | '.join(ANSWER_JUDGES)} (see visrl.judges)."})
     crop_judge: str = field(default="iou", metadata={
-        "help": "iou | iou_threshold | model | none; IoU judges apply only to items with an annotated box."})
+        "help": f"{' | '.join(CROP_JUDGES)}; IoU judges apply only to items with an annotated box; policy is "
+                "a local model folder (judge_model, visrl.crop_judge)."})
     judge_base_url: str | None = field(default=None, metadata={
         "help": "OpenAI-compatible endpoint of the judge model (for 'model' judges)."})
     judge_model: str | None = field(default=None, metadata={
@@ -271,7 +271,7 @@ def _check_parse_rate(cfg: GenerateConfig, counts: dict[str, Any], batch: list[d
 def _judge_contract(ws: Workspace, cfg: GenerateConfig, crop_judge: Judge | None) -> TwoStepContract | None:
     """Without a loaded policy, a judge model still sees the policy's crop: the checkpoint's
     contract from its files (None, the default crop, when they cannot be read)."""
-    if crop_judge is None or not getattr(crop_judge, "needs_image", isinstance(crop_judge, ModelJudge)):
+    if crop_judge is None or not crop_judge.needs_image:
         return None  # IoU judges never look at the crop
     from visrl.errors import VisRLError
     from visrl.policy import policy_contract
@@ -388,7 +388,7 @@ def judge_rollouts(store: Store, run_key: str, answer_judge: Judge, crop_judge: 
                 results[(rollout["id"], judge.key)] = (cached, None)
     images: dict[int, Image.Image] = {}
     # Only judges that look at pixels (remote judge models, visrl.crop_judge) get images and crops.
-    needs_image = any(getattr(j, "needs_image", isinstance(j, ModelJudge)) for _, j in tasks)
+    needs_image = any(judge.needs_image for _, judge in tasks)
     inputs = {r["id"]: _judge_input(ws, items[r["item_id"]], r, images if needs_image else None, contract)
               for r in rollouts}
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -413,14 +413,6 @@ def _judge_input(ws: Workspace, item: dict[str, Any], rollout: dict[str, Any],
         crop = contract.crop(image, box)
     return JudgeInput(question=item["question"], references=references(item), answer=rollout["answer"],
                       box=box, gt_box=box_from_json(item.get("gt_box")), image=image, crop=crop)
-
-
-def references(item: dict[str, Any]) -> list[str]:
-    """The reference answer plus alternatives listed in the item's meta ``answers`` (VQAv2-style)."""
-    meta = loads(item.get("meta"), {}) if isinstance(item.get("meta"), str) else item.get("meta") or {}
-    extra = meta.get("answers") if isinstance(meta, dict) else None
-    refs = [item.get("answer") or ""] + [str(a) for a in extra or [] if a]
-    return list(dict.fromkeys(refs))
 
 
 def _save_scores(store: Store, item: dict[str, Any], rollout: dict[str, Any], answer_judge: Judge, crop_judge: Judge | None,

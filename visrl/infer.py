@@ -6,31 +6,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visrl.contract_fields import ContractFields
 from visrl.errors import ConfigError
 from visrl.images import FILE_MAX_PIXELS, open_bounded
 from visrl.policy import check_range
 
 
 @dataclass
-class InferConfig:
-    """Settings of ``visrl infer`` (configs/infer.yaml); command-line options override them."""
+class InferConfig(ContractFields):
+    """Settings of ``visrl infer`` (configs/infer.yaml), the contract keys (:class:`ContractFields`)
+    among them; command-line options override them."""
 
     model_name_or_path: str = field(metadata={"help": "Model folder (absolute, or relative to the workspace)."})
     adapter_name_or_path: str | None = field(default=None, metadata={"help": "Optional LoRA adapter folder."})
-    box_format: str | None = field(default=None, metadata={"help": "Box text format; null = the checkpoint's."})
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass (temperature > 0)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Per step; a Visual-CoT box is ~30 tokens."})
-    crop_margin: float | None = field(default=None, metadata={
-        "help": "Widen the crop by this fraction of the box per side; null = the checkpoint's."})
-    full_max_pixels: int | None = field(default=None, metadata={
-        "help": "Shrink the full image to at most this many pixels before the processor; null = the checkpoint's."})
-    crop_min_pixels: int | None = field(default=None, metadata={
-        "help": "Enlarge the crop to at least this many pixels, so it shows more detail; null = the checkpoint's."})
-    image_min_pixels: int | None = field(default=None, metadata={
-        "help": "Processor pixel budget per image, lower bound; null = the checkpoint's."})
-    image_max_pixels: int | None = field(default=None, metadata={
-        "help": "Processor pixel budget per image, upper bound (1003520 = ~1280 visual tokens); null = the checkpoint's."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16."})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
 
@@ -41,16 +32,7 @@ class InferConfig:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        from visrl.contract import TwoStepContract
-
-        # box_format, crop_margin and the pixel budgets: the contract names a bad value before loading
-        TwoStepContract().override(**self.contract_overrides())
-
-    def contract_overrides(self) -> dict[str, Any]:
-        """The contract fields this config sets (None: the checkpoint's value stands)."""
-        return {"box_format": self.box_format, "crop_margin": self.crop_margin,
-                "full_max_pixels": self.full_max_pixels, "crop_min_pixels": self.crop_min_pixels,
-                "image_min_pixels": self.image_min_pixels, "image_max_pixels": self.image_max_pixels}
+        self.check_contract()  # box_format, crop_margin, pixel budgets: named before a model loads
 
 
 def run_infer(cfg: InferConfig, image_path: str | Path, question: str, crop_out: str | Path,

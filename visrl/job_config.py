@@ -127,7 +127,7 @@ def check_needs(kind: str, cfg: Any, ws: Workspace) -> None:
 
 
 def _absolute(ws: Workspace, path: str) -> Path:
-    return Path(path).expanduser() if Path(path).expanduser().is_absolute() else ws.root / path
+    return ws.resolve(path)
 
 
 def _check_model(ws: Workspace, key: str, path: str) -> None:
@@ -208,5 +208,4 @@ def job_target(kind: str, config: dict[str, Any], root: Path) -> str | None:
     value = config.get(field) if field else None
     if not value:
         return None
-    path = Path(value).expanduser()
-    return str((path if path.is_absolute() else root / path).resolve())
+    return str(Workspace(root).resolve(value).resolve())

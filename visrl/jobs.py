@@ -39,9 +39,10 @@ from visrl.errors import ConfigError, JobError
 from visrl.job_config import KINDS, job_target, validate_config, validate_text  # noqa: F401  (re-exported)
 from visrl.progress import Progress
 from visrl.store import Store, now
+from visrl.vocabulary import ACTIVE_JOB_STATUSES
 from visrl.workspace import Workspace
 
-ACTIVE: tuple[str, ...] = ("queued", "running", "stopping")
+ACTIVE: tuple[str, ...] = ACTIVE_JOB_STATUSES  # queued, running, stopping
 SPAWNED = ACTIVE[1:]  # running, stopping: statuses of a job whose process was started
 STOPPABLE = ACTIVE[:2]  # queued, running: not asked to stop yet
 LOG_NAME = "log.txt"

@@ -33,15 +33,15 @@ import re
 import string
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
-from visrl.boxes import Box, iou
+from visrl.boxes import iou
 from visrl.errors import ConfigError, RemoteError, RemoteRefused
+from visrl.judgement import Judge, JudgeInput, Judgement  # noqa: F401  (re-exported: they lived here)
+from visrl.vocabulary import ANSWER_JUDGES, CROP_JUDGES  # noqa: F401  (re-exported)
 
-ANSWER_JUDGES = ("auto", "exact", "f1", "anls", "number", "model")
-CROP_JUDGES = ("none", "iou", "iou_threshold", "model", "policy")
 RETRIES = 3  # attempts per judge-model call; waits 0.5 s, 1 s between them
 
 ANSWER_PROMPT = (
@@ -58,31 +58,6 @@ CROP_PROMPT = (
     "reference answer? Reply with JSON only: {{\"score\": S}}, where S is a number from 0 (the "
     "evidence is not in the crop) to 1 (all of the evidence is clearly visible in the crop)."
 )
-
-
-@dataclass
-class JudgeInput:
-    """What a judge sees of one rollout. Boxes are pixels of the original image."""
-
-    question: str
-    references: list[str]  # the reference answer and any accepted alternatives
-    answer: str | None
-    box: Box | None = None
-    gt_box: Box | None = None
-    image: Image.Image | None = None
-    crop: Image.Image | None = None
-
-
-@dataclass(frozen=True)
-class Judgement:
-    score: float | None  # in [0, 1]; None: the judge replied without a usable score (unscored)
-    detail: str = ""
-
-
-class Judge(Protocol):
-    key: str  # cache key in the ``judgements`` table; changes whenever the options do
-
-    def __call__(self, inp: JudgeInput) -> Judgement | None: ...
 
 
 @dataclass
@@ -194,11 +169,12 @@ def auto_score(answer: str | None, reference: str, opts: JudgeOptions) -> float:
 # ---------------------------------------------------------------------- judges
 
 @dataclass
-class RuleAnswerJudge:
+class RuleAnswerJudge(Judge):
     """A rule-based answer judge: the best score over the reference alternatives."""
 
     name: str
     opts: JudgeOptions
+    needs_image = False  # text against text
 
     @property
     def key(self) -> str:
@@ -225,10 +201,11 @@ class RuleAnswerJudge:
 
 
 @dataclass
-class IoUCropJudge:
+class IoUCropJudge(Judge):
     """IoU of the rollout's box with the item's annotated box; None when there is none."""
 
     threshold: float | None = None  # set: 1 when IoU >= threshold, else 0
+    needs_image = False  # boxes against boxes: the crop is never looked at
 
     @property
     def key(self) -> str:
@@ -244,11 +221,12 @@ class IoUCropJudge:
 
 
 @dataclass
-class ModelJudge:
+class ModelJudge(Judge):
     """A judge model behind an OpenAI-compatible endpoint (temperature 0), one of two prompts."""
 
     target: str  # "answer" or "crop"
     opts: JudgeOptions
+    needs_image = True  # both prompts send the image; the crop prompt sends the crop too
 
     @property
     def key(self) -> str:
@@ -291,6 +269,16 @@ class ModelJudge:
                 time.sleep(0.5 * (attempt + 1))
         raise RemoteError(f"judge model {self.opts.model!r} at {self.opts.base_url} failed "
                           f"{RETRIES} times: {error}; check that the server is up")
+
+
+def references(item: dict[str, Any]) -> list[str]:
+    """The reference answer plus alternatives listed in the item's meta ``answers`` (VQAv2-style);
+    ``item`` is an ``items`` row (``meta`` as JSON text) or a dict with ``meta`` already parsed."""
+    meta = item.get("meta")
+    meta = (json.loads(meta) if meta else {}) if isinstance(meta, str) else meta or {}
+    extra = meta.get("answers") if isinstance(meta, dict) else None
+    refs = [item.get("answer") or ""] + [str(a) for a in extra or [] if a]
+    return list(dict.fromkeys(refs))
 
 
 def model_judge_key(env_name: str | None, *judges: str) -> str | None:

@@ -7,18 +7,19 @@ share, their checks and the loading of the reasoner live here once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from visrl.boxes import BOX_FORMATS, QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
+from visrl.boxes import QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
 from visrl.contract import TwoStepContract
+from visrl.contract_fields import ContractFields
 from visrl.errors import ConfigError
 from visrl.workspace import Workspace
 
 
 @dataclass
-class PolicyConfig:
-    """Keys every policy-running stage takes (subclasses add their own). Paths may be workspace-relative."""
+class PolicyConfig(ContractFields):
+    """Keys every policy-running stage takes (subclasses add their own), the contract keys
+    (:class:`ContractFields`) among them. Paths may be workspace-relative."""
 
     model_name_or_path: str = field(default="", metadata={
         "help": "Model folder (local backend); relative paths are looked up in the workspace."})
@@ -43,20 +44,6 @@ class PolicyConfig:
     limit: int | None = field(default=None, metadata={"help": "Only the first N items (by id); null = all."})
     max_new_tokens: int = field(default=64, metadata={"help": "Token budget of each step's reply."})
     batch_size: int = field(default=8, metadata={"help": "Items per generate call."})
-    box_format: str | None = field(default=None, metadata={
-        "help": f"Box text format ({', '.join(BOX_FORMATS)}); null = the checkpoint's (visrl_model.json, "
-                "else its family's); the remote backend defaults to viscot."})
-    crop_margin: float | None = field(default=None, metadata={
-        "help": "Widen each crop by this fraction of the box per side; null = the checkpoint's (what it was trained on)."})
-    image_min_pixels: int | None = field(default=None, metadata={
-        "help": "Processor pixel budget per image, lower bound (area in px); null = the checkpoint's."})
-    image_max_pixels: int | None = field(default=None, metadata={
-        "help": "Processor pixel budget per image, upper bound (e.g. 1003520 = 1280 x 28 x 28, ~1280 visual "
-                "tokens); null = the checkpoint's."})
-    full_max_pixels: int | None = field(default=None, metadata={
-        "help": "Shrink the full image to at most this many pixels before the processor; null = the checkpoint's."})
-    crop_min_pixels: int | None = field(default=None, metadata={
-        "help": "Enlarge the crop to at least this many pixels before the processor; null = the checkpoint's."})
 
     def __post_init__(self) -> None:
         if self.backend not in ("local", "remote"):
@@ -67,7 +54,7 @@ class PolicyConfig:
             raise ConfigError("the remote backend needs base_url and remote_model")
         if not self.dataset:
             raise ConfigError("dataset is required: the name of a dataset in the workspace (`visrl stats`)")
-        TwoStepContract().override(**self.contract_overrides())  # names a bad value before a model loads
+        self.check_contract()  # names a bad value before a model loads
         # Comparisons are written `not (value >= low)` so that NaN, which compares false, fails too.
         for name in ("batch_size", "max_new_tokens", "remote_min_pixels"):
             if not getattr(self, name) >= 1:
@@ -78,20 +65,13 @@ class PolicyConfig:
         if self.limit is not None and not self.limit >= 1:
             raise ConfigError(f"limit must be at least 1 or null, got {self.limit}")
 
-
-    def contract_overrides(self) -> dict[str, Any]:
-        """The contract fields this config sets (None: the checkpoint's value stands)."""
-        return {"box_format": self.box_format, "crop_margin": self.crop_margin,
-                "image_min_pixels": self.image_min_pixels, "image_max_pixels": self.image_max_pixels,
-                "full_max_pixels": self.full_max_pixels, "crop_min_pixels": self.crop_min_pixels}
-
     def remote_contract(self, served: dict[str, Any] | None = None) -> TwoStepContract:
         """The remote backend's contract, with the config's keys on top: the one the server
         publishes (``served``: ``visrl serve`` does, from its checkpoint), else Visual-CoT boxes in
         the frame of ``remote_min_pixels``/``remote_max_pixels`` (the server processor's budget)."""
         base = (TwoStepContract.from_dict(served) if served else
                 TwoStepContract(image_min_pixels=self.remote_min_pixels, image_max_pixels=self.remote_max_pixels))
-        return base.override(**self.contract_overrides())
+        return self.over(base)
 
 
 def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
@@ -106,12 +86,10 @@ def resolve_model_path(ws: Workspace, path: str | None) -> str | None:
     """A relative model path names a folder of the workspace when one is there (``models/x``),
     else a folder of the current directory; any other name (a Hub id) is kept as given for
     :func:`visrl.models.locate_model`."""
-    if not path or Path(path).is_absolute():
+    if not path:
         return path
-    in_ws = ws.root / path
-    if in_ws.exists():
-        return str(in_ws)
-    return str(Path(path).resolve()) if Path(path).exists() else path
+    found = ws.resolve(path, search_cwd=True)
+    return str(found) if found.exists() else path
 
 
 def load_reasoner(ws: Workspace, cfg: PolicyConfig) -> Any:

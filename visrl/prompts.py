@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from visrl.vocabulary import PROMPT_LAYOUTS
+
 BOX_PROMPT = (
     "Please provide the bounding box coordinate of the region that can help you answer the "
     "question better."
@@ -30,7 +32,7 @@ BOX_PROMPT = (
 DIRECT_SUFFIX = "Answer the question using a single word or phrase."
 
 Message = dict[str, Any]
-LAYOUTS: tuple[str, ...] = ("image_first", "question_first")
+LAYOUTS = PROMPT_LAYOUTS  # the name callers of this module know
 
 
 def _user(*parts: Message) -> Message:

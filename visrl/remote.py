@@ -41,10 +41,11 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from visrl.boxes import BOX_FORMATS, QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
+from visrl.boxes import QWEN2_5_MAX_PIXELS, QWEN2_5_MIN_PIXELS
 from visrl.contract import TwoStepContract
 from visrl.errors import ConfigError, RemoteError, RemoteRefused
-from visrl.reasoning import TwoStep, with_images  # noqa: F401  (with_images: re-exported)
+from visrl.two_step import TwoStep, with_images  # noqa: F401  (with_images: re-exported)
+from visrl.vocabulary import BOX_FORMATS
 
 Message = dict[str, Any]
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})  # transient: busy, restarting, overloaded

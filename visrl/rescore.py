@@ -21,11 +21,12 @@ import re
 from typing import Any
 
 from visrl.boxes import Box
-from visrl.judges import IoUCropJudge, JudgeInput, JudgeOptions, RuleAnswerJudge
+from visrl.judges import IoUCropJudge, JudgeInput, JudgeOptions, RuleAnswerJudge, references
 from visrl.store import Store, box_from_json, loads
+from visrl.vocabulary import RULE_ANSWER_JUDGES
 
 STALE_LABEL = "edited — not re-scored"
-_RULE_ANSWER = re.compile(r"^answer:(exact|f1|anls|number|auto)(?:@([\d.]+)(?:,([\d.]+))?)?$")
+_RULE_ANSWER = re.compile(rf"^answer:({'|'.join(RULE_ANSWER_JUDGES)})(?:@([\d.]+)(?:,([\d.]+))?)?$")
 _IOU_CROP = re.compile(r"^crop:iou(?:>=([\d.]+))?$")
 
 
@@ -78,8 +79,6 @@ def _rollout_scores(store: Store, rollout_id: int | None) -> str | None:
 
 
 def _references(store: Store, item_id: int) -> list[str]:
-    from visrl.generate import references  # generate's import chain is heavy; only needed here
-
     return references(store.item(item_id))
 
 

@@ -18,10 +18,11 @@ from visrl import rescore
 from visrl.boxes import Box
 from visrl.errors import ConflictError, DataError, NotFoundError
 from visrl.store import Store, box_from_json, box_to_json, loads, now
-from visrl.store_pairs import PAIR_SORTS, PAIR_STATUSES, PairFilter, PairPosition
+from visrl.store_pairs import PAIR_SORTS, PairFilter, PairPosition
+from visrl.vocabulary import PAIR_STATUSES
 
 Side = Literal["chosen", "rejected"]
-STATUSES = PAIR_STATUSES
+STATUSES = PAIR_STATUSES  # the name review callers know
 SORTS = tuple(PAIR_SORTS)
 # PairFilter, the desk's query, is defined beside its SQL (visrl.store_pairs); callers import it from here.
 _SIDE_FIELDS = ("rollout_id", "box", "answer", "score", "crop_score")

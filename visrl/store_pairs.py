@@ -17,8 +17,8 @@ from typing import Any
 from visrl.errors import DataError
 from visrl.store_connection import now
 from visrl.store_items import PARAMS_PER_QUERY, ItemTables
+from visrl.vocabulary import PAIR_STATUSES
 
-PAIR_STATUSES = ("pending", "accepted", "rejected")
 # The desk's sort orders: name -> (ORDER BY, the columns of a keyset position).
 PAIR_SORTS = {
     "priority": ("p.priority DESC, p.id ASC", ("priority", "id")),

@@ -99,6 +99,20 @@ class Workspace:
         except ValueError:
             raise DataError(f"{path} is outside the workspace {self.root}") from None
 
+    def resolve(self, path: str | Path, search_cwd: bool = False) -> Path:
+        """The place a config's ``path`` names: an absolute path (``~`` expanded) as it is; a
+        relative one inside the workspace. With ``search_cwd``, a relative path the workspace has
+        nothing at but the current directory has is that (resolved): ``models/x`` is the
+        workspace's when both have one. Nothing is created or required to exist. The one resolver
+        of config paths: model folders, output folders, datasets and checkpoints all go through it."""
+        given = Path(path).expanduser()
+        if given.is_absolute():
+            return given
+        inside = self.root / given
+        if search_cwd and not inside.exists() and given.exists():
+            return given.resolve()
+        return inside
+
     def absolute(self, relative: str | Path) -> Path:
         """The absolute path of a stored workspace-relative path; refuses paths that leave it."""
         path = (self.root / relative).resolve()

@@ -11,10 +11,11 @@ import json
 import click
 
 from visrl.cli import cli, workspace_option
+from visrl.vocabulary import PAIR_STATUSES
 
 IMPORT_FORMATS = ("auto", "viscot", "vqa", "sharegpt")
 EXPORT_FORMATS = ("llamafactory", "trl-sft", "trl-dpo")
-STATUSES = ("pending", "accepted", "rejected")
+STATUSES = PAIR_STATUSES
 RECENT_JOBS = 10  # `visrl stats` shows the failed ones among the last 10 jobs
 TAIL_LINES = 5  # of a failed job's log tail
 

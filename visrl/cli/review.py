@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from visrl.cli import cli, workspace_option
+from visrl.vocabulary import PAIR_STATUSES
 
 SIDES = click.Choice(["chosen", "rejected"])
 
@@ -27,7 +28,7 @@ def user_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def filter_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The desk's filters, as options (the same meaning as the app's filter row)."""
     for option in reversed([
-        click.option("--status", type=click.Choice(["pending", "accepted", "rejected", "any"]), default="pending",
+        click.option("--status", type=click.Choice([*PAIR_STATUSES, "any"]), default="pending",
                      show_default=True, help="Pairs with this status ('any': all)."),
         click.option("--dataset", "-d", default=None, help="Only this dataset."),
         click.option("--min-margin", type=float, default=None, help="Chosen minus rejected score at least this."),

@@ -48,11 +48,12 @@ from visrl.formats.records import (  # noqa: F401  (re-exported)
 )
 from visrl.prompts import BOX_PROMPT
 from visrl.store import Store
+from visrl.vocabulary import BOX_FORMATS
 
 FORMATS: tuple[str, ...] = ("viscot", "vqa", "sharegpt")
 # Box formats an input file may declare. "pixels" is absolute pixels of the original image;
 # qwen2_5 is missing on purpose: its pixels refer to a processor's resized image, unknown here.
-INPUT_BOX_FORMATS: tuple[str, ...] = ("pixels", "viscot", "normalized", "qwen2", "qwen3")
+INPUT_BOX_FORMATS: tuple[str, ...] = ("pixels", *(f for f in BOX_FORMATS if f != "qwen2_5"))
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _QWEN2 = re.compile(rf"^\s*<\|box_start\|>\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*"
                     rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*<\|box_end\|>\s*$")

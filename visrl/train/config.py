@@ -16,7 +16,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from visrl.contract_fields import ContractFields
 from visrl.errors import ConfigError
+from visrl.vocabulary import BOX_FORMATS, PAIR_STATUSES
+from visrl.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +29,6 @@ STAGES = ("sft", "dpo", "visrl", "grpo")
 LANGUAGE_MODEL_TARGET = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
-BOX_FORMATS = ("viscot", "qwen2", "qwen2_5", "qwen3", "normalized")
-PAIR_STATUSES = ("pending", "accepted", "rejected")
 # trl 1.16 DPOTrainer's loss_type values (its loss dispatch in trl/trainer/dpo_trainer.py); stage 2 computes its two DPO
 # terms with the same trl code. LLaMA-Factory's orpo / simpo are reference-free losses of other
 # trainers: DPOTrainer raises on them at the first step, so they are refused here, before loading.
@@ -50,7 +51,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ContractFields):
     """One training run. :func:`load_train_config` maps LLaMA-Factory keys and rejects unknown ones."""
 
     stage: str = field(metadata=_help(
@@ -78,21 +79,14 @@ class TrainConfig:
         "Keep the vision-to-text projector (Qwen's merger) out of training, like freeze_vision_tower."))
     split: str = field(default="train", metadata=_help("Item split for sft and grpo rows."))
     pair_status: list[str] = field(default_factory=lambda: ["accepted"], metadata=_help(
-        "Pair statuses trained on by dpo/visrl (pending, accepted, rejected)."))
-    box_format: str = field(default="viscot", metadata=_help("How boxes are written in prompts."))
-    crop_margin: float = field(default=0.0, metadata=_help("Extra margin around a crop, fraction of its size."))
-    image_max_pixels: int | None = field(default=None, metadata=_help(
-        "Processor pixel budget per image, upper bound (e.g. 1003520 = 1280x28x28, ~1280 visual "
-        "tokens); null = the checkpoint's, else the processor's."))
-    image_min_pixels: int | None = field(default=None, metadata=_help(
-        "Processor pixel budget per image, lower bound (area in px, at most image_max_pixels); "
-        "null = the checkpoint's, else the processor's."))
-    full_max_pixels: int | None = field(default=None, metadata=_help(
-        "Shrink the full image to at most this many pixels before the processor (e.g. 401408 = "
-        "512x28x28); null = the checkpoint's, else as is."))
-    crop_min_pixels: int | None = field(default=None, metadata=_help(
-        "Enlarge the crop to at least this many pixels before the processor, so it shows more "
-        "detail (e.g. 200704 = 256x28x28); null = the checkpoint's, else as is."))
+        f"Pair statuses trained on by dpo/visrl ({', '.join(PAIR_STATUSES)})."))
+    # A run teaches the boxes and crops its recipe reads, whatever the starting checkpoint recorded:
+    # so, unlike the other stages, box_format and crop_margin default to the contract's documented
+    # defaults, not to None ("the checkpoint's"). The pixel budgets stay the mixin's (None).
+    box_format: str = field(default="viscot", kw_only=True, metadata=_help(
+        f"Box text format the run teaches ({', '.join(BOX_FORMATS)})."))
+    crop_margin: float = field(default=0.0, kw_only=True, metadata=_help(
+        "Widen each crop by this fraction of the box per side (0.1 = 10%)."))
     val_size: float = field(default=0.0, metadata=_help(
         "Held-out rows for evaluation: a fraction (<1) or a count (>=1); 0 = none."))
     per_device_train_batch_size: int = field(default=1, metadata=_help(
@@ -150,8 +144,6 @@ class TrainConfig:
             raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.finetuning_type not in ("lora", "full"):
             raise ConfigError(f"finetuning_type must be lora or full, got {self.finetuning_type!r}")
-        if self.box_format not in BOX_FORMATS:
-            raise ConfigError(f"box_format must be one of {', '.join(BOX_FORMATS)}, got {self.box_format!r}")
         if isinstance(self.pair_status, str):
             self.pair_status = [self.pair_status]
         bad = [s for s in self.pair_status if s not in PAIR_STATUSES]
@@ -204,16 +196,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 28 * 28):
                 raise ConfigError(f"{name} must be >= 784 (one 28x28 unit) or null, got {value!r}")
-        from visrl.contract import TwoStepContract
-
-        TwoStepContract().override(**self.contract_overrides())  # min <= max, margin range: named here
-
-    def contract_overrides(self) -> dict[str, Any]:
-        """The contract fields this run sets on top of the checkpoint's (None: the checkpoint's
-        value stands); :func:`visrl.train.lora.training_contract` applies them."""
-        return {"box_format": self.box_format, "crop_margin": self.crop_margin,
-                "image_min_pixels": self.image_min_pixels, "image_max_pixels": self.image_max_pixels,
-                "full_max_pixels": self.full_max_pixels, "crop_min_pixels": self.crop_min_pixels}
+        self.check_contract()  # box format, min <= max, margin range: named here
 
     def _check_grpo(self) -> None:
         if self.num_generations < 2:
@@ -294,11 +277,9 @@ def _resume_value(value: Any) -> str | bool:
 
 
 def resolve_path(root: Path, path: str | None) -> str | None:
-    """A relative path names a folder of the workspace when one is there, else the CWD's."""
-    if not path or Path(path).is_absolute():
-        return path
-    in_ws = root / path
-    return str(in_ws) if in_ws.exists() or not Path(path).exists() else str(Path(path).resolve())
+    """A relative path names a folder of the workspace when one is there, else the CWD's
+    (:meth:`visrl.workspace.Workspace.resolve`)."""
+    return str(Workspace(root).resolve(path, search_cwd=True)) if path else path
 
 
 MERGED_BASE_DIR = "base"  # train/run.py writes base + previous adapter here, beside the new adapter
@@ -321,8 +302,8 @@ def result_base(cfg: TrainConfig) -> str:
 
 
 def resolve_output(root: Path, path: str) -> Path:
-    """Output folders that are relative always go inside the workspace."""
-    return Path(path) if Path(path).is_absolute() else root / path
+    """Output folders that are relative always go inside the workspace (:meth:`Workspace.resolve`)."""
+    return Workspace(root).resolve(path)
 
 
 # Keys of LLaMA-Factory / the VisRL seed's training YAMLs that mean one of our fields.

@@ -39,7 +39,7 @@ from PIL import Image
 from visrl.boxes import Box, iou
 from visrl.contract import TwoStepContract
 from visrl.errors import DataError
-from visrl.judges import JudgeInput, JudgeOptions, RuleAnswerJudge
+from visrl.judges import JudgeInput, JudgeOptions, RuleAnswerJudge, references
 from visrl.prompts import BOX_PROMPT, box_prompt
 from visrl.store import Store
 from visrl.train.args import common_args
@@ -74,7 +74,6 @@ def grpo_rows(cfg: TrainConfig, store: Store, ws: Workspace, contract: TwoStepCo
 
 def _rows_from_store(cfg: TrainConfig, store: Store, ws: Workspace, contract: TwoStepContract) -> list[Row]:
     from visrl.formats.trl import ImageCache  # the same cached RGB opening as the sft rows
-    from visrl.generate import references
 
     images = ImageCache(ws)
     rows = []

@@ -39,12 +39,11 @@ class TrainModel:
 
 def training_contract(cfg: TrainConfig, base: ModelSource, adapter_path: str | None = None) -> TwoStepContract:
     """The contract a run teaches: the checkpoint's (adapter over base) with the config's contract
-    keys (:meth:`TrainConfig.contract_overrides`) on top, bound to the base's image processor (its resize
+    keys on top (:meth:`ContractFields.over`), bound to the base's image processor (its resize
     factor and effective pixel budget: the frame of ``qwen2_5`` boxes). Reads processor files
     only, so rows can be built before the model loads."""
     family = detect_family(base.path)
-    contract = read_contract(base.path, adapter_path, FAMILIES[family].box_format).override(
-        **cfg.contract_overrides())
+    contract = cfg.over(read_contract(base.path, adapter_path, FAMILIES[family].box_format))
     if contract.box_format != "qwen2_5":
         # Only qwen2_5 text depends on the processor's resize; the rest is bound when the model
         # loads (load_train_model), so a bad selection is reported before any model file is read.
