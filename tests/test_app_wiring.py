@@ -287,3 +287,26 @@ def test_components_refuse_a_name_taken_by_another_component() -> None:
     with pytest.raises(KeyError, match="no component named 'log'"):
         parts.pick("history", "log")
     assert fields(joined("Both", "job_state", joined("Inner", "a", "b"), "c")) == ("job_state", "a", "b", "c")
+
+
+# ---------------------------------------------------------------------- one source per name
+
+def test_generate_tab_offers_the_library_judges(ctx: Any) -> None:
+    """The Crop judge list is visrl.judges' (it lacked ``policy``); a policy judge gets its model
+    folder from the form, with no server or key."""
+    import gradio as gr
+
+    from visrl.judges import ANSWER_JUDGES, CROP_JUDGES
+    from visrl_app import generate_tab
+
+    with gr.Blocks():
+        tab = generate_tab.create_generate_tab(ctx)
+    choices = {name: [value for _, value in tab.components[name].choices] for name in ("answer_judge", "crop_judge")}
+    assert choices == {"answer_judge": list(ANSWER_JUDGES), "crop_judge": list(CROP_JUDGES)}
+    assert "policy" in choices["crop_judge"]
+    (ctx.root / "models" / "base").mkdir(parents=True)
+    (ctx.root / "models" / "base" / "config.json").write_text("{}")
+    config = generate_tab.compose_config(ctx, "models/base", "shapes", "train", 2, 1, 1.0, "exact", "policy",
+                                         "http://ignored/v1", "models/judge", "IGNORED")
+    assert (config["crop_judge"], config["judge_model"]) == ("policy", "models/judge")
+    assert "judge_base_url" not in config and "judge_api_key_env" not in config

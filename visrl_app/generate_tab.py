@@ -3,7 +3,7 @@
 The form composes a :class:`visrl.generate.GenerateConfig` YAML (starting from the demo recipe's
 values), saved under ``runs/app-configs/``; the job writes rollouts and pending pairs to the store,
 where the Pairs tab finds them. The form's components are named after the config's fields
-(:class:`GenerateForm`).
+(:class:`GenerateForm`); the judges offered are the library's (:mod:`visrl.judges`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import gradio as gr
 
 from visrl.config import read_yaml
 from visrl.errors import VisRLError
+from visrl.judges import ANSWER_JUDGES, CROP_JUDGES
 from visrl_app import job_panel
 from visrl_app.components import Components, Tab, fields, joined
 from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
 
 KINDS = ("generate",)
-ANSWER_JUDGES = ("auto", "exact", "f1", "anls", "number", "model")  # visrl.judges.ANSWER_JUDGES
-CROP_JUDGES = ("iou", "iou_threshold", "model", "none")  # visrl.judges.CROP_JUDGES
 
 
 class GenerateForm(NamedTuple):
@@ -73,6 +72,8 @@ def compose_config(ctx: AppContext, model: str, dataset: str, split: str, limit:
     if "model" in (answer_judge, crop_judge):
         config.update(judge_base_url=judge_base_url or None, judge_model=judge_model or None,
                       judge_api_key_env=(judge_api_key_env or "").strip() or None)
+    elif crop_judge == "policy":  # judge_model names a local model folder; no server, no key
+        config.update(judge_model=judge_model or None)
     return config
 
 
