@@ -310,3 +310,26 @@ def test_generate_tab_offers_the_library_judges(ctx: Any) -> None:
                                          "http://ignored/v1", "models/judge", "IGNORED")
     assert (config["crop_judge"], config["judge_model"]) == ("policy", "models/judge")
     assert "judge_base_url" not in config and "judge_api_key_env" not in config
+
+
+def test_an_adapter_resolves_to_the_base_loading_uses(ctx: Any) -> None:
+    """The adapter's own record names its base first (visrl.models.split_adapter), over peft's
+    field and over a store row; a base inside the workspace is given relative to it."""
+    import json
+
+    from visrl.contract import CONTRACT_FILE
+    from visrl_app.context import resolve_model
+
+    for name in ("merged", "raw"):
+        (ctx.root / "models" / name).mkdir(parents=True)
+        (ctx.root / "models" / name / "config.json").write_text("{}")
+    lora = ctx.root / "models" / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "models/raw"}))
+    assert resolve_model(ctx, "models/lora") == ("models/raw", "models/lora")  # peft's field alone
+    (lora / CONTRACT_FILE).write_text(json.dumps({"base": {"name": str(ctx.root / "models" / "merged")}}))
+    ctx.store.add_checkpoint("models/lora", "models/raw", "sft")
+    assert resolve_model(ctx, "models/lora") == ("models/merged", "models/lora")
+    assert resolve_model(ctx, "models/merged") == ("models/merged", None)
+    (lora / CONTRACT_FILE).write_text(json.dumps({"base": {"name": "org/hub-model"}}))
+    assert resolve_model(ctx, "models/lora") == ("org/hub-model", "models/lora")  # a Hub id stays an id
