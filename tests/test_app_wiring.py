@@ -312,6 +312,18 @@ def test_generate_tab_offers_the_library_judges(ctx: Any) -> None:
     assert "judge_base_url" not in config and "judge_api_key_env" not in config
 
 
+def test_export_panel_offers_the_library_statuses(ctx: Any) -> None:
+    import gradio as gr
+
+    from visrl.review import STATUSES
+    from visrl_app.pairs_export import create_export_panel
+
+    with gr.Blocks() as blocks:
+        create_export_panel(ctx, gr.Dropdown(["any"], value="any"))
+    [statuses] = [b for b in blocks.blocks.values() if isinstance(b, gr.CheckboxGroup)]
+    assert [value for _, value in statuses.choices] == ["accepted", "pending", "rejected"] == sorted(STATUSES)
+
+
 def test_an_adapter_resolves_to_the_base_loading_uses(ctx: Any) -> None:
     """The adapter's own record names its base first (visrl.models.split_adapter), over peft's
     field and over a store row; a base inside the workspace is given relative to it."""
