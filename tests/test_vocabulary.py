@@ -28,15 +28,6 @@ DEFINING = REPO / "visrl" / "vocabulary.py"
 VOCABULARIES = {"box formats": BOX_FORMATS, "prompt layouts": PROMPT_LAYOUTS, "answer judges": ANSWER_JUDGES,
                 "crop judges": CROP_JUDGES, "pair statuses": PAIR_STATUSES, "job statuses": JOB_STATUSES}
 
-# The app's copies, as (path, line, vocabulary): removed when r21-appui merges (the app then
-# imports visrl.vocabulary; its Generate tab gains the `policy` crop judge).
-APP_COPIES_UNTIL_APPUI: set[tuple[str, str]] = {
-    ("visrl_app/generate_tab.py", "answer judges"),
-    ("visrl_app/generate_tab.py", "crop judges"),
-    ("visrl_app/pairs_export.py", "pair statuses"),
-}
-
-
 def _membership_tests(tree: ast.AST) -> set[int]:
     """ids of the literals on the right of ``in`` / ``not in``."""
     return {id(right) for node in ast.walk(tree) if isinstance(node, ast.Compare)
@@ -65,8 +56,7 @@ def test_no_copy_of_a_vocabulary_outside_its_module() -> None:
         if path == DEFINING:
             continue
         relative = path.relative_to(REPO).as_posix()
-        found += [f"{relative}:{line} copies the {name} {shared}" for line, name, shared in copies(path)
-                  if (relative, name) not in APP_COPIES_UNTIL_APPUI]
+        found += [f"{relative}:{line} copies the {name} {shared}" for line, name, shared in copies(path)]
     assert found == [], "import these from visrl.vocabulary instead:\n" + "\n".join(found)
 
 

@@ -65,10 +65,8 @@ def build_app(workspace: str | Path | Workspace, user: str | None = None) -> gr.
                 evaluate = create_evaluate_tab(ctx)
             with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
                 chat = create_chat_tab(ctx)
-        blocks.load(pairs["load"], [pairs["state"], *pairs["filters"]], pairs["outputs"],
-                    api_visibility="undocumented")
-        for tab in (generate, train, evaluate, chat):
-            blocks.load(tab["load"], tab["load_inputs"], tab["load_outputs"], api_visibility="undocumented")
+        for tab in (pairs, generate, train, evaluate, chat):
+            tab.wire_load(blocks)
     return blocks
 
 

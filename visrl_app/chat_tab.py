@@ -3,7 +3,8 @@
 An image picked from the workspace's data also shows its reference answer and its annotated box
 (blue) beside the model's (orange), with their IoU: the user sees at once whether the model looked
 at the right place. Items are named by their image's file stem ("test_3"), as the README does.
-torch/transformers are imported on the first question only (the app starts without them).
+torch/transformers are imported on the first question only (the app starts without them). The
+tab's components are a named set; handlers return views named after them (:mod:`visrl_app.components`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 from PIL import Image
@@ -24,6 +25,7 @@ from visrl.errors import VisRLError
 from visrl.images import open_bounded
 from visrl.store import box_from_json
 from visrl_app import render
+from visrl_app.components import Components, Tab
 from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
 
 # Loaded models, keyed by (model path, adapter path). This is the one process-global cache of the
@@ -33,6 +35,33 @@ from visrl_app.context import AppContext, model_choices, model_dropdown, resolve
 _MODEL_CACHE: OrderedDict[tuple[str, str | None], Any] = OrderedDict()
 _MODEL_CACHE_SIZE = 2
 _MODEL_LOCK = threading.Lock()
+
+
+class ChatView(NamedTuple):
+    """What :func:`ask` streams: the image with the boxes, the crop, the box text, the answer so
+    far, the status line."""
+
+    focus: Any
+    crop: Any
+    box_text: str
+    answer: str
+    status: str
+
+
+class PickedItem(NamedTuple):
+    """:func:`pick_item`: the image, its question and reference answer, the image with its
+    annotated box, and the item id."""
+
+    image: Any
+    question: str
+    reference: str
+    focus: Any
+    picked: int | None
+
+
+def failed(status: str, image: Any = None) -> ChatView:
+    """A view that shows ``status`` (and ``image`` if any) with no box, crop or answer."""
+    return ChatView(focus=image, crop=None, box_text="", answer="", status=status)
 
 
 def cached_model(model_path: str, adapter: str | None) -> Any:
@@ -75,7 +104,7 @@ def _get(event: Any, name: str) -> Any:
 
 
 def chat_outputs(image: Image.Image, box: Any, crop: Any, box_text: str, answer: str,
-                 status: str, annotated: Any = None) -> tuple[Any, ...]:
+                 status: str, annotated: Any = None) -> ChatView:
     """The outputs, with the model's box (orange, labelled "model") and the item's annotated box
     (blue; unlabelled: a right box lies on it and both labels would overprint, the legend names
     the colours) drawn on the image when there are such boxes."""
@@ -84,7 +113,7 @@ def chat_outputs(image: Image.Image, box: Any, crop: Any, box_text: str, answer:
         shown = render.draw_box(shown, annotated, render.BLUE)
     if box is not None:
         shown = render.draw_box(shown, box, render.ORANGE, "model")
-    return shown, crop, box_text, answer, status
+    return ChatView(focus=shown, crop=crop, box_text=box_text, answer=answer, status=status)
 
 
 def annotated_box(ctx: AppContext, item_id: int | None) -> Any:
@@ -108,22 +137,22 @@ def finished(box: Any, annotated: Any) -> str:
 
 
 def ask(ctx: AppContext, choice: str, image: str | Image.Image | None, question: str,
-        temperature: float, max_new_tokens: float, item_id: int | None = None) -> Iterator[tuple[Any, ...]]:
-    """Stream (image with focus box, crop, box text, answer so far, status) as the model works;
+        temperature: float, max_new_tokens: float, item_id: int | None = None) -> Iterator[ChatView]:
+    """Stream a :class:`ChatView` (image with focus box, crop, box text, answer so far, status) at each step;
     ``item_id``: the workspace item the image is (its annotated box is drawn too)."""
     if image is None or not (question or "").strip():
         warn("upload or pick an image and type a question")
-        yield None, None, "", "", "need an image and a question"
+        yield failed("need an image and a question")
         return
     if not choice:
         warn("pick a model or checkpoint")
-        yield image, None, "", "", "no model chosen"
+        yield failed("no model chosen", image)
         return
     try:  # an upload arrives as a file path, still undecoded: its size is checked from the header
         image = open_bounded(image, where="the uploaded image")
     except VisRLError as exc:
         warn(str(exc))
-        yield None, None, "", "", f"error: {exc}"
+        yield failed(f"error: {exc}")
         return
     annotated = annotated_box(ctx, item_id)
     yield chat_outputs(image, None, None, "", "", f"loading {choice} ...", annotated)
@@ -142,7 +171,7 @@ def ask(ctx: AppContext, choice: str, image: str | Image.Image | None, question:
         yield chat_outputs(image, box, crop, box_text, answer, finished(box, annotated), annotated)
     except VisRLError as exc:
         warn(str(exc))
-        yield image, None, "", "", f"error: {exc}"
+        yield failed(f"error: {exc}", image)
 
 
 def item_name(item: dict[str, Any]) -> str:
@@ -160,15 +189,16 @@ def item_choices(ctx: AppContext, limit: int = 300) -> list[tuple[str, int]]:
     return [(f"{item_name(i)} [{i['split']}] {i['question'][:70]}", i["id"]) for i in test + rest]
 
 
-def pick_item(ctx: AppContext, item_id: int | None) -> tuple[Any, ...]:
-    """(image, question, reference answer, image with its annotated box, item id) of a picked item."""
+def pick_item(ctx: AppContext, item_id: int | None) -> PickedItem:
+    """The image, question, reference answer, image with its annotated box and id of a picked item."""
     if item_id is None:
-        return None, "", "", None, None
+        return PickedItem(image=None, question="", reference="", focus=None, picked=None)
     item = ctx.store.item(int(item_id))
     image = Image.open(ctx.workspace.absolute(item["image"])).convert("RGB")
     annotated = box_from_json(item.get("gt_box"))
     shown = render.draw_box(image, annotated, render.BLUE) if annotated is not None else image
-    return image, item["question"], item.get("answer") or "", shown, int(item_id)
+    return PickedItem(image=image, question=item["question"], reference=item.get("answer") or "", focus=shown,
+                      picked=int(item_id))
 
 
 def forget_item() -> tuple[None, str]:
@@ -183,7 +213,7 @@ LEGEND = ("<div id='chat-legend' style='font-size:13px'>Boxes: "
           )
 
 
-def create_chat_tab(ctx: AppContext) -> dict[str, Any]:
+def create_chat_tab(ctx: AppContext) -> Tab:
     models = model_choices(ctx)
     with gr.Row():
         model = gr.Dropdown(models, value=models[-1][1] if models else None, label="Model / checkpoint",
@@ -211,12 +241,16 @@ def create_chat_tab(ctx: AppContext) -> dict[str, Any]:
         max_tokens = gr.Slider(8, 256, value=64, step=8, label="Max new tokens", scale=1)
     send = gr.Button("Ask", variant="primary", elem_id="chat-ask")
     picked = gr.State(None)  # the workspace item the image is, until the user uploads another
-    item.change(functools.partial(pick_item, ctx), [item], [image, question, reference, focus, picked],
+    components = Components(model=model, item=item, image=image, focus=focus, crop=crop, box_text=box_text,
+                            answer=answer, reference=reference, status=status, question=question,
+                            temperature=temperature, max_new_tokens=max_tokens, ask=send, picked=picked)
+    item.change(functools.partial(pick_item, ctx), [item], components.outputs(PickedItem),
                 api_visibility="undocumented")
     for event in (image.upload, image.clear):
         event(forget_item, None, [picked, reference], api_visibility="undocumented")
-    inputs = [model, image, question, temperature, max_tokens, picked]
-    outputs = [focus, crop, box_text, answer, status]
+    # In the order of ask()'s parameters.
+    inputs = components.pick("model", "image", "question", "temperature", "max_new_tokens", "picked")
+    outputs = components.outputs(ChatView)
     send.click(functools.partial(ask, ctx), inputs, outputs, api_visibility="undocumented")
     question.submit(functools.partial(ask, ctx), inputs, outputs, api_visibility="undocumented")
-    return {"load": functools.partial(model_dropdown, ctx), "load_inputs": [model], "load_outputs": [model]}
+    return Tab(components, functools.partial(model_dropdown, ctx), load_inputs=("model",), load_outputs=("model",))

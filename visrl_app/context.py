@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from visrl.models import split_adapter
 from visrl.store import Store
 from visrl.workspace import Workspace
 
@@ -65,7 +66,7 @@ def model_choices(ctx: AppContext) -> list[tuple[str, str]]:
             seen[ctx.workspace.relative(folder)] = kind
     for row in ctx.store.checkpoints():
         path = Path(row["path"])
-        absolute = path if path.is_absolute() else ctx.root / path
+        absolute = ctx.workspace.resolve(path)
         if absolute.is_dir() and ctx.workspace.contains(absolute):
             seen.setdefault(ctx.workspace.relative(absolute), f"{row['stage']} checkpoint")
     return [(f"{path} ({kind})", path) for path, kind in seen.items()]
@@ -82,22 +83,16 @@ def _model_kind(folder: Path) -> str | None:
 def resolve_model(ctx: AppContext, choice: str) -> tuple[str, str | None]:
     """(model path, adapter path or None) for a :func:`model_choices` value (workspace-relative).
 
-    An adapter's base comes from the store's checkpoint row, else its ``adapter_config.json``.
+    An adapter's base is the one :func:`visrl.models.split_adapter` finds, as loading does (the
+    adapter's VisRL record, then peft's ``base_model_name_or_path``); a base inside the workspace
+    is given relative to it, like the choices.
     """
-    import json
-
-    from visrl.errors import ModelError
-
-    folder = ctx.workspace.absolute(choice)
-    if not (folder / "adapter_config.json").is_file():
+    base, adapter = split_adapter(ctx.workspace.absolute(choice), None)
+    if adapter is None:  # a full or merged model
         return choice, None
-    for row in ctx.store.checkpoints():
-        if row["base"] and Path(ctx.root / row["path"]).resolve() == folder:
-            return row["base"], choice
-    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ModelError(f"adapter {choice} names no base model; pick the merged model instead")
-    return base, choice
+    if Path(base).is_absolute() and ctx.workspace.contains(base):
+        return ctx.workspace.relative(base), choice
+    return str(base), choice
 
 
 def model_dropdown(ctx: AppContext, current: str | None = None) -> gr.Dropdown:

@@ -1,9 +1,13 @@
-"""The Evaluate tab: run ``visrl eval`` on a checkpoint as a job; compare stored evaluations."""
+"""The Evaluate tab: run ``visrl eval`` on a checkpoint as a job; compare stored evaluations.
+
+The tab's components are a named set; handlers return views named after them
+(:mod:`visrl_app.components`).
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 
@@ -11,6 +15,7 @@ from visrl.config import read_yaml
 from visrl.errors import VisRLError
 from visrl.uncertainty import interval, same_items, verdict
 from visrl_app import eval_chart, job_panel
+from visrl_app.components import Components, Tab, fields, joined
 from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model
 from visrl_app.generate_tab import split_choices
 
@@ -41,6 +46,30 @@ UNSCORED_COUNTS = ("unscored", "direct_unscored")
 # Pixel widths that fit id, model, data, n, 6 metrics and the date in a 1024 px window (~960 px).
 WIDTHS = {"id": 40, "model": 170, "data": 100, "n": 44, "created": 100}
 METRIC_WIDTH = 78
+
+
+class EvalForm(NamedTuple):
+    """The form's values, in the order of its inputs (:func:`compose_config`'s parameters); each
+    field is also the name of its component."""
+
+    model: str
+    dataset: str
+    split: str
+    limit: float | None
+    direct_baseline: bool
+
+
+class Comparison(NamedTuple):
+    """:func:`refresh`: the table, the metric and baseline pickers, the chart and its note."""
+
+    table: Any
+    metric: Any
+    baseline: Any
+    plot: Any
+    note: str
+
+
+EvalLoad = joined("EvalLoad", job_panel.LatestJob, Comparison, "model", "ready")  # page load
 
 
 def base_recipe(ctx: AppContext) -> dict[str, Any]:
@@ -219,17 +248,17 @@ def baseline_choices(ctx: AppContext) -> list[tuple[str, int]]:
     return [(evaluation_label(e), e["id"]) for e in ctx.store.evaluations()]
 
 
-def refresh(ctx: AppContext, metric: str | None, baseline: int | None) -> tuple[Any, ...]:
-    """(table, metric picker, baseline picker, plot, note): the first preferred metric and the
-    oldest evaluation (usually the base model) unless the user picked others."""
+def refresh(ctx: AppContext, metric: str | None, baseline: int | None) -> Comparison:
+    """The table, the pickers, the plot and its note: the first preferred metric and the oldest
+    evaluation (usually the base model) unless the user picked others."""
     names = metric_names(ctx.store.evaluations())
     metric = metric if metric in names else (names[0] if names else None)
     choices = baseline_choices(ctx)
     ids = [value for _, value in choices]
     baseline = baseline if baseline in ids else (ids[0] if ids else None)
-    return (table(ctx), gr.Dropdown(choices=[(label(n), n) for n in names], value=metric),
-            gr.Dropdown(choices=choices, value=baseline), comparison_plot(ctx, metric, baseline),
-            comparison_note(ctx, metric, baseline))
+    return Comparison(table=table(ctx), metric=gr.Dropdown(choices=[(label(n), n) for n in names], value=metric),
+                      baseline=gr.Dropdown(choices=choices, value=baseline),
+                      plot=comparison_plot(ctx, metric, baseline), note=comparison_note(ctx, metric, baseline))
 
 
 def readiness(ctx: AppContext, *form: Any) -> str:
@@ -245,7 +274,7 @@ def readiness(ctx: AppContext, *form: Any) -> str:
     return f"Ready: {n} items of {config['dataset']}/{config['split']}."
 
 
-def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
+def create_evaluate_tab(ctx: AppContext) -> Tab:
     recipe = base_recipe(ctx)
     models = model_choices(ctx)
     datasets = [d["name"] for d in ctx.store.datasets()]
@@ -273,23 +302,27 @@ def create_evaluate_tab(ctx: AppContext) -> dict[str, Any]:
         again = gr.Button("↻ Refresh", scale=0, min_width=90)
     plot = gr.HTML(eval_chart.chart_html([], "value", True), elem_id="eval-plot")
     note = gr.Markdown(elem_id="eval-note")
-    form = [model, dataset, split, limit, direct]
+    components = Components(
+        job_state=job_state, model=model, dataset=dataset, split=split, limit=limit, direct_baseline=direct,
+        ready=ready, start=start_button, table=shown, metric=metric, baseline=baseline, refresh=again, plot=plot,
+        note=note).merge(monitor.components)
+    form = components.pick(*EvalForm._fields)
     view = functools.partial(refresh, ctx)
-    outputs = [shown, metric, baseline, plot, note]
-    job_panel.wire_start(start_button, functools.partial(start_eval, ctx), [job_state, *form], job_state, monitor)
+    outputs = components.outputs(Comparison)
+    job_panel.wire_start(start_button, functools.partial(start_eval, ctx), [job_state, *form], monitor)
     check = functools.partial(readiness, ctx)
     for part in form:
         part.change(check, form, [ready], api_visibility="undocumented", show_progress="hidden")
-    compare = [metric, baseline]
+    compare = components.pick("metric", "baseline")
     for part in compare:
-        part.input(lambda m, b: (comparison_plot(ctx, m, b), comparison_note(ctx, m, b)), compare,
+        part.input(lambda m, b: {plot: comparison_plot(ctx, m, b), note: comparison_note(ctx, m, b)}, compare,
                    [plot, note], api_visibility="undocumented")
     again.click(view, compare, outputs, api_visibility="undocumented")
     # A finished eval job adds a row; re-reading every 10 s is enough for minutes-long evaluations.
     gr.Timer(10.0).tick(view, compare, outputs, api_visibility="undocumented", show_progress="hidden")
 
-    def load(current: str | None, *rest: Any) -> tuple[Any, ...]:
-        return (*job_panel.load_latest(ctx, KINDS), *view(None, None), model_dropdown(ctx, current),
-                readiness(ctx, current, *rest))
-    return {"load": load, "load_inputs": form,
-            "load_outputs": [job_state, *monitor["outputs"], *outputs, model, ready]}
+    def load(*values: Any) -> Any:
+        current = EvalForm(*values)
+        return EvalLoad(**job_panel.load_latest(ctx, KINDS)._asdict(), **view(None, None)._asdict(),
+                        model=model_dropdown(ctx, current.model), ready=readiness(ctx, *current))
+    return Tab(components, load, load_inputs=EvalForm._fields, load_outputs=fields(EvalLoad))

@@ -2,24 +2,45 @@
 
 The form composes a :class:`visrl.generate.GenerateConfig` YAML (starting from the demo recipe's
 values), saved under ``runs/app-configs/``; the job writes rollouts and pending pairs to the store,
-where the Pairs tab finds them.
+where the Pairs tab finds them. The form's components are named after the config's fields
+(:class:`GenerateForm`); the judges offered are the library's (:mod:`visrl.judges`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 
 from visrl.config import read_yaml
 from visrl.errors import VisRLError
+from visrl.vocabulary import ANSWER_JUDGES, CROP_JUDGES
 from visrl_app import job_panel
+from visrl_app.components import Components, Tab, fields, joined
 from visrl_app.context import AppContext, model_choices, model_dropdown, resolve_model, warn
 
 KINDS = ("generate",)
-ANSWER_JUDGES = ("auto", "exact", "f1", "anls", "number", "model")  # visrl.judges.ANSWER_JUDGES
-CROP_JUDGES = ("iou", "iou_threshold", "model", "none")  # visrl.judges.CROP_JUDGES
+
+
+class GenerateForm(NamedTuple):
+    """The form's values, in the order of its inputs (:func:`compose_config`'s parameters); each
+    field is also the name of its component."""
+
+    model: str
+    dataset: str
+    split: str
+    limit: float | None
+    attempts: float
+    temperature: float
+    answer_judge: str
+    crop_judge: str
+    judge_base_url: str
+    judge_model: str
+    judge_api_key_env: str = ""
+
+
+GenerateLoad = joined("GenerateLoad", job_panel.LatestJob, "model", "limit", "ready")  # page load
 
 
 def base_recipe(ctx: AppContext) -> dict[str, Any]:
@@ -51,6 +72,8 @@ def compose_config(ctx: AppContext, model: str, dataset: str, split: str, limit:
     if "model" in (answer_judge, crop_judge):
         config.update(judge_base_url=judge_base_url or None, judge_model=judge_model or None,
                       judge_api_key_env=(judge_api_key_env or "").strip() or None)
+    elif crop_judge == "policy":  # judge_model names a local model folder; no server, no key
+        config.update(judge_model=judge_model or None)
     return config
 
 
@@ -92,14 +115,15 @@ def useful_limit(ctx: AppContext, *form: Any) -> Any:
     On the demo the default form equals the build's first run, which would do nothing: the
     next ``limit`` items of the split are the useful default.
     """
-    limit = form[3]
+    values = GenerateForm(*form)
+    limit = values.limit
     try:
-        plan = run_plan(ctx, compose_config(ctx, *form))
+        plan = run_plan(ctx, compose_config(ctx, *values))
     except VisRLError:
         return limit
     if plan.pending or not limit:
         return limit
-    total = len(ctx.store.items(form[1], form[2] or "train"))
+    total = len(ctx.store.items(values.dataset, values.split or "train"))
     return min(total, len(plan.items) + int(limit)) if total > len(plan.items) else limit
 
 
@@ -107,7 +131,7 @@ def split_choices(ctx: AppContext) -> list[str]:
     return ctx.store.splits() or ["train"]
 
 
-def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
+def create_generate_tab(ctx: AppContext) -> Tab:
     recipe = base_recipe(ctx)
     models = model_choices(ctx)
     datasets = [d["name"] for d in ctx.store.datasets()]
@@ -141,23 +165,26 @@ def create_generate_tab(ctx: AppContext) -> dict[str, Any]:
         start_button = gr.Button("Start generation", variant="primary", elem_id="generate-start", scale=0,
                                  min_width=200)
     monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "generate", start_button)
-    form = [model, dataset, split, limit, attempts, temperature, answer_judge, crop_judge,
-            judge_url, judge_model, judge_key_env]
-    job_panel.wire_start(start_button, functools.partial(start_generation, ctx), [job_state, *form],
-                         job_state, monitor)
+    components = Components(
+        job_state=job_state, model=model, refresh=refresh, dataset=dataset, split=split, limit=limit,
+        attempts=attempts, temperature=temperature, answer_judge=answer_judge, crop_judge=crop_judge,
+        judge_base_url=judge_url, judge_model=judge_model, judge_api_key_env=judge_key_env, ready=ready,
+        start=start_button).merge(monitor.components)
+    form = components.pick(*GenerateForm._fields)
+    job_panel.wire_start(start_button, functools.partial(start_generation, ctx), [job_state, *form], monitor)
     refresh.click(functools.partial(model_dropdown, ctx), [model], [model], api_visibility="undocumented")
     check = functools.partial(readiness, ctx)
     for part in form:
         part.change(check, form, [ready], api_visibility="undocumented", show_progress="hidden")
 
-    def load(*values: Any) -> tuple[Any, ...]:
+    def load(*values: Any) -> Any:
+        current = GenerateForm(*values)
         choices = model_choices(ctx)  # re-read: a checkpoint trained since start shows up
         known = [value for _, value in choices]
-        picked = values[0] if values[0] in known else (known[0] if known else None)
-        chosen = gr.Dropdown(choices=choices, value=picked)
-        current = (picked, *values[1:])
-        limit_value = useful_limit(ctx, *current)
-        current = (*current[:3], limit_value, *current[4:])
-        return (*job_panel.load_latest(ctx, KINDS), chosen, limit_value, readiness(ctx, *current))
-    return {"load": load, "load_inputs": form,
-            "load_outputs": [job_state, *monitor["outputs"], model, limit, ready]}
+        picked = current.model if current.model in known else (known[0] if known else None)
+        current = current._replace(model=picked)
+        current = current._replace(limit=useful_limit(ctx, *current))
+        return GenerateLoad(**job_panel.load_latest(ctx, KINDS)._asdict(),
+                            model=gr.Dropdown(choices=choices, value=picked), limit=current.limit,
+                            ready=readiness(ctx, *current))
+    return Tab(components, load, load_inputs=GenerateForm._fields, load_outputs=fields(GenerateLoad))

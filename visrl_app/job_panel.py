@@ -2,7 +2,8 @@
 
 Jobs are ``visrl.jobs`` subprocesses; the ``jobs`` table is the truth, so a reloaded page or a
 restarted app finds a running job again (:func:`latest_job`). A ``gr.Timer`` polls
-:func:`job_view`; the job being watched is per-browser ``gr.State``.
+:func:`job_view`; the job being watched is per-browser ``gr.State``. The panel's components are a
+named set (:class:`JobMonitor`); its handlers return views named after them (:mod:`visrl_app.components`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 import yaml
@@ -20,10 +22,33 @@ import yaml
 from visrl import jobs
 from visrl.errors import VisRLError
 from visrl_app import curves
+from visrl_app.components import Components, joined
 from visrl_app.context import AppContext, warn
 
 POLL_S = 2.0  # a job step takes seconds; polling faster only loads the store
 HISTORY_COLUMNS = ["id", "kind", "name", "status", "progress", "created", "ended", "message"]
+
+
+class JobView(NamedTuple):
+    """:func:`job_view`'s outputs, named after the panel's components."""
+
+    status: str  # markdown line
+    progress: str  # html bar
+    log: str  # tail of the job's log
+    history: list[list[Any]]  # rows of HISTORY_COLUMNS
+    loss: Any  # frame of the loss curves
+
+
+class Controls(NamedTuple):
+    """:func:`controls`: the start, stop and kill buttons' updates."""
+
+    start: Any
+    stop: Any
+    kill: Any
+
+
+PanelView = joined("PanelView", JobView, Controls)  # panel_view: the timer's outputs
+LatestJob = joined("LatestJob", "job_state", PanelView)  # load_latest: the job watched, then its panel
 
 
 def write_config(ctx: AppContext, kind: str, text: str) -> Path:
@@ -126,8 +151,8 @@ def history_rows(ctx: AppContext, kinds: tuple[str, ...]) -> list[list[Any]]:
 
 
 def job_view(ctx: AppContext, kinds: tuple[str, ...], job_id: int | None,
-             log_lines: int = 60, overlay: Sequence[int] = ()) -> tuple[Any, ...]:
-    """(status markdown, progress html, log tail, history rows, loss frame) of ``job_id``.
+             log_lines: int = 60, overlay: Sequence[int] = ()) -> JobView:
+    """The status line, progress bar, log tail, history rows and loss frame of ``job_id``.
 
     The loss frame follows a resumed job back through the jobs it continues and adds the
     ``overlay`` jobs' curves (:func:`visrl_app.curves.loss_frame`).
@@ -139,8 +164,8 @@ def job_view(ctx: AppContext, kinds: tuple[str, ...], job_id: int | None,
         except VisRLError:
             job = None
     log = jobs.log_tail(ctx.workspace, job_id, lines=log_lines) if job else ""
-    return (status_markdown(job), progress_html(job), log, history_rows(ctx, kinds),
-            curves.loss_frame(ctx, job_id if job else None, overlay))
+    return JobView(status=status_markdown(job), progress=progress_html(job), log=log,
+                   history=history_rows(ctx, kinds), loss=curves.loss_frame(ctx, job_id if job else None, overlay))
 
 
 def stop(ctx: AppContext, job_id: int | None) -> str:
@@ -180,31 +205,51 @@ def kill(ctx: AppContext, job_id: int | None) -> tuple[Any, None, str]:
     return hidden, None, f"job {job_id} killed: {job['status']}"
 
 
-def controls(job: dict[str, Any] | None) -> tuple[Any, Any, Any]:
+def controls(job: dict[str, Any] | None) -> Controls:
     """(start, stop, kill) buttons for the watched job: Start is off while it runs, Stop is
     off once it is stopping (one request is enough), Kill is there only while it is active."""
     status = job["status"] if job else None
     active = status in jobs.ACTIVE
-    return (gr.Button(interactive=not active),
-            gr.Button(interactive=status in ("queued", "running"),
-                      value="Stopping…" if status == "stopping" else "Stop job"),
-            gr.Button(visible=active))
+    return Controls(start=gr.Button(interactive=not active),
+                    stop=gr.Button(interactive=status in jobs.STOPPABLE,
+                                   value="Stopping…" if status == "stopping" else "Stop job"),
+                    kill=gr.Button(visible=active))
 
 
 def panel_view(ctx: AppContext, kinds: tuple[str, ...], job_id: int | None,
-               overlay: Sequence[int] | None = None) -> tuple[Any, ...]:
-    """:func:`job_view`'s outputs and the :func:`controls` of the same job."""
+               overlay: Sequence[int] | None = None) -> Any:
+    """:func:`job_view`'s outputs and the :func:`controls` of the same job (a ``PanelView``)."""
     job = None
     if job_id is not None:
         try:
             job = ctx.store.job(job_id)
         except VisRLError:
             job = None
-    return (*job_view(ctx, kinds, job_id, overlay=overlay or ()), *controls(job))
+    return PanelView(**job_view(ctx, kinds, job_id, overlay=overlay or ())._asdict(), **controls(job)._asdict())
+
+
+@dataclass(frozen=True)
+class JobMonitor:
+    """A built job panel: its components by name (``job_state``, ``status``, ``progress``,
+    ``log``, ``history``, ``loss``, ``overlay``, ``start``, ``stop``, ``kill``, the kill
+    confirmation's parts) and ``view``, the :func:`panel_view` of the job ``watched`` names."""
+
+    components: Components
+    view: Callable[..., Any]
+
+    @property
+    def watched(self) -> list[Any]:
+        """The view's inputs: the watched job and the loss plot's overlaid runs."""
+        return self.components.pick("job_state", "overlay")
+
+    @property
+    def outputs(self) -> list[Any]:
+        """The view's outputs (a ``PanelView``'s fields)."""
+        return self.components.outputs(PanelView)
 
 
 def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.State,
-                       prefix: str, start_button: gr.Button, plot: bool = False) -> dict[str, Any]:
+                       prefix: str, start_button: gr.Button, plot: bool = False) -> JobMonitor:
     """Status line, progress bar, stop and kill buttons, log tail, optional loss plot and history.
 
     ``start_button`` is disabled while the watched job runs (and at once on a click, before
@@ -235,13 +280,17 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
     with gr.Accordion("Job history", open=False):
         history = gr.Dataframe(headers=HISTORY_COLUMNS, value=history_rows(ctx, kinds),
                                interactive=False, elem_id=f"{prefix}-history", wrap=True)
-    outputs = [status, bar, log, history, loss, start_button, stop_button, kill_button]
-    view = functools.partial(panel_view, ctx, kinds)
-    watched = [job_state, overlay]
+    components = Components(job_state=job_state, status=status, progress=bar, log=log, history=history,
+                            loss=loss, overlay=overlay, start=start_button, stop=stop_button, kill=kill_button,
+                            pending_kill=pending_kill, kill_confirm=confirm_row, kill_question=question,
+                            kill_yes=confirm, kill_cancel=cancel)
+    monitor = JobMonitor(components, functools.partial(panel_view, ctx, kinds))
+    view, watched, outputs = monitor.view, monitor.watched, monitor.outputs
     if plot:  # (a hidden plot needs no colours, nor a request at every poll)
         loss.change(curves.recolor, [loss], [loss], api_visibility="undocumented", queue=False,
                     show_progress="hidden")
     timer = gr.Timer(POLL_S)
+    components.add(timer=timer)
     timer.tick(view, watched, outputs, api_visibility="undocumented", show_progress="hidden")
     overlay.input(view, watched, outputs, api_visibility="undocumented")
     overlay.focus(lambda: gr.Dropdown(choices=curves.overlay_choices(ctx)), None, [overlay],
@@ -257,21 +306,23 @@ def create_job_monitor(ctx: AppContext, kinds: tuple[str, ...], job_state: gr.St
                   api_visibility="undocumented").then(view, watched, outputs, api_visibility="undocumented")
     cancel.click(lambda: (gr.Row(visible=False), None), None, [confirm_row, pending_kill],
                  api_visibility="undocumented", queue=False)
-    return {"outputs": outputs, "view": view, "watched": watched, "timer": timer}
+    return monitor
 
 
-def wire_start(start_button: gr.Button, start_fn: Any, inputs: list[Any], job_state: gr.State,
-               monitor: dict[str, Any], outputs: Sequence[Any] = ()) -> None:
+def wire_start(start_button: gr.Button, start_fn: Any, inputs: list[Any], monitor: JobMonitor,
+               outputs: Sequence[Any] | None = None) -> None:
     """Start button: disabled at once (a double click sends one start), then ``start_fn``
-    (returning the job to watch, then one value per extra ``outputs``), then the panel shows
-    the new job (and enables Start again if nothing runs)."""
+    (returning the job to watch, or a view filling ``outputs``, the watched job among them),
+    then the panel shows the new job (and enables Start again if nothing runs)."""
     start_button.click(lambda: gr.Button(interactive=False), None, [start_button], queue=False,
                        api_visibility="undocumented").then(
-        start_fn, inputs, [job_state, *outputs], api_visibility="undocumented").then(
-        monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
+        start_fn, inputs, list(outputs) if outputs is not None else monitor.components.pick("job_state"),
+        api_visibility="undocumented").then(
+        monitor.view, monitor.watched, monitor.outputs, api_visibility="undocumented")
 
 
-def load_latest(ctx: AppContext, kinds: tuple[str, ...]) -> tuple[Any, ...]:
-    """On page load: watch the newest running job of these kinds again (survives reloads)."""
+def load_latest(ctx: AppContext, kinds: tuple[str, ...]) -> Any:
+    """On page load: watch the newest running job of these kinds again (survives reloads); a
+    ``LatestJob`` view (the job, then its panel)."""
     job_id = latest_job(ctx, kinds)
-    return (job_id, *panel_view(ctx, kinds, job_id))
+    return LatestJob(job_state=job_id, **panel_view(ctx, kinds, job_id)._asdict())

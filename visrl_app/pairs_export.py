@@ -9,6 +9,7 @@ from pathlib import Path
 import gradio as gr
 
 from visrl.errors import DataError, VisRLError
+from visrl.vocabulary import PAIR_STATUSES
 from visrl_app.context import AppContext, warn
 
 # label -> (format name for visrl.formats.export, DPO stage or None)
@@ -64,7 +65,8 @@ def create_export_panel(ctx: AppContext, dataset: gr.Dropdown) -> None:
     with gr.Accordion("Export the curated set", open=False):
         with gr.Row():
             fmt = gr.Dropdown(list(FORMATS), value=next(iter(FORMATS)), label="Format", scale=2)
-            statuses = gr.CheckboxGroup(["accepted", "pending", "rejected"], value=["accepted"],
+            # visrl.review's statuses, alphabetical: accepted (what an export usually takes) first
+            statuses = gr.CheckboxGroup(sorted(PAIR_STATUSES), value=["accepted"],
                                         label="Pairs with status", scale=2)
             button = gr.Button("Export", elem_id="pairs-export", scale=1)
         result = gr.Markdown(elem_id="pairs-export-result")

@@ -9,14 +9,15 @@ Edits on screen (a dragged box, a typed answer) are saved before any action or n
 the pair off the screen (autosave); edits that cannot be saved keep the desk on the pair with a
 warning. Undo first discards unsaved edits, then reverts this tab's own actions, newest first,
 saying what it reverted. Handlers are plain functions of ``(ctx, state, ...)`` so tests drive
-them without a browser.
+them without a browser. The tab's components are a named set; a handler returns a :class:`PairView`
+named after them, and reads the filters as :class:`Filters` (:mod:`visrl_app.components`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import gradio as gr
 from gradio_image_annotation import image_annotator
@@ -24,6 +25,7 @@ from gradio_image_annotation import image_annotator
 from visrl import desk, review
 from visrl.errors import ConflictError, VisRLError
 from visrl_app import desk_images, pairs_team, render
+from visrl_app.components import Components, Tab, fields, joined
 from visrl_app.context import AppContext, warn
 from visrl_app.pairs_edits import pending_edits
 from visrl_app.pairs_export import create_export_panel
@@ -45,6 +47,47 @@ NO_EDITS = (None, None, None)  # (annotator value, chosen answer, rejected answe
 EDITS_KEPT = "edits kept on screen, not saved"
 
 
+class Filters(NamedTuple):
+    """The filter row's values: the last inputs of every desk handler, in this order (each
+    field is also the name of its component)."""
+
+    status: str | None
+    dataset: str | None
+    min_margin: float | None
+    max_margin: float | None
+    search: str | None
+    sort: str
+
+
+# The edits on screen, after the state: the view they belong to (see current_view), the
+# annotator's boxes, the two answers.
+EDITS = ("view", "annotator", "chosen_answer", "rejected_answer")
+
+
+class PairView(NamedTuple):
+    """Every output of the desk (:func:`pair_view`), named after its components."""
+
+    annotator: Any  # {"image": path, "boxes": [...]} in display pixels, or None
+    chosen_crop: Any
+    rejected_crop: Any
+    info: str
+    chosen_answer: Any
+    rejected_answer: Any
+    progress: str
+    ticket: str
+    history: str
+    state: dict[str, Any]
+
+
+BulkView = joined("BulkView", PairView, "bulk_message")  # bulk(): the desk's outputs, then the message
+
+
+def split_filters(values: Sequence[Any]) -> tuple[tuple[Any, ...], Filters]:
+    """(the handler's own inputs, the filters) of ``values``, whose last inputs are the filters."""
+    own = len(values) - len(Filters._fields)
+    return tuple(values[:own]), Filters(*values[own:])
+
+
 def empty_state(reviewer: str | None = None) -> dict[str, Any]:
     """Per-browser desk state: the pair on screen, its version, an action counter, this session's
     actions as [pair id, version after] (what Undo reverts, newest last), the reviewer, how the
@@ -59,6 +102,7 @@ def reviewer_of(ctx: AppContext, state: dict[str, Any]) -> str:
 
 def make_filter(ctx: AppContext, status: str | None, dataset: str | None, min_margin: float | None,
                 max_margin: float | None, search: str | None) -> review.PairFilter:
+    """The store's filter for the filter row's values (:func:`filter_of` takes them as :class:`Filters`)."""
     return review.PairFilter(
         status=None if status in (None, "", ANY) else status,
         dataset=None if dataset in (None, "", ANY) else dataset,
@@ -67,11 +111,16 @@ def make_filter(ctx: AppContext, status: str | None, dataset: str | None, min_ma
         search=(search or "").strip() or None)
 
 
+def filter_of(ctx: AppContext, filters: Filters) -> review.PairFilter:
+    return make_filter(ctx, status=filters.status, dataset=filters.dataset, min_margin=filters.min_margin,
+                       max_margin=filters.max_margin, search=filters.search)
+
+
 # ---------------------------------------------------------------------- the view
 
 def pair_view(ctx: AppContext, pair: dict[str, Any] | None, state: dict[str, Any],
               flt: review.PairFilter, note: str = "", progress: desk.Progress | None = None,
-              claim: bool = True) -> tuple[Any, ...]:
+              claim: bool = True) -> PairView:
     """Every output of the desk for ``pair`` (None: nothing matches the filter)."""
     state = {**state, "n": state.get("n", 0) + 1}
     reviewer = reviewer_of(ctx, state)
@@ -82,7 +131,9 @@ def pair_view(ctx: AppContext, pair: dict[str, Any] | None, state: dict[str, Any
     if pair is None:
         state.update(pair_id=None, version=None, pad=0)
         ticket = f"All done: no pair matches the filters · #{state['n']}" + (f" · {note}" if note else "")
-        return (None, None, None, all_done_markdown(flt), "", "", progress_md, ticket, "", state)
+        return PairView(annotator=None, chosen_crop=None, rejected_crop=None, info=all_done_markdown(flt),
+                        chosen_answer="", rejected_answer="", progress=progress_md, ticket=ticket, history="",
+                        state=state)
     if claim:
         holder = desk.claim(ctx.store, pair["id"], reviewer)
         if holder:
@@ -96,19 +147,20 @@ def pair_view(ctx: AppContext, pair: dict[str, Any] | None, state: dict[str, Any
     annotated = {"image": shown, "boxes": annot_boxes}
     ticket = (f"pair {pair['id']} · v{pair['version']} · {pair['status']} · #{state['n']}"
               + (f" · {note}" if note else ""))
-    return (annotated, chosen_crop, rejected_crop,
-            info_markdown(pair), pair["chosen_answer"] or "", pair["rejected_answer"] or "",
-            progress_md, ticket, pairs_team.history_markdown(ctx, pair["id"]), state)
+    return PairView(annotator=annotated, chosen_crop=chosen_crop, rejected_crop=rejected_crop,
+                    info=info_markdown(pair), chosen_answer=pair["chosen_answer"] or "",
+                    rejected_answer=pair["rejected_answer"] or "", progress=progress_md, ticket=ticket,
+                    history=pairs_team.history_markdown(ctx, pair["id"]), state=state)
 
 
-def stay(state: dict[str, Any], message: str) -> tuple[Any, ...]:
+def stay(state: dict[str, Any], message: str) -> PairView:
     """Leave the pair and the edits on screen as they are and warn (an edit that cannot be saved
     must not vanish by navigating away)."""
     state = {**state, "n": state.get("n", 0) + 1}
     message = f"{message} (Undo (U) discards your unsaved edits)" if "Undo (U)" not in message else message
     ticket = f"pair {state.get('pair_id')} · v{state.get('version')} · #{state['n']} · {EDITS_KEPT} · {warn(message)}"
     keep = gr.update()
-    return (keep, keep, keep, keep, keep, keep, keep, ticket, keep, state)
+    return PairView(**dict.fromkeys(PairView._fields, keep))._replace(ticket=ticket, state=state)
 
 
 # ---------------------------------------------------------------------- edits on screen
@@ -144,19 +196,20 @@ def save_edits(ctx: AppContext, state: dict[str, Any], annotated: dict[str, Any]
 
 # ---------------------------------------------------------------------- handlers
 
-def _with_saved_edits(handler: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+def _with_saved_edits(handler: Callable[..., PairView]) -> Callable[..., PairView]:
     """Run ``handler(ctx, state, note, flt, sort, ...)`` after saving the edits on screen; when
-    they cannot be saved, stay on the pair with the edits and a warning."""
+    they cannot be saved, stay on the pair with the edits and a warning. The handler's own
+    inputs (a target id, a direction) come between the edits and the :class:`Filters`."""
     def run(ctx: AppContext, state: dict[str, Any], annotated: Any, chosen: Any, rejected: Any,
-            *filters: Any) -> tuple[Any, ...]:
-        *flt_args, sort = filters[-6:]
+            *values: Any) -> PairView:
+        own, filters = split_filters(values)
         try:
-            flt = make_filter(ctx, *flt_args)
+            flt = filter_of(ctx, filters)
             state, note = save_edits(ctx, state, annotated, chosen, rejected)
         except VisRLError as exc:
             return stay(state, str(exc))
         flt.viewer = reviewer_of(ctx, state)
-        return handler(ctx, state, note, flt, sort, *filters[:-6])
+        return handler(ctx, state, note, flt, filters.sort, *own)
     # Not functools.wraps: gradio reads the signature (and __wrapped__'s) to count the inputs.
     run.__doc__, run.__name__ = handler.__doc__, getattr(handler, "__name__", "handler")
     return run
@@ -164,7 +217,7 @@ def _with_saved_edits(handler: Callable[..., tuple[Any, ...]]) -> Callable[..., 
 
 @_with_saved_edits
 def show_first(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter,
-               sort: str) -> tuple[Any, ...]:
+               sort: str) -> PairView:
     """The first pair of the filtered, sorted list (filters changed, or the page opened)."""
     pair = review.next_pair(ctx.store, flt, sort)
     if pair is not None:
@@ -173,7 +226,7 @@ def show_first(ctx: AppContext, state: dict[str, Any], note: str, flt: review.Pa
 
 
 def _navigate(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter, sort: str,
-              backwards: bool) -> tuple[Any, ...]:
+              backwards: bool) -> PairView:
     current = state.get("pair_id")
     pair = review.next_pair(ctx.store, flt, sort, after=current, backwards=backwards)
     if pair is None and current is not None:
@@ -185,7 +238,7 @@ def _navigate(ctx: AppContext, state: dict[str, Any], note: str, flt: review.Pai
 
 
 def navigate(ctx: AppContext, backwards: bool, state: dict[str, Any], annotated: Any, chosen: Any,
-             rejected: Any, *filters: Any) -> tuple[Any, ...]:
+             rejected: Any, *filters: Any) -> PairView:
     """Next (or previous) pair after the one on screen, edits saved first; stays put at either end."""
     return _with_saved_edits(_navigate)(ctx, state, annotated, chosen, rejected, backwards, *filters)
 
@@ -201,7 +254,7 @@ def _reload(ctx: AppContext, pair_id: int | None) -> dict[str, Any] | None:
 
 @_with_saved_edits
 def jump(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter, sort: str,
-         target: Any) -> tuple[Any, ...]:
+         target: Any) -> PairView:
     """Show pair ``target`` (an id typed by the user), whatever the filters."""
     try:
         pair_id = int(float(str(target).strip().lstrip("#")))
@@ -214,7 +267,7 @@ def jump(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilt
 
 
 def act(ctx: AppContext, action: str, state: dict[str, Any], annotated: Any, chosen: Any, rejected: Any,
-        *filters: Any) -> tuple[Any, ...]:
+        *filters: Any) -> PairView:
     """Apply review ``action`` to the pair on screen with the version held in ``state``.
 
     Undo first discards edits not yet saved; otherwise it reverts this session's latest action
@@ -228,7 +281,7 @@ def act(ctx: AppContext, action: str, state: dict[str, Any], annotated: Any, cho
 
 
 def _act(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilter, sort: str,
-         action: str) -> tuple[Any, ...]:
+         action: str) -> PairView:
     history = list(state.get("history") or [])
     pair_id, version = state.get("pair_id"), state.get("version")
     if pair_id is None:  # all done: say so, change nothing
@@ -246,9 +299,9 @@ def _act(ctx: AppContext, state: dict[str, Any], note: str, flt: review.PairFilt
 
 
 def _undo(ctx: AppContext, state: dict[str, Any], annotated: Any, chosen: Any, rejected: Any,
-          *filters: Any) -> tuple[Any, ...]:
-    *flt_args, sort = filters
-    flt = make_filter(ctx, *flt_args)
+          *values: Any) -> PairView:
+    filters = Filters(*values)
+    flt, sort = filter_of(ctx, filters), filters.sort
     flt.viewer = reviewer_of(ctx, state)
     history = list(state.get("history") or [])
     pair_id = state.get("pair_id")
@@ -275,21 +328,20 @@ def _undo(ctx: AppContext, state: dict[str, Any], annotated: Any, chosen: Any, r
 
 
 def save_boxes(ctx: AppContext, state: dict[str, Any], annotated: dict[str, Any] | None,
-               *filters: Any) -> tuple[Any, ...]:
+               *filters: Any) -> PairView:
     """Store the boxes read back from the annotator (pixels of the original image)."""
     return _save(ctx, state, (annotated, None, None), "box", *filters)
 
 
 def save_answers(ctx: AppContext, state: dict[str, Any], chosen: str, rejected: str,
-                 *filters: Any) -> tuple[Any, ...]:
+                 *filters: Any) -> PairView:
     """Store edited answers (only the sides whose text changed)."""
     return _save(ctx, state, (None, chosen, rejected), "answer", *filters)
 
 
 def _save(ctx: AppContext, state: dict[str, Any], edits: tuple[Any, Any, Any], what: str,
-          *filters: Any) -> tuple[Any, ...]:
-    *flt_args, sort = filters
-    flt = make_filter(ctx, *flt_args)
+          *values: Any) -> PairView:
+    flt = filter_of(ctx, Filters(*values))
     if state.get("pair_id") is None:
         return pair_view(ctx, None, state, flt, warn("no pair on screen"))
     try:
@@ -299,25 +351,26 @@ def _save(ctx: AppContext, state: dict[str, Any], edits: tuple[Any, Any, Any], w
     return pair_view(ctx, _reload(ctx, state["pair_id"]), state, flt, note or f"no {what} changed")
 
 
-def load(ctx: AppContext, state: dict[str, Any], *filters: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
+def load(ctx: AppContext, state: dict[str, Any], *filters: Any, request: gr.Request | None = None) -> PairView:
     """Page opened: the reviewer is the login name under ``--auth``, else the app's ``--user``."""
     user = getattr(request, "username", None) if request is not None else None
     fresh = empty_state(user or state.get("reviewer") or ctx.user)
     return show_first(ctx, fresh, *NO_EDITS, *filters)
 
 
-def bulk(ctx: AppContext, step: str, state: dict[str, Any], action: str, *filters: Any) -> tuple[Any, ...]:
+def bulk(ctx: AppContext, step: str, state: dict[str, Any], action: str, *values: Any) -> Any:
     """Bulk ``step`` ("confirm" or "undo") on the filtered set; the desk then shows the filter's
-    first pair. Outputs: the desk's, then the bulk message."""
-    *flt_args, sort = filters
-    flt = make_filter(ctx, *flt_args)
+    first pair. A ``BulkView``: the desk's outputs, then the bulk message."""
+    filters = Filters(*values)
+    flt = filter_of(ctx, filters)
     reviewer = reviewer_of(ctx, state)
     if step == "confirm":
         message, state = pairs_team.bulk_confirm(ctx, state, action, flt, reviewer)
     else:
         message, state = pairs_team.bulk_undo(ctx, state, reviewer)
     flt.viewer = reviewer
-    return (*pair_view(ctx, review.next_pair(ctx.store, flt, sort), state, flt), message)
+    view = pair_view(ctx, review.next_pair(ctx.store, flt, filters.sort), state, flt)
+    return BulkView(**view._asdict(), bulk_message=message)
 
 
 def choose_new_side(state: dict[str, Any], side: str) -> dict[str, Any]:
@@ -325,12 +378,13 @@ def choose_new_side(state: dict[str, Any], side: str) -> dict[str, Any]:
     return {**state, "new_side": side if side in ("chosen", "rejected") else "chosen"}
 
 
-def bulk_preview(ctx: AppContext, state: dict[str, Any], action: str, *filters: Any) -> tuple[str, dict[str, Any]]:
-    flt = make_filter(ctx, *filters[:-1])
+def bulk_preview(ctx: AppContext, state: dict[str, Any], action: str, *values: Any) -> tuple[str, dict[str, Any]]:
+    """(bulk message, state): how many pairs the bulk action would change."""
+    flt = filter_of(ctx, Filters(*values))
     return pairs_team.bulk_preview(ctx, state, action, flt, reviewer_of(ctx, state))
 
 
-def current_view(handler: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+def current_view(handler: Callable[..., PairView]) -> Callable[..., PairView]:
     """``handler(state, annotated, chosen, rejected, ...)`` fed the edits on screen only if they
     belong to the view the server last sent (``view`` == ``state["n"]``, kept by keyboard.js).
 
@@ -339,7 +393,7 @@ def current_view(handler: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple
     edits of the pair now in ``state`` and must not be saved onto it.
     """
     def run(state: dict[str, Any], view: Any, annotated: Any, chosen: Any, rejected: Any,
-            *rest: Any) -> tuple[Any, ...]:
+            *rest: Any) -> PairView:
         if str(view or "") != str(state.get("n")):
             annotated, chosen, rejected = NO_EDITS
         return handler(state, annotated, chosen, rejected, *rest)
@@ -347,7 +401,7 @@ def current_view(handler: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple
 
 
 def _save_all(ctx: AppContext, what: str, state: dict[str, Any], annotated: Any, chosen: Any,
-              rejected: Any, *filters: Any) -> tuple[Any, ...]:
+              rejected: Any, *filters: Any) -> PairView:
     if what == "box":
         return save_boxes(ctx, state, annotated, *filters)
     return save_answers(ctx, state, chosen, rejected, *filters)
@@ -363,7 +417,7 @@ def dataset_choices(ctx: AppContext) -> list[str]:
     return [ANY, *(d["name"] for d in ctx.store.datasets())]
 
 
-def _pair_panel() -> tuple[Any, ...]:
+def _pair_panel() -> Components:
     """The image with draggable boxes beside both answers, the pair's facts, crops and history."""
     with gr.Row(elem_id="pairs-panel"):
         with gr.Column(scale=3, min_width=380):
@@ -400,10 +454,12 @@ def _pair_panel() -> tuple[Any, ...]:
                 rejected_crop = gr.Image(label="Rejected crop", type="pil", interactive=False, height=150,
                                          buttons=[])
             history = gr.Markdown(elem_id="pairs-history")
-    return annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history, new_side
+    return Components(annotator=annotator, info=info, chosen_crop=chosen_crop, rejected_crop=rejected_crop,
+                      chosen_answer=chosen_answer, rejected_answer=rejected_answer, history=history,
+                      new_side=new_side)
 
 
-def _bulk_panel() -> tuple[Any, ...]:
+def _bulk_panel() -> Components:
     with gr.Accordion("Bulk action on the filtered set", open=False, elem_id="pairs-bulk"):
         with gr.Row(equal_height=True):
             action = gr.Dropdown([(label.capitalize(), name) for name, label in pairs_team.BULK_LABELS.items()],
@@ -412,10 +468,11 @@ def _bulk_panel() -> tuple[Any, ...]:
             confirm = gr.Button("Confirm", variant="primary", elem_id="pairs-bulk-confirm", scale=1)
             undo = gr.Button("Undo my last bulk action", elem_id="pairs-bulk-undo", scale=1)
         message = gr.Markdown(elem_id="pairs-bulk-message")
-    return action, preview, confirm, undo, message
+    return Components(bulk_action=action, bulk_preview=preview, bulk_confirm=confirm, bulk_undo=undo,
+                      bulk_message=message)
 
 
-def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
+def create_pairs_tab(ctx: AppContext) -> Tab:
     """Build the Pairs tab inside the current ``gr.Blocks``; returns its components by name."""
     state = gr.State(empty_state())
     with gr.Column(elem_id="pairs-desk"):
@@ -436,15 +493,18 @@ def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
         # keyboard.js marks #pairs-desk "visrl-dirty" while edits are unsaved; style.css then
         # appends "● unsaved edits" to this line.
         ticket = gr.Markdown(elem_id="pairs-ticket")
-        annotator, info, chosen_crop, rejected_crop, chosen_answer, rejected_answer, history, new_side = _pair_panel()
-        bulk_action, bulk_go, bulk_confirm, bulk_undo, bulk_message = _bulk_panel()
+        components = Components(state=state, status=status, dataset=dataset, min_margin=min_margin,
+                                max_margin=max_margin, search=search, sort=sort, target=target,
+                                progress=progress, ticket=ticket,
+                                **{f"button_{name}": button for name, button in buttons.items()})
+        components.merge(_pair_panel()).merge(_bulk_panel())
         create_export_panel(ctx, dataset)
 
-    view = gr.Textbox(value="", elem_id="pairs-view", show_label=False, container=False)
-    filters = [status, dataset, min_margin, max_margin, search, sort]
-    edits = [view, annotator, chosen_answer, rejected_answer]
-    outputs = [annotator, chosen_crop, rejected_crop, info, chosen_answer, rejected_answer,
-               progress, ticket, history, state]
+    components.add(view=gr.Textbox(value="", elem_id="pairs-view", show_label=False, container=False))
+    filters = components.pick(*Filters._fields)
+    edits = components.pick(*EDITS)
+    outputs = components.outputs(PairView)
+    new_side, bulk_action, bulk_message = components.pick("new_side", "bulk_action", "bulk_message")
     # Review actions run one at a time (they take milliseconds), in the order they were triggered.
     # No progress overlay: a key press takes milliseconds, and the overlay on ten outputs cost
     # the browser more than the answer did.
@@ -467,19 +527,19 @@ def create_pairs_tab(ctx: AppContext) -> dict[str, Any]:
     new_side.change(choose_new_side, [state, new_side], [state], api_visibility="undocumented",
                     concurrency_id="pairs-review", show_progress="hidden")
     target.submit(current_view(functools.partial(jump, ctx)), [state, *edits, target, *filters], **common)
-    bulk_go.click(functools.partial(bulk_preview, ctx), [state, bulk_action, *filters], [bulk_message, state],
-                  api_visibility="undocumented", concurrency_id="pairs-review")
-    bulk_confirm.click(functools.partial(bulk, ctx, "confirm"), [state, bulk_action, *filters],
-                       [*outputs, bulk_message], api_visibility="undocumented", concurrency_id="pairs-review")
-    bulk_undo.click(functools.partial(bulk, ctx, "undo"), [state, bulk_action, *filters],
-                    [*outputs, bulk_message], api_visibility="undocumented", concurrency_id="pairs-review")
+    bulk_outputs = components.outputs(BulkView)
+    components["bulk_preview"].click(functools.partial(bulk_preview, ctx), [state, bulk_action, *filters],
+                                     [bulk_message, state], api_visibility="undocumented",
+                                     concurrency_id="pairs-review")
+    for step in ("confirm", "undo"):
+        components[f"bulk_{step}"].click(functools.partial(bulk, ctx, step), [state, bulk_action, *filters],
+                                         bulk_outputs, api_visibility="undocumented", concurrency_id="pairs-review")
 
     def on_load(state: dict[str, Any], status: Any, dataset: Any, min_margin: Any, max_margin: Any,
-                search: Any, sort: Any, request: gr.Request) -> tuple[Any, ...]:
+                search: Any, sort: Any, request: gr.Request) -> PairView:
         return load(ctx, state, status, dataset, min_margin, max_margin, search, sort, request=request)
 
-    return {"state": state, "filters": filters, "outputs": outputs, "load": on_load,
-            "dataset": dataset, "buttons": buttons, "annotator": annotator}
+    return Tab(components, on_load, load_inputs=("state", *Filters._fields), load_outputs=fields(PairView))
 
 
 def _variant(name: str) -> str:

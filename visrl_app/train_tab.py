@@ -4,7 +4,8 @@ The recipe text is validated with the stage's config class and against the works
 folder, dataset, output folder free and writable: ``visrl.jobs.validate_text``) before anything
 starts; errors name the "train recipe" with line and column and show as a warning. The job is
 ``visrl train|merge CONFIG`` in its own process; the progress bar, ETA, log tail and loss plot
-come from the store, so a reloaded page finds a running job again.
+come from the store, so a reloaded page finds a running job again. The tab's components are a
+named set; handlers return views named after them (:mod:`visrl_app.components`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 import yaml
@@ -22,6 +23,7 @@ from visrl import jobs
 from visrl.errors import VisRLError
 from visrl.train import plan as train_plan
 from visrl_app import job_panel
+from visrl_app.components import Components, Tab, fields, joined
 from visrl_app.context import AppContext, warn
 
 KINDS = ("train", "merge")
@@ -33,6 +35,33 @@ STAGES: dict[str, tuple[str, str]] = {
     "grpo (online RL: IoU reward)": ("train", "train_grpo.yaml"),
     "merge LoRA": ("merge", "merge_lora.yaml"),
 }
+
+
+class StartAnswer(NamedTuple):
+    """:func:`start_training`: the job to watch, the finished-run question's row, its text."""
+
+    job_state: int | None
+    finished_row: Any
+    finished_question: str
+
+
+class ChangedStart(NamedTuple):
+    """:func:`start_changed`: the job to watch, the question's row (hidden), the recipe that runs."""
+
+    job_state: int | None
+    finished_row: Any
+    code: str
+
+
+class JobRecipe(NamedTuple):
+    """:func:`job_recipe`: the stage, recipe file and editor text of a watched job."""
+
+    stage: Any
+    recipe: Any
+    code: Any
+
+
+TrainLoad = joined("TrainLoad", job_panel.LatestJob, JobRecipe)  # page load
 
 
 def recipe_files(ctx: AppContext, stage: str) -> list[str]:
@@ -110,13 +139,13 @@ def changed_recipe(ctx: AppContext, stage: str, text: str, how: str) -> str:
     return set_key(text, "max_steps", train_plan.continued(config, train_plan.plan_run(config, ctx.root))["max_steps"])
 
 
-def start_training(ctx: AppContext, job_id: int | None, stage: str, text: str) -> tuple[Any, ...]:
-    """Start the recipe, unless its output holds a finished run: then ask (the choice row).
-    Returns (watched job, choice row, its question)."""
+def start_training(ctx: AppContext, job_id: int | None, stage: str, text: str) -> StartAnswer:
+    """Start the recipe, unless its output holds a finished run: then ask (the choice row)."""
     question = finished_question(ctx, stage, text)
     if question:
-        return job_id, gr.Column(visible=True), question
-    return _start(ctx, job_id, stage, text), gr.Column(visible=False), ""
+        return StartAnswer(job_state=job_id, finished_row=gr.Column(visible=True), finished_question=question)
+    return StartAnswer(job_state=_start(ctx, job_id, stage, text), finished_row=gr.Column(visible=False),
+                       finished_question="")
 
 
 def _start(ctx: AppContext, job_id: int | None, stage: str, text: str) -> int | None:
@@ -130,15 +159,15 @@ def _start(ctx: AppContext, job_id: int | None, stage: str, text: str) -> int | 
     return new_id
 
 
-def start_changed(ctx: AppContext, how: str, job_id: int | None, stage: str, text: str) -> tuple[Any, ...]:
+def start_changed(ctx: AppContext, how: str, job_id: int | None, stage: str, text: str) -> ChangedStart:
     """The choice row's answer: start the recipe changed ``how`` (``fresh`` / ``continue``); the
-    editor shows the recipe that runs. Returns (watched job, choice row, editor text)."""
+    editor shows the recipe that runs."""
     try:
         text = changed_recipe(ctx, stage, text, how)
     except VisRLError as exc:
         warn(str(exc))
-        return job_id, gr.Column(visible=False), text
-    return _start(ctx, job_id, stage, text), gr.Column(visible=False), text
+        return ChangedStart(job_state=job_id, finished_row=gr.Column(visible=False), code=text)
+    return ChangedStart(job_state=_start(ctx, job_id, stage, text), finished_row=gr.Column(visible=False), code=text)
 
 
 def stage_of(job: dict[str, Any]) -> str | None:
@@ -158,9 +187,9 @@ def _job_config(job: dict[str, Any]) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def job_recipe(ctx: AppContext, job_id: int | None) -> tuple[Any, Any, Any]:
-    """(stage, recipe, editor) showing the config of the job the panel shows: its recipe file
-    as it was started, else its recorded config. Unchanged when no job is shown."""
+def job_recipe(ctx: AppContext, job_id: int | None) -> JobRecipe:
+    """The stage, recipe and editor showing the config of the job the panel shows: its recipe
+    file as it was started, else its recorded config. Unchanged when no job is shown."""
     job = None
     if job_id is not None:
         try:
@@ -168,22 +197,23 @@ def job_recipe(ctx: AppContext, job_id: int | None) -> tuple[Any, Any, Any]:
         except VisRLError:
             job = None
     if job is None or job["kind"] not in KINDS:
-        return gr.skip(), gr.skip(), gr.skip()
+        return JobRecipe(stage=gr.skip(), recipe=gr.skip(), code=gr.skip())
     path = Path(job.get("config_path") or "")
-    path = path if path.is_absolute() else ctx.root / path
+    path = ctx.workspace.resolve(path)
     text = (path.read_text(encoding="utf-8") if job.get("config_path") and path.is_file()
             else yaml.safe_dump(_job_config(job), sort_keys=False))
     stage = stage_of(job)
     files = recipe_files(ctx, stage) if stage else []
     shown = str(path) if job.get("config_path") else None
-    return (gr.Radio(value=stage) if stage else gr.skip(),
-            gr.Dropdown(choices=files + ([shown] if shown and shown not in files else []), value=shown), text)
+    return JobRecipe(stage=gr.Radio(value=stage) if stage else gr.skip(),
+                     recipe=gr.Dropdown(choices=files + ([shown] if shown and shown not in files else []), value=shown),
+                     code=text)
 
 
-def load(ctx: AppContext) -> tuple[Any, ...]:
-    """On page load: the newest job of the tab, and its config in the editor."""
+def load(ctx: AppContext) -> Any:
+    """On page load: the newest job of the tab, and its config in the editor (a ``TrainLoad``)."""
     watched = job_panel.load_latest(ctx, KINDS)
-    return (*watched, *job_recipe(ctx, watched[0]))
+    return TrainLoad(**watched._asdict(), **job_recipe(ctx, watched.job_state)._asdict())
 
 
 def watch_selected(rows: Any, evt: gr.SelectData) -> int | None:
@@ -195,7 +225,7 @@ def watch_selected(rows: Any, evt: gr.SelectData) -> int | None:
         return None
 
 
-def create_train_tab(ctx: AppContext) -> dict[str, Any]:
+def create_train_tab(ctx: AppContext) -> Tab:
     job_state = gr.State(None)
     first = next(iter(STAGES))
     files = recipe_files(ctx, first)
@@ -220,22 +250,25 @@ def create_train_tab(ctx: AppContext) -> dict[str, Any]:
             more = gr.Button("Continue training", elem_id="train-continue", scale=0, min_width=200)
             cancel = gr.Button("Cancel", elem_id="train-finished-cancel", scale=0, min_width=100)
     monitor = job_panel.create_job_monitor(ctx, KINDS, job_state, "train", start_button, plot=True)
-    history = monitor["outputs"][3]
+    components = Components(
+        job_state=job_state, stage=stage, recipe=recipe, code=code, verdict=verdict, validate=check,
+        start=start_button, finished_row=finished_row, finished_question=question, fresh=fresh, more=more,
+        cancel=cancel).merge(monitor.components)
+    history = components["history"]
     # .input, not .change: showing a job's config sets these too, and must not load a file over it.
     stage.input(functools.partial(load_recipe, ctx), [stage], [recipe, code], api_visibility="undocumented")
     recipe.input(read_recipe, [recipe], [code], api_visibility="undocumented")
     check.click(functools.partial(validate, ctx), [stage, code], [verdict], api_visibility="undocumented")
     job_panel.wire_start(start_button, functools.partial(start_training, ctx), [job_state, stage, code],
-                         job_state, monitor, outputs=[finished_row, question])
+                         monitor, outputs=components.outputs(StartAnswer))
     for button, how in ((fresh, "fresh"), (more, "continue")):
         button.click(functools.partial(start_changed, ctx, how), [job_state, stage, code],
-                     [job_state, finished_row, code], api_visibility="undocumented").then(
-            monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
+                     components.outputs(ChangedStart), api_visibility="undocumented").then(
+            monitor.view, monitor.watched, monitor.outputs, api_visibility="undocumented")
     cancel.click(lambda: gr.Column(visible=False), None, [finished_row], queue=False, api_visibility="undocumented")
     history.select(watch_selected, [history], [job_state],
                    api_visibility="undocumented").then(
-        functools.partial(job_recipe, ctx), [job_state], [stage, recipe, code],
+        functools.partial(job_recipe, ctx), [job_state], components.outputs(JobRecipe),
         api_visibility="undocumented").then(
-        monitor["view"], monitor["watched"], monitor["outputs"], api_visibility="undocumented")
-    return {"load": functools.partial(load, ctx), "load_inputs": [],
-            "load_outputs": [job_state, *monitor["outputs"], stage, recipe, code]}
+        monitor.view, monitor.watched, monitor.outputs, api_visibility="undocumented")
+    return Tab(components, functools.partial(load, ctx), load_inputs=(), load_outputs=fields(TrainLoad))
