@@ -174,7 +174,7 @@ def test_the_visrl_seed_config_loads_with_its_ignored_keys_named(
 
 def test_the_visrl_seed_merge_config_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from visrl.jobs import validate_config
-    from visrl.train.config import load_merge_config
+    from visrl.train.merge import load_merge_config
 
     path = tmp_path / "merge_lora.yaml"
     path.write_text("model_name_or_path: Qwen/Qwen2-VL-7B-Instruct\nadapter_name_or_path: saves/lora/stage2\n"

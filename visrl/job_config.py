@@ -94,12 +94,13 @@ def _translated(kind: str, cls: type, data: dict[str, Any], source: str) -> dict
     accepts is never refused here."""
     if kind not in ("train", "merge"):
         return data
-    from visrl.train import config as train_config
+    from visrl.train.config import translate_foreign_keys
 
     if kind == "train":
-        return train_config.translate_foreign_keys(data, source=source)
-    return train_config.translate_foreign_keys(data, source=source, cls=cls, aliases={},
-                                               ignored=train_config.MERGE_FOREIGN_IGNORED)
+        return translate_foreign_keys(data, source=source)
+    from visrl.train.merge import MERGE_FOREIGN_IGNORED
+
+    return translate_foreign_keys(data, source=source, cls=cls, aliases={}, ignored=MERGE_FOREIGN_IGNORED)
 
 
 # ---------------------------------------------------------------------- what the run needs

@@ -51,8 +51,7 @@ def train(config: str, workspace: str | None, max_steps: int | None, output_dir:
 def merge(config: str, workspace: str | None, job_id: int | None) -> None:
     """Merge a LoRA adapter into its base model and export a standalone model folder."""
     from visrl.jobs import run_stage
-    from visrl.train.config import load_merge_config
-    from visrl.train.merge import merge_lora
+    from visrl.train.merge import load_merge_config, merge_lora
 
     cfg = load_merge_config(config)
     out = run_stage(workspace, job_id, "merge",

@@ -352,16 +352,6 @@ FOREIGN_IGNORED: dict[str, str] = {
 }
 
 
-# The same for LLaMA-Factory / VisRL-seed export (merge) YAMLs, read into visrl.train.merge.MergeConfig.
-MERGE_FOREIGN_IGNORED: dict[str, str] = {
-    "template": "the chat template comes with the model's processor",
-    "trust_remote_code": "models load with transformers' own classes; no remote code runs",
-    "finetuning_type": "merging always folds a LoRA adapter in",
-    "export_device": "merging runs on the CPU in float32, then casts to export_dtype",
-    "export_legacy_format": "exports are always safetensors",
-}
-
-
 def translate_foreign_keys(data: dict[str, Any], source: str = "config", cls: type = TrainConfig,
                            aliases: dict[str, tuple[str, Any]] | None = None,
                            ignored: dict[str, str] | None = None) -> dict[str, Any]:
@@ -397,14 +387,3 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
     data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path))
     return from_dict(TrainConfig, data, source=str(path))
-
-
-def load_merge_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
-    """Read a merge YAML (ours, or an LLaMA-Factory / VisRL-seed export config) into a
-    :class:`visrl.train.merge.MergeConfig`."""
-    from visrl.config import from_dict, read_yaml
-    from visrl.train.merge import MergeConfig
-
-    data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path), cls=MergeConfig,
-                                  aliases={}, ignored=MERGE_FOREIGN_IGNORED)
-    return from_dict(MergeConfig, data, source=str(path))
