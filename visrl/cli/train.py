@@ -37,7 +37,7 @@ def train(config: str, workspace: str | None, max_steps: int | None, output_dir:
     from visrl.jobs import run_stage
     from visrl.train.run import train as run_train
     result = run_stage(workspace, job_id, f"train {cfg.stage}",
-                       lambda progress: run_train(cfg, workspace, job_id=job_id, progress=progress))
+                       lambda progress: run_train(workspace, cfg, progress, job_id=job_id))
     state = "stopped" if result.stopped else "finished"
     click.echo(f"{cfg.stage} {state} at step {result.global_step}: {result.path} "
                f"(base {result.base}; checkpoint #{result.checkpoint_id})"
@@ -55,5 +55,5 @@ def merge(config: str, workspace: str | None, job_id: int | None) -> None:
 
     cfg = load_merge_config(config)
     out = run_stage(workspace, job_id, "merge",
-                    lambda progress: merge_lora(cfg, workspace, job_id=job_id, progress=progress))
+                    lambda progress: merge_lora(workspace, cfg, progress, job_id=job_id))
     click.echo(f"merged {cfg.adapter_name_or_path} into {cfg.model_name_or_path}: {out}")

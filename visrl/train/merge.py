@@ -64,8 +64,8 @@ def load_merge_config(path: str | Path, overrides: dict[str, Any] | None = None)
     return from_dict(MergeConfig, data, source=str(path))
 
 
-def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None,
-               job_id: int | None = None, progress: Progress | None = None) -> Path:
+def merge_lora(workspace: str | Path | Workspace | None, cfg: MergeConfig,
+               progress: Progress | None = None, job_id: int | None = None) -> Path:
     """Merge ``cfg.adapter_name_or_path`` into ``cfg.model_name_or_path``; returns the export dir."""
     store = Store.open(workspace)
     ws = store.workspace

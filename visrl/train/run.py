@@ -77,8 +77,8 @@ def resume_checkpoint(cfg: TrainConfig, output_dir: Path, root: Path) -> str | N
     return str(path)
 
 
-def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
-          job_id: int | None = None, progress: Progress | None = None) -> TrainResult:
+def train(workspace: str | Path | Workspace | None, cfg: TrainConfig,
+          progress: Progress | None = None, job_id: int | None = None) -> TrainResult:
     """Run ``cfg`` in ``workspace``; returns where the result is (see :class:`TrainResult`).
 
     One run per output folder at a time: a second one gets a JobError ("already running")
