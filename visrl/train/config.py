@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from visrl.errors import ConfigError
+from visrl.stages import TRAIN_STAGES, stage_named
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "dpo", "visrl", "grpo")
 # Every projection of the language model's decoder layers, none of the vision tower or merger
 # (``all-linear`` would adapt those too; see shared/PITFALLS.md). peft full-matches a string.
 LANGUAGE_MODEL_TARGET = (
@@ -53,9 +53,7 @@ def _help(text: str) -> dict[str, str]:
 class TrainConfig:
     """One training run. :func:`load_train_config` maps LLaMA-Factory keys and rejects unknown ones."""
 
-    stage: str = field(metadata=_help(
-        "sft | dpo (VisRL stage 1, box step) | visrl (stage 2, box + answer) | "
-        "grpo (online RL on the box step, IoU reward)"))
+    stage: str = field(metadata=_help(" | ".join(stage_named(name).title for name in TRAIN_STAGES)))
     model_name_or_path: str = field(metadata=_help("Base model folder (relative: inside the workspace)."))
     output_dir: str = field(metadata=_help("Where checkpoints and the final adapter/model go."))
     dataset: str = field(default="", metadata=_help(
@@ -146,8 +144,8 @@ class TrainConfig:
     deepspeed: str | None = field(default=None, metadata=_help("DeepSpeed JSON config (multi-GPU)."))
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage not in TRAIN_STAGES:
+            raise ConfigError(f"stage must be one of {', '.join(TRAIN_STAGES)}, got {self.stage!r}")
         if self.finetuning_type not in ("lora", "full"):
             raise ConfigError(f"finetuning_type must be lora or full, got {self.finetuning_type!r}")
         if self.box_format not in BOX_FORMATS:
@@ -240,7 +238,7 @@ class TrainConfig:
 
     @property
     def is_preference(self) -> bool:
-        return self.stage in ("dpo", "visrl")
+        return stage_named(self.stage).preference
 
     def lora_targets(self) -> str | list[str]:
         """The peft ``target_modules`` value for :attr:`lora_target`."""
@@ -380,10 +378,16 @@ def translate_foreign_keys(data: dict[str, Any], source: str = "config", cls: ty
     return out
 
 
-def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a training YAML (ours, or LLaMA-Factory / VisRL-seed style; see
-    :func:`translate_foreign_keys`), apply ``overrides`` and build the config."""
-    from visrl.config import from_dict, read_yaml
+def parse_train_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A training recipe's mapping (ours, or LLaMA-Factory / VisRL-seed style; see
+    :func:`translate_foreign_keys`) as the config; errors name ``source``."""
+    from visrl.config import from_dict
 
-    data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path))
-    return from_dict(TrainConfig, data, source=str(path))
+    return from_dict(TrainConfig, translate_foreign_keys(data, source=source), source=source)
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a training YAML, apply ``overrides`` and build the config (:func:`parse_train_config`)."""
+    from visrl.config import read_yaml
+
+    return parse_train_config({**read_yaml(path), **(overrides or {})}, source=str(path))

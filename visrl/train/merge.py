@@ -53,15 +53,21 @@ MERGE_FOREIGN_IGNORED: dict[str, str] = {
 }
 
 
-def load_merge_config(path: str | Path, overrides: dict[str, Any] | None = None) -> MergeConfig:
-    """Read a merge YAML (ours, or an LLaMA-Factory / VisRL-seed export config) into a
-    :class:`MergeConfig`. It lives here, beside the class, not in :mod:`visrl.train.config`:
-    there it made the ``config <-> merge`` import cycle."""
-    from visrl.config import from_dict, read_yaml
+def parse_merge_config(data: dict[str, Any], source: str = "config") -> MergeConfig:
+    """A merge recipe's mapping (ours, or an LLaMA-Factory / VisRL-seed export config) as the
+    config; errors name ``source``. The loaders live here, beside the class, not in
+    :mod:`visrl.train.config`: there they made the ``config <-> merge`` import cycle."""
+    from visrl.config import from_dict
 
-    data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path), cls=MergeConfig,
-                                  aliases={}, ignored=MERGE_FOREIGN_IGNORED)
-    return from_dict(MergeConfig, data, source=str(path))
+    data = translate_foreign_keys(data, source=source, cls=MergeConfig, aliases={}, ignored=MERGE_FOREIGN_IGNORED)
+    return from_dict(MergeConfig, data, source=source)
+
+
+def load_merge_config(path: str | Path, overrides: dict[str, Any] | None = None) -> MergeConfig:
+    """Read a merge YAML, apply ``overrides`` and build the config (:func:`parse_merge_config`)."""
+    from visrl.config import read_yaml
+
+    return parse_merge_config({**read_yaml(path), **(overrides or {})}, source=str(path))
 
 
 def merge_lora(workspace: str | Path | Workspace | None, cfg: MergeConfig,
