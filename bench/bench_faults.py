@@ -299,7 +299,7 @@ if KILL_AT:
     Trainer.save_model = save_model
 cfg = TrainConfig(stage="visrl", model_name_or_path={model!r}, output_dir="models/stage2", max_steps=4,
                   per_device_train_batch_size=2, save_steps=1, learning_rate=1e-3, lora_rank=4)
-result = run.train(cfg, {ws!r})
+result = run.train({ws!r}, cfg)
 print("finished", result.global_step, result.stopped, flush=True)
 """
 

@@ -148,7 +148,7 @@ def child(mode: str, root: str, model: str, eager: int) -> dict[str, Any]:
                       save_steps=1000, resume_from_checkpoint=False, lora_rank=4)
     with PeakRSS() as rss:
         progress = FirstStep(time.perf_counter())
-        result = train(cfg, root, progress=progress)
+        result = train(root, cfg, progress=progress)
         peak = rss.peak  # sampled up to here; the stop's checkpoint save adds nothing it did not
     return {"first_step_s": progress.seconds, "peak_rss_mb": peak / 2**20, "stopped_at": result.global_step}
 

@@ -146,7 +146,7 @@ def merge_adapter(base: Path, adapter: Path, workspace: Path) -> tuple[Path, flo
     from visrl.train.merge import MergeConfig, merge_lora
 
     started = time.perf_counter()
-    out = merge_lora(MergeConfig(str(base), str(adapter), "models/sft-merged", register=False), workspace)
+    out = merge_lora(workspace, MergeConfig(str(base), str(adapter), "models/sft-merged", register=False))
     return out, round(time.perf_counter() - started, 2)
 
 

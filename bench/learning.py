@@ -284,7 +284,7 @@ def train_stage(ws: Path, recipe_file: str, overrides: dict[str, Any], seconds: 
             "logging_steps": 10, "box_format": "viscot", "bf16": False, "gradient_checkpointing": False}
     cfg = load_train_config(CONFIGS / recipe_file, {**base, **overrides})
     progress = Deadline(seconds, recipe_file) if seconds else Progress(bar=False, desc=recipe_file)
-    return train(cfg, ws, progress=progress)
+    return train(ws, cfg, progress=progress)
 
 
 def visrl_arm(ws: Path, args: argparse.Namespace, seed: int, withheld: dict[int, str] | None,

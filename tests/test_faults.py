@@ -412,7 +412,7 @@ def test_second_training_run_of_an_output_folder_is_refused(store: Store, tmp_pa
                       output_dir="runs/sft-a")
     key = f"train:{(store.workspace.root / 'runs/sft-a').resolve()}"
     with store.acquire_lease(key), pytest.raises(JobError, match="already running"):
-        train(cfg, store.workspace)
+        train(store.workspace, cfg)
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -480,12 +480,12 @@ def test_training_killed_while_writing_trainer_state_resumes_from_the_last_compl
                       per_device_train_batch_size=2, save_steps=1, learning_rate=1e-3, lora_rank=4)
     monkeypatch.setattr(TrainerState, "save_to_json", dies_at_step_2)
     with pytest.raises(KilledMidSave):
-        run.train(cfg, store.workspace)
+        run.train(store.workspace, cfg)
     monkeypatch.setattr(TrainerState, "save_to_json", real_save)
     out = store.workspace.models_dir / "s2"
     assert Path(get_last_checkpoint(str(out))).name == "checkpoint-2"  # what HF alone would pick
     assert Path(run.last_complete_checkpoint(out)).name == "checkpoint-1"
-    result = run.train(cfg, store.workspace)
+    result = run.train(store.workspace, cfg)
     assert result.global_step == 3 and not result.stopped
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and integrity_ok(store) and store.leases() == []

@@ -244,7 +244,7 @@ def test_two_grpo_steps_move_lora_and_save_a_loadable_adapter(
                       max_steps=2, per_device_train_batch_size=4, num_generations=2,
                       max_completion_length=16, learning_rate=1e-2, lora_rank=4, bf16=False,
                       gradient_checkpointing=False, grpo_answer_reward=True, save_steps=100)
-    result = run.train(cfg, store.workspace)
+    result = run.train(store.workspace, cfg)
 
     assert result.global_step == 2 and not result.stopped and result.stage == "grpo"
     trainer = built["trainer"]
@@ -342,7 +342,7 @@ def test_answer_only_grpo_runs_on_unboxed_items(tiny_dir: Path, store: Any, monk
                       max_completion_length=16, learning_rate=1e-2, lora_rank=4, bf16=False,
                       gradient_checkpointing=False, grpo_iou_reward=False, grpo_answer_reward=True,
                       save_steps=100)
-    result = run.train(cfg, store.workspace)
+    result = run.train(store.workspace, cfg)
 
     assert result.global_step == 2 and not result.stopped
     trainer = built["trainer"]

@@ -65,7 +65,7 @@ def test_merged_model_matches_the_adapter_and_generates(adapter: tuple[Path, Pat
 
     base, adapter_dir = adapter
     cfg = MergeConfig(str(base), str(adapter_dir), "models/merged", export_dtype="float32")
-    out = merge_lora(cfg, store.workspace)
+    out = merge_lora(store.workspace, cfg)
     assert out == store.workspace.models_dir / "merged"
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
 
@@ -90,7 +90,7 @@ def test_merge_refuses_a_folder_without_an_adapter(store: Any, tmp_path: Path) -
     (tmp_path / "notadapter").mkdir()
     cfg = MergeConfig(str(tmp_path / "base"), str(tmp_path / "notadapter"), "models/x")
     with pytest.raises(ModelError, match="adapter_config.json"):
-        merge_lora(cfg, store.workspace)
+        merge_lora(store.workspace, cfg)
 
 
 @pytest.mark.slow
@@ -106,7 +106,7 @@ def test_merge_a_hub_cached_base_and_refuse_the_wrong_base(adapter: tuple[Path, 
     base, adapter_dir = adapter
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     fake_hub_cache(tmp_path / "hub", "tiny-org/Tiny-VL", base)
-    out = merge_lora(MergeConfig("tiny-org/Tiny-VL", str(adapter_dir), "models/merged-hub"), store.workspace)
+    out = merge_lora(store.workspace, MergeConfig("tiny-org/Tiny-VL", str(adapter_dir), "models/merged-hub"))
     assert load_model(str(out)).family == "qwen2_vl"
     [record] = store.checkpoints()
     assert record["base"] == "tiny-org/Tiny-VL"
@@ -245,8 +245,8 @@ def test_merged_folders_load_with_plain_transformers_as_their_base(store: Any, t
     for preset, family in (("test", "qwen2_vl"), ("test-qwen2_5", "qwen2_5_vl"), ("test-qwen3", "qwen3_vl")):
         base = to_hub_layout(build_tiny_model(tmp_path / family, preset=preset))  # as the Hub lays it out
         adapter = _adapter_on(base, tmp_path / f"{family}-lora")
-        merged = merge_lora(MergeConfig(str(base), str(adapter), f"models/{family}-merged",
-                                        export_dtype="float32", register=False), store.workspace)
+        merged = merge_lora(store.workspace, MergeConfig(str(base), str(adapter), f"models/{family}-merged",
+                                                         export_dtype="float32", register=False))
         folders.append((family, base, merged))
         assert type(load_model(merged).processor).__name__.endswith(FAMILIES[family].processor_class)
     # The merged base a later stage writes (OUTPUT/base) is an export too.

@@ -336,7 +336,7 @@ def test_weights_swapped_inside_the_same_snapshot_are_refused_naming_both(
     with pytest.raises(ModelError, match=both):
         load_model("tiny-org/Tiny-VL", adapter=adapter)
     with pytest.raises(ModelError, match=both):
-        merge_lora(MergeConfig("tiny-org/Tiny-VL", str(adapter), "models/merged"), store.workspace)
+        merge_lora(store.workspace, MergeConfig("tiny-org/Tiny-VL", str(adapter), "models/merged"))
     # A new revision with the adapter's weights again is accepted: the weights are what count.
     newer = "fedcba9876543210fedcba9876543210fedcba98"
     shutil.copytree(tiny, snapshot.parent / newer)

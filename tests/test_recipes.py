@@ -112,7 +112,7 @@ def _train(chain: Chain, where: str, path: Path) -> None:
 
 
 def _merge(chain: Chain, where: str, path: Path) -> None:
-    from visrl.train.config import load_merge_config
+    from visrl.train.merge import load_merge_config
 
     cfg = load_merge_config(path)  # what `visrl merge` and a merge job read
     chain.need_model(where, cfg.model_name_or_path, cfg.adapter_name_or_path)

@@ -174,7 +174,7 @@ def test_the_visrl_seed_config_loads_with_its_ignored_keys_named(
 
 def test_the_visrl_seed_merge_config_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from visrl.jobs import validate_config
-    from visrl.train.config import load_merge_config
+    from visrl.train.merge import load_merge_config
 
     path = tmp_path / "merge_lora.yaml"
     path.write_text("model_name_or_path: Qwen/Qwen2-VL-7B-Instruct\nadapter_name_or_path: saves/lora/stage2\n"
@@ -426,7 +426,7 @@ def test_stop_leaves_a_loadable_checkpoint_and_resume_finishes(
     cfg = TrainConfig(stage="visrl", model_name_or_path=str(tiny_dir), output_dir="models/stage2",
                       max_steps=3, per_device_train_batch_size=2, save_steps=100, learning_rate=1e-3)
     progress = StopAfter(stop_at=1)
-    first = run.train(cfg, store.workspace, progress=progress)
+    first = run.train(store.workspace, cfg, progress=progress)
     assert first.stopped and first.global_step == 1 and progress.total == 3
     ckpt = store.workspace.models_dir / "stage2" / "checkpoint-1"
     assert first.path == ckpt and (ckpt / "adapter_model.safetensors").is_file()
@@ -437,7 +437,7 @@ def test_stop_leaves_a_loadable_checkpoint_and_resume_finishes(
     assert record["path"] == "models/stage2/checkpoint-1" and record["stage"] == "visrl"
 
     progress = StopAfter(stop_at=99)
-    second = run.train(cfg, store.workspace, progress=progress)
+    second = run.train(store.workspace, cfg, progress=progress)
     assert not second.stopped and second.global_step == 3 and progress.begin == 1
     out = store.workspace.models_dir / "stage2"
     assert (out / "adapter_config.json").is_file()
@@ -485,7 +485,7 @@ def test_training_writes_its_contract_and_loading_reads_it(tiny_dir: Path, store
     cfg = TrainConfig(stage="sft", model_name_or_path=str(tiny_dir), output_dir="models/sft25", max_steps=1,
                       per_device_train_batch_size=2, box_format="qwen2_5", crop_margin=0.1,
                       image_max_pixels=8000, bf16=False, gradient_checkpointing=False)
-    result = train(cfg, store.workspace)
+    result = train(store.workspace, cfg)
     record = read_record(result.path)
     assert (record["box_format"], record["crop_margin"], record["image_max_pixels"]) == ("qwen2_5", 0.1, 8000)
     assert record["base"]["path"] == str(tiny_dir.resolve())
@@ -537,7 +537,7 @@ def test_two_cpu_ranks_train_one_checkpoint_like_one_process(tiny_dir: Path, sto
     for stage in ("sft", "visrl"):
         from visrl.train import load_train_config
 
-        run_train(load_train_config(configs["one", stage]), ws)
+        run_train(ws, load_train_config(configs["one", stage]))
         job_id = start_job(ws, "train", configs["two", stage], launcher=Launcher(num_processes=2, cpu=True))
         deadline = time.monotonic() + 120
         while store.job(job_id)["status"] in ("queued", "running", "stopping"):
@@ -674,7 +674,7 @@ def test_training_refuses_rows_max_length_would_cut_before_the_model_loads(
                       image_max_pixels=200_000, bf16=False, gradient_checkpointing=False)
     with pytest.raises(DataError, match=r"training row 0 \(question 'Which colour\? .*needs \d+ tokens .*"
                                         r"max_length is 128"):
-        run.train(cfg, store.workspace)
+        run.train(store.workspace, cfg)
 
 
 def test_deferred_rows_are_measured_as_they_will_be_opened(tiny_dir: Path, store: Any) -> None:

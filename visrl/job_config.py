@@ -1,7 +1,8 @@
 """What a background job's recipe must hold before it starts, and what it writes.
 
 :func:`validate_config` (a file) and :func:`validate_text` (YAML typed in the app) parse a
-recipe with its stage's config class; given the workspace they also check what the run will
+recipe as its stage does (the stage's record in :mod:`visrl.stages`: config class, parser,
+output field); given the workspace they also check what the run will
 need, so a mistake is reported in a second instead of minutes into a child process:
 
 * the model resolves as the loader resolves it (a folder, or a Hub id in the local HF cache)
@@ -21,32 +22,14 @@ run), so :mod:`visrl.jobs` can refuse a second active job into the same place.
 
 from __future__ import annotations
 
-import importlib
 import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from visrl.errors import ConfigError, JobError, VisRLError
+from visrl.errors import ConfigError, VisRLError
+from visrl.stages import KINDS, Stage, stage_of_kind
 from visrl.workspace import Workspace
-
-KINDS: tuple[str, ...] = ("generate", "train", "merge", "eval")
-# kind -> (module, config dataclass)
-CONFIG_CLASSES: dict[str, tuple[str, str]] = {
-    "generate": ("visrl.generate", "GenerateConfig"),
-    "eval": ("visrl.evaluate", "EvalConfig"),
-    "train": ("visrl.train.config", "TrainConfig"),
-    "merge": ("visrl.train.merge", "MergeConfig"),
-}
-# kind -> the field naming the folder a run writes (generation writes rollouts to the store)
-OUTPUT_FIELDS: dict[str, str] = {"train": "output_dir", "merge": "export_dir", "eval": "output_dir"}
-
-
-def config_class(kind: str) -> type:
-    if kind not in KINDS:
-        raise JobError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
-    module, name = CONFIG_CLASSES[kind]
-    return getattr(importlib.import_module(module), name)
 
 
 def validate_config(kind: str, config_path: str | Path,
@@ -54,8 +37,8 @@ def validate_config(kind: str, config_path: str | Path,
     """The recipe in ``config_path`` as a plain mapping, checked; see :func:`validate_text`."""
     from visrl.config import read_yaml
 
-    cls = config_class(kind)
-    return _checked(kind, cls, read_yaml(config_path), str(config_path), workspace)
+    stage = stage_of_kind(kind)
+    return _checked(stage, read_yaml(config_path), str(config_path), workspace)
 
 
 def validate_text(kind: str, text: str, workspace: str | Path | Workspace | None = None,
@@ -67,50 +50,39 @@ def validate_text(kind: str, text: str, workspace: str | Path | Workspace | None
     """
     from visrl.config import parse_yaml  # bounded; errors name ``source`` with line and column
 
-    cls = config_class(kind)
-    return _checked(kind, cls, parse_yaml(text, source), source, workspace)
+    stage = stage_of_kind(kind)
+    return _checked(stage, parse_yaml(text, source), source, workspace)
 
 
-def _checked(kind: str, cls: type, data: dict[str, Any], source: str,
+def _checked(stage: Stage, data: dict[str, Any], source: str,
              workspace: str | Path | Workspace | None) -> dict[str, Any]:
-    from visrl.config import from_dict, to_dict
+    """``data`` parsed as the stage parses its recipe (LLaMA-Factory / VisRL-seed keys of training
+    and merge recipes mapped), so a recipe the stage accepts is never refused here."""
+    from visrl.config import to_dict
 
-    cfg = from_dict(cls, _translated(kind, cls, data, source), source=source)
+    cfg = stage.parse(data, source)
     config = to_dict(cfg)
     ws = None
     if workspace is not None:
         ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
-        check_needs(kind, cfg, ws)
-    if kind == "generate":  # keyed by the model's weights, found where the run finds them
+        check_needs(stage.kind, cfg, ws)
+    if stage.kind == "generate":  # keyed by the model's weights, found where the run finds them
         from visrl.generate import run_key_for
 
         config["run_key"] = cfg.run_key or run_key_for(cfg, ws)
     return config
 
 
-def _translated(kind: str, cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
-    """Training and merge recipes may be LLaMA-Factory / VisRL-seed YAMLs: their keys are mapped
-    the way ``load_train_config`` / ``load_merge_config`` map them, so a recipe the stage
-    accepts is never refused here."""
-    if kind not in ("train", "merge"):
-        return data
-    from visrl.train import config as train_config
-
-    if kind == "train":
-        return train_config.translate_foreign_keys(data, source=source)
-    return train_config.translate_foreign_keys(data, source=source, cls=cls, aliases={},
-                                               ignored=train_config.MERGE_FOREIGN_IGNORED)
-
-
 # ---------------------------------------------------------------------- what the run needs
 
 def check_needs(kind: str, cfg: Any, ws: Workspace) -> None:
     """Raise a user error naming the first thing ``cfg`` needs that ``ws`` lacks."""
+    stage = stage_of_kind(kind)
     if getattr(cfg, "backend", "local") == "local":
         _check_model(ws, "model_name_or_path", cfg.model_name_or_path)
     if getattr(cfg, "adapter_name_or_path", None):
         _check_adapter(ws, cfg.adapter_name_or_path)
-    if kind in ("generate", "eval"):
+    if stage.rolls_out:
         _check_dataset(ws, cfg.dataset)
         _check_api_keys(cfg)
         _check_servers(cfg)
@@ -121,7 +93,7 @@ def check_needs(kind: str, cfg: Any, ws: Workspace) -> None:
                                   f"(relative paths are looked up in {ws.root})")
         else:
             _check_dataset(ws, cfg.dataset)
-    output = OUTPUT_FIELDS.get(kind)
+    output = stage.output_field
     if output and getattr(cfg, output, None):
         _check_writable(ws, output, getattr(cfg, output))
 
@@ -204,7 +176,7 @@ def job_target(kind: str, config: dict[str, Any], root: Path) -> str | None:
     if kind == "generate":
         key = config.get("run_key")
         return f"rollouts run {key}" if key else None
-    field = OUTPUT_FIELDS.get(kind)
+    field = stage_of_kind(kind).output_field if kind in KINDS else None
     value = config.get(field) if field else None
     if not value:
         return None

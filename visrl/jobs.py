@@ -38,6 +38,7 @@ from typing import Any
 from visrl.errors import ConfigError, JobError
 from visrl.job_config import KINDS, job_target, validate_config, validate_text  # noqa: F401  (re-exported)
 from visrl.progress import Progress
+from visrl.stages import stage_of_kind
 from visrl.store import Store, now
 from visrl.vocabulary import ACTIVE_JOB_STATUSES
 from visrl.workspace import Workspace
@@ -143,8 +144,9 @@ def start_job(workspace: str | Path | Workspace | None, kind: str, config_path: 
     """
     if isinstance(launcher, str):
         launcher = Launcher(launcher)
-    if launcher is not None and launcher.data_parallel and kind != "train":
-        raise JobError(f"a {kind} job runs in one process; only train jobs take several processes "
+    if launcher is not None and launcher.data_parallel and stage_of_kind(kind).single_process:
+        several = " or ".join(k for k in KINDS if not stage_of_kind(k).single_process)
+        raise JobError(f"a {kind} job runs in one process; only {several} jobs take several processes "
                        "(for generation or evaluation at scale, serve the model with vLLM and use "
                        "backend: remote)")
     if launcher is not None:

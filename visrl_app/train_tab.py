@@ -19,22 +19,16 @@ from typing import Any, NamedTuple
 import gradio as gr
 import yaml
 
-from visrl import jobs
+from visrl import jobs, stages
 from visrl.errors import VisRLError
 from visrl.train import plan as train_plan
 from visrl_app import job_panel
 from visrl_app.components import Components, Tab, fields, joined
 from visrl_app.context import AppContext, warn
 
-KINDS = ("train", "merge")
-# stage label -> (job kind, recipe file name)
-STAGES: dict[str, tuple[str, str]] = {
-    "sft": ("train", "train_sft.yaml"),
-    "dpo (VisRL stage 1: box step)": ("train", "train_rl_stage1.yaml"),
-    "visrl (VisRL stage 2: box + answer)": ("train", "train_rl_stage2.yaml"),
-    "grpo (online RL: IoU reward)": ("train", "train_grpo.yaml"),
-    "merge LoRA": ("merge", "merge_lora.yaml"),
-}
+# The stages this tab offers (visrl.stages), by the label of their Stage choice.
+STAGES: dict[str, stages.Stage] = {stage.title: stage for stage in stages.STAGES if stage.app_tab == "train"}
+KINDS = tuple(dict.fromkeys(stage.kind for stage in STAGES.values()))
 
 
 class StartAnswer(NamedTuple):
@@ -66,13 +60,13 @@ TrainLoad = joined("TrainLoad", job_panel.LatestJob, JobRecipe)  # page load
 
 def recipe_files(ctx: AppContext, stage: str) -> list[str]:
     """Recipe paths for ``stage``: workspace configs first, then the repo's demo and full ones."""
-    name = STAGES[stage][1]
+    name = STAGES[stage].recipe
     return [str(folder / name) for folder in ctx.config_dirs() if (folder / name).is_file()]
 
 
 def load_recipe(ctx: AppContext, stage: str) -> tuple[Any, str]:
     files = recipe_files(ctx, stage)
-    text = Path(files[0]).read_text(encoding="utf-8") if files else f"# no {STAGES[stage][1]} found\n"
+    text = Path(files[0]).read_text(encoding="utf-8") if files else f"# no {STAGES[stage].recipe} found\n"
     return gr.Dropdown(choices=files, value=files[0] if files else None), text
 
 
@@ -83,7 +77,7 @@ def read_recipe(path: str | None) -> str:
 def validate(ctx: AppContext, stage: str, text: str) -> str:
     """Check the YAML text (no file is written) with the stage's config class and against the
     workspace: the model, the dataset, the output folder. Returns a one-line verdict."""
-    kind = STAGES[stage][0]
+    kind = STAGES[stage].kind
     try:
         config = job_panel.check(ctx, kind, text)
     except VisRLError as exc:
@@ -103,7 +97,7 @@ def validate(ctx: AppContext, stage: str, text: str) -> str:
 def finished_question(ctx: AppContext, stage: str, text: str) -> str | None:
     """What to ask before starting ``text`` when its output already holds a finished run (it
     would train nothing), else None. An invalid recipe is left to the start's own checks."""
-    kind = STAGES[stage][0]
+    kind = STAGES[stage].kind
     if kind != "train":
         return None
     try:
@@ -133,7 +127,7 @@ def set_key(text: str, key: str, value: Any) -> str:
 def changed_recipe(ctx: AppContext, stage: str, text: str, how: str) -> str:
     """``text`` made to train something: ``fresh`` = into the next free folder, ``continue`` =
     from its last checkpoint for as many steps again."""
-    config = job_panel.check(ctx, STAGES[stage][0], text)
+    config = job_panel.check(ctx, STAGES[stage].kind, text)
     if how == "fresh":
         return set_key(text, "output_dir", train_plan.fresh_output(config, ctx.root))
     return set_key(text, "max_steps", train_plan.continued(config, train_plan.plan_run(config, ctx.root))["max_steps"])
@@ -149,9 +143,9 @@ def start_training(ctx: AppContext, job_id: int | None, stage: str, text: str) -
 
 
 def _start(ctx: AppContext, job_id: int | None, stage: str, text: str) -> int | None:
-    kind = STAGES[stage][0]
+    kind = STAGES[stage].kind
     try:
-        new_id = job_panel.start(ctx, kind, text, name=stage.split(" ")[0])
+        new_id = job_panel.start(ctx, kind, text, name=STAGES[stage].name)
     except VisRLError as exc:
         warn(str(exc))
         return job_id
@@ -172,11 +166,8 @@ def start_changed(ctx: AppContext, how: str, job_id: int | None, stage: str, tex
 
 def stage_of(job: dict[str, Any]) -> str | None:
     """The Stage choice a job was started as (its kind, and a train job's ``stage``)."""
-    config = _job_config(job)
-    for label, (kind, _) in STAGES.items():
-        if kind == job["kind"] and (kind != "train" or label.split(" ")[0] == config.get("stage")):
-            return label
-    return None
+    stage = stages.stage_of_job(job["kind"], _job_config(job))
+    return stage.title if stage is not None and stage.title in STAGES else None
 
 
 def _job_config(job: dict[str, Any]) -> dict[str, Any]:

@@ -12,11 +12,13 @@ import sys
 import click
 
 from visrl.errors import VisRLError
+from visrl.stages import KINDS, single_process_kinds
 
-# Commands that run a model in this process: they choose torch's thread count first (see
-# visrl.runtime); the ones in SINGLE_PROCESS refuse to run as one of several launcher ranks.
-MODEL_COMMANDS = ("train", "merge", "generate", "eval", "serve", "infer")
-SINGLE_PROCESS = ("merge", "generate", "eval", "serve", "infer")
+# Commands that run a model in this process: the stages' (visrl.stages) and two that are no
+# stage. They choose torch's thread count first (see visrl.runtime); the ones in SINGLE_PROCESS
+# refuse to run as one of several launcher ranks.
+MODEL_COMMANDS = (*KINDS, "serve", "infer")
+SINGLE_PROCESS = (*single_process_kinds(), "serve", "infer")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

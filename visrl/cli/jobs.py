@@ -8,15 +8,16 @@ import sys
 import click
 
 from visrl.cli import cli, workspace_option
+from visrl.stages import KINDS
 
 
-@cli.group()
+@cli.group(help=f"Run stages ({', '.join(KINDS)}) in the background and watch them.")
 def jobs() -> None:
-    """Run stages (generate, train, merge, eval) in the background and watch them."""
+    pass
 
 
 @jobs.command("start", context_settings={"ignore_unknown_options": True})
-@click.argument("kind", type=click.Choice(["generate", "train", "merge", "eval"]))
+@click.argument("kind", type=click.Choice(KINDS))
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED)
 @workspace_option

@@ -5,9 +5,19 @@ from __future__ import annotations
 import click
 
 from visrl.cli import cli, workspace_option
+from visrl.stages import TRAIN_STAGES, stage_named
+
+TRAIN_HELP = f"""Train a stage from a YAML CONFIG; its `stage` is one of: {"; ".join(
+    stage_named(name).title for name in TRAIN_STAGES)}.
+
+Resumes from the last checkpoint in output_dir (resume_from_checkpoint: auto). A stop
+(Ctrl-C once, or `visrl jobs stop`) saves a checkpoint after the current step. An output_dir
+that holds a finished run is refused (it would train nothing): --output-dir starts fresh
+elsewhere, a larger --max-steps continues it.
+"""
 
 
-@cli.command()
+@cli.command(help=TRAIN_HELP, short_help=f"Train a stage ({', '.join(TRAIN_STAGES)}) from a YAML CONFIG.")
 @click.argument("config", type=click.Path(dir_okay=False))
 @workspace_option
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (overrides the config).")
@@ -15,13 +25,6 @@ from visrl.cli import cli, workspace_option
 @click.option("--job-id", type=int, default=None, hidden=True)
 def train(config: str, workspace: str | None, max_steps: int | None, output_dir: str | None,
           job_id: int | None) -> None:
-    """Train a stage (sft, dpo = VisRL stage 1, visrl = stage 2, grpo = online RL) from a YAML CONFIG.
-
-    Resumes from the last checkpoint in output_dir (resume_from_checkpoint: auto). A stop
-    (Ctrl-C once, or `visrl jobs stop`) saves a checkpoint after the current step. An output_dir
-    that holds a finished run is refused (it would train nothing): --output-dir starts fresh
-    elsewhere, a larger --max-steps continues it.
-    """
     from visrl.train import load_train_config
 
     # The config first: a bad value is reported in ~0.3 s, before the store (sqlite-utils, pandas:
@@ -37,7 +40,7 @@ def train(config: str, workspace: str | None, max_steps: int | None, output_dir:
     from visrl.jobs import run_stage
     from visrl.train.run import train as run_train
     result = run_stage(workspace, job_id, f"train {cfg.stage}",
-                       lambda progress: run_train(cfg, workspace, job_id=job_id, progress=progress))
+                       lambda progress: run_train(workspace, cfg, progress, job_id=job_id))
     state = "stopped" if result.stopped else "finished"
     click.echo(f"{cfg.stage} {state} at step {result.global_step}: {result.path} "
                f"(base {result.base}; checkpoint #{result.checkpoint_id})"
@@ -51,10 +54,9 @@ def train(config: str, workspace: str | None, max_steps: int | None, output_dir:
 def merge(config: str, workspace: str | None, job_id: int | None) -> None:
     """Merge a LoRA adapter into its base model and export a standalone model folder."""
     from visrl.jobs import run_stage
-    from visrl.train.config import load_merge_config
-    from visrl.train.merge import merge_lora
+    from visrl.train.merge import load_merge_config, merge_lora
 
     cfg = load_merge_config(config)
     out = run_stage(workspace, job_id, "merge",
-                    lambda progress: merge_lora(cfg, workspace, job_id=job_id, progress=progress))
+                    lambda progress: merge_lora(workspace, cfg, progress, job_id=job_id))
     click.echo(f"merged {cfg.adapter_name_or_path} into {cfg.model_name_or_path}: {out}")

@@ -18,12 +18,12 @@ from typing import Any
 
 from visrl.contract_fields import ContractFields
 from visrl.errors import ConfigError
+from visrl.stages import TRAIN_STAGES, stage_named
 from visrl.vocabulary import BOX_FORMATS, PAIR_STATUSES
 from visrl.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "dpo", "visrl", "grpo")
 # Every projection of the language model's decoder layers, none of the vision tower or merger
 # (``all-linear`` would adapt those too; see shared/PITFALLS.md). peft full-matches a string.
 LANGUAGE_MODEL_TARGET = (
@@ -54,9 +54,7 @@ def _help(text: str) -> dict[str, str]:
 class TrainConfig(ContractFields):
     """One training run. :func:`load_train_config` maps LLaMA-Factory keys and rejects unknown ones."""
 
-    stage: str = field(metadata=_help(
-        "sft | dpo (VisRL stage 1, box step) | visrl (stage 2, box + answer) | "
-        "grpo (online RL on the box step, IoU reward)"))
+    stage: str = field(metadata=_help(" | ".join(stage_named(name).title for name in TRAIN_STAGES)))
     model_name_or_path: str = field(metadata=_help("Base model folder (relative: inside the workspace)."))
     output_dir: str = field(metadata=_help("Where checkpoints and the final adapter/model go."))
     dataset: str = field(default="", metadata=_help(
@@ -140,8 +138,8 @@ class TrainConfig(ContractFields):
     deepspeed: str | None = field(default=None, metadata=_help("DeepSpeed JSON config (multi-GPU)."))
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage not in TRAIN_STAGES:
+            raise ConfigError(f"stage must be one of {', '.join(TRAIN_STAGES)}, got {self.stage!r}")
         if self.finetuning_type not in ("lora", "full"):
             raise ConfigError(f"finetuning_type must be lora or full, got {self.finetuning_type!r}")
         if isinstance(self.pair_status, str):
@@ -223,7 +221,7 @@ class TrainConfig(ContractFields):
 
     @property
     def is_preference(self) -> bool:
-        return self.stage in ("dpo", "visrl")
+        return stage_named(self.stage).preference
 
     def lora_targets(self) -> str | list[str]:
         """The peft ``target_modules`` value for :attr:`lora_target`."""
@@ -333,16 +331,6 @@ FOREIGN_IGNORED: dict[str, str] = {
 }
 
 
-# The same for LLaMA-Factory / VisRL-seed export (merge) YAMLs, read into visrl.train.merge.MergeConfig.
-MERGE_FOREIGN_IGNORED: dict[str, str] = {
-    "template": "the chat template comes with the model's processor",
-    "trust_remote_code": "models load with transformers' own classes; no remote code runs",
-    "finetuning_type": "merging always folds a LoRA adapter in",
-    "export_device": "merging runs on the CPU in float32, then casts to export_dtype",
-    "export_legacy_format": "exports are always safetensors",
-}
-
-
 def translate_foreign_keys(data: dict[str, Any], source: str = "config", cls: type = TrainConfig,
                            aliases: dict[str, tuple[str, Any]] | None = None,
                            ignored: dict[str, str] | None = None) -> dict[str, Any]:
@@ -371,21 +359,16 @@ def translate_foreign_keys(data: dict[str, Any], source: str = "config", cls: ty
     return out
 
 
+def parse_train_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A training recipe's mapping (ours, or LLaMA-Factory / VisRL-seed style; see
+    :func:`translate_foreign_keys`) as the config; errors name ``source``."""
+    from visrl.config import from_dict
+
+    return from_dict(TrainConfig, translate_foreign_keys(data, source=source), source=source)
+
+
 def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a training YAML (ours, or LLaMA-Factory / VisRL-seed style; see
-    :func:`translate_foreign_keys`), apply ``overrides`` and build the config."""
-    from visrl.config import from_dict, read_yaml
+    """Read a training YAML, apply ``overrides`` and build the config (:func:`parse_train_config`)."""
+    from visrl.config import read_yaml
 
-    data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path))
-    return from_dict(TrainConfig, data, source=str(path))
-
-
-def load_merge_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Any:
-    """Read a merge YAML (ours, or an LLaMA-Factory / VisRL-seed export config) into a
-    :class:`visrl.train.merge.MergeConfig`."""
-    from visrl.config import from_dict, read_yaml
-    from visrl.train.merge import MergeConfig
-
-    data = translate_foreign_keys({**read_yaml(path), **(overrides or {})}, source=str(path), cls=MergeConfig,
-                                  aliases={}, ignored=MERGE_FOREIGN_IGNORED)
-    return from_dict(MergeConfig, data, source=str(path))
+    return parse_train_config({**read_yaml(path), **(overrides or {})}, source=str(path))

@@ -61,8 +61,8 @@ def _exported_folder(ws: Workspace, dataset: str) -> Path | None:
 def _check_exported(rows: list[Row], cfg: TrainConfig, folder: Path) -> None:
     if not rows:
         return
-    needed = {"sft": ("images", "messages"), "dpo": ("images", "prompt", "chosen", "rejected"),
-              "visrl": ("images", "prompt", "chosen", "rejected", *STAGE2_KEYS)}[cfg.stage]
+    pair = ("images", "prompt", "chosen", "rejected")  # a DPO row; stage 2 adds the answer step's
+    needed = ("images", "messages") if cfg.stage == "sft" else (*pair, *(STAGE2_KEYS if cfg.stage == "visrl" else ()))
     missing = [key for key in needed if key not in rows[0]]
     if missing:
         raise DataError(f"{folder} has no column(s) {', '.join(missing)} needed by stage {cfg.stage}; "

@@ -16,7 +16,7 @@ from typing import Any
 from visrl.errors import ConfigError, ModelError
 from visrl.progress import Progress
 from visrl.store import Store
-from visrl.train.config import resolve_output, resolve_path
+from visrl.train.config import resolve_output, resolve_path, translate_foreign_keys
 from visrl.workspace import Workspace
 
 DTYPES = ("bfloat16", "float16", "float32", "auto")
@@ -42,8 +42,36 @@ class MergeConfig:
             raise ConfigError(f"export_size must be >= 1 (GB), got {self.export_size}")
 
 
-def merge_lora(cfg: MergeConfig, workspace: str | Path | Workspace | None = None,
-               job_id: int | None = None, progress: Progress | None = None) -> Path:
+# Keys of LLaMA-Factory / VisRL-seed export (merge) YAMLs with no meaning here, and why; loading
+# warns and drops them (as visrl.train.config.FOREIGN_IGNORED does for training YAMLs).
+MERGE_FOREIGN_IGNORED: dict[str, str] = {
+    "template": "the chat template comes with the model's processor",
+    "trust_remote_code": "models load with transformers' own classes; no remote code runs",
+    "finetuning_type": "merging always folds a LoRA adapter in",
+    "export_device": "merging runs on the CPU in float32, then casts to export_dtype",
+    "export_legacy_format": "exports are always safetensors",
+}
+
+
+def parse_merge_config(data: dict[str, Any], source: str = "config") -> MergeConfig:
+    """A merge recipe's mapping (ours, or an LLaMA-Factory / VisRL-seed export config) as the
+    config; errors name ``source``. The loaders live here, beside the class, not in
+    :mod:`visrl.train.config`: there they made the ``config <-> merge`` import cycle."""
+    from visrl.config import from_dict
+
+    data = translate_foreign_keys(data, source=source, cls=MergeConfig, aliases={}, ignored=MERGE_FOREIGN_IGNORED)
+    return from_dict(MergeConfig, data, source=source)
+
+
+def load_merge_config(path: str | Path, overrides: dict[str, Any] | None = None) -> MergeConfig:
+    """Read a merge YAML, apply ``overrides`` and build the config (:func:`parse_merge_config`)."""
+    from visrl.config import read_yaml
+
+    return parse_merge_config({**read_yaml(path), **(overrides or {})}, source=str(path))
+
+
+def merge_lora(workspace: str | Path | Workspace | None, cfg: MergeConfig,
+               progress: Progress | None = None, job_id: int | None = None) -> Path:
     """Merge ``cfg.adapter_name_or_path`` into ``cfg.model_name_or_path``; returns the export dir."""
     store = Store.open(workspace)
     ws = store.workspace

@@ -24,6 +24,7 @@ from visrl.model_files import copy_processor_files
 from visrl.models import locate_model, write_model_info
 from visrl.progress import Progress
 from visrl.runtime import is_main_process
+from visrl.stages import stage_named
 from visrl.store import Store
 from visrl.train.callbacks import ProgressCallback
 from visrl.train.config import TrainConfig, merged_base_dir, resolve_output, resolve_path
@@ -50,17 +51,8 @@ class TrainResult:
 
 def build_trainer(cfg: TrainConfig, tm: Any, train_ds: Any, eval_ds: Any | None, output_dir: Path,
                   callbacks: list[Any]) -> Any:
-    """The stage's trainer (no registry: four stages, four builders)."""
-    if cfg.stage == "sft":
-        from visrl.train.sft import build_sft_trainer as build
-    elif cfg.stage == "dpo":
-        from visrl.train.dpo import build_dpo_trainer as build
-    elif cfg.stage == "visrl":
-        from visrl.train.joint import build_visrl_trainer as build
-    elif cfg.stage == "grpo":
-        from visrl.train.grpo import build_grpo_trainer as build
-    else:  # TrainConfig rejects other stages already
-        raise ConfigError(f"stage {cfg.stage!r} is not implemented")
+    """The stage's trainer, built by the function its record in :mod:`visrl.stages` names."""
+    build = stage_named(cfg.stage).trainer_builder
     return build(cfg, tm, train_ds, eval_ds, output_dir, callbacks)
 
 
@@ -77,8 +69,8 @@ def resume_checkpoint(cfg: TrainConfig, output_dir: Path, root: Path) -> str | N
     return str(path)
 
 
-def train(cfg: TrainConfig, workspace: str | Path | Workspace | None = None,
-          job_id: int | None = None, progress: Progress | None = None) -> TrainResult:
+def train(workspace: str | Path | Workspace | None, cfg: TrainConfig,
+          progress: Progress | None = None, job_id: int | None = None) -> TrainResult:
     """Run ``cfg`` in ``workspace``; returns where the result is (see :class:`TrainResult`).
 
     One run per output folder at a time: a second one gets a JobError ("already running")
