@@ -178,15 +178,20 @@ def test_box_rows_train_the_box_step_alone_with_their_weighted_loss() -> None:
         assert module.weighted_loss(model, dict(weighted)).item() != pytest.approx(model(**plain).loss.item(), rel=1e-3)
 
 
-def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+def tiny_start(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """A one-layer random Qwen3-VL in ``folder`` and the demo task's data fields: a run of a few steps."""
     from visrl.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3
 
-    module = recipe()
     spec = TinyQwen3Spec(text_hidden=64, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
                          vision_hidden=32, vision_depth=2, vision_heads=2, vision_intermediate=32)
-    init = build_tiny_qwen3(tmp_path / "init", spec)
     data = {"detail": "pattern", "object_size": [80, 96], "distinct_colours": True, "min_objects": 3,
             "max_objects": 3, "distinct_details": True}
+    return build_tiny_qwen3(folder, spec), data
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    module = recipe()
+    init, data = tiny_start(tmp_path / "init")
 
     def config(steps: int) -> Any:
         return module.DemoTrainConfig(init_from=str(init), steps=steps, max_minutes=10, batch_size=2, threads=1,
@@ -245,14 +250,9 @@ def test_a_pointer_run_resumes_with_its_head_and_saves_a_stock_model(tmp_path: P
     from safetensors import safe_open
 
     from visrl.errors import ConfigError
-    from visrl.tiny_qwen3 import TinyQwen3Spec, build_tiny_qwen3
 
     module = recipe()
-    spec = TinyQwen3Spec(text_hidden=64, text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=64,
-                         vision_hidden=32, vision_depth=2, vision_heads=2, vision_intermediate=32)
-    init = build_tiny_qwen3(tmp_path / "init", spec)
-    data = {"detail": "pattern", "object_size": [80, 96], "distinct_colours": True, "min_objects": 3,
-            "max_objects": 3, "distinct_details": True}
+    init, data = tiny_start(tmp_path / "init")
 
     def config(steps: int, layer: int = 1) -> Any:
         return module.DemoTrainConfig(init_from=str(init), steps=steps, max_minutes=10, batch_size=2, threads=1,
