@@ -216,15 +216,20 @@ def controls(job: dict[str, Any] | None) -> Controls:
                     kill=gr.Button(visible=active))
 
 
+def shown_job(ctx: AppContext, job_id: int | None) -> dict[str, Any] | None:
+    """The job a panel shows, or None when it shows none or the job is gone."""
+    if job_id is None:
+        return None
+    try:
+        return ctx.store.job(job_id)
+    except VisRLError:
+        return None
+
+
 def panel_view(ctx: AppContext, kinds: tuple[str, ...], job_id: int | None,
                overlay: Sequence[int] | None = None) -> Any:
     """:func:`job_view`'s outputs and the :func:`controls` of the same job (a ``PanelView``)."""
-    job = None
-    if job_id is not None:
-        try:
-            job = ctx.store.job(job_id)
-        except VisRLError:
-            job = None
+    job = shown_job(ctx, job_id)
     return PanelView(**job_view(ctx, kinds, job_id, overlay=overlay or ())._asdict(), **controls(job)._asdict())
 
 

@@ -181,12 +181,7 @@ def _job_config(job: dict[str, Any]) -> dict[str, Any]:
 def job_recipe(ctx: AppContext, job_id: int | None) -> JobRecipe:
     """The stage, recipe and editor showing the config of the job the panel shows: its recipe
     file as it was started, else its recorded config. Unchanged when no job is shown."""
-    job = None
-    if job_id is not None:
-        try:
-            job = ctx.store.job(job_id)
-        except VisRLError:
-            job = None
+    job = job_panel.shown_job(ctx, job_id)
     if job is None or job["kind"] not in KINDS:
         return JobRecipe(stage=gr.skip(), recipe=gr.skip(), code=gr.skip())
     path = Path(job.get("config_path") or "")
