@@ -98,7 +98,8 @@ class DemoTrainConfig:
                 "a plain transformer learns in ~100 steps (bench/binding_capacity.py, readout cells). "
                 "The head is training-only: it is kept in the checkpoint, never in the saved model."})
     pointer_layer: int = field(default=2, metadata={
-        "help": "Which hidden state the pointer head reads (0: embeddings, N: after decoder layer N)."})
+        "help": "Which hidden state the pointer head reads: the output of decoder layer N (1 and up; the "
+                "embeddings are not a choice, since Qwen3-VL puts the visual features in after them)."})
     save_every: int = field(default=200, metadata={
         "help": "Save a resumable checkpoint (weights, optimizer, step, history) every this many "
                 "steps to <out>/checkpoint; a run started again on the same --out resumes there."})
@@ -299,8 +300,7 @@ def training_loss(model: Any, batch: dict[str, Any], head: Any = None, weight: f
     if head is None or targets is None:
         return weighted_loss(model, batch), None
     captured: dict[str, Any] = {}
-    hook_layer = model.model.language_model.layers[layer - 1] if layer > 0 else model.model.language_model.embed_tokens
-    handle = hook_layer.register_forward_hook(
+    handle = model.model.language_model.layers[layer - 1].register_forward_hook(
         lambda _m, _i, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out))
     try:
         input_ids = batch["input_ids"]
@@ -558,8 +558,8 @@ def train(cfg: DemoTrainConfig, out_dir: Path) -> tuple[dict[str, Any], Any, Any
     model.to(device).train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda" and cfg.bf16)
     # The pointer head (training only) is saved in the checkpoint, never with the model.
-    if cfg.pointer_weight and not 0 <= cfg.pointer_layer <= model.config.text_config.num_hidden_layers:
-        raise ConfigError(f"pointer_layer must be between 0 and the model's {model.config.text_config.num_hidden_layers} "
+    if cfg.pointer_weight and not 1 <= cfg.pointer_layer <= model.config.text_config.num_hidden_layers:
+        raise ConfigError(f"pointer_layer must be between 1 and the model's {model.config.text_config.num_hidden_layers} "
                           f"decoder layers, got {cfg.pointer_layer}")
     head = torch.nn.Linear(model.config.text_config.hidden_size, 1).to(device) if cfg.pointer_weight else None
     params = [*model.parameters(), *(head.parameters() if head is not None else ())]

@@ -262,6 +262,8 @@ def test_a_pointer_run_resumes_with_its_head_and_saves_a_stock_model(tmp_path: P
 
     with pytest.raises(ConfigError, match="pointer_layer"):
         module.train(config(3, layer=2), tmp_path / "bad")  # the model has one decoder layer
+    with pytest.raises(ConfigError, match="pointer_layer"):
+        module.train(config(3, layer=0), tmp_path / "bad0")  # the embeddings hold no visual features yet
     first, _, _ = module.train(config(3), tmp_path / "run")
     import torch
 
