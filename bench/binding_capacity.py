@@ -67,59 +67,43 @@ def binder(d_in: int, cells: int, colours: int, readout: str, width: int = 128, 
     visual tokens, query] (``causal_qfirst``) or [12 visual tokens, colour, query]
     (``causal_ifirst``), and the last token names the cell as a class, so the position must be read
     out of the chosen token, as box digits must."""
-    if readout.startswith("causal_"):
-        return _causal_binder(d_in, cells, colours, readout == "causal_qfirst", width, layers)
     import torch
     from torch import nn
+
+    causal = readout.startswith("causal_")
 
     class Binder(nn.Module):
         def __init__(self) -> None:
-            super().__init__()
+            super().__init__()  # parameters in the order the measured runs created them (seeded init)
             self.vis = nn.Linear(d_in, width)
             self.pos = nn.Parameter(torch.randn(cells, width) * 0.02)
             self.colour = nn.Embedding(colours, width)
+            if causal:
+                self.query = nn.Parameter(torch.randn(width) * 0.02)
             layer = nn.TransformerEncoderLayer(width, 4, 2 * width, 0.0, batch_first=True)
             self.encoder = nn.TransformerEncoder(layer, layers)
             self.head = nn.Linear(width, 1 if readout == "cells" else cells)
-            # Image first: visual tokens come before the colour and cannot attend to it.
-            mask = torch.zeros(cells + 1, cells + 1, dtype=torch.bool)
-            mask[:cells, cells] = True
-            self.register_buffer("mask", mask if readout == "query" else None)
+            if causal:  # every token sees only those before it
+                n = cells + 2
+                mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+            else:  # query: visual tokens come before the colour and cannot attend to it
+                mask = torch.zeros(cells + 1, cells + 1, dtype=torch.bool)
+                mask[:cells, cells] = True
+            self.register_buffer("mask", mask if readout != "cells" else None)
 
         def forward(self, x, c):  # a logit per cell
-            h = torch.cat([self.vis(x) + self.pos, self.colour(c)[:, None]], 1)
+            v, col = self.vis(x) + self.pos, self.colour(c)[:, None]
+            if causal:
+                q = self.query.expand(len(x), 1, -1)
+                h = torch.cat([col, v, q] if readout == "causal_qfirst" else [v, col, q], 1)
+            else:
+                h = torch.cat([v, col], 1)
             out = self.encoder(h, mask=self.mask)
-            if readout == "query":
-                return self.head(out[:, -1])
-            return self.head(out[:, :-1]).squeeze(-1)
+            if readout == "cells":
+                return self.head(out[:, :-1]).squeeze(-1)
+            return self.head(out[:, -1])
 
     return Binder()
-
-
-def _causal_binder(d_in: int, cells: int, colours: int, question_first: bool, width: int, layers: int):
-    import torch
-    from torch import nn
-
-    class CausalBinder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.vis = nn.Linear(d_in, width)
-            self.pos = nn.Parameter(torch.randn(cells, width) * 0.02)
-            self.colour = nn.Embedding(colours, width)
-            self.query = nn.Parameter(torch.randn(width) * 0.02)
-            layer = nn.TransformerEncoderLayer(width, 4, 2 * width, 0.0, batch_first=True)
-            self.encoder = nn.TransformerEncoder(layer, layers)
-            self.head = nn.Linear(width, cells)
-            n = cells + 2
-            self.register_buffer("mask", torch.triu(torch.ones(n, n, dtype=torch.bool), 1))
-
-        def forward(self, x, c):  # a logit per cell, from the last token
-            v, col = self.vis(x) + self.pos, self.colour(c)[:, None]
-            q = self.query.expand(len(x), 1, -1)
-            h = torch.cat([col, v, q] if question_first else [v, col, q], 1)
-            return self.head(self.encoder(h, mask=self.mask)[:, -1])
-
-    return CausalBinder()
 
 
 def main(argv: list[str] | None = None) -> None:
