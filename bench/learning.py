@@ -157,7 +157,8 @@ def sft(ws: Path, start: str, out: str, args: argparse.Namespace, seed: int, *, 
         warmup_steps=10, direct_fraction=direct, binding_weight=args.binding_weight, save_every=0,
         data_split=split, boxed_items=scenes, threads=args.threads, device="cpu", workers=0,
         log_every=50, eval_every=0, data=task_data(args.data), question_first=args.question_first,
-        pointer_weight=args.pointer_weight if boxes and args.question_first else 0.0)
+        pointer_weight=args.pointer_weight if boxes and args.question_first else 0.0,
+        crop_jitter=args.crop_jitter if boxes else 0.0)
     report, _, _ = module.train(cfg, ws / out)
     # A new model id; the layout is the one this run trained in (train wrote it), not the start's.
     copy_model_info(ws / start, ws / out, contract=read_contract(ws / out))
@@ -217,9 +218,13 @@ def judge_agreement(rollouts: list[dict], pairs: list[dict], withheld: dict[int,
     from visrl.boxes import iou
     from visrl.store import box_from_json
 
-    def hit(r: dict) -> bool | None:
+    def overlap(r: dict) -> float:
         box, gt = box_from_json(r["box"]), box_from_json(withheld.get(r["item_id"]))
-        return None if box is None or gt is None else iou(box, gt) > 0.5
+        return -1.0 if box is None or gt is None else iou(box, gt)
+
+    def hit(r: dict) -> bool | None:
+        o = overlap(r)
+        return None if o < 0 else o > 0.5
 
     sides: dict[str, list[bool]] = {"passed": [], "failed": []}
     for r in rollouts:
@@ -229,9 +234,19 @@ def judge_agreement(rollouts: list[dict], pairs: list[dict], withheld: dict[int,
     by_id = {r["id"]: r for r in rollouts}
     right = [hit(by_id[p["chosen_rollout_id"]]) is True and hit(by_id[p["rejected_rollout_id"]]) is False
              for p in pairs]
+    ordered = [overlap(by_id[p["chosen_rollout_id"]]) > overlap(by_id[p["rejected_rollout_id"]]) for p in pairs]
+    # Answer accuracy where the box lands: IoU > 0.5 with the named object, some overlap, none.
+    bins: dict[str, list[float]] = {"hit": [], "near": [], "off": []}
+    for r in rollouts:
+        if box_from_json(r["box"]) is not None and r["answer_score"] is not None:
+            o = overlap(r)
+            bins["hit" if o > 0.5 else "near" if o > 0 else "off"].append(float(r["answer_score"]))
     return ({f"{side}_n": len(v) for side, v in sides.items()}
             | {f"{side}_iou_hit": round(sum(v) / len(v), 4) if v else None for side, v in sides.items()}
-            | {"pairs_right": round(sum(right) / len(right), 4) if right else None})
+            | {"pairs_right": round(sum(right) / len(right), 4) if right else None,
+               "pairs_ordered": round(sum(ordered) / len(ordered), 4) if ordered else None}
+            | {f"answer_when_{b}": round(sum(v) / len(v), 4) if v else None for b, v in bins.items()}
+            | {f"rollouts_{b}": len(v) for b, v in bins.items()})
 
 
 def _share(scores: Any) -> float:
@@ -466,6 +481,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "to each arm's visrl_model.json, so generation, DPO and evaluation follow it)")
     p.add_argument("--pointer-weight", type=float, default=1.0,
                    help="the pointer loss of the SFT arms that read boxes (train_demo_model.py; 0: off)")
+    p.add_argument("--crop-jitter", type=float, default=0.0,
+                   help="two-step rows of the SFT arms crop a box moved by up to this share of its size "
+                        "(train_demo_model.py crop_jitter), so the answer step reads the loose crops the "
+                        "model's own sampled boxes give")
     p.add_argument("--direct-share", type=float, default=0.1, help="share of direct rows in the two-step SFT arms")
     p.add_argument("--sft-lr", type=float, default=1e-3, help="peak lr of the SFT arms (cosine)")
     p.add_argument("--sft-batch", type=int, default=16, help="rows per SFT step")

@@ -105,7 +105,9 @@ def test_deleting_the_boxes_changes_no_pair(bench: Any, tmp_path: Path, monkeypa
     # (objects 0, 1, 1, 2), those on the named object pass and hit it, the others fail and miss.
     right = sum(2 if s.target == 1 else 1 for s in scenes)
     assert unboxed["judge_vs_boxes"] == {"passed_n": right, "failed_n": 4 * N_ITEMS - right, "passed_iou_hit": 1.0,
-                                         "failed_iou_hit": 0.0, "pairs_right": 1.0}
+                                         "failed_iou_hit": 0.0, "pairs_right": 1.0, "pairs_ordered": 1.0,
+                                         "answer_when_hit": 1.0, "answer_when_near": None, "answer_when_off": 0.0,
+                                         "rollouts_hit": right, "rollouts_near": 0, "rollouts_off": 4 * N_ITEMS - right}
 
 
 # ---------------------------------------------------------------------- summary and table
