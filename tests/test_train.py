@@ -49,6 +49,8 @@ def test_yaml_spellings_are_coerced(tmp_path: Path) -> None:
     ({"pref_loss": "orpo"}, "pref_loss 'orpo' is not a loss trl's DPOTrainer has"),
     ({"pref_loss": "simpo"}, "use one of sigmoid, hinge"),
     ({"learning_rate": 0.0}, "learning_rate must be > 0, got 0.0"),
+    ({"pref_ftx": -1.0}, "pref_ftx must be >= 0 (the SFT term's weight), got -1.0"),
+    ({"pref_ftx": 1.0, "pref_loss": "sft"}, "pref_loss is already sft"),
     ({"pref_beta": -0.1}, "pref_beta must be > 0, got -0.1"),
     ({"box_weight": -0.5}, "got -0.5 and 0.5"),
     ({"lora_alpha": 0}, "lora_alpha must be >= 1 or null, got 0"),
@@ -98,6 +100,18 @@ def test_every_contract_key_of_a_run_reaches_its_contract(tmp_path: Path) -> Non
 ])
 def test_lora_targets(target: str, expected: Any) -> None:
     assert TrainConfig(**BASE, lora_target=target).lora_targets() == expected
+
+
+@pytest.mark.parametrize("ftx, losses, weights", [
+    (0.0, ["sigmoid"], [1.0]),
+    (0.5, ["sigmoid", "sft"], [1.0, 0.5]),
+])
+def test_pref_ftx_adds_trls_sft_term(tmp_path: Path, ftx: float, losses: list[str], weights: list[float]) -> None:
+    """pref_ftx is trl's own loss list: the preference loss plus "sft" (NLL of the chosen), weighted."""
+    from visrl.train.dpo import dpo_args
+
+    args = dpo_args(TrainConfig(**{**BASE, "stage": "dpo", "pref_ftx": ftx}), tmp_path, has_eval=False)
+    assert (args.loss_type, args.loss_weights) == (losses, weights)
 
 
 def test_pref_losses_are_exactly_trls() -> None:

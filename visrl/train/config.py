@@ -102,6 +102,10 @@ class TrainConfig(ContractFields):
     pref_beta: float = field(default=0.1, metadata=_help("DPO beta (dpo, visrl)."))
     pref_loss: str = field(default="sigmoid", metadata=_help(
         f"DPO loss type (trl's loss_type): {', '.join(DPO_LOSSES)}."))
+    pref_ftx: float = field(default=0.0, metadata=_help(
+        "dpo, visrl: weight of an SFT term on the chosen completions added to the DPO loss "
+        "(LLaMA-Factory's pref_ftx; trl's loss_type [pref_loss, sft]). It keeps the chosen text "
+        "likely: plain DPO can push both completions down, which broke the demo's box format."))
     box_weight: float = field(default=0.5, metadata=_help("visrl: weight of DPO(box step)."))
     answer_weight: float = field(default=0.5, metadata=_help("visrl: weight of DPO(answer step)."))
     num_generations: int = field(default=8, metadata=_help(
@@ -161,6 +165,10 @@ class TrainConfig(ContractFields):
         if self.box_weight < 0 or self.answer_weight < 0 or self.box_weight + self.answer_weight == 0:
             raise ConfigError(f"box_weight and answer_weight must be >= 0 and not both 0, "
                               f"got {self.box_weight} and {self.answer_weight}")
+        if self.pref_ftx < 0:
+            raise ConfigError(f"pref_ftx must be >= 0 (the SFT term's weight), got {self.pref_ftx}")
+        if self.pref_ftx and self.pref_loss == "sft":
+            raise ConfigError("pref_ftx adds an SFT term to a preference loss; pref_loss is already sft")
         if self.pref_loss not in DPO_LOSSES:
             hint = " (LLaMA-Factory's reference-free losses are not DPO)" if self.pref_loss in ("orpo", "simpo") else ""
             raise ConfigError(f"pref_loss {self.pref_loss!r} is not a loss trl's DPOTrainer has{hint}; "

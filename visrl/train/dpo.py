@@ -17,8 +17,11 @@ from visrl.train.lora import TrainModel, lora_config
 def dpo_args(cfg: TrainConfig, output_dir: Path, has_eval: bool) -> Any:
     from trl import DPOConfig
 
+    losses, weights = [cfg.pref_loss], [1.0]
+    if cfg.pref_ftx:
+        losses, weights = [cfg.pref_loss, "sft"], [1.0, cfg.pref_ftx]
     return DPOConfig(**common_args(cfg, output_dir, has_eval), beta=cfg.pref_beta,
-                     loss_type=[cfg.pref_loss])
+                     loss_type=losses, loss_weights=weights)
 
 
 def build_dpo_trainer(cfg: TrainConfig, tm: TrainModel, train_ds: Any, eval_ds: Any | None,
