@@ -180,7 +180,8 @@ def generate_pairs(ws: Path, model: str, args: argparse.Namespace, seed: int,
     cfg = load_config(GenerateConfig, CONFIGS / "generate.yaml", {
         "model_name_or_path": model, "adapter_name_or_path": None, "split": "train", "limit": args.items,
         "attempts": args.attempts, "box_format": "viscot", "answer_judge": "exact", "crop_judge": "none",
-        "batch_size": args.gen_batch, "max_new_tokens": args.gen_tokens, "seed": seed})
+        "batch_size": args.gen_batch, "max_new_tokens": args.gen_tokens, "temperature": args.gen_temperature,
+        "seed": seed})
     cpu = time.process_time()
     report = run_generate(ws, cfg, reasoner=reasoner)
     cpu = time.process_time() - cpu
@@ -196,7 +197,8 @@ def generate_pairs(ws: Path, model: str, args: argparse.Namespace, seed: int,
            "answer_judge": cfg.answer_judge, "policy_answer_rate": _share(r["answer_score"] for r in policy),
            "seconds_per_100_items": round(100 * report.seconds / max(report.items, 1), 1),
            "cpu_seconds_per_100_items": round(100 * cpu / max(report.items, 1), 1),
-           "settings": {"attempts": cfg.attempts, "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens},
+           "settings": {"attempts": cfg.attempts, "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens,
+                        "temperature": cfg.temperature},
            "thresholds": asdict(cfg.pairs_config())}
     if withheld:
         out["judge_vs_boxes"] = judge_agreement(rollouts, pairs, withheld)
@@ -497,6 +499,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attempts", type=int, default=1, help="generation attempts per item (each: 2 boxes)")
     p.add_argument("--gen-batch", type=int, default=64, help="items per generation batch")
     p.add_argument("--gen-tokens", type=int, default=32, help="max new tokens of a box step (a box is ~28)")
+    p.add_argument("--gen-temperature", type=float, default=0.5,
+                   help="box sampling temperature. The answer judge sees the box only through the crop, and "
+                        "the demo's crop reader reads near-exact crops only (a box grown 10%% a side reads "
+                        "0.59, 20%%: chance), so a cooler sample keeps the digits after the object's choice "
+                        "precise: on 300 items from the warm-up, pairs ordered by IoU 0.48 at 1.0, 0.53 at "
+                        "0.5, 0.55 at 0.25")
     p.add_argument("--stage1-epochs", type=float, default=1.0, help="stage-1 epochs over the pairs")
     p.add_argument("--stage2-epochs", type=float, default=1.0, help="stage-2 epochs over the pairs")
     p.add_argument("--lr", type=float, default=5e-4, help="LoRA lr of both DPO stages")
