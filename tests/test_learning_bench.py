@@ -59,7 +59,8 @@ class SceneReader(ScriptedTwoStep):
 
 
 def _args(**kw: Any) -> argparse.Namespace:
-    return argparse.Namespace(**{"items": N_ITEMS, "attempts": 2, "gen_batch": 4, "gen_tokens": 32, **kw})
+    return argparse.Namespace(**{"items": N_ITEMS, "attempts": 2, "gen_batch": 4, "gen_tokens": 32,
+                                 "gen_temperature": 0.5, **kw})
 
 
 def _pairs(ws: Path) -> list[tuple]:
@@ -140,6 +141,33 @@ def test_deadline_asks_the_trainer_to_stop_once_its_time_is_spent(bench: Any) ->
         progress.set_total(100)  # the clock starts when training does
         progress.update(step=1)
     assert (spent.stop_requested, fresh.stop_requested) == (True, False)
+
+
+def test_the_reader_phase_trains_reading_not_binding_once(bench: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared start model: two-step rows with jittered crops on its own stream, no pointer
+    loss, no binding weight; a second call (a resumed --keep run) reuses it."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_workspace(parent: Path, name: str, *_: Any) -> Path:
+        (parent / name).mkdir(parents=True, exist_ok=True)
+        return parent / name
+
+    def fake_sft(ws: Path, start: str, out: str, args: Any, seed: int, **kw: Any) -> dict:
+        calls.append({"start": start, "out": out, "seed": seed, **kw})
+        (ws / out).mkdir(parents=True)
+        return {"steps": kw["steps"], "seconds": 1.0, "rows_seen": 16 * kw["steps"]}
+
+    monkeypatch.setattr(bench, "make_workspace", fake_workspace)
+    monkeypatch.setattr(bench, "sft", fake_sft)
+    args = argparse.Namespace(reader_steps=7, base=tmp_path / "base", data={}, direct_share=0.1)
+    first = bench.reader_phase(tmp_path, args)
+    again = bench.reader_phase(tmp_path, args)
+    assert first == again == (tmp_path / "reader" / bench.FOLDERS["reader"], {"steps": 7, "seconds": 1.0, "rows_seen": 112})
+    assert calls == [{"start": bench.START, "out": bench.FOLDERS["reader"], "seed": 0, "split": "reader", "scenes": 0,
+                      "direct": 0.1, "minutes": 1e6, "steps": 7, "boxes": True, "pointer_weight": 0.0,
+                      "binding_weight": 1.0}]
+    assert bench.reader_phase(tmp_path, argparse.Namespace(reader_steps=0, base=args.base)) == (args.base, {"steps": 0})
 
 
 def test_a_base_without_weights_is_refused(bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
