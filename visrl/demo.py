@@ -2,7 +2,7 @@
 
 :func:`create_demo_workspace` makes a workspace where every tab of the app works offline:
 
-1. the demo benchmark (:mod:`visrl.synthetic`, the dot-colour task the shipped model learned)
+1. the demo benchmark (:mod:`visrl.synthetic`, the 3-object pattern task the shipped model learned)
    written as Visual-CoT files and imported through the same importer as real data
    (dataset ``demo``, splits train/val/test);
 2. the model at :data:`DEMO_MODEL` (the path every ``configs/demo`` recipe names): a copy of the
