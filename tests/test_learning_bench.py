@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,19 @@ def test_a_base_without_weights_is_refused(bench: Any, tmp_path: Path, capsys: p
     (tmp_path / "model.safetensors").write_bytes(b"w")
     args = bench.parse_args(["--base", str(tmp_path), "--data", "distinct_details=true", "--data", "max_objects=3"])
     assert (args.items, args.seeds, args.data) == (2000, 3, {"distinct_details": True, "max_objects": 3})
+
+
+def test_the_readme_and_card_quote_the_shipped_benchmark() -> None:
+    """The Acc@0.5 of each arm the README and the model card quote is the shipped run's (the file
+    the Evaluate tab reads), and bench/results holds the same run."""
+    shipped = ROOT / "data" / "demo-model" / "learning_benchmark.json"
+    report = json.loads(shipped.read_text())
+    assert report == json.loads((ROOT / "bench" / "results" / "learning.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    card = (ROOT / "data" / "demo-model" / "MODEL_CARD.md").read_text()
+    assert len(report["seeds"]) == 3
+    for arm in ("warmup", "control_a", "upper", "visrl", "grpo"):
+        acc = report["summary"][arm]["acc50"]
+        quoted = f"{acc['mean']:.3f} ± {acc['std']:.3f}"
+        assert quoted in readme, (arm, quoted)
+        assert quoted in card, (arm, quoted)
