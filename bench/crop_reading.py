@@ -13,9 +13,10 @@ answer step (greedy, the model's own layout) on:
                 object's detail (a crop reader), ``other_says_named`` the share answering the named
                 object's (an answer that ignores the crop).
 
-Measured (val, 90 items, one thread): ``data/demo-base`` reads exact 1.00, jitter 0.25 0.44, grown
-10% 0.59, grown 20% 0.33 (chance 0.33); after the learning benchmark's reader phase (650 steps of
-jittered crops) 1.00, 0.90, 0.84, 0.47.
+Measured (``bench/results/crop_reading.json``: val, 60 items, one thread): ``data/demo-base`` reads
+exact 1.00, jitter 0.25 0.48, grown 10% 0.58, grown 20% 0.30 (chance 0.33); the learning
+benchmark's start after its reader phase (650 steps of jittered crops) 0.95, 0.85, 0.80, 0.43;
+``data/demo-model`` 1.00, 0.48, 0.62, 0.37.
 
     python bench/crop_reading.py data/demo-model [more model folders] [--n 90] [--split val]
 

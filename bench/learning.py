@@ -171,11 +171,11 @@ def reader_phase(parent: Path, args: argparse.Namespace) -> tuple[Path, dict[str
     """The start model of every arm: ``--base`` taught to read *loose* crops, once for all seeds.
 
     ``data/demo-base`` reads the named object's exact crop (1.00 on val) but not a crop a little
-    off it (sides moved up to 25%: 0.44, chance 0.33), so its answers, and the answer judge's
+    off it (sides moved up to 25%: 0.48, chance 0.33; bench/crop_reading.py), so its answers, and the answer judge's
     verdicts on its sampled boxes, say little about the box. ``--reader-steps`` of two-step rows on
     fresh scenes with jittered crops (``--crop-jitter``), question first, no pointer loss and no
-    binding weight, fix the reading (0.90 on jittered crops after 650 steps) and leave the binding
-    at chance (val Acc@0.5 0.20): the model VisRL is meant for, one that sees but does not yet look
+    binding weight, fix the reading (0.85 on jittered crops after 650 steps) and leave the binding
+    at chance (test Acc@0.5 0.21): the model VisRL is meant for, one that sees but does not yet look
     at the right place. Kept under ``--keep`` and reused when it is there already."""
     if not args.reader_steps:
         return args.base, {"steps": 0}
@@ -531,7 +531,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-temperature", type=float, default=0.5,
                    help="box sampling temperature. The answer judge sees the box only through the crop, and "
                         "the demo's crop reader reads near-exact crops only (a box grown 10%% a side reads "
-                        "0.59, 20%%: chance), so a cooler sample keeps the digits after the object's choice "
+                        "0.58, 20%%: chance), so a cooler sample keeps the digits after the object's choice "
                         "precise: on 300 items from the warm-up, pairs ordered by IoU 0.48 at 1.0, 0.53 at "
                         "0.5, 0.55 at 0.25")
     p.add_argument("--stage1-epochs", type=float, default=1.0, help="stage-1 epochs over the pairs")
