@@ -5,7 +5,8 @@ reference answer, no box) for the reinforcement stage, whose judge reads no regi
 On the demo task (``visrl.synthetic`` as the shipped model's ``training_report.json`` names it:
 exactly 3 objects, each with its own answer, so a crop of a wrong object always answers wrong and
 the exact answer judge alone tells a right box from a wrong one), from ``--base`` (a model that
-localises objects and reads crops but does not bind the question's colour to an object), per seed:
+localises objects and reads crops but does not bind the question's colour to an object) after a
+shared reader phase (:func:`reader_phase`: it learns to read loose crops too), per seed:
 
 * ``base``       the start model as it is (greedy: evaluated once, shared by every seed).
 * ``warmup``     SFT warm-up on a *small boxed set*: ``--boxed`` scenes of their own seeded stream
@@ -33,10 +34,11 @@ boxes. Writes ``bench/results/learning.json`` and ``bench/results/learning.png``
 
     python bench/learning.py                       # 3 seeds, 2000 RL items
     python bench/learning.py --jobs 2              # seeds in 2 processes of 1 thread each
-    python bench/learning.py --seeds 1 --items 40 --test-items 20 --warmup-steps 5 \
-        --arm-minutes 0.5                          # a smoke run of every arm
+    python bench/learning.py --base data/demo-model --reader-steps 3 --seeds 1 --items 40 \
+        --test-items 20 --warmup-steps 5 --arm-minutes 0.3   # a 3-minute smoke run of every arm
 
-Time per seed on one core (``cpu_s`` in the JSON) is about warm-up + 5 x the VisRL arm + the
+The reader phase runs once before the seeds (650 steps: 12 min on one thread). Time per seed on
+one core (``cpu_s`` in the JSON) is about warm-up + 5 x the VisRL arm + the
 evaluations, since four arms get the VisRL arm's wall time; ``--attempts``, ``--gen-batch`` and
 ``--gen-tokens`` size its generation, the longest phase.
 """
@@ -171,8 +173,8 @@ def reader_phase(parent: Path, args: argparse.Namespace) -> tuple[Path, dict[str
     """The start model of every arm: ``--base`` taught to read *loose* crops, once for all seeds.
 
     ``data/demo-base`` reads the named object's exact crop (1.00 on val) but not a crop a little
-    off it (sides moved up to 25%: 0.48, chance 0.33; bench/crop_reading.py), so its answers, and the answer judge's
-    verdicts on its sampled boxes, say little about the box. ``--reader-steps`` of two-step rows on
+    off it (sides moved up to 25%: 0.48, chance 0.33; bench/crop_reading.py), so its answers,
+    and the answer judge's verdicts on its sampled boxes, say little about the box. ``--reader-steps`` of two-step rows on
     fresh scenes with jittered crops (``--crop-jitter``), question first, no pointer loss and no
     binding weight, fix the reading (0.85 on jittered crops after 650 steps) and leave the binding
     at chance (test Acc@0.5 0.21): the model VisRL is meant for, one that sees but does not yet look
