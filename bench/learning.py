@@ -174,17 +174,17 @@ def reader_phase(parent: Path, args: argparse.Namespace) -> tuple[Path, dict[str
 
     ``data/demo-base`` reads the named object's exact crop (1.00 on val) but not a crop a little
     off it (sides moved up to 25%: 0.48, chance 0.33; bench/crop_reading.py), so its answers,
-    and the answer judge's verdicts on its sampled boxes, say little about the box. ``--reader-steps`` of two-step rows on
-    fresh scenes with jittered crops (``--crop-jitter``), question first, no pointer loss and no
-    binding weight, fix the reading (0.85 on jittered crops after 650 steps) and leave the binding
+    and the answer judge's verdicts on its sampled boxes, say little about the box.
+    ``--reader-steps`` of two-step rows on fresh scenes with jittered crops (``--crop-jitter``),
+    question first, no pointer loss and no binding weight, fix the reading (0.85 on jittered crops after 650 steps) and leave the binding
     at chance (test Acc@0.5 0.21): the model VisRL is meant for, one that sees but does not yet look
     at the right place. Kept under ``--keep`` and reused when it is there already."""
     if not args.reader_steps:
         return args.base, {"steps": 0}
-    ws = parent / "reader"
-    done = ws / FOLDERS["reader"] / "reader.json"
+    # Beside the model, not in it: the folder is copied into every seed's workspace as its start.
+    done = parent / "reader" / "reader.json"
     if done.is_file():
-        return ws / FOLDERS["reader"], json.loads(done.read_text())
+        return done.parent / FOLDERS["reader"], json.loads(done.read_text())
     ws = make_workspace(parent, "reader", 0, 1, task_data(args.data), args.base)
     run = sft(ws, START, FOLDERS["reader"], args, 0, split="reader", scenes=0, direct=args.direct_share,
               minutes=1e6, steps=args.reader_steps, boxes=True, pointer_weight=0.0, binding_weight=1.0)
