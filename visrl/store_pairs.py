@@ -258,19 +258,13 @@ class PairTables(ItemTables):
 
     def team_decisions(self) -> dict[str, dict[str, int]]:
         """:meth:`reviewer_decisions` of every reviewer."""
-        out: dict[str, dict[str, int]] = {}
-        for who, status, n in self.db.execute("SELECT reviewer, status, n FROM decision_counts WHERE n > 0 "
-                                              "AND status != 'pending' ORDER BY reviewer, status"):
-            out.setdefault(who, {})[status] = n
-        return out
+        return _by_reviewer(self.db.execute("SELECT reviewer, status, n FROM decision_counts WHERE n > 0 "
+                                            "AND status != 'pending' ORDER BY reviewer, status"))
 
     def recount_decisions(self) -> dict[str, dict[str, int]]:
         """:meth:`team_decisions` counted from the pairs table itself (a full scan)."""
-        out: dict[str, dict[str, int]] = {}
-        for who, status, n in self.db.execute("SELECT decided_by, status, count(*) FROM pairs WHERE decided_by "
-                                              "IS NOT NULL AND status != 'pending' GROUP BY 1, 2 ORDER BY 1, 2"):
-            out.setdefault(who, {})[status] = n
-        return out
+        return _by_reviewer(self.db.execute("SELECT decided_by, status, count(*) FROM pairs WHERE decided_by "
+                                            "IS NOT NULL AND status != 'pending' GROUP BY 1, 2 ORDER BY 1, 2"))
 
     def claim_pair(self, pair_id: int, reviewer: str, ttl_s: float) -> str | None:
         """Claim ``pair_id`` for ``reviewer`` for ``ttl_s`` seconds, ending their other claim (and
@@ -402,3 +396,11 @@ def _match_ids_sql(text: str) -> tuple[str, list[Any]]:
     return ("SELECT rowid AS id FROM pairs_fts WHERE pairs_fts MATCH ? UNION "
             "SELECT x.id FROM pairs x WHERE x.item_id IN "
             "(SELECT rowid FROM items_fts WHERE items_fts MATCH ?)"), [phrase, phrase]
+
+
+def _by_reviewer(rows: Any) -> dict[str, dict[str, int]]:
+    """(reviewer, status, n) rows as {reviewer: {status: n}}."""
+    out: dict[str, dict[str, int]] = {}
+    for who, status, n in rows:
+        out.setdefault(who, {})[status] = n
+    return out
