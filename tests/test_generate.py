@@ -243,6 +243,10 @@ def test_config_loading_and_validation(tmp_path: Path) -> None:
     for name in ("configs/generate.yaml", "configs/demo/generate.yaml"):
         cfg = load_config(GenerateConfig, Path(__file__).parents[1] / name)
         assert cfg.attempts == 3 and cfg.min_chosen_score == 0.8
+        assert cfg.pairs_config().random_chosen is False
+    # The pair rule is not a rollout setting: it changes no run key.
+    assert run_key_for(GenerateConfig(model_name_or_path="m", dataset="d", random_chosen=True)) == run_key_for(a)
+    assert GenerateConfig(model_name_or_path="m", dataset="d", random_chosen=True).pairs_config().random_chosen
 
 
 def test_relative_model_path_resolves_in_workspace(store: Store) -> None:

@@ -43,6 +43,18 @@ def test_select_pair(rows: list[dict[str, Any]], expected: Any) -> None:
         assert (picked[0]["id"], picked[1]["id"]) == expected
 
 
+def test_a_random_box_is_chosen_only_when_the_config_allows_it() -> None:
+    # The policy's own box answered wrong, the random 'bad' box answered right: with the answer
+    # judge alone that is a lucky guess, so by default there is no pair; the paper's rule pairs it.
+    rows = [rollout(1, 0.0), rollout(2, 1.0, kind="random")]
+    assert select_pair(rows, PairsConfig()) == "only a random box scored high enough"
+    picked = select_pair(rows, PairsConfig(random_chosen=True))
+    assert (picked[0]["id"], picked[1]["id"]) == (2, 1)
+    # A random box stays a rejected candidate either way.
+    picked = select_pair([rollout(3, 1.0), rollout(4, 0.0, kind="random")], PairsConfig())
+    assert (picked[0]["id"], picked[1]["id"]) == (3, 4)
+
+
 def test_equal_scores_never_pair() -> None:
     cfg = PairsConfig(min_chosen_score=0.5, max_rejected_score=0.5)
     assert select_pair([rollout(1, 0.5), rollout(2, 0.5)], cfg) == "best and worst scores are equal"

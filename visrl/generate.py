@@ -45,7 +45,7 @@ from visrl.judges import (
     model_judge_key,
     references,
 )
-from visrl.pairs import UNSCORED, PairsConfig, build_pairs
+from visrl.pairs import RANDOM_CHOSEN_HELP, UNSCORED, PairsConfig, build_pairs
 from visrl.policy import PolicyConfig, check_range, load_reasoner, resolve_model_path  # noqa: F401  (tests patch load_reasoner here)
 from visrl.progress import Progress
 from visrl.run_identity import policy_identity, run_key
@@ -95,6 +95,7 @@ class GenerateConfig(PolicyConfig):
         "help": "Pairs: chosen crop score at least this (when a crop judge scored it)."})
     max_rejected_crop_score: float = field(default=0.2, metadata={
         "help": "Pairs: rejected crop score at most this (when a crop judge scored it)."})
+    random_chosen: bool = field(default=False, metadata={"help": "Pairs: " + RANDOM_CHOSEN_HELP})
     seed: int = field(default=0, metadata={"help": "Seed of sampling and random negative boxes."})
     min_parse_rate: float = field(default=0.2, metadata={
         "help": "Stop when fewer than this fraction of the first batch's box texts parse as boxes "
@@ -134,7 +135,8 @@ class GenerateConfig(PolicyConfig):
     def pairs_config(self) -> PairsConfig:
         return PairsConfig(min_chosen_score=self.min_chosen_score, max_rejected_score=self.max_rejected_score,
                            min_chosen_crop_score=self.min_chosen_crop_score,
-                           max_rejected_crop_score=self.max_rejected_crop_score)
+                           max_rejected_crop_score=self.max_rejected_crop_score,
+                           random_chosen=self.random_chosen)
 
 
 @dataclass
