@@ -17,8 +17,10 @@ shared reader phase (:func:`reader_phase`: it learns to read loose crops too), p
 * ``visrl``      from the warm-up, on ``--items`` *unboxed* train items (the workspace's train
                  boxes are deleted from the store before any arm reads it): generate with
                  ``answer_judge: exact`` and ``crop_judge: none`` (the answer is the only judge),
-                 pairs at the method's 0.8 / 0.2 thresholds, stage 1 (box-step DPO), stage 2 (joint
-                 DPO), LoRA on the language model. Its wall time is every other arm's budget.
+                 pairs at the method's 0.8 / 0.2 thresholds with the model's own boxes as the only
+                 chosen sides (``random_chosen: false``), stage 1 (box-step DPO), stage 2 (joint
+                 DPO), both with the SFT term (``--pref-ftx``) and the whole model trained
+                 (``--dpo-finetuning``), like the SFT arms. Its wall time is every other arm's budget.
 * ``control_a``  the warm-up continued on the same boxed set, same recipe, for that wall time.
 * ``control_b``  from the warm-up, SFT on the unboxed items' answers only (direct rows: full
                  image + question -> answer) for that wall time: what a user without VisRL does.
@@ -348,22 +350,32 @@ def visrl_arm(ws: Path, args: argparse.Namespace, seed: int, withheld: dict[int,
         print(f"  [seed {seed}] visrl: only {gen['pairs']} pairs from {args.items} items; no DPO", flush=True)
         return {"model": FOLDERS["warmup"], "adapter": None, "generate": gen, "steps": {"stage1": 0, "stage2": 0}}
     common = {"learning_rate": args.lr, "per_device_train_batch_size": args.dpo_batch, "seed": seed,
-              "pref_ftx": args.pref_ftx,
+              "pref_ftx": args.pref_ftx, "finetuning_type": args.dpo_finetuning,
               "max_steps": -1, "pair_status": ["pending", "accepted"], "adapter_name_or_path": None}
     with clock("visrl_stage1"):
         s1 = train_stage(ws, "train_rl_stage1.yaml", {**common, "model_name_or_path": FOLDERS["warmup"],
                                                       "output_dir": "models/bench-visrl-stage1",
                                                       "num_train_epochs": args.stage1_epochs})
+    model, adapter = trained(s1)
     with clock("visrl_stage2"):
-        s2 = train_stage(ws, "train_rl_stage2.yaml", {**common, "model_name_or_path": s1.base,
-                                                      "adapter_name_or_path": str(s1.path),
+        s2 = train_stage(ws, "train_rl_stage2.yaml", {**common, "model_name_or_path": model,
+                                                      "adapter_name_or_path": adapter,
                                                       "output_dir": "models/bench-visrl-stage2",
                                                       "num_train_epochs": args.stage2_epochs})
     print(f"  [seed {seed}] visrl stage 1: {s1.global_step} steps ({clock.wall['visrl_stage1']:.0f} s, "
           f"{clock.cpu['visrl_stage1']:.0f} CPU s), stage 2: {s2.global_step} steps "
           f"({clock.wall['visrl_stage2']:.0f} s, {clock.cpu['visrl_stage2']:.0f} CPU s)", flush=True)
-    return {"model": s2.base, "adapter": str(s2.path), "generate": gen,
+    model, adapter = trained(s2)
+    return {"model": model, "adapter": adapter, "generate": gen,
             "steps": {"stage1": s1.global_step, "stage2": s2.global_step}}
+
+
+def trained(result: Any) -> tuple[str, str | None]:
+    """(model, adapter) a stage's result loads as: a full fine-tune wrote a whole model, LoRA an
+    adapter on ``result.base``."""
+    if (Path(result.path) / "adapter_config.json").is_file():
+        return result.base, str(result.path)
+    return str(result.path), None
 
 
 def grpo_arm(ws: Path, args: argparse.Namespace, seed: int, seconds: float) -> dict:
@@ -496,14 +508,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", type=Path, default=BASE, help="the start model's folder (default data/demo-base)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds")
-    p.add_argument("--items", type=int, default=2000, help="unboxed train items of the RL arms (control B "
-                   "and the upper bound train on the same items)")
-    p.add_argument("--boxed", type=int, default=300, help="scenes of the small boxed set (warm-up, control A)")
+    p.add_argument("--items", type=int, default=1000, help="unboxed train items of the RL arms (control B "
+                   "and the upper bound train on the same items); 1,000 keeps a seed near an hour with 3 "
+                   "seeds at once on 2 cores (four arms get the VisRL arm's wall time)")
+    p.add_argument("--boxed", type=int, default=128,
+                   help="scenes of the small boxed set (warm-up, control A). Chosen on val so that SFT on it "
+                        "plateaus (bench/results/dpo_probes.json): from the reader start, 64 scenes stay at "
+                        "chance (val Acc@0.5 0.14-0.18 to step 450), 128 plateau at 0.28-0.34 (steps 150-400), "
+                        "200 rise to 0.38 and, continued, to 0.46-0.52; 300 reached 0.6-0.97")
     p.add_argument("--warmup-minutes", type=float, default=4.0, help="wall time of the SFT warm-up")
-    p.add_argument("--warmup-steps", type=int, default=450,
-                   help="warm-up steps (0: --warmup-minutes instead). 450 at --sft-lr 1e-3 was chosen on val for a "
-                        "partial policy: a question-first warm-up from data/demo-base on the 300 boxed scenes "
-                        "scored val Acc@0.5 0.26, 0.40, 0.50 at steps 300, 400, 500")
+    p.add_argument("--warmup-steps", type=int, default=200,
+                   help="warm-up steps (0: --warmup-minutes instead). From the reader start on 128 boxed "
+                        "scenes, a 200-step cosine scored Acc@0.5 0.27 on 100 val items (another data seed)")
     p.add_argument("--binding-weight", type=float, default=10.0,
                    help="loss weight of the box's leading digits in every SFT arm (train_demo_model.py)")
     p.add_argument("--question-first", action=argparse.BooleanOptionalAction, default=True,
@@ -536,14 +552,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "0.58, 20%%: chance), so a cooler sample keeps the digits after the object's choice "
                         "precise: on 300 items from the warm-up, pairs ordered by IoU 0.48 at 1.0, 0.53 at "
                         "0.5, 0.55 at 0.25")
-    p.add_argument("--stage1-epochs", type=float, default=1.0, help="stage-1 epochs over the pairs")
+    p.add_argument("--stage1-epochs", type=float, default=5.0,
+                   help="stage-1 epochs over the pairs. On 541 answer-judged pairs from the 128-scene warm-up "
+                        "(full, lr 1e-3), 5 epochs took val Acc@0.5 from 0.27 to 0.37; 1 epoch at 1e-4 to "
+                        "5e-4, LoRA or full, moved nothing")
     p.add_argument("--stage2-epochs", type=float, default=1.0, help="stage-2 epochs over the pairs")
-    p.add_argument("--lr", type=float, default=5e-4, help="LoRA lr of both DPO stages")
+    p.add_argument("--lr", type=float, default=1e-3, help="lr of both DPO stages (the SFT arms' peak lr)")
     p.add_argument("--pref-ftx", type=float, default=1.0,
                    help="SFT term on the chosen completions in both DPO stages (TrainConfig.pref_ftx). On "
                         "177 pairs with known right/wrong boxes, plain DPO took the warm-up's box parse "
                         "rate from 1.00 to 0.905 and Acc@0.5 from 0.525 to 0.465; with 1.0: 0.985, 0.515")
     p.add_argument("--dpo-batch", type=int, default=8, help="pairs per DPO step")
+    p.add_argument("--dpo-finetuning", choices=("lora", "full"), default="full",
+                   help="finetuning_type of both DPO stages (the SFT arms train the whole model too)")
     p.add_argument("--grpo-lr", type=float, default=5e-4, help="LoRA lr of the GRPO arm")
     p.add_argument("--no-grpo", dest="grpo", action="store_false", help="skip the GRPO arm")
     p.add_argument("--arm-minutes", type=float, default=0.0,

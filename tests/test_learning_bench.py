@@ -144,6 +144,21 @@ def test_deadline_asks_the_trainer_to_stop_once_its_time_is_spent(bench: Any) ->
     assert (spent.stop_requested, fresh.stop_requested) == (True, False)
 
 
+def test_a_dpo_stage_loads_as_an_adapter_or_as_a_whole_model(bench: Any, tmp_path: Path) -> None:
+    """--dpo-finetuning lora leaves an adapter on the stage's base; full leaves a model folder,
+    which the next stage and the evaluation load alone."""
+    from visrl.train.run import TrainResult
+
+    lora, full = tmp_path / "lora", tmp_path / "full"
+    lora.mkdir(), full.mkdir()
+    (lora / "adapter_config.json").write_text("{}")
+    result = TrainResult(path=lora, base="models/bench-warmup", stage="dpo", global_step=3, stopped=False)
+    assert bench.trained(result) == ("models/bench-warmup", str(lora))
+    result.path = full
+    assert bench.trained(result) == (str(full), None)
+    assert bench.parse_args([]).dpo_finetuning == "full"
+
+
 def test_the_reader_phase_trains_reading_not_binding_once(bench: Any, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The shared start model: two-step rows with jittered crops on its own stream, no pointer
@@ -177,7 +192,7 @@ def test_a_base_without_weights_is_refused(bench: Any, tmp_path: Path, capsys: p
     assert f"--base {tmp_path} holds no model.safetensors" in capsys.readouterr().err
     (tmp_path / "model.safetensors").write_bytes(b"w")
     args = bench.parse_args(["--base", str(tmp_path), "--data", "distinct_details=true", "--data", "max_objects=3"])
-    assert (args.items, args.seeds, args.data) == (2000, 3, {"distinct_details": True, "max_objects": 3})
+    assert (args.items, args.seeds, args.data) == (1000, 3, {"distinct_details": True, "max_objects": 3})
 
 
 def test_the_readme_and_card_quote_the_shipped_benchmark() -> None:
