@@ -474,7 +474,7 @@ def plot(summary: dict, seeds: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     arms = [arm for arm in ARMS if arm[0] in summary]
-    fig, ax = plt.subplots(figsize=(10, 4.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5.0), dpi=110)
     width = 0.85 / len(arms)
     for a, (arm, label, colour) in enumerate(arms):
         xs = [m + (a - (len(arms) - 1) / 2) * width for m in range(len(METRICS))]
@@ -488,10 +488,11 @@ def plot(summary: dict, seeds: list[dict], path: Path, title: str) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("test split")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    # Below the axes: inside, it hid the tallest bars (the upper bound's Acc@0.5).
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
