@@ -34,7 +34,7 @@ two-step answer accuracy, box-parse rate; ``DIRECT_ARMS`` also answer directly).
 timed; the VisRL run also reports how often the answer judge's verdicts agree with the withheld
 boxes. Writes ``bench/results/learning.json`` and ``bench/results/learning.png``.
 
-    python bench/learning.py                       # 3 seeds, 2000 RL items
+    python bench/learning.py --jobs 3              # 3 seeds, 1,000 RL items, 3 processes (56 min here)
     python bench/learning.py --jobs 2              # seeds in 2 processes of 1 thread each
     python bench/learning.py --base data/demo-model --reader-steps 3 --seeds 1 --items 40 \
         --test-items 20 --warmup-steps 5 --arm-minutes 0.3   # a 3-minute smoke run of every arm
@@ -178,9 +178,9 @@ def reader_phase(parent: Path, args: argparse.Namespace) -> tuple[Path, dict[str
     off it (sides moved up to 25%: 0.48, chance 0.33; bench/crop_reading.py), so its answers,
     and the answer judge's verdicts on its sampled boxes, say little about the box.
     ``--reader-steps`` of two-step rows on fresh scenes with jittered crops (``--crop-jitter``),
-    question first, no pointer loss and no binding weight, fix the reading (0.85 on jittered crops after 650 steps) and leave the binding
-    at chance (test Acc@0.5 0.21): the model VisRL is meant for, one that sees but does not yet look
-    at the right place. Kept under ``--keep`` and reused when it is there already."""
+    question first, no pointer loss and no binding weight, fix the reading (0.85 on jittered crops
+    after 650 steps) and leave the binding at chance (test Acc@0.5 0.21): the model VisRL is meant
+    for, one that sees but does not yet look at the right place. Kept under ``--keep`` and reused when it is there already."""
     if not args.reader_steps:
         return args.base, {"steps": 0}
     # Beside the model, not in it: the folder is copied into every seed's workspace as its start.
