@@ -81,7 +81,7 @@ METRICS = (("acc50", "Acc@0.5"), ("mean_iou", "mean IoU"), ("answer_acc", "answe
 # Every arm, in table order, with its label (the app's, visrl.demo.BENCH_ARMS) and plot colour.
 ARMS = tuple((arm, label, colour) for (arm, label), colour in zip(
     (("base", "start model (base)"), *BENCH_ARMS.items()),
-    ("#9aa5b1", "#6c7a89", "#e0a030", "#c06040", "#8fbf7f", "#2f7ed8", "#9b6fd0"), strict=True))
+    ("#9aa5b1", "#6c7a89", "#e0a030", "#c06040", "#8fbf7f", "#9cc3ef", "#2f7ed8", "#9b6fd0"), strict=True))
 SEED_ARMS = tuple(BENCH_ARMS)
 DIRECT_ARMS = ("base", "warmup", "control_b")  # also scored answering directly (control B trains that)
 
@@ -348,7 +348,8 @@ def visrl_arm(ws: Path, args: argparse.Namespace, seed: int, withheld: dict[int,
           f"no pair: {gen['skipped']}", flush=True)
     if gen["pairs"] < 2:  # nothing to train on: the arm is its start, and says so
         print(f"  [seed {seed}] visrl: only {gen['pairs']} pairs from {args.items} items; no DPO", flush=True)
-        return {"model": FOLDERS["warmup"], "adapter": None, "generate": gen, "steps": {"stage1": 0, "stage2": 0}}
+        warmup = {"model": FOLDERS["warmup"], "adapter": None}
+        return {**warmup, "stage1": warmup, "generate": gen, "steps": {"stage1": 0, "stage2": 0}}
     common = {"learning_rate": args.lr, "per_device_train_batch_size": args.dpo_batch, "seed": seed,
               "pref_ftx": args.pref_ftx, "finetuning_type": args.dpo_finetuning,
               "max_steps": -1, "pair_status": ["pending", "accepted"], "adapter_name_or_path": None}
@@ -365,8 +366,9 @@ def visrl_arm(ws: Path, args: argparse.Namespace, seed: int, withheld: dict[int,
     print(f"  [seed {seed}] visrl stage 1: {s1.global_step} steps ({clock.wall['visrl_stage1']:.0f} s, "
           f"{clock.cpu['visrl_stage1']:.0f} CPU s), stage 2: {s2.global_step} steps "
           f"({clock.wall['visrl_stage2']:.0f} s, {clock.cpu['visrl_stage2']:.0f} CPU s)", flush=True)
+    stage1 = dict(zip(("model", "adapter"), (model, adapter), strict=True))
     model, adapter = trained(s2)
-    return {"model": model, "adapter": adapter, "generate": gen,
+    return {"model": model, "adapter": adapter, "stage1": stage1, "generate": gen,
             "steps": {"stage1": s1.global_step, "stage2": s2.global_step}}
 
 
@@ -403,7 +405,9 @@ def run_seed(parent: Path, args: argparse.Namespace, seed: int) -> dict:
     rl_seconds = sum(v for k, v in clock.wall.items() if k.startswith("visrl_"))
     budget = args.arm_minutes * 60 if args.arm_minutes else rl_seconds
     steps = {**rl["steps"], "warmup": warm["steps"]}
-    runs: dict[str, dict[str, Any]] = {"warmup": {"model": FOLDERS["warmup"], "adapter": None}, "visrl": rl}
+    # Stage 1 is scored too: a stage-2 drop would otherwise hide a stage-1 lift.
+    runs: dict[str, dict[str, Any]] = {"warmup": {"model": FOLDERS["warmup"], "adapter": None},
+                                       "visrl_stage1": rl["stage1"], "visrl": rl}
     for arm, kwargs in (("control_a", {"split": "warmup", "scenes": args.boxed, "direct": args.direct_share}),
                         ("control_b", {"split": "train", "scenes": args.items, "direct": 1.0, "boxes": False}),
                         ("upper", {"split": "train", "scenes": args.items, "direct": args.direct_share})):

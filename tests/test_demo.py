@@ -155,11 +155,11 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
     (fake_model / "learning_benchmark.json").write_text(json.dumps({
         "bench_version": 2, "config": {"test_items": 200},
         "seeds": [{"generate": {"pairs": n}} for n in (10, 20, 30)],
-        "summary": {"base": arm, "control_b": arm, "visrl": {**arm, "acc50": {"mean": 0.4, "std": 0.03}},
-                    "grpo": arm, "other": arm}}))
+        "summary": {"base": arm, "control_b": arm, "visrl_stage1": arm,
+                    "visrl": {**arm, "acc50": {"mean": 0.4, "std": 0.03}}, "grpo": arm, "other": arm}}))
     root = build(tmp_path / "demo", n_pairs_items=0)
     store = Store(Workspace.open(root))
-    card, control, visrl, grpo = store.evaluations()
+    card, control, stage1, visrl, grpo = store.evaluations()
     [checkpoint] = store.checkpoints()
     assert (card["model"], card["checkpoint_id"], card["split"], card["n"]) == (
         "models/tiny-demo", checkpoint["id"], "test (model card)", 200)
@@ -169,12 +169,14 @@ def test_card_and_benchmark_arms_are_stored_evaluations(tmp_path: Path, fake_mod
                                "source": "data/demo-model/MODEL_CARD.md"}
     assert control["model"] == "learning benchmark (3 seeds): control B: warm-up + SFT on the answers (no boxes)"
     assert visrl["model"] == "learning benchmark (3 seeds): warm-up + VisRL (answer judge only)"
+    assert stage1["model"] == "learning benchmark (3 seeds): warm-up + VisRL stage 1 only (box-step DPO)"
+    assert stage1["metrics"]["pairs"] == 20  # the same pairs as stage 2's
     assert grpo["model"] == "learning benchmark (3 seeds): warm-up + GRPO (answer reward only)"
     assert (visrl["metrics"]["acc50"], visrl["metrics"]["acc50_std"], visrl["n"]) == (0.4, 0.03, 200)
     assert visrl["metrics"]["pairs"] == 20 and "pairs" not in control["metrics"] and "pairs" not in grpo["metrics"]
     assert visrl["metrics"]["seeds"] == 3  # the spread is over 3 seeds: it widens the intervals
     assert visrl["checkpoint_id"] is None  # no checkpoint: Chat keeps the shipped model
-    assert json.loads((root / demo.COMPLETE).read_text())["evaluations"] == 4
+    assert json.loads((root / demo.COMPLETE).read_text())["evaluations"] == 5
 
 
 def test_an_arm_that_trained_on_no_pairs_says_so(tmp_path: Path, fake_model: Path,

@@ -123,16 +123,16 @@ def test_summary_and_table_cover_every_arm(bench: Any) -> None:
               for k, arm in enumerate(bench.SEED_ARMS)} for s in range(3)]
     summary = bench.summarize(_metrics(0.05, 0.33), seeds)
     assert list(summary) == ["base", *bench.SEED_ARMS] == [arm for arm, _, _ in bench.ARMS]
-    assert summary["visrl"]["acc50"] == {"mean": 0.42, "std": 0.02}
+    assert summary["visrl"]["acc50"] == {"mean": 0.52, "std": 0.02}
     assert "direct_answer_acc" in summary["control_b"] and "direct_answer_acc" not in summary["visrl"]
     lines = bench.table(summary, 3).splitlines()
     assert lines[0] == "| arm | Acc@0.5 | mean IoU | answer (two-step) | box parse | answer (direct) |"
-    assert [line.split(" | ")[0] for line in lines[2:9]] == [f"| {label}" for _, label, _ in bench.ARMS]
+    assert [line.split(" | ")[0] for line in lines[2:10]] == [f"| {label}" for _, label, _ in bench.ARMS]
     assert lines[2].endswith("| 0.330 ± 0.000 |")  # the start model's direct answers
 
 
 def test_bench_arms_match_the_apps_labels(bench: Any) -> None:
-    assert bench.SEED_ARMS == ("warmup", "control_a", "control_b", "upper", "visrl", "grpo")
+    assert bench.SEED_ARMS == ("warmup", "control_a", "control_b", "upper", "visrl_stage1", "visrl", "grpo")
     assert {arm: label for arm, label, _ in bench.ARMS[1:]} == demo.BENCH_ARMS
 
 

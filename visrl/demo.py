@@ -53,6 +53,7 @@ BENCH_ARMS = {"warmup": "SFT warm-up (few boxes)",
               "control_a": "control A: warm-up + SFT continued on the few boxes",
               "control_b": "control B: warm-up + SFT on the answers (no boxes)",
               "upper": "upper bound: warm-up + SFT with boxes on every item",
+              "visrl_stage1": "warm-up + VisRL stage 1 only (box-step DPO)",
               "visrl": "warm-up + VisRL (answer judge only)",
               "grpo": "warm-up + GRPO (answer reward only)"}
 BENCH_VERSION = 2  # bench/learning.py's output format (its ``bench_version`` key)
@@ -62,7 +63,7 @@ BENCH_ARMS_BY_VERSION = {
     1: {"warmup": "SFT warm-up (few boxes)", "control": "warm-up + SFT continued (control)",
         "visrl": "warm-up + VisRL (model crop judge)", "visrl_iou": "VisRL with IoU crop judge (ablation)"},
     BENCH_VERSION: BENCH_ARMS}
-PAIR_KEYS = {"visrl": "generate", "visrl_iou": "generate_iou"}  # a seed's record of a VisRL arm's run
+PAIR_KEYS = {"visrl": "generate", "visrl_stage1": "generate", "visrl_iou": "generate_iou"}  # a seed's record of a VisRL arm's run
 DEMO_DATASET = "demo"
 DEMO_MODEL = "models/tiny-demo"  # workspace-relative; configs/demo/*.yaml name this folder
 COMPLETE = ".demo-complete"  # written last: the workspace is whole
