@@ -52,7 +52,13 @@ from visrl.run_identity import policy_identity, run_key
 from visrl.run_plan import RunPlan, judges_for, plan_run  # noqa: F401  (RunPlan: re-exported)
 from visrl.runtime import seed_everything
 from visrl.store import Store, box_from_json, loads
-from visrl.vocabulary import ANSWER_JUDGES, CROP_JUDGES
+from visrl.vocabulary import (
+    ANSWER_JUDGES,
+    CROP_JUDGES,
+    NEGATIVE_ROLLOUT,
+    POLICY_ROLLOUT,
+    RANDOM_ROLLOUT,
+)
 from visrl.workspace import Workspace
 
 NEGATIVE_MAX_IOU = 0.05  # the method: a second sample overlapping the first more is replaced
@@ -340,15 +346,15 @@ def _attempt_rollouts(unit: _Unit, samples: list[str], cfg: GenerateConfig, cont
         counts["example_failure"] = samples[0] if first is None else samples[1]
     base = {"run_key": run_key, "item_id": unit.item["id"], "attempt": unit.attempt,
             "model": cfg.model_label(), "job_id": job_id, "answer": None}
-    policy = {**base, "kind": "policy", "box_text": samples[0], "box": first}
+    policy = {**base, "kind": POLICY_ROLLOUT, "box_text": samples[0], "box": first}
     if first is not None and (second is None or iou(first, second) > NEGATIVE_MAX_IOU):
         # An unparseable second sample is replaced as well: a rejected side without a box gives
         # the curator nothing to look at and stage 2 no crop to answer on.
         rng = random.Random(f"{cfg.seed}/{unit.item['id']}/{unit.attempt}")
         box = random_negative_box(first, size, rng)
-        negative = {**base, "kind": "random", "box_text": contract.format(box, size), "box": box}
+        negative = {**base, "kind": RANDOM_ROLLOUT, "box_text": contract.format(box, size), "box": box}
     else:
-        negative = {**base, "kind": "negative", "box_text": samples[1], "box": second}
+        negative = {**base, "kind": NEGATIVE_ROLLOUT, "box_text": samples[1], "box": second}
     for rollout in (policy, negative):
         if rollout["box"] is None:
             counts["failed"] += 1

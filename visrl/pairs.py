@@ -23,6 +23,7 @@ from typing import Any
 from visrl.errors import ConfigError
 from visrl.review import add_pair, remove_unreviewed_pair, source_pairs
 from visrl.store import Store
+from visrl.vocabulary import POLICY_ROLLOUT, RANDOM_ROLLOUT
 
 UNSCORED = "unscored"  # key of a rollout's scores JSON: the judges that replied without a score
 
@@ -94,7 +95,7 @@ def select_pair(rollouts: list[dict[str, Any]], cfg: PairsConfig) -> tuple[dict,
     if not chosen:
         return "chosen crop scored too low"
     if not cfg.random_chosen:
-        chosen = [r for r in chosen if r.get("kind") != "random"]
+        chosen = [r for r in chosen if r.get("kind") != RANDOM_ROLLOUT]
         if not chosen:
             return "only a random box scored high enough"
     rejected = [r for r in usable if r["answer_score"] <= cfg.max_rejected_score
@@ -102,7 +103,7 @@ def select_pair(rollouts: list[dict[str, Any]], cfg: PairsConfig) -> tuple[dict,
     if not rejected:
         return "rejected crop scored too high"
     best = max(chosen, key=lambda r: (r["answer_score"], r.get("crop_score") or 0.0,
-                                      r.get("kind") == "policy", -r["id"]))
+                                      r.get("kind") == POLICY_ROLLOUT, -r["id"]))
     worst = min(rejected, key=lambda r: (r["answer_score"], r.get("crop_score") or 0.0, r["id"]))
     if best["answer_score"] <= worst["answer_score"]:
         return "best and worst scores are equal"

@@ -17,6 +17,7 @@ from visrl.errors import ConfigError
 from visrl.judges import Judge, make_judges
 from visrl.run_identity import describe_identity, keyed_identity, lineage, policy_identity, run_key
 from visrl.store import Store
+from visrl.vocabulary import NEGATIVE_ROLLOUT, POLICY_ROLLOUT, RANDOM_ROLLOUT
 from visrl.workspace import Workspace
 
 
@@ -132,6 +133,6 @@ def _check_named_run(store: Store, cfg: Any, key: str, identity: dict[str, Any])
 
 
 def _attempt_done(done: set[tuple[int, int, str]], item_id: int, attempt: int) -> bool:
-    return (item_id, attempt, "policy") in done and (
-        (item_id, attempt, "negative") in done or (item_id, attempt, "random") in done)
+    return (item_id, attempt, POLICY_ROLLOUT) in done and (
+        (item_id, attempt, NEGATIVE_ROLLOUT) in done or (item_id, attempt, RANDOM_ROLLOUT) in done)
 

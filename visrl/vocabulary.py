@@ -22,6 +22,11 @@ ANSWER_JUDGES: tuple[str, ...] = (*RULE_ANSWER_JUDGES, "model")
 # Crop judges: ``none`` scores no crop; ``policy`` is a local VLM (visrl.crop_judge).
 CROP_JUDGES: tuple[str, ...] = ("none", "iou", "iou_threshold", "model", "policy")
 
+# A rollout's kind (rollouts.kind): each generate attempt stores the policy's first sampled box and a
+# second, "bad" one: the second sample, or a random box off the first when the two overlap (DESIGN).
+ROLLOUT_KINDS: tuple[str, ...] = ("policy", "negative", "random")
+POLICY_ROLLOUT, NEGATIVE_ROLLOUT, RANDOM_ROLLOUT = ROLLOUT_KINDS
+
 # A pair's review status (pairs.status); a pair trains or exports by it.
 PAIR_STATUSES: tuple[str, ...] = ("pending", "accepted", "rejected")
 DECIDED_PAIR_STATUSES: tuple[str, ...] = PAIR_STATUSES[1:]  # a reviewer has decided these
