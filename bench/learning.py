@@ -68,7 +68,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a fresh clone runs it without installing the package
 
 from visrl.demo import BENCH_ARMS, BENCH_VERSION  # noqa: E402
+from visrl.model_files import is_adapter  # noqa: E402
 from visrl.progress import Progress  # noqa: E402
+from visrl.vocabulary import POLICY_ROLLOUT  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CONFIGS = ROOT / "configs" / "demo"
@@ -220,7 +222,7 @@ def generate_pairs(ws: Path, model: str, args: argparse.Namespace, seed: int,
     rollouts = store.rollouts(run_key=report.run_key)
     pairs = stored_pairs(store, report.run_key)
     store.close()
-    policy = [r for r in rollouts if r["kind"] == "policy"]
+    policy = [r for r in rollouts if r["kind"] == POLICY_ROLLOUT]
     out = {"items": report.items, "rollouts": report.rollouts, "parse_rate": report.parse_rate,
            "pairs": report.pairs_total, "skipped": skipped, "crop_judge": cfg.crop_judge,
            "answer_judge": cfg.answer_judge, "policy_answer_rate": _share(r["answer_score"] for r in policy),
@@ -375,7 +377,7 @@ def visrl_arm(ws: Path, args: argparse.Namespace, seed: int, withheld: dict[int,
 def trained(result: Any) -> tuple[str, str | None]:
     """(model, adapter) a stage's result loads as: a full fine-tune wrote a whole model, LoRA an
     adapter on ``result.base``."""
-    if (Path(result.path) / "adapter_config.json").is_file():
+    if is_adapter(result.path):
         return result.base, str(result.path)
     return str(result.path), None
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from visrl.errors import ConfigError, VisRLError
+from visrl.model_files import ADAPTER_CONFIG
 from visrl.stages import KINDS, Stage, stage_of_kind
 from visrl.workspace import Workspace
 
@@ -118,7 +119,7 @@ def _check_model(ws: Workspace, key: str, path: str) -> None:
 
 def _check_adapter(ws: Workspace, path: str) -> None:
     folder = _absolute(ws, path)
-    config = folder / "adapter_config.json"
+    config = folder / ADAPTER_CONFIG
     if not config.is_file():
         raise ConfigError(f"adapter_name_or_path {path!r} is not a LoRA adapter folder (no {config.name}; "
                           f"relative paths are looked up in {ws.root})")

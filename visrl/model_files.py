@@ -20,6 +20,13 @@ from pathlib import Path
 from visrl.errors import ModelError
 from visrl.fingerprint import folder_fingerprint
 
+ADAPTER_CONFIG = "adapter_config.json"  # peft's; its presence makes a folder a LoRA adapter
+
+
+def is_adapter(folder: str | Path) -> bool:
+    """A LoRA adapter folder: it loads only on its base, and a full fine-tune's folder is not one."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
 
 def weights_fingerprint(folder: str | Path) -> str | None:
     """The SHA-256 (hex) of the weights in ``folder`` (:mod:`visrl.fingerprint`); None when it has none."""

@@ -37,7 +37,14 @@ from visrl.contract import (
     write_contract,
 )
 from visrl.errors import ModelError
-from visrl.model_files import folder_chat_template, hub_revision, short, weights_fingerprint
+from visrl.model_files import (
+    ADAPTER_CONFIG,
+    folder_chat_template,
+    hub_revision,
+    is_adapter,
+    short,
+    weights_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +176,7 @@ def detect_family(path: str | Path) -> str:
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} does not exist")
     if not config_file.is_file():
-        hint = " (it is a LoRA adapter: pass it as the adapter of its base)" if (
-            folder / "adapter_config.json").is_file() else ""
+        hint = " (it is a LoRA adapter: pass it as the adapter of its base)" if is_adapter(folder) else ""
         raise ModelError(f"{folder} is not a model folder: it has no config.json{hint}")
     try:
         family = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
@@ -186,8 +192,7 @@ def split_adapter(path: str | Path, adapter: str | Path | None) -> tuple[str | P
     """(base, adapter): a LoRA folder given as the model loads on the base it records (VisRL's
     record first, then peft's ``base_model_name_or_path``, which may be a Hub id)."""
     folder = Path(path)
-    config = folder / "adapter_config.json"
-    if adapter is None and folder.is_dir() and not (folder / "config.json").is_file() and config.is_file():
+    if adapter is None and folder.is_dir() and not (folder / "config.json").is_file() and is_adapter(folder):
         base = (read_record(folder).get("base") or {}).get("name") or _peft_base(folder)
         if not base:
             raise ModelError(f"{folder} is a LoRA adapter without base_model_name_or_path; "
@@ -198,7 +203,7 @@ def split_adapter(path: str | Path, adapter: str | Path | None) -> tuple[str | P
 
 def _peft_base(adapter_dir: Path) -> str | None:
     try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     return config.get("base_model_name_or_path") or None
@@ -317,8 +322,8 @@ def check_base_weights(adapter_dir: Path, recorded: dict[str, Any], actual: dict
 def _with_adapter(model: Any, base: Path, adapter_dir: Path) -> Any:
     from peft import PeftModel
 
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter_dir} is not a LoRA adapter: it has no adapter_config.json")
+    if not is_adapter(adapter_dir):
+        raise ModelError(f"{adapter_dir} is not a LoRA adapter: it has no {ADAPTER_CONFIG}")
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError, KeyError) as exc:  # shape mismatch, missing target modules
@@ -374,7 +379,7 @@ def _point_peft_at(adapter_dir: Path, base: str) -> None:
     Training merges a previous stage's adapter into the base in memory, so peft records the raw
     base although the adapter belongs to the merged one (OUTPUT/base); other tools (peft, vLLM's
     LoRA loading) read this field."""
-    config_file = adapter_dir / "adapter_config.json"
+    config_file = adapter_dir / ADAPTER_CONFIG
     if not config_file.is_file():
         return
     config = json.loads(config_file.read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from visrl.model_files import is_adapter
 from visrl.models import split_adapter
 from visrl.store import Store
 from visrl.workspace import Workspace
@@ -73,7 +74,7 @@ def model_choices(ctx: AppContext) -> list[tuple[str, str]]:
 
 
 def _model_kind(folder: Path) -> str | None:
-    if (folder / "adapter_config.json").is_file():
+    if is_adapter(folder):
         return "adapter"
     if (folder / "config.json").is_file():
         return "model"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from visrl.errors import ConfigError, ModelError
+from visrl.model_files import ADAPTER_CONFIG, is_adapter
 from visrl.progress import Progress
 from visrl.store import Store
 from visrl.train.config import resolve_output, resolve_path, translate_foreign_keys
@@ -82,8 +83,8 @@ def merge_lora(workspace: str | Path | Workspace | None, cfg: MergeConfig,
     adapter = resolve_path(ws.root, cfg.adapter_name_or_path)
     if not adapter or not Path(adapter).is_dir():
         raise ConfigError(f"adapter_name_or_path {adapter!r} is not a folder")
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter} has no adapter_config.json: not a LoRA adapter "
+    if not is_adapter(adapter):
+        raise ModelError(f"{adapter} has no {ADAPTER_CONFIG}: not a LoRA adapter "
                          "(a full fine-tune needs no merge; use its folder directly)")
     import torch
     from peft import PeftModel
