@@ -33,6 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's visrl
 from bench_stage2 import PeakRSS  # noqa: E402  (beside this script; stdlib-only at import)
 
+from visrl.vocabulary import POLICY_ROLLOUT  # noqa: E402  (imports nothing)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RESULTS = Path(__file__).resolve().parent / "results" / "rows.json"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "data" / "demo-model"
@@ -84,7 +86,7 @@ def make_workspace(root: Path, n: int) -> None:
         for item_id in ids:
             sides = []
             for attempt, (box, answer, score) in enumerate([(good, "red", 1.0), (bad, "blue", 0.0)]):
-                rollout = {"item_id": item_id, "run_key": "bench", "attempt": attempt, "kind": "policy",
+                rollout = {"item_id": item_id, "run_key": "bench", "attempt": attempt, "kind": POLICY_ROLLOUT,
                            "box": box, "box_text": format_box(box, "viscot", SIZE), "answer": answer,
                            "answer_score": score}
                 sides.append({**rollout, "id": store.add_rollout(rollout), "box": box_to_json(box)})

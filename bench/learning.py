@@ -368,7 +368,7 @@ def visrl_arm(ws: Path, args: argparse.Namespace, seed: int, withheld: dict[int,
     print(f"  [seed {seed}] visrl stage 1: {s1.global_step} steps ({clock.wall['visrl_stage1']:.0f} s, "
           f"{clock.cpu['visrl_stage1']:.0f} CPU s), stage 2: {s2.global_step} steps "
           f"({clock.wall['visrl_stage2']:.0f} s, {clock.cpu['visrl_stage2']:.0f} CPU s)", flush=True)
-    stage1 = dict(zip(("model", "adapter"), (model, adapter), strict=True))
+    stage1 = {"model": model, "adapter": adapter}
     model, adapter = trained(s2)
     return {"model": model, "adapter": adapter, "stage1": stage1, "generate": gen,
             "steps": {"stage1": s1.global_step, "stage2": s2.global_step}}
